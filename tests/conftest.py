@@ -1,0 +1,19 @@
+"""Test session setup: two shared cores, so one thread; offline hub; a private cache folder per session."""
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    """Every test gets its own cache folder unless it sets SAFESUB_CACHE itself."""
+    monkeypatch.setenv("SAFESUB_CACHE", str(tmp_path / "cache"))
+    yield
