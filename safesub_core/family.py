@@ -1,0 +1,461 @@
+"""Model families, checkpoints, fingerprints, streaming tensor readers and model loading.
+
+A family is a base W0, an aligned model WA, an optional safety-tuned WS and named fine-tuned variants W_FT,j of
+its `start` model (WA or WS), described by a YAML/JSON file (docs/ARCHITECTURE.md) or given as paths.
+
+A checkpoint is one of
+  hf    a Hugging Face directory: config.json + *.safetensors (pickle *.bin only with allow_pickle=True);
+  lora  a peft adapter directory (adapter_config.json), merged onto the family's start model on load:
+        W = W_start + scale * B @ A with scale = lora_alpha / r (lora_alpha / sqrt(r) with rsLoRA);
+  gguf  a .gguf file (or a directory holding exactly one), dequantized by transformers on load.
+
+`TensorReader` yields one float32 tensor at a time (safetensors' safe_open), so the subspace and overlap
+computations never hold whole models; `fingerprint` hashes a checkpoint's files so a changed file never serves a
+stale cached result. Remote code is never run.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import yaml
+from safetensors import safe_open
+
+from safesub_core.errors import SafesubError
+
+ROLES = ("base", "aligned", "safety_tuned")
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One model in a family: a role name, a path, and its kind ('hf', 'lora' or 'gguf')."""
+
+    name: str
+    path: Path
+    kind: str
+    gguf_file: str | None = None
+    allow_pickle: bool = False
+
+    @classmethod
+    def resolve(cls, name: str, path: str | os.PathLike, allow_pickle: bool = False) -> "Checkpoint":
+        """Detect the kind of checkpoint at `path`, or raise a one-line SafesubError naming it."""
+        p = Path(path).expanduser()
+        if not p.exists():
+            raise SafesubError(f"checkpoint '{name}': path {p} does not exist")
+        p = p.resolve()
+        if p.is_file():
+            if p.suffix == ".gguf":
+                return cls(name, p.parent, "gguf", p.name, allow_pickle)
+            raise SafesubError(f"checkpoint '{name}': {p} is a file but not a .gguf; give a model directory")
+        if (p / "adapter_config.json").exists():
+            return cls(name, p, "lora", None, allow_pickle)
+        ggufs = sorted(p.glob("*.gguf"))
+        if not (p / "config.json").exists():
+            if len(ggufs) == 1:
+                return cls(name, p, "gguf", ggufs[0].name, allow_pickle)
+            raise SafesubError(f"checkpoint '{name}': directory {p} has no config.json (not a Hugging Face model)")
+        if not list(p.glob("*.safetensors")):
+            if list(p.glob("*.bin")) and not allow_pickle:
+                raise SafesubError(
+                    f"checkpoint '{name}': {p} holds only pickle .bin weights; convert to safetensors or allow pickle"
+                )
+            if not list(p.glob("*.bin")):
+                raise SafesubError(f"checkpoint '{name}': directory {p} has no weights (*.safetensors)")
+        return cls(name, p, "hf", None, allow_pickle)
+
+    def weight_files(self) -> list[Path]:
+        if self.kind == "gguf":
+            return [self.path / self.gguf_file]
+        if self.kind == "lora":
+            return sorted(self.path.glob("adapter_model.safetensors")) or sorted(self.path.glob("adapter_model.bin"))
+        return sorted(self.path.glob("*.safetensors")) or sorted(self.path.glob("*.bin"))
+
+    def fingerprint(self) -> str:
+        """Content hash of the weights and config files (memoised by path, size and mtime)."""
+        configs = [self.path / f for f in ("config.json", "adapter_config.json") if (self.path / f).exists()]
+        files = self.weight_files() + configs
+        h = hashlib.sha256(self.kind.encode())
+        for f in files:
+            st = f.stat()
+            h.update(f.name.encode())
+            h.update(_file_sha256(str(f), st.st_size, st.st_mtime_ns).encode())
+        return h.hexdigest()[:16]
+
+
+@lru_cache(maxsize=4096)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------- families
+
+
+@dataclass
+class Family:
+    """A base, an aligned model, an optional safety-tuned model, and fine-tuned variants of `start`."""
+
+    name: str
+    base: Checkpoint
+    aligned: Checkpoint
+    variants: dict[str, Checkpoint]
+    safety_tuned: Checkpoint | None = None
+    start: str = "aligned"
+    root: Path | None = None
+    card: str = ""
+    behaviour: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.start not in ("aligned", "safety_tuned"):
+            raise SafesubError(f"family '{self.name}': start must be 'aligned' or 'safety_tuned', not {self.start!r}")
+        if self.start == "safety_tuned" and self.safety_tuned is None:
+            raise SafesubError(f"family '{self.name}': start is safety_tuned but no safety_tuned checkpoint is given")
+        clash = set(self.variants) & set(ROLES)
+        if clash:
+            raise SafesubError(f"family '{self.name}': variant name {sorted(clash)[0]!r} is reserved for a role")
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, allow_pickle: bool = False) -> "Family":
+        """Read a family file (YAML or JSON); relative checkpoint paths are relative to the file."""
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise SafesubError(f"family file {p}: does not exist")
+        try:
+            spec = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            raise SafesubError(f"family file {p}: is not valid YAML/JSON ({type(err).__name__})") from None
+        if not isinstance(spec, dict):
+            raise SafesubError(f"family file {p}: must be a mapping with base, aligned and variants")
+        root = p.resolve().parent
+        missing = [k for k in ("base", "aligned") if not spec.get(k)]
+        if missing:
+            raise SafesubError(f"family file {p}: missing required key {missing[0]!r}")
+
+        def at(x):
+            return root / x
+
+        behaviour = {}
+        if spec.get("behaviour") and at(spec["behaviour"]).is_file():
+            behaviour = json.loads(at(spec["behaviour"]).read_text())
+        card = at(spec["card"]).read_text() if spec.get("card") and at(spec["card"]).is_file() else ""
+        return cls.from_paths(
+            name=str(spec.get("name", p.stem)),
+            base=at(spec["base"]),
+            aligned=at(spec["aligned"]),
+            safety_tuned=at(spec["safety_tuned"]) if spec.get("safety_tuned") else None,
+            variants={k: at(v) for k, v in (spec.get("variants") or {}).items()},
+            start=spec.get("start", "aligned"),
+            allow_pickle=allow_pickle,
+            root=root,
+            card=card,
+            behaviour=behaviour,
+        )
+
+    @classmethod
+    def from_paths(cls, name, base, aligned, variants, safety_tuned=None, start="aligned", allow_pickle=False, **kw):
+        """A family from paths; each is resolved and its kind detected."""
+        ck = lambda n, q: Checkpoint.resolve(n, q, allow_pickle)  # noqa: E731
+        return cls(
+            name=name,
+            base=ck("base", base),
+            aligned=ck("aligned", aligned),
+            safety_tuned=ck("safety_tuned", safety_tuned) if safety_tuned else None,
+            variants={k: ck(k, v) for k, v in variants.items()},
+            start=start,
+            **kw,
+        )
+
+    @property
+    def start_checkpoint(self) -> Checkpoint:
+        return self.safety_tuned if self.start == "safety_tuned" else self.aligned
+
+    def checkpoints(self) -> dict[str, Checkpoint]:
+        out = {"base": self.base, "aligned": self.aligned}
+        if self.safety_tuned:
+            out["safety_tuned"] = self.safety_tuned
+        return out | self.variants
+
+    def checkpoint(self, name: str) -> Checkpoint:
+        try:
+            return self.checkpoints()[name]
+        except KeyError:
+            raise SafesubError(
+                f"family '{self.name}': has no checkpoint {name!r} (has {', '.join(self.checkpoints())})"
+            ) from None
+
+    def reader(self, name: str) -> "TensorReader":
+        ck = self.checkpoint(name)
+        return TensorReader(ck, TensorReader(self.start_checkpoint) if ck.kind == "lora" else None)
+
+    def validate(self) -> None:
+        """Every checkpoint has the same tensor names and shapes as the start model (one-line error otherwise)."""
+        ref = self.reader(self.start)
+        for name in self.checkpoints():
+            if name != self.start:
+                ref.check_compatible(self.reader(name))
+
+
+# ------------------------------------------------------------------------------------------- tensor reading
+
+_LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(.*)\.lora_([AB])(?:\.[^.]+)?\.weight$")
+
+
+class TensorReader:
+    """Read a checkpoint's float tensors one at a time, as float32 CPU tensors.
+
+    Names are those of the HF state dict (e.g. 'model.layers.0.self_attn.q_proj.weight'); a tied lm_head is
+    listed once (as the embedding). A LoRA reader needs the reader of its base (the family's start model).
+    """
+
+    def __init__(self, ckpt: Checkpoint, lora_base: "TensorReader | None" = None):
+        self.ckpt = ckpt
+        self._index: dict[str, tuple[Path, tuple[int, ...], str]] = {}  # name -> file, shape, dtype
+        self._state: dict[str, torch.Tensor] | None = None
+        self._lora: dict[str, tuple[torch.Tensor, torch.Tensor, float, bool]] = {}
+        self.base = lora_base
+        if ckpt.kind == "hf":
+            self._index_hf()
+        elif ckpt.kind == "gguf":
+            model = load_model(ckpt)[0]
+            self._state = {k: v.detach().float() for k, v in model.state_dict().items()}
+            self._tied = bool(getattr(model.config, "tie_word_embeddings", False))
+        else:
+            if lora_base is None:
+                raise SafesubError(f"checkpoint '{ckpt.name}': a LoRA adapter needs its base model")
+            self._index_lora()
+
+    # -- hf
+    def _index_hf(self):
+        files = self.ckpt.weight_files()
+        for f in files:
+            if f.suffix == ".bin":
+                if not self.ckpt.allow_pickle:
+                    raise SafesubError(f"checkpoint '{self.ckpt.name}': pickle weights {f.name} refused")
+                self._state = self._state or {}
+                self._state.update(torch.load(f, map_location="cpu", weights_only=True))
+                continue
+            try:
+                with safe_open(f, framework="pt") as fh:
+                    for k in fh.keys():
+                        sl = fh.get_slice(k)
+                        self._index[k] = (f, tuple(sl.get_shape()), sl.get_dtype())
+            except Exception as err:  # safetensors raises several error types for damaged files
+                raise SafesubError(
+                    f"checkpoint '{self.ckpt.name}': weights file {f.name} is truncated or corrupted ({err})"
+                ) from None
+        cfg = _read_config(self.ckpt)
+        self._tied = bool(cfg.get("tie_word_embeddings", False))
+
+    # -- lora
+    def _index_lora(self):
+        from peft import LoraConfig
+
+        cfg = LoraConfig.from_pretrained(str(self.ckpt.path))
+        if getattr(cfg, "use_dora", False):
+            raise SafesubError(f"adapter '{self.ckpt.name}': DoRA adapters are not supported (merge it first)")
+        files = self.ckpt.weight_files()
+        if not files or files[0].suffix != ".safetensors":
+            raise SafesubError(f"adapter '{self.ckpt.name}': no adapter_model.safetensors in {self.ckpt.path}")
+        pairs: dict[str, dict[str, torch.Tensor]] = {}
+        with safe_open(files[0], framework="pt") as fh:
+            for k in fh.keys():
+                m = _LORA_KEY.match(k)
+                if not m:
+                    raise SafesubError(f"adapter '{self.ckpt.name}': unsupported adapter tensor {k}")
+                pairs.setdefault(m.group(1), {})[m.group(2)] = fh.get_tensor(k).float()
+        base_names = set(self.base.names())
+        for module, ab in pairs.items():
+            target = module + ".weight"
+            if target not in base_names:
+                raise SafesubError(
+                    f"adapter '{self.ckpt.name}': targets {module}, which does not exist in the base model"
+                )
+            A, B = ab["A"], ab["B"]
+            r = A.shape[0]
+            alpha = next((v for p, v in (cfg.alpha_pattern or {}).items() if re.search(p, module)), cfg.lora_alpha)
+            scale = alpha / (r**0.5 if cfg.use_rslora else r)
+            shape = self.base.shape(target)
+            delta_shape = (B.shape[0], A.shape[1]) if not cfg.fan_in_fan_out else (A.shape[1], B.shape[0])
+            if tuple(delta_shape) != tuple(shape):
+                raise SafesubError(
+                    f"adapter '{self.ckpt.name}': {module} is {delta_shape[0]}x{delta_shape[1]} but the base "
+                    f"tensor is {shape[0]}x{shape[1]} (an adapter made for another base?)"
+                )
+            self._lora[target] = (A, B, scale, bool(cfg.fan_in_fan_out))
+
+    # -- the interface
+    def names(self) -> list[str]:
+        if self.ckpt.kind == "lora":
+            return self.base.names()
+        keys = list(self._state) if self._state is not None and not self._index else list(self._index)
+        if self._state is not None and self._index:
+            keys += [k for k in self._state if k not in self._index]
+        if self._tied and "lm_head.weight" in keys and any(k.endswith("embed_tokens.weight") for k in keys):
+            keys.remove("lm_head.weight")
+        return [k for k in keys if self._is_float(k)]
+
+    def _is_float(self, name: str) -> bool:
+        if name in self._index:
+            return self._index[name][2].startswith(("F", "BF"))  # safetensors dtype codes: F32, BF16, ...
+        return self._state[name].is_floating_point()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if self.ckpt.kind == "lora":
+            return self.base.shape(name)
+        if name in self._index:
+            return self._index[name][1]
+        return tuple(self._state[name].shape)
+
+    def get(self, name: str) -> torch.Tensor:
+        """The tensor `name` as float32 on CPU; NaN or infinite values raise a one-line SafesubError."""
+        if self.ckpt.kind == "lora":
+            w = self.base.get(name)
+            if name in self._lora:
+                A, B, scale, fifo = self._lora[name]
+                delta = scale * (B @ A)
+                w = w + (delta.T if fifo else delta)
+        elif name in self._index:
+            f = self._index[name][0]
+            try:
+                with safe_open(f, framework="pt") as fh:
+                    w = fh.get_tensor(name).float()
+            except Exception as err:
+                raise SafesubError(f"checkpoint '{self.ckpt.name}': cannot read {name} from {f.name} ({err})") from None
+        else:
+            w = self._state[name].float()
+        if not torch.isfinite(w).all():
+            raise SafesubError(f"checkpoint '{self.ckpt.name}': tensor {name} has NaN or infinite values")
+        return w
+
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for n in self.names():
+            yield n, self.get(n)
+
+    def check_compatible(self, other: "TensorReader") -> None:
+        """Same tensor names and shapes as `other`, or a one-line error naming the first difference."""
+        mine, theirs = set(self.names()), set(other.names())
+        if mine - theirs:
+            raise SafesubError(
+                f"checkpoint '{other.ckpt.name}': is missing tensor {sorted(mine - theirs)[0]} "
+                f"that '{self.ckpt.name}' has (different architecture?)"
+            )
+        if theirs - mine:
+            raise SafesubError(
+                f"checkpoint '{other.ckpt.name}': has tensor {sorted(theirs - mine)[0]} that '{self.ckpt.name}' lacks"
+            )
+        for n in sorted(mine):
+            if tuple(self.shape(n)) != tuple(other.shape(n)):
+                raise SafesubError(
+                    f"checkpoint '{other.ckpt.name}': tensor {n} has shape {tuple(other.shape(n))}, "
+                    f"but '{self.ckpt.name}' has {tuple(self.shape(n))} (resized vocabulary or another architecture?)"
+                )
+
+
+def _read_config(ckpt: Checkpoint) -> dict:
+    try:
+        return json.loads((ckpt.path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise SafesubError(f"checkpoint '{ckpt.name}': config.json is unreadable ({type(err).__name__})") from None
+
+
+# ------------------------------------------------------------------------------------------- model loading
+
+
+def load_model(ckpt: Checkpoint, family: Family | None = None, device: str = "cpu", dtype=torch.float32,
+               tokenizer: bool = True):
+    """(model, tokenizer) for a checkpoint, in eval mode; LoRA adapters are merged onto the family's start model.
+
+    The tokenizer comes from the checkpoint's own folder, else from the start model's, else the base's.
+    """
+    from transformers import AutoModelForCausalLM
+
+    kw = dict(dtype=dtype, trust_remote_code=False)
+    try:
+        if ckpt.kind == "gguf":
+            model = AutoModelForCausalLM.from_pretrained(str(ckpt.path), gguf_file=ckpt.gguf_file, **kw)
+        elif ckpt.kind == "lora":
+            from peft import PeftModel
+
+            if family is None:
+                raise SafesubError(f"adapter '{ckpt.name}': loading an adapter needs its family (for the base)")
+            base, _ = load_model(family.start_checkpoint, family, device, dtype, tokenizer=False)
+            model = PeftModel.from_pretrained(base, str(ckpt.path)).merge_and_unload()
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                str(ckpt.path), use_safetensors=not ckpt.allow_pickle or None, **kw
+            )
+    except SafesubError:
+        raise
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SafesubError(f"checkpoint '{ckpt.name}': cannot be loaded ({first[:200]})") from None
+    model.to(device).eval()
+    return model, (load_tokenizer(ckpt, family) if tokenizer else None)
+
+
+def load_tokenizer(ckpt: Checkpoint, family: Family | None = None):
+    from transformers import AutoTokenizer
+
+    candidates = [ckpt] + ([family.start_checkpoint, family.base] if family else [])
+    for c in candidates:
+        has_files = any((c.path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+        if c.kind == "gguf":
+            return AutoTokenizer.from_pretrained(str(c.path), gguf_file=c.gguf_file)
+        if has_files:
+            return AutoTokenizer.from_pretrained(str(c.path))
+    raise SafesubError(f"checkpoint '{ckpt.name}': no tokenizer found beside it or in its family")
+
+
+def describe(ckpt: Checkpoint) -> dict:
+    """Architecture, parameter count and dtype from the config and safetensors headers (nothing loaded)."""
+    if ckpt.kind == "lora":
+        cfg = json.loads((ckpt.path / "adapter_config.json").read_text())
+        return dict(name=ckpt.name, kind="lora", architecture=f"LoRA r={cfg.get('r')}", parameters=None,
+                    dtype=None, fingerprint=ckpt.fingerprint())
+    if ckpt.kind == "gguf":
+        return dict(name=ckpt.name, kind="gguf", architecture=ckpt.gguf_file, parameters=None, dtype="gguf",
+                    fingerprint=ckpt.fingerprint())
+    reader = TensorReader(ckpt)
+    cfg = _read_config(ckpt)
+    params = sum(int(torch.Size(reader.shape(n)).numel()) for n in reader.names())
+    return dict(
+        name=ckpt.name,
+        kind="hf",
+        architecture=",".join(cfg.get("architectures", [cfg.get("model_type", "?")])),
+        parameters=params,
+        dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "?"),
+        fingerprint=ckpt.fingerprint(),
+    )
+
+
+# ------------------------------------------------------------------------------------------- tensor names
+
+_MODULES = (
+    ("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v"), ("o_proj", "o"), ("gate_proj", "gate"), ("up_proj", "up"),
+    ("down_proj", "down"), ("embed_tokens", "embed"), ("lm_head", "embed"), ("norm", "norm"),
+)
+_BLOCK = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
+
+
+def module_type(name: str) -> str:
+    """q/k/v/o/gate/up/down/embed/norm for the usual decoder tensor names, else 'other'."""
+    return next((short for key, short in _MODULES if key in name), "other")
+
+
+def block_index(name: str) -> int | None:
+    """The transformer block a tensor belongs to ('model.layers.7.mlp.up_proj.weight' -> 7), None outside."""
+    m = _BLOCK.search("." + name)
+    return int(m.group(1)) if m else None

@@ -1,0 +1,102 @@
+"""Mode subspace overlap (MSO) between update matrices, per tensor and per transformer block.
+
+For matrices X, Y whose columns live in the same R^d, take Q_X, Q_Y = the top-k left singular vectors, each k
+chosen by an energy fraction eta (the smallest k with sum_{i<=k} s_i^2 >= eta * sum_i s_i^2). Then
+
+    MSO = ||Q_X^T Q_Y||_F^2 / min(k_X, k_Y)        in [0, 1],
+
+and two independent uniformly random subspaces give E[MSO] = max(k_X, k_Y) / d (the baseline shown beside it).
+One SVD per matrix serves every eta: G = U_X^T U_Y is formed once and its squared entries' 2-D cumulative sum
+gives ||Q_X^T Q_Y||_F^2 for every (k_X, k_Y).
+
+Weight space (DESIGN.md §2): per tensor, the study's pairs of updates relative to A (or S):
+(harmful - A, useful - A), (harmful - A, base - A), (useful - A, base - A). Per block (our definition):
+  write space: left singular vectors of [dO | dDown] (both M = hidden), the residual-stream directions the
+               block writes to;
+  read space:  right singular vectors of [dQ; dK; dV; dGate; dUp] (all N = hidden), the residual-stream
+               directions the block reads from.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+import pandas as pd
+import torch
+
+from safesub_core.errors import SafesubError
+
+DEFAULT_ENERGIES = (0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99)
+
+
+def energy_rank(s: torch.Tensor, eta: float) -> int:
+    """Smallest k with sum_{i<=k} s_i^2 >= eta * sum_i s_i^2, for singular values `s` sorted descending (>= 1)."""
+    check_energy(eta)
+    e = s.double().pow(2)
+    total = e.sum()
+    if total <= 0:
+        return 1
+    cum = torch.cumsum(e, 0)
+    k = int(torch.searchsorted(cum, eta * total * (1 - 1e-12)).item()) + 1
+    return max(1, min(k, s.numel()))
+
+
+def check_energy(eta: float) -> float:
+    if not (0.0 < float(eta) <= 1.0):
+        raise SafesubError(f"energy fraction {eta}: must be in (0, 1]")
+    return float(eta)
+
+
+@dataclass
+class Basis:
+    """Orthonormal left singular vectors `U` (d x r) of a matrix and its singular values `s` (r,)."""
+
+    U: torch.Tensor
+    s: torch.Tensor
+
+    @classmethod
+    def of(cls, X: torch.Tensor) -> "Basis":
+        """Thin SVD basis of X (d x n): columns of X live in R^d."""
+        U, s, _ = torch.linalg.svd(X.double(), full_matrices=False)
+        return cls(U, s)
+
+    @property
+    def dim(self) -> int:
+        return self.U.shape[0]
+
+
+def overlap_curve(a: Basis, b: Basis, energies: Sequence[float] = DEFAULT_ENERGIES) -> pd.DataFrame:
+    """MSO of two bases of R^d at each energy fraction, with k_X, k_Y and the random baseline max(k)/d.
+
+    Returns columns: energy, k_x, k_y, mso, random_baseline.
+    """
+    if a.dim != b.dim:
+        raise SafesubError(f"subspace overlap: bases live in R^{a.dim} and R^{b.dim}, not the same space")
+    G2 = (a.U.T @ b.U).pow(2)
+    cum = G2.cumsum(0).cumsum(1)
+    rows = []
+    for eta in energies:
+        kx, ky = energy_rank(a.s, eta), energy_rank(b.s, eta)
+        rows.append(
+            dict(
+                energy=float(eta),
+                k_x=kx,
+                k_y=ky,
+                mso=float(cum[kx - 1, ky - 1]) / min(kx, ky),
+                random_baseline=max(kx, ky) / a.dim,
+            )
+        )
+    return pd.DataFrame(rows)
+
+
+def subspace_overlap(X: torch.Tensor, Y: torch.Tensor, energy: float = 0.9) -> float:
+    """MSO of the energy-`energy` left singular subspaces of X (d x n) and Y (d x m)."""
+    return float(overlap_curve(Basis.of(X), Basis.of(Y), [energy])["mso"].iloc[0])
+
+
+def random_subspace_overlap(d: int, kx: int, ky: int, seed: int = 0) -> float:
+    """MSO of two uniformly random subspaces of R^d of dims kx, ky (seeded); its mean is max(kx, ky) / d."""
+    g = torch.Generator().manual_seed(seed)
+    qx, _ = torch.linalg.qr(torch.randn(d, kx, generator=g, dtype=torch.float64))
+    qy, _ = torch.linalg.qr(torch.randn(d, ky, generator=g, dtype=torch.float64))
+    return float((qx.T @ qy).pow(2).sum()) / min(kx, ky)

@@ -1,0 +1,309 @@
+"""Alignment subspaces and projections of the fine-tuning update (DESIGN.md §2).
+
+Per tensor (a matrix M x N as stored; 3+-dim tensors reshaped to (shape[0], -1); 1-D tensors as an M x 1 column):
+  alignment update dA = W_start - W0,  task update dT = W_FT - W_start,  thin SVD dA = U S V^T, r = min(M, N).
+  Rank k: from a fraction rho, k = max(1, round(rho * r)); from an energy eta, the smallest k with
+  sum_{i<=k} s_i^2 >= eta * sum s_i^2. Subspaces at the same k:
+    topk     U[:, :k]
+    randomk  k columns of U chosen uniformly at random (a seeded permutation per tensor)
+    random   the top-k left singular vectors of a seeded Gaussian M x N matrix (a uniformly random subspace)
+  P_k = U_k U_k^T, and with X the update kept:
+    parallel   X =  P_k dT       W = W_start + alpha * X
+    opposite   X = -P_k dT       W = W_start + alpha * X
+    orthogonal X = dT - P_k dT   W = W_start + alpha * X
+  A 1-D tensor's "subspace" is the line of dA, so P dT = (<dT, dA> / ||dA||^2) dA, and zero when dA = 0 (a zero
+  alignment update spans nothing, in any shape).
+
+Compute once, slide forever: keep U (M x r) and C = U^T dT (r x N). Then P_k dT = U[:, :k] C[:k] and
+||P_k dT||^2 = sum_{i<=k} ||C_i||^2, so every diagnostic at every k is a cumulative sum and a new point costs one
+small matmul per tensor, never a new SVD. Diagnostics are global sums over tensors (not means of ratios):
+  energy kept      E = sum ||X||^2 / sum ||dT||^2            (independent of alpha)
+  cos(task, kept)    = sum <dT, X> / (sqrt(sum ||dT||^2) sqrt(sum ||X||^2))
+  cos(task, align)   = sum <dT, dA> / (sqrt(sum ||dT||^2) sqrt(sum ||dA||^2))
+For a tall matrix (M > N) even U at full rank does not span R^M, so E at rho = 1 can stay well below 1.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import pandas as pd
+import torch
+
+from safesub_core.errors import SafesubError
+from safesub_core.family import Family, block_index, module_type
+from safesub_core.overlap import check_energy, energy_rank
+
+SUBSPACES = ("topk", "randomk", "random")
+MODES = ("parallel", "opposite", "orthogonal")
+
+
+@dataclass(frozen=True)
+class ProjectionConfig:
+    """One point of the projection: subspace, mode, rank (fraction rho or energy eta) and scale alpha."""
+
+    subspace: str = "topk"
+    mode: str = "parallel"
+    rank_fraction: float | None = 0.25
+    energy: float | None = None
+    alpha: float = 1.0
+
+    def __post_init__(self):
+        if self.subspace not in SUBSPACES:
+            raise SafesubError(f"subspace {self.subspace!r}: must be one of {', '.join(SUBSPACES)}")
+        if self.mode not in MODES:
+            raise SafesubError(f"mode {self.mode!r}: must be one of {', '.join(MODES)}")
+        if (self.rank_fraction is None) == (self.energy is None):
+            raise SafesubError("rank: give exactly one of a rank fraction or an energy fraction")
+        if self.energy is not None:
+            check_energy(self.energy)
+        elif not (0.0 < float(self.rank_fraction) <= 1.0):
+            raise SafesubError(f"rank fraction {self.rank_fraction}: must be in (0, 1]")
+        if not math.isfinite(self.alpha):
+            raise SafesubError(f"scale alpha {self.alpha}: must be a finite number")
+
+    @property
+    def label(self) -> str:
+        rank = f"rho={self.rank_fraction:g}" if self.energy is None else f"eta={self.energy:g}"
+        return f"{self.subspace} {self.mode} {rank} alpha={self.alpha:g}"
+
+
+def as_matrix(t: torch.Tensor) -> torch.Tensor:
+    """A tensor as the matrix the subspace lives in: 1-D -> (M, 1), 2-D as is, n-D -> (shape[0], -1)."""
+    return t.reshape(t.shape[0], -1) if t.dim() != 1 else t.reshape(-1, 1)
+
+
+def _seed_for(name: str, seed: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") % (2**63)
+
+
+def alignment_basis(dA: torch.Tensor, name: str = "", seed: int = 0) -> dict[str, torch.Tensor]:
+    """Per-tensor basis of the alignment update dA (a matrix M x N).
+
+    Returns U (M x r) and s (r,) from torch.linalg.svd (U zero when dA = 0), the random-subspace basis
+    Ur (M x r) from a seeded Gaussian of the same shape, and the Random-K permutation perm (r,).
+    """
+    M, N = dA.shape
+    if torch.count_nonzero(dA) == 0:
+        r = min(M, N)
+        U, s = torch.zeros(M, r, dtype=dA.dtype, device=dA.device), torch.zeros(r, dtype=dA.dtype, device=dA.device)
+    else:
+        U, s, _ = torch.linalg.svd(dA, full_matrices=False)
+    g = torch.Generator().manual_seed(_seed_for(name, seed))
+    Ur, _, _ = torch.linalg.svd(torch.randn(M, N, generator=g).to(dA), full_matrices=False)
+    perm = torch.randperm(U.shape[1], generator=g)
+    return dict(U=U.contiguous(), s=s.contiguous(), Ur=Ur.contiguous(), perm=perm)
+
+
+@dataclass
+class TensorProjection:
+    """Everything needed to project one tensor's task update at any rank, mode and scale."""
+
+    name: str
+    shape: tuple[int, ...]
+    U: torch.Tensor  # (M, r) left singular vectors of dA
+    s: torch.Tensor  # (r,)
+    Ur: torch.Tensor  # (M, r) random-subspace basis
+    perm: torch.Tensor  # (r,) Random-K order
+    C: torch.Tensor  # (r, N) = U^T dT
+    Cr: torch.Tensor  # (r, N) = Ur^T dT
+    dT: torch.Tensor  # (M, N) task update
+    task_sq: float  # ||dT||^2
+    align_sq: float  # ||dA||^2
+    dot_align: float  # <dT, dA>
+    cum: dict[str, torch.Tensor] = field(default_factory=dict)  # subspace -> cumulative ||C_i||^2, (r,)
+
+    def __post_init__(self):
+        rows, rows_r = self.C.double().pow(2).sum(1), self.Cr.double().pow(2).sum(1)
+        self.cum = dict(topk=rows.cumsum(0), randomk=rows[self.perm].cumsum(0), random=rows_r.cumsum(0))
+
+    @property
+    def r(self) -> int:
+        return self.U.shape[1]
+
+    def rank(self, cfg: ProjectionConfig) -> int:
+        if cfg.energy is not None:
+            return energy_rank(self.s, cfg.energy) if self.align_sq > 0 else 1
+        return max(1, min(self.r, int(math.floor(cfg.rank_fraction * self.r + 0.5))))
+
+    def parallel_energy(self, subspace: str, k: int) -> float:
+        """||P_k dT||^2 for the subspace, by cumulative sum."""
+        return float(self.cum[subspace][k - 1])
+
+    def kept_update(self, cfg: ProjectionConfig) -> torch.Tensor:
+        """X (the update kept, before alpha) in the tensor's own shape."""
+        k = self.rank(cfg)
+        if cfg.subspace == "random":
+            P = self.Ur[:, :k] @ self.Cr[:k]
+        else:
+            idx = slice(0, k) if cfg.subspace == "topk" else self.perm[:k].to(self.U.device)
+            P = self.U[:, idx] @ self.C[idx]
+        X = {"parallel": P, "opposite": -P, "orthogonal": self.dT - P}[cfg.mode]
+        return X.reshape(self.shape)
+
+
+@dataclass
+class ProjectionDiagnostics:
+    """Global diagnostics of one point and the per-tensor table they sum."""
+
+    config: ProjectionConfig
+    energy_kept: float
+    cos_task_kept: float
+    cos_task_align: float
+    mean_rank_fraction: float
+    per_tensor: pd.DataFrame
+
+    @property
+    def removed_energy(self) -> float:
+        return 1.0 - self.energy_kept
+
+    def grouped(self, by: str) -> pd.DataFrame:
+        """Energy kept and removed per 'module' or per 'block' (sums of squares, then ratios)."""
+        g = self.per_tensor.groupby(by, dropna=False)[["task_energy", "kept_energy", "removed_energy"]].sum()
+        g["energy_kept"] = g["kept_energy"] / g["task_energy"].where(g["task_energy"] > 0)
+        return g.reset_index()
+
+    def summary(self) -> dict:
+        c = self.config
+        return dict(
+            subspace=c.subspace, mode=c.mode, rank_fraction=c.rank_fraction, energy=c.energy, alpha=c.alpha,
+            energy_kept=self.energy_kept, removed_energy=self.removed_energy, cos_task_kept=self.cos_task_kept,
+            cos_task_align=self.cos_task_align, mean_rank_fraction=self.mean_rank_fraction,
+        )
+
+
+class SubspaceEngine:
+    """The projections of one fine-tuned variant's update onto the family's alignment subspaces.
+
+    Build it once with `SubspaceEngine.build(family, variant)`; then `diagnostics(cfg)`, `curves(...)` and
+    `apply(model, reference, cfg)` are cheap at any point.
+    """
+
+    def __init__(self, family_name: str, variant: str, tensors: list[TensorProjection], seed: int):
+        self.family_name, self.variant, self.tensors, self.seed = family_name, variant, tensors, seed
+        self.task_sq = sum(t.task_sq for t in tensors)
+        if self.task_sq == 0:
+            raise SafesubError(f"variant '{variant}': its task update is zero (identical to the start model)")
+
+    @classmethod
+    def build(
+        cls,
+        family: Family,
+        variant: str,
+        seed: int = 0,
+        device: str = "cpu",
+        cache=None,
+        progress: Callable[[int, int, str], None] | None = None,
+    ) -> "SubspaceEngine":
+        """Stream the base, start and variant tensors one at a time; SVDs come from (and go to) the disk cache."""
+        if variant not in family.variants:
+            raise SafesubError(
+                f"family '{family.name}': has no fine-tuned variant {variant!r} (has {', '.join(family.variants)})"
+            )
+        base, start, ft = family.reader("base"), family.reader(family.start), family.reader(variant)
+        start.check_compatible(base)
+        start.check_compatible(ft)
+        from safesub_core.cache import DiskCache
+
+        cache = cache or DiskCache()
+        names = start.names()
+        basis_parts = dict(base=family.base.fingerprint(), start=family.start_checkpoint.fingerprint(), seed=seed)
+
+        def compute_bases():
+            out = {}
+            for i, n in enumerate(names):
+                if progress:
+                    progress(i, len(names), f"SVD of the alignment update: {n}")
+                dA = as_matrix(start.get(n) - base.get(n)).to(device)
+                for key, value in alignment_basis(dA, n, seed).items():
+                    out[f"{n}::{key}"] = value.cpu()
+            return out
+
+        bases = cache.get_or_compute("alignment_basis", basis_parts, compute_bases)
+        tensors = []
+        for i, n in enumerate(names):
+            if progress:
+                progress(i, len(names), f"coordinates of the task update: {n}")
+            wa = start.get(n)
+            dA = as_matrix(wa - base.get(n)).to(device)
+            dT = as_matrix(ft.get(n) - wa).to(device)
+            U, Ur = bases[f"{n}::U"].to(device), bases[f"{n}::Ur"].to(device)
+            tensors.append(
+                TensorProjection(
+                    name=n, shape=tuple(wa.shape), U=U, s=bases[f"{n}::s"], Ur=Ur, perm=bases[f"{n}::perm"],
+                    C=U.T @ dT, Cr=Ur.T @ dT, dT=dT,
+                    task_sq=float(dT.double().pow(2).sum()), align_sq=float(dA.double().pow(2).sum()),
+                    dot_align=float((dT.double() * dA.double()).sum()),
+                )
+            )
+        if progress:
+            progress(len(names), len(names), "done")
+        return cls(family.name, variant, tensors, seed)
+
+    # ---------------------------------------------------------------------------------------- diagnostics
+    def diagnostics(self, cfg: ProjectionConfig) -> ProjectionDiagnostics:
+        rows = []
+        for t in self.tensors:
+            k = t.rank(cfg)
+            par = t.parallel_energy(cfg.subspace, k)
+            kept = t.task_sq - par if cfg.mode == "orthogonal" else par
+            dot = {"parallel": par, "opposite": -par, "orthogonal": t.task_sq - par}[cfg.mode]
+            rows.append(
+                dict(
+                    tensor=t.name, module=module_type(t.name), block=block_index(t.name), rank=k, max_rank=t.r,
+                    task_energy=t.task_sq, kept_energy=kept, removed_energy=t.task_sq - kept, dot_kept=dot,
+                    align_energy=t.align_sq, dot_align=t.dot_align,
+                )
+            )
+        df = pd.DataFrame(rows)
+        df["block"] = df["block"].astype("Int64")
+        df["energy_kept"] = df["kept_energy"] / df["task_energy"].where(df["task_energy"] > 0)
+        task, kept, align = df["task_energy"].sum(), df["kept_energy"].sum(), df["align_energy"].sum()
+        return ProjectionDiagnostics(
+            config=cfg,
+            energy_kept=float(kept / task),
+            cos_task_kept=cosine(df["dot_kept"].sum(), task, kept),
+            cos_task_align=cosine(df["dot_align"].sum(), task, align),
+            mean_rank_fraction=float((df["rank"] / df["max_rank"]).mean()),
+            per_tensor=df,
+        )
+
+    def curves(self, fractions=None, modes=("parallel", "orthogonal")) -> pd.DataFrame:
+        """Energy kept and cos(task, kept) at every rank fraction for each subspace and mode, from one SVD."""
+        fractions = fractions if fractions is not None else [i / 100 for i in range(1, 101)]
+        rows = []
+        for sub in SUBSPACES:
+            for rho in fractions:
+                cfg = ProjectionConfig(sub, "parallel", rho)
+                par = sum(t.parallel_energy(sub, t.rank(cfg)) for t in self.tensors)
+                for mode in modes:
+                    kept = self.task_sq - par if mode == "orthogonal" else par
+                    dot = -par if mode == "opposite" else kept
+                    rows.append(
+                        dict(subspace=sub, mode=mode, rank_fraction=rho, energy_kept=kept / self.task_sq,
+                             cos_task_kept=cosine(dot, self.task_sq, kept))
+                    )
+        return pd.DataFrame(rows)
+
+    # ---------------------------------------------------------------------------------------- composition
+    @torch.no_grad()
+    def apply(self, model: torch.nn.Module, reference: torch.nn.Module, cfg: ProjectionConfig) -> torch.nn.Module:
+        """Write W = W_start + alpha * X into `model`'s parameters in place, with W_start read from `reference`.
+
+        `model` and `reference` are two loaded copies of the start model (the reference stays untouched).
+        """
+        params = dict(model.named_parameters())
+        ref = dict(reference.named_parameters())
+        for t in self.tensors:
+            if t.name not in params:
+                raise SafesubError(f"model: has no parameter {t.name} (is it the family's start model?)")
+            p = params[t.name]
+            p.copy_(ref[t.name] + (cfg.alpha * t.kept_update(cfg)).to(device=p.device, dtype=p.dtype))
+        return model
+
+
+def cosine(dot: float, a_sq: float, b_sq: float) -> float:
+    """dot / (sqrt(a_sq) sqrt(b_sq)), 0 when either norm is zero."""
+    return float(dot / math.sqrt(a_sq * b_sq)) if a_sq > 0 and b_sq > 0 else 0.0

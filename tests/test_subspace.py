@@ -1,0 +1,220 @@
+"""The subspace engine's algebra on random matrices, and the engine on a synthetic family."""
+import math
+
+import pytest
+import torch
+
+from factories import write_family
+from safesub_core.errors import SafesubError
+from safesub_core.family import Family, load_model
+from safesub_core.subspace import (
+    ProjectionConfig,
+    SubspaceEngine,
+    TensorProjection,
+    alignment_basis,
+    as_matrix,
+    cosine,
+)
+
+
+def projection_of(dA, dT, name="w"):
+    b = alignment_basis(as_matrix(dA), name)
+    dA2, dT2 = as_matrix(dA), as_matrix(dT)
+    return TensorProjection(
+        name=name, shape=tuple(dT.shape), U=b["U"], s=b["s"], Ur=b["Ur"], perm=b["perm"],
+        C=b["U"].T @ dT2, Cr=b["Ur"].T @ dT2, dT=dT2, task_sq=float(dT2.double().pow(2).sum()),
+        align_sq=float(dA2.double().pow(2).sum()), dot_align=float((dT2.double() * dA2.double()).sum()),
+    )
+
+
+def rand(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("shape", [(12, 12), (20, 8), (8, 20)])
+def test_projector_is_symmetric_and_idempotent(shape):
+    U = alignment_basis(rand(*shape))["U"]
+    for k in (1, 3, min(shape)):
+        P = U[:, :k] @ U[:, :k].T
+        assert torch.allclose(P, P.T, atol=1e-10)
+        assert torch.allclose(P @ P, P, atol=1e-10)
+        assert torch.linalg.matrix_rank(P) == k
+
+
+@pytest.mark.parametrize("subspace", ["topk", "randomk", "random"])
+def test_parallel_and_orthogonal_sum_to_the_task_update(subspace):
+    t = projection_of(rand(16, 10), rand(16, 10, seed=1))
+    for rho in (0.1, 0.5, 1.0):
+        par = t.kept_update(ProjectionConfig(subspace, "parallel", rho))
+        orth = t.kept_update(ProjectionConfig(subspace, "orthogonal", rho))
+        assert torch.allclose(par + orth, t.dT, atol=1e-10)
+        assert torch.allclose(t.kept_update(ProjectionConfig(subspace, "opposite", rho)), -par)
+        assert abs(float((par * orth).sum())) < 1e-8  # orthogonal pieces
+
+
+def test_cumulative_energy_equals_explicit_projection_and_grows_with_k():
+    dA, dT = rand(14, 14), rand(14, 14, seed=3)
+    t = projection_of(dA, dT)
+    U = torch.linalg.svd(dA)[0]
+    energies = []
+    for k in range(1, 15):
+        explicit = float((U[:, :k] @ U[:, :k].T @ dT).pow(2).sum())
+        assert math.isclose(t.parallel_energy("topk", k), explicit, rel_tol=1e-9)
+        energies.append(t.parallel_energy("topk", k) / t.task_sq)
+    assert all(b >= a - 1e-12 for a, b in zip(energies, energies[1:]))
+    assert math.isclose(energies[-1], 1.0, rel_tol=1e-9)  # square full-rank update: full rank keeps everything
+
+
+def test_tall_matrix_keeps_less_than_everything_at_full_rank():
+    t = projection_of(rand(40, 4), rand(40, 4, seed=2))
+    full = t.parallel_energy("topk", t.r) / t.task_sq
+    assert full < 0.5  # span(U) is 4 of 40 dimensions
+
+
+def test_randomk_uses_singular_vectors_of_the_alignment_update_and_random_does_not():
+    t = projection_of(rand(10, 10), rand(10, 10, seed=1))
+    k = 3
+    Urk = t.U[:, t.perm[:k]]
+    # Random-K's subspace is spanned by columns of U: projecting it onto span(U) changes nothing
+    assert torch.allclose(t.U @ (t.U.T @ Urk), Urk, atol=1e-10)
+    assert sorted(t.perm.tolist()) == list(range(10))
+    Ur = t.Ur[:, :k]
+    assert torch.allclose(Ur.T @ Ur, torch.eye(k, dtype=Ur.dtype), atol=1e-10)
+    assert not torch.allclose(Ur.abs(), t.U[:, :k].abs(), atol=1e-3)
+
+
+def test_random_subspaces_are_seeded():
+    a, b = alignment_basis(rand(8, 6), "x", seed=0), alignment_basis(rand(8, 6), "x", seed=0)
+    c = alignment_basis(rand(8, 6), "x", seed=1)
+    assert torch.equal(a["Ur"], b["Ur"]) and torch.equal(a["perm"], b["perm"])
+    assert not torch.equal(a["Ur"], c["Ur"])
+
+
+def test_vector_tensors_project_on_the_line_of_the_alignment_update():
+    dA, dT = rand(9), rand(9, seed=4)
+    t = projection_of(dA, dT)
+    expected = (dT @ dA) / (dA @ dA) * dA
+    for rho in (0.01, 1.0):
+        assert torch.allclose(t.kept_update(ProjectionConfig("topk", "parallel", rho)), expected, atol=1e-10)
+    zero = projection_of(torch.zeros(9, dtype=torch.float64), dT)
+    assert torch.count_nonzero(zero.kept_update(ProjectionConfig("topk", "parallel", 1.0))) == 0
+
+
+def test_rank_by_energy_is_the_smallest_k_reaching_the_fraction():
+    dA = torch.diag(torch.tensor([3.0, 2.0, 1.0, 0.5], dtype=torch.float64))
+    t = projection_of(dA, rand(4, 4))
+    total = 9 + 4 + 1 + 0.25
+    assert t.rank(ProjectionConfig(energy=9 / total, rank_fraction=None)) == 1
+    assert t.rank(ProjectionConfig(energy=(9 + 4) / total + 1e-6, rank_fraction=None)) == 3
+    assert t.rank(ProjectionConfig(energy=1.0, rank_fraction=None)) == 4
+    assert t.rank(ProjectionConfig(rank_fraction=0.01)) == 1  # k = max(1, round(rho r))
+    assert t.rank(ProjectionConfig(rank_fraction=0.5)) == 2
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(rank_fraction=0.0), "rank fraction 0.0"),
+        (dict(rank_fraction=1.5), "rank fraction 1.5"),
+        (dict(rank_fraction=None, energy=0.0), "energy fraction 0.0"),
+        (dict(rank_fraction=None, energy=1.2), "energy fraction 1.2"),
+        (dict(rank_fraction=None), "exactly one"),
+        (dict(mode="sideways"), "mode 'sideways'"),
+        (dict(subspace="bottomk"), "subspace 'bottomk'"),
+    ],
+)
+def test_bad_projection_settings_get_one_line_errors(kw, message):
+    with pytest.raises(SafesubError, match=message) as err:
+        ProjectionConfig(**kw)
+    assert "\n" not in str(err.value)
+
+
+def test_cos_task_align_handles_a_negative_dot_product():
+    # the study's code divided by sqrt(sum <dT, dA>), which is complex when the dot product is negative
+    dA, dT = rand(6, 6), -rand(6, 6) * 0.5
+    dT = dT - 2 * dA  # strongly anti-aligned
+    expected = float((dT * dA).sum() / (dT.norm() * dA.norm()))
+    t = projection_of(dA, dT)
+    assert expected < 0
+    assert math.isclose(cosine(t.dot_align, t.task_sq, t.align_sq), expected, rel_tol=1e-9)
+
+
+# ------------------------------------------------------------------------------------------ the engine
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    return Family.from_file(write_family(tmp_path_factory.mktemp("fam")))
+
+
+@pytest.fixture(scope="module")
+def engine(synthetic, tmp_path_factory):
+    from safesub_core.cache import DiskCache
+
+    return SubspaceEngine.build(synthetic, "harmful", cache=DiskCache(tmp_path_factory.mktemp("cache")))
+
+
+def test_global_diagnostics_are_ratios_of_sums(engine):
+    d = engine.diagnostics(ProjectionConfig("topk", "parallel", 0.25))
+    df = d.per_tensor
+    assert math.isclose(d.energy_kept, df.kept_energy.sum() / df.task_energy.sum(), rel_tol=1e-12)
+    assert d.energy_kept != pytest.approx(df.energy_kept.mean(), rel=1e-3)  # not a mean of ratios
+    assert math.isclose(d.cos_task_kept, math.sqrt(d.energy_kept), rel_tol=1e-9)  # <dT, P dT> = ||P dT||^2
+    blocks = d.grouped("block")
+    assert set(blocks["block"].dropna()) == {0, 1}
+    assert math.isclose(blocks.task_energy.sum(), df.task_energy.sum(), rel_tol=1e-12)
+    assert set(d.grouped("module")["module"]) >= {"q", "k", "v", "o", "gate", "up", "down", "embed", "norm"}
+
+
+def test_orthogonal_mode_keeps_the_complement(engine):
+    for sub in ("topk", "randomk", "random"):
+        par = engine.diagnostics(ProjectionConfig(sub, "parallel", 0.3)).energy_kept
+        orth = engine.diagnostics(ProjectionConfig(sub, "orthogonal", 0.3)).energy_kept
+        assert math.isclose(par + orth, 1.0, rel_tol=1e-9)
+
+
+def test_curves_match_pointwise_diagnostics_and_topk_beats_random_on_low_rank_updates(engine):
+    curves = engine.curves([0.1, 0.5, 1.0])
+    for _, row in curves.iterrows():
+        d = engine.diagnostics(ProjectionConfig(row.subspace, row["mode"], row.rank_fraction))
+        assert math.isclose(row.energy_kept, d.energy_kept, rel_tol=1e-9, abs_tol=1e-12)
+    par = curves[curves["mode"] == "parallel"].set_index(["subspace", "rank_fraction"]).energy_kept
+    for sub in ("topk", "randomk", "random"):
+        values = [par[(sub, r)] for r in (0.1, 0.5, 1.0)]
+        assert values == sorted(values)
+
+
+def test_apply_composes_the_projected_model_in_memory(synthetic, engine):
+    model, _ = _load(synthetic, "aligned")
+    reference, _ = _load(synthetic, "aligned")
+    cfg = ProjectionConfig("topk", "orthogonal", 0.5, alpha=0.7)
+    engine.apply(model, reference, cfg)
+    p = dict(model.named_parameters())
+    r = dict(reference.named_parameters())
+    for t in engine.tensors:
+        assert torch.allclose(p[t.name], r[t.name] + 0.7 * t.kept_update(cfg).float(), atol=1e-6)
+    # alpha = 1 in orthogonal mode at full rank of a square update recovers most of the fine-tune
+    full = ProjectionConfig("topk", "parallel", 1.0)
+    engine.apply(model, reference, ProjectionConfig("topk", "orthogonal", 1.0, alpha=0.0))
+    assert all(torch.equal(p[n], r[n]) for n in r)
+    assert engine.diagnostics(full).energy_kept > 0.5
+
+
+def _load(family, name):
+    return load_model(family.checkpoint(name), family, tokenizer=False)
+
+
+def test_engine_reuses_the_cached_alignment_basis(synthetic, tmp_path):
+    from safesub_core.cache import DiskCache
+
+    cache = DiskCache(tmp_path)
+    a = SubspaceEngine.build(synthetic, "useful", cache=cache)
+    calls = []
+    b = SubspaceEngine.build(synthetic, "harmful", cache=cache, progress=lambda i, n, what: calls.append(what))
+    assert not any(what.startswith("SVD") for what in calls)
+    assert torch.equal(a.tensors[3].U, b.tensors[3].U)
+
+
+def test_unknown_variant_is_named(synthetic):
+    with pytest.raises(SafesubError, match="no fine-tuned variant 'nope'"):
+        SubspaceEngine.build(synthetic, "nope")
