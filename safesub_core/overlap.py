@@ -100,3 +100,88 @@ def random_subspace_overlap(d: int, kx: int, ky: int, seed: int = 0) -> float:
     qx, _ = torch.linalg.qr(torch.randn(d, kx, generator=g, dtype=torch.float64))
     qy, _ = torch.linalg.qr(torch.randn(d, ky, generator=g, dtype=torch.float64))
     return float((qx.T @ qy).pow(2).sum()) / min(kx, ky)
+
+
+# ------------------------------------------------------------------------------------------- weight space
+
+STUDY_PAIRS = (("harmful", "useful"), ("harmful", "base"), ("useful", "base"))
+WRITE_MODULES = ("o", "down")  # M = hidden: columns live in the residual stream
+READ_MODULES = ("q", "k", "v", "gate", "up")  # N = hidden: rows read from the residual stream
+
+
+def weight_overlap(
+    family,
+    reference: str = "aligned",
+    energies: Sequence[float] = DEFAULT_ENERGIES,
+    pairs: Sequence[tuple[str, str]] = STUDY_PAIRS,
+    progress: Callable[[int, int, str], None] | None = None,
+    cache=None,
+) -> pd.DataFrame:
+    """MSO of the study's update pairs relative to `reference` (A or S), per tensor and per block.
+
+    Updates are X - reference for each checkpoint X named in `pairs` ('base' included). Returns one row per
+    (scope, unit, pair, energy) with scope 'tensor' (unit = tensor name, matrices only), 'block-write' or
+    'block-read' (unit = block index), and columns k_x, k_y, mso, random_baseline. Tensors stream one block at
+    a time. Cached on disk, keyed by the checkpoints' fingerprints and the settings.
+    """
+    from safesub_core.cache import DiskCache
+
+    for e in energies:
+        check_energy(e)
+    names = sorted({reference} | {x for p in pairs for x in p})
+    parts = dict(checkpoints={n: family.checkpoint(n).fingerprint() for n in names}, reference=reference,
+                 energies=[float(e) for e in energies], pairs=[list(p) for p in pairs])
+    compute = lambda: _weight_overlap(family, reference, energies, pairs, progress)  # noqa: E731
+    return (cache or DiskCache()).get_or_compute("weight_overlap", parts, compute)
+
+
+def _weight_overlap(family, reference, energies, pairs, progress) -> pd.DataFrame:
+    from safesub_core.family import block_index, module_type
+    from safesub_core.subspace import as_matrix
+
+    ref = family.reader(reference)
+    sides = sorted({x for p in pairs for x in p})
+    readers = {s: family.reader(s) for s in sides}
+    for r in readers.values():
+        ref.check_compatible(r)
+    names = [n for n in ref.names() if len(ref.shape(n)) >= 2]
+    groups: dict[int | None, list[str]] = {}
+    for n in names:
+        groups.setdefault(block_index(n), []).append(n)
+    short = {"aligned": "A", "safety_tuned": "S"}.get(reference, reference)
+    frames = []
+    for i, (block, members) in enumerate(groups.items()):
+        if progress:
+            progress(i, len(groups), f"overlap of block {block}")
+        updates = {s: {} for s in sides}
+        for n in members:
+            w = ref.get(n)
+            for s in sides:
+                updates[s][n] = as_matrix(readers[s].get(n) - w)
+        spaces = [(n, "tensor", lambda s, n=n: updates[s][n]) for n in members]
+        if block is not None:
+            by_type = {module_type(n): n for n in members}
+            write = [by_type[m] for m in WRITE_MODULES if m in by_type]
+            read = [by_type[m] for m in READ_MODULES if m in by_type]
+            if write:
+                spaces.append((block, "block-write", lambda s, w=write: torch.cat([updates[s][n] for n in w], 1)))
+            if read:
+                spaces.append((block, "block-read", lambda s, r=read: torch.cat([updates[s][n] for n in r], 0).T))
+        for unit, scope, matrix in spaces:
+            bases = {s: Basis.of(matrix(s)) for s in sides}
+            for x, y in pairs:
+                curve = overlap_curve(bases[x], bases[y], energies)
+                curve.insert(0, "pair", f"{x}-{short} vs {y}-{short}")
+                curve.insert(0, "unit", str(unit))
+                curve.insert(0, "scope", scope)
+                curve.insert(0, "reference", reference)
+                frames.append(curve)
+    if progress:
+        progress(len(groups), len(groups), "done")
+    return pd.concat(frames, ignore_index=True)
+
+
+def overlap_summary(table: pd.DataFrame) -> pd.DataFrame:
+    """Mean MSO and mean random baseline per reference, scope, pair and energy."""
+    keys = ["reference", "scope", "pair", "energy"]
+    return table.groupby(keys, as_index=False)[["mso", "random_baseline"]].mean()

@@ -1,0 +1,195 @@
+"""Families and checkpoints: detection, fingerprints, LoRA merging, and one-line errors for bad input."""
+import json
+import shutil
+
+import pytest
+import torch
+import yaml
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file, save_file
+
+from factories import perturbed, random_model, write_family
+from safesub_core.errors import SafesubError
+from safesub_core.family import Checkpoint, Family, TensorReader, describe, load_model
+from safesub_core.subspace import SubspaceEngine
+
+
+@pytest.fixture()
+def fam_dir(tmp_path):
+    write_family(tmp_path)
+    return tmp_path
+
+
+def make_adapter(base_dir, out_dir, seed=5, r=4, alpha=8, targets=("q_proj", "v_proj", "down_proj"), rslora=False):
+    model = load_model(Checkpoint.resolve("start", base_dir), tokenizer=False)[0]
+    peft_model = get_peft_model(
+        model, LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), use_rslora=rslora)
+    )
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    peft_model.save_pretrained(out_dir)
+    return peft_model
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_merged_lora_equals_base_plus_scale_times_BA(fam_dir, rslora):
+    peft_model = make_adapter(fam_dir / "aligned", fam_dir / "lora", rslora=rslora)
+    scale = 8 / (4**0.5 if rslora else 4)
+    lora_state = {n: p.detach() for n, p in peft_model.named_parameters() if "lora_" in n}
+    spec = yaml.safe_load((fam_dir / "family.yaml").read_text())
+    spec["variants"]["useful_lora"] = "lora"
+    (fam_dir / "family.yaml").write_text(yaml.safe_dump(spec))
+    family = Family.from_file(fam_dir / "family.yaml")
+    assert family.checkpoint("useful_lora").kind == "lora"
+    reader, aligned = family.reader("useful_lora"), family.reader("aligned")
+    name = "model.layers.1.self_attn.q_proj.weight"
+    A = lora_state["base_model.model.model.layers.1.self_attn.q_proj.lora_A.default.weight"]
+    B = lora_state["base_model.model.model.layers.1.self_attn.q_proj.lora_B.default.weight"]
+    assert torch.allclose(reader.get(name), aligned.get(name) + scale * B @ A, atol=1e-6)
+    untouched = "model.layers.1.self_attn.k_proj.weight"
+    assert torch.equal(reader.get(untouched), aligned.get(untouched))
+    merged = load_model(family.checkpoint("useful_lora"), family, tokenizer=False)[0].state_dict()
+    for n in reader.names():
+        assert torch.allclose(reader.get(n), merged[n].float(), atol=1e-6), n
+    engine = SubspaceEngine.build(family, "useful_lora")
+    touched = {t.name for t in engine.tensors if t.task_sq > 0}
+    assert touched == {n for n in reader.names() if any(m in n for m in ("q_proj", "v_proj", "down_proj"))}
+
+
+def test_fingerprint_changes_with_the_file_content(fam_dir):
+    ck = Checkpoint.resolve("useful", fam_dir / "useful")
+    before = ck.fingerprint()
+    assert before == Checkpoint.resolve("useful", fam_dir / "useful").fingerprint()
+    f = fam_dir / "useful" / "model.safetensors"
+    state = load_file(f)
+    state["model.norm.weight"] += 1
+    save_file(state, f, metadata={"format": "pt"})
+    assert Checkpoint.resolve("useful", fam_dir / "useful").fingerprint() != before
+
+
+def test_tied_embeddings_are_counted_once(fam_dir):
+    names = TensorReader(Checkpoint.resolve("aligned", fam_dir / "aligned")).names()
+    assert "model.embed_tokens.weight" in names and "lm_head.weight" not in names
+    info = describe(Checkpoint.resolve("aligned", fam_dir / "aligned"))
+    assert info["parameters"] == sum(p.numel() for p in random_model(0).parameters())  # parameters() dedups ties
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+def one_line(exc_info):
+    msg = str(exc_info.value)
+    assert "\n" not in msg and "Traceback" not in msg
+    return msg
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(SafesubError, match="checkpoint 'base': path .* does not exist") as e:
+        Checkpoint.resolve("base", tmp_path / "nope")
+    one_line(e)
+
+
+def test_directory_without_config(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SafesubError, match="has no config.json") as e:
+        Checkpoint.resolve("aligned", tmp_path / "empty")
+    one_line(e)
+
+
+def test_pickle_weights_are_refused_unless_allowed(fam_dir):
+    d = fam_dir / "pickled"
+    shutil.copytree(fam_dir / "useful", d)
+    state = load_file(d / "model.safetensors")
+    (d / "model.safetensors").unlink()
+    torch.save(state, d / "pytorch_model.bin")
+    with pytest.raises(SafesubError, match="pickle"):
+        Checkpoint.resolve("useful", d)
+    ck = Checkpoint.resolve("useful", d, allow_pickle=True)
+    assert torch.equal(TensorReader(ck).get("model.norm.weight"), state["model.norm.weight"])
+
+
+def test_different_shapes_are_named(fam_dir):
+    perturbed(random_model(0, intermediate_size=40), 3).save_pretrained(fam_dir / "other")
+    family = Family.from_paths("f", fam_dir / "base", fam_dir / "aligned", {"useful": fam_dir / "other"})
+    with pytest.raises(SafesubError, match=r"checkpoint 'useful': tensor model.layers.0.mlp.down_proj.weight has shape"):
+        family.validate()
+
+
+def test_resized_vocabulary_is_named(fam_dir):
+    random_model(0, vocab_size=101).save_pretrained(fam_dir / "bigvocab")
+    family = Family.from_paths("f", fam_dir / "base", fam_dir / "aligned", {"useful": fam_dir / "bigvocab"})
+    with pytest.raises(SafesubError, match="embed_tokens.weight has shape .*resized vocabulary") as e:
+        SubspaceEngine.build(family, "useful")
+    one_line(e)
+
+
+def test_fine_tune_missing_tensors_is_named(fam_dir):
+    f = fam_dir / "useful" / "model.safetensors"
+    state = load_file(f)
+    del state["model.layers.1.mlp.up_proj.weight"]
+    save_file(state, f, metadata={"format": "pt"})
+    family = Family.from_file(fam_dir / "family.yaml")
+    with pytest.raises(SafesubError, match="'useful': is missing tensor model.layers.1.mlp.up_proj.weight"):
+        family.validate()
+
+
+def test_truncated_weights_file(fam_dir, tmp_path):
+    f = fam_dir / "harmful" / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    family = Family.from_file(fam_dir / "family.yaml")
+    with pytest.raises(SafesubError, match="'harmful': weights file model.safetensors is truncated or corrupted") as e:
+        SubspaceEngine.build(family, "harmful")
+    one_line(e)
+    assert not list((tmp_path / "cache").rglob("*.json"))  # nothing cached for a failed build
+
+
+def test_nan_weights_are_named(fam_dir):
+    f = fam_dir / "useful" / "model.safetensors"
+    state = load_file(f)
+    state["model.layers.0.self_attn.o_proj.weight"][0, 0] = float("nan")
+    save_file(state, f, metadata={"format": "pt"})
+    family = Family.from_file(fam_dir / "family.yaml")
+    with pytest.raises(SafesubError, match="'useful': tensor model.layers.0.self_attn.o_proj.weight has NaN"):
+        SubspaceEngine.build(family, "useful")
+
+
+def test_adapter_for_another_base(fam_dir, tmp_path):
+    other = tmp_path / "other_base"
+    random_model(0, hidden_size=48, intermediate_size=48).save_pretrained(other)
+    make_adapter(other, fam_dir / "foreign")
+    family = Family.from_paths("f", fam_dir / "base", fam_dir / "aligned", {"x": fam_dir / "foreign"})
+    with pytest.raises(SafesubError, match="adapter 'x': .* but the base tensor is .*another base"):
+        family.reader("x")
+
+
+def test_adapter_with_missing_target_modules(fam_dir):
+    make_adapter(fam_dir / "aligned", fam_dir / "lora")
+    cfg = json.loads((fam_dir / "lora" / "adapter_config.json").read_text())
+    state = load_file(fam_dir / "lora" / "adapter_model.safetensors")
+    state = {k.replace("q_proj", "qq_proj"): v for k, v in state.items()}
+    save_file(state, fam_dir / "lora" / "adapter_model.safetensors")
+    (fam_dir / "lora" / "adapter_config.json").write_text(json.dumps(cfg))
+    family = Family.from_paths("f", fam_dir / "base", fam_dir / "aligned", {"x": fam_dir / "lora"})
+    with pytest.raises(SafesubError, match="targets model.layers.0.self_attn.qq_proj, which does not exist"):
+        family.reader("x")
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("base: base\n", "missing required key 'aligned'"),
+        ("[1, 2", "not valid YAML/JSON"),
+        ("- a\n- b\n", "must be a mapping"),
+        ("base: base\naligned: aligned\nstart: safety_tuned\n", "no safety_tuned checkpoint"),
+        ("base: base\naligned: aligned\nvariants: {useful: missing_dir}\n", "checkpoint 'useful': path"),
+    ],
+)
+def test_bad_family_files(fam_dir, text, message):
+    p = fam_dir / "bad.yaml"
+    p.write_text(text)
+    with pytest.raises(SafesubError, match=message) as e:
+        Family.from_file(p)
+    one_line(e)

@@ -1,0 +1,90 @@
+"""Mode subspace overlap: its algebra and the weight-space tables on a synthetic family."""
+import math
+
+import pytest
+import torch
+
+from factories import write_family
+from safesub_core.errors import SafesubError
+from safesub_core.family import Family
+from safesub_core.overlap import (
+    Basis,
+    energy_rank,
+    overlap_curve,
+    overlap_summary,
+    random_subspace_overlap,
+    subspace_overlap,
+    weight_overlap,
+)
+
+
+def rand(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def test_overlap_of_a_subspace_with_itself_is_one_and_with_an_orthogonal_one_zero():
+    X = rand(20, 7)
+    assert subspace_overlap(X, X, 0.9) == pytest.approx(1.0, abs=1e-9)
+    assert subspace_overlap(X, 3 * X @ rand(7, 5, seed=1), 0.99) == pytest.approx(1.0, abs=1e-9)
+    Y = torch.zeros(20, 7, dtype=torch.float64)
+    Y[10:] = rand(10, 7, seed=2)
+    X[10:] = 0
+    assert subspace_overlap(X, Y, 0.9) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_random_subspaces_overlap_near_the_baseline_max_k_over_d():
+    d, kx, ky = 64, 8, 16
+    values = [random_subspace_overlap(d, kx, ky, seed=s) for s in range(200)]
+    assert sum(values) / len(values) == pytest.approx(max(kx, ky) / d, rel=0.08)
+
+
+def test_curve_reports_ranks_and_baseline_and_stays_in_unit_interval():
+    a, b = Basis.of(rand(30, 30)), Basis.of(rand(30, 30, seed=1))
+    curve = overlap_curve(a, b, [0.1, 0.5, 0.99])
+    assert list(curve.columns) == ["energy", "k_x", "k_y", "mso", "random_baseline"]
+    assert ((curve.mso >= 0) & (curve.mso <= 1 + 1e-12)).all()
+    for _, row in curve.iterrows():
+        assert row.k_x == energy_rank(a.s, row.energy)
+        assert row.random_baseline == max(row.k_x, row.k_y) / 30
+        explicit = (a.U[:, : int(row.k_x)].T @ b.U[:, : int(row.k_y)]).pow(2).sum() / min(row.k_x, row.k_y)
+        assert row.mso == pytest.approx(float(explicit), rel=1e-9)
+
+
+def test_bases_in_different_spaces_are_refused():
+    with pytest.raises(SafesubError, match="not the same space"):
+        overlap_curve(Basis.of(rand(5, 3)), Basis.of(rand(6, 3)))
+    with pytest.raises(SafesubError, match="energy fraction 0"):
+        energy_rank(torch.ones(3), 0)
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    return Family.from_file(write_family(tmp_path_factory.mktemp("fam")))
+
+
+def test_weight_overlap_tables(family, tmp_path):
+    from safesub_core.cache import DiskCache
+
+    cache = DiskCache(tmp_path)
+    table = weight_overlap(family, "aligned", energies=(0.5, 0.9), cache=cache)
+    assert set(table.scope) == {"tensor", "block-write", "block-read"}
+    assert set(table.pair) == {"harmful-A vs useful-A", "harmful-A vs base-A", "useful-A vs base-A"}
+    assert ((table.mso >= 0) & (table.mso <= 1 + 1e-9)).all()
+    write = table[(table.scope == "block-write") & (table.unit == "0")]
+    assert (write.random_baseline * 32 == write[["k_x", "k_y"]].max(axis=1)).all()  # d = hidden = 32
+    # the harmful and contaminated updates share nothing by construction (independent random updates)
+    summary = overlap_summary(table)
+    assert len(summary) == 3 * 3 * 2
+    again = weight_overlap(family, "aligned", energies=(0.5, 0.9), cache=cache,
+                           progress=lambda *a: pytest.fail("recomputed a cached overlap"))
+    assert again.equals(table)
+    s_table = weight_overlap(family, "safety_tuned", energies=(0.9,), cache=cache)
+    assert set(s_table.pair) == {"harmful-S vs useful-S", "harmful-S vs base-S", "useful-S vs base-S"}
+
+
+def test_weight_overlap_of_an_update_with_itself_is_one(family, tmp_path):
+    from safesub_core.cache import DiskCache
+
+    table = weight_overlap(family, "aligned", energies=(0.9,), pairs=[("useful", "useful")], cache=DiskCache(tmp_path))
+    assert table.mso.to_numpy() == pytest.approx(1.0, abs=1e-9)
+    assert math.isfinite(table.mso.sum())
