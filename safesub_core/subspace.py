@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable
 
 import pandas as pd
@@ -34,7 +35,7 @@ import torch
 
 from safesub_core.errors import SafesubError
 from safesub_core.family import Family, block_index, module_type
-from safesub_core.overlap import check_energy, energy_rank
+from safesub_core.overlap import check_energy
 
 SUBSPACES = ("topk", "randomk", "random")
 MODES = ("parallel", "opposite", "orthogonal")
@@ -113,28 +114,20 @@ class TensorProjection:
     task_sq: float  # ||dT||^2
     align_sq: float  # ||dA||^2
     dot_align: float  # <dT, dA>
-    cum: dict[str, torch.Tensor] = field(default_factory=dict)  # subspace -> cumulative ||C_i||^2, (r,)
-
-    def __post_init__(self):
-        rows, rows_r = self.C.double().pow(2).sum(1), self.Cr.double().pow(2).sum(1)
-        self.cum = dict(topk=rows.cumsum(0), randomk=rows[self.perm].cumsum(0), random=rows_r.cumsum(0))
 
     @property
     def r(self) -> int:
         return self.U.shape[1]
 
-    def rank(self, cfg: ProjectionConfig) -> int:
-        if cfg.energy is not None:
-            return energy_rank(self.s, cfg.energy) if self.align_sq > 0 else 1
-        return max(1, min(self.r, int(math.floor(cfg.rank_fraction * self.r + 0.5))))
+    def cumulative_energy(self, subspace: str) -> torch.Tensor:
+        """(r,) float64: ||P_k dT||^2 for k = 1..r in the subspace's order."""
+        if subspace == "random":
+            return self.Cr.double().pow(2).sum(1).cumsum(0).cpu()
+        rows = self.C.double().pow(2).sum(1).cpu()
+        return (rows if subspace == "topk" else rows[self.perm]).cumsum(0)
 
-    def parallel_energy(self, subspace: str, k: int) -> float:
-        """||P_k dT||^2 for the subspace, by cumulative sum."""
-        return float(self.cum[subspace][k - 1])
-
-    def kept_update(self, cfg: ProjectionConfig) -> torch.Tensor:
-        """X (the update kept, before alpha) in the tensor's own shape."""
-        k = self.rank(cfg)
+    def kept_update(self, cfg: ProjectionConfig, k: int) -> torch.Tensor:
+        """X (the update kept at rank k, before alpha) in the tensor's own shape."""
         if cfg.subspace == "random":
             P = self.Ur[:, :k] @ self.Cr[:k]
         else:
@@ -146,22 +139,28 @@ class TensorProjection:
 
 @dataclass
 class ProjectionDiagnostics:
-    """Global diagnostics of one point and the per-tensor table they sum."""
+    """Global diagnostics of one point; `per_tensor` (built on first use) is the table they sum."""
 
     config: ProjectionConfig
     energy_kept: float
     cos_task_kept: float
     cos_task_align: float
     mean_rank_fraction: float
-    per_tensor: pd.DataFrame
+    _table: Callable[[], pd.DataFrame]
 
     @property
     def removed_energy(self) -> float:
         return 1.0 - self.energy_kept
 
+    @cached_property
+    def per_tensor(self) -> pd.DataFrame:
+        """One row per tensor: tensor, module, block, rank, max_rank, task/kept/removed/align energy, dots."""
+        return self._table()
+
     def grouped(self, by: str) -> pd.DataFrame:
         """Energy kept and removed per 'module' or per 'block' (sums of squares, then ratios)."""
-        g = self.per_tensor.groupby(by, dropna=False)[["task_energy", "kept_energy", "removed_energy"]].sum()
+        g = self.per_tensor.groupby(by, dropna=False)[["task_energy", "kept_energy", "removed_energy",
+                                                       "align_energy"]].sum()
         g["energy_kept"] = g["kept_energy"] / g["task_energy"].where(g["task_energy"] > 0)
         return g.reset_index()
 
@@ -178,14 +177,33 @@ class SubspaceEngine:
     """The projections of one fine-tuned variant's update onto the family's alignment subspaces.
 
     Build it once with `SubspaceEngine.build(family, variant)`; then `diagnostics(cfg)`, `curves(...)` and
-    `apply(model, reference, cfg)` are cheap at any point.
+    `apply(model, reference, cfg)` are cheap at any point: the per-tensor cumulative energies are stacked into
+    (T, r_max) tables so a point's diagnostics are a few vector operations over all T tensors.
     """
 
-    def __init__(self, family_name: str, variant: str, tensors: list[TensorProjection], seed: int):
+    def __init__(self, family_name: str, variant: str, tensors: list[TensorProjection], seed: int = 0):
         self.family_name, self.variant, self.tensors, self.seed = family_name, variant, tensors, seed
-        self.task_sq = sum(t.task_sq for t in tensors)
+        f64 = dict(dtype=torch.float64)
+        self.task = torch.tensor([t.task_sq for t in tensors], **f64)
+        self.align = torch.tensor([t.align_sq for t in tensors], **f64)
+        self.dot_align = torch.tensor([t.dot_align for t in tensors], **f64)
+        self.task_sq = float(self.task.sum())
         if self.task_sq == 0:
             raise SafesubError(f"variant '{variant}': its task update is zero (identical to the start model)")
+        self.r = torch.tensor([t.r for t in tensors])
+        self.cum = {sub: _stack_padded([t.cumulative_energy(sub) for t in tensors]) for sub in SUBSPACES}
+        spectrum = _stack_padded([t.s.double().pow(2).cumsum(0).cpu() for t in tensors])
+        self.spectrum = spectrum / spectrum[:, -1:].clamp_min(1e-300)  # cumulative energy share of dA, (T, r_max)
+
+    def ranks(self, cfg: ProjectionConfig) -> torch.Tensor:
+        """(T,) rank k of every tensor at this point: from rho, max(1, round(rho r)); from eta, by dA's energy."""
+        if cfg.energy is not None:
+            k = torch.searchsorted(self.spectrum, torch.full((len(self.r), 1), cfg.energy * (1 - 1e-12),
+                                                              dtype=torch.float64)).squeeze(1) + 1
+            k = torch.where(self.align > 0, k, torch.ones_like(k))
+        else:
+            k = torch.floor(cfg.rank_fraction * self.r.double() + 0.5).long()
+        return torch.minimum(k.clamp_min(1), self.r)
 
     @classmethod
     def build(
@@ -243,31 +261,35 @@ class SubspaceEngine:
         return cls(family.name, variant, tensors, seed)
 
     # ---------------------------------------------------------------------------------------- diagnostics
+    def parallel_energy(self, subspace: str, k: torch.Tensor) -> torch.Tensor:
+        """(T,) ||P_k dT||^2 per tensor at ranks k, by lookup in the cumulative sums."""
+        return self.cum[subspace].gather(1, (k - 1).unsqueeze(1)).squeeze(1)
+
     def diagnostics(self, cfg: ProjectionConfig) -> ProjectionDiagnostics:
-        rows = []
-        for t in self.tensors:
-            k = t.rank(cfg)
-            par = t.parallel_energy(cfg.subspace, k)
-            kept = t.task_sq - par if cfg.mode == "orthogonal" else par
-            dot = {"parallel": par, "opposite": -par, "orthogonal": t.task_sq - par}[cfg.mode]
-            rows.append(
-                dict(
-                    tensor=t.name, module=module_type(t.name), block=block_index(t.name), rank=k, max_rank=t.r,
-                    task_energy=t.task_sq, kept_energy=kept, removed_energy=t.task_sq - kept, dot_kept=dot,
-                    align_energy=t.align_sq, dot_align=t.dot_align,
-                )
-            )
-        df = pd.DataFrame(rows)
-        df["block"] = df["block"].astype("Int64")
-        df["energy_kept"] = df["kept_energy"] / df["task_energy"].where(df["task_energy"] > 0)
-        task, kept, align = df["task_energy"].sum(), df["kept_energy"].sum(), df["align_energy"].sum()
+        k = self.ranks(cfg)
+        par = self.parallel_energy(cfg.subspace, k)
+        kept = self.task - par if cfg.mode == "orthogonal" else par
+        dot = -par if cfg.mode == "opposite" else kept  # <dT, P dT> = ||P dT||^2; <dT, dT - P dT> = ||dT - P dT||^2
+        total_kept = float(kept.sum())
+
+        def table() -> pd.DataFrame:
+            df = pd.DataFrame(dict(
+                tensor=[t.name for t in self.tensors], module=[module_type(t.name) for t in self.tensors],
+                block=pd.array([block_index(t.name) for t in self.tensors], dtype="Int64"),
+                rank=k.numpy(), max_rank=self.r.numpy(), task_energy=self.task.numpy(), kept_energy=kept.numpy(),
+                removed_energy=(self.task - kept).numpy(), dot_kept=dot.numpy(), align_energy=self.align.numpy(),
+                dot_align=self.dot_align.numpy(),
+            ))
+            df["energy_kept"] = df["kept_energy"] / df["task_energy"].where(df["task_energy"] > 0)
+            return df
+
         return ProjectionDiagnostics(
             config=cfg,
-            energy_kept=float(kept / task),
-            cos_task_kept=cosine(df["dot_kept"].sum(), task, kept),
-            cos_task_align=cosine(df["dot_align"].sum(), task, align),
-            mean_rank_fraction=float((df["rank"] / df["max_rank"]).mean()),
-            per_tensor=df,
+            energy_kept=total_kept / self.task_sq,
+            cos_task_kept=cosine(float(dot.sum()), self.task_sq, total_kept),
+            cos_task_align=cosine(float(self.dot_align.sum()), self.task_sq, float(self.align.sum())),
+            mean_rank_fraction=float((k / self.r).mean()),
+            _table=table,
         )
 
     def curves(self, fractions=None, modes=("parallel", "orthogonal")) -> pd.DataFrame:
@@ -276,15 +298,10 @@ class SubspaceEngine:
         rows = []
         for sub in SUBSPACES:
             for rho in fractions:
-                cfg = ProjectionConfig(sub, "parallel", rho)
-                par = sum(t.parallel_energy(sub, t.rank(cfg)) for t in self.tensors)
                 for mode in modes:
-                    kept = self.task_sq - par if mode == "orthogonal" else par
-                    dot = -par if mode == "opposite" else kept
-                    rows.append(
-                        dict(subspace=sub, mode=mode, rank_fraction=rho, energy_kept=kept / self.task_sq,
-                             cos_task_kept=cosine(dot, self.task_sq, kept))
-                    )
+                    d = self.diagnostics(ProjectionConfig(sub, mode, rho))
+                    rows.append(dict(subspace=sub, mode=mode, rank_fraction=rho, energy_kept=d.energy_kept,
+                                     cos_task_kept=d.cos_task_kept))
         return pd.DataFrame(rows)
 
     # ---------------------------------------------------------------------------------------- composition
@@ -296,12 +313,18 @@ class SubspaceEngine:
         """
         params = dict(model.named_parameters())
         ref = dict(reference.named_parameters())
-        for t in self.tensors:
+        for t, k in zip(self.tensors, self.ranks(cfg).tolist()):
             if t.name not in params:
                 raise SafesubError(f"model: has no parameter {t.name} (is it the family's start model?)")
             p = params[t.name]
-            p.copy_(ref[t.name] + (cfg.alpha * t.kept_update(cfg)).to(device=p.device, dtype=p.dtype))
+            p.copy_(ref[t.name] + (cfg.alpha * t.kept_update(cfg, k)).to(device=p.device, dtype=p.dtype))
         return model
+
+
+def _stack_padded(rows: list[torch.Tensor]) -> torch.Tensor:
+    """Stack 1-D tensors of different lengths into (T, max_len), padding each with its last value."""
+    width = max(len(r) for r in rows)
+    return torch.stack([torch.cat([r, r[-1:].expand(width - len(r))]) for r in rows])
 
 
 def cosine(dot: float, a_sq: float, b_sq: float) -> float:

@@ -17,14 +17,35 @@ from safesub_core.subspace import (
 )
 
 
+
 def projection_of(dA, dT, name="w"):
+    """A one-tensor engine for dA, dT."""
     b = alignment_basis(as_matrix(dA), name)
     dA2, dT2 = as_matrix(dA), as_matrix(dT)
-    return TensorProjection(
+    t = TensorProjection(
         name=name, shape=tuple(dT.shape), U=b["U"], s=b["s"], Ur=b["Ur"], perm=b["perm"],
         C=b["U"].T @ dT2, Cr=b["Ur"].T @ dT2, dT=dT2, task_sq=float(dT2.double().pow(2).sum()),
         align_sq=float(dA2.double().pow(2).sum()), dot_align=float((dT2.double() * dA2.double()).sum()),
     )
+    return Single(t)
+
+
+class Single(SubspaceEngine):
+    """A one-tensor engine with per-tensor shorthands for the algebra tests."""
+
+    def __init__(self, t):
+        super().__init__("f", "v", [t])
+        self.t = t
+        self.dT, self.U, self.Ur, self.perm = t.dT, t.U, t.Ur, t.perm
+
+    def rank(self, cfg):
+        return int(self.ranks(cfg)[0])
+
+    def kept_update(self, cfg):
+        return self.t.kept_update(cfg, self.rank(cfg))
+
+    def energy_at(self, subspace, k):
+        return float(self.cum[subspace][0, k - 1])
 
 
 def rand(*shape, seed=0):
@@ -59,15 +80,15 @@ def test_cumulative_energy_equals_explicit_projection_and_grows_with_k():
     energies = []
     for k in range(1, 15):
         explicit = float((U[:, :k] @ U[:, :k].T @ dT).pow(2).sum())
-        assert math.isclose(t.parallel_energy("topk", k), explicit, rel_tol=1e-9)
-        energies.append(t.parallel_energy("topk", k) / t.task_sq)
+        assert math.isclose(t.energy_at("topk", k), explicit, rel_tol=1e-9)
+        energies.append(t.energy_at("topk", k) / t.task_sq)
     assert all(b >= a - 1e-12 for a, b in zip(energies, energies[1:]))
     assert math.isclose(energies[-1], 1.0, rel_tol=1e-9)  # square full-rank update: full rank keeps everything
 
 
 def test_tall_matrix_keeps_less_than_everything_at_full_rank():
     t = projection_of(rand(40, 4), rand(40, 4, seed=2))
-    full = t.parallel_energy("topk", t.r) / t.task_sq
+    full = t.energy_at("topk", t.t.r) / t.task_sq
     assert full < 0.5  # span(U) is 4 of 40 dimensions
 
 
@@ -78,6 +99,8 @@ def test_randomk_uses_singular_vectors_of_the_alignment_update_and_random_does_n
     # Random-K's subspace is spanned by columns of U: projecting it onto span(U) changes nothing
     assert torch.allclose(t.U @ (t.U.T @ Urk), Urk, atol=1e-10)
     assert sorted(t.perm.tolist()) == list(range(10))
+    explicit = float((Urk @ Urk.T @ t.dT).pow(2).sum())
+    assert math.isclose(t.energy_at("randomk", k), explicit, rel_tol=1e-9)
     Ur = t.Ur[:, :k]
     assert torch.allclose(Ur.T @ Ur, torch.eye(k, dtype=Ur.dtype), atol=1e-10)
     assert not torch.allclose(Ur.abs(), t.U[:, :k].abs(), atol=1e-3)
@@ -97,6 +120,7 @@ def test_vector_tensors_project_on_the_line_of_the_alignment_update():
     for rho in (0.01, 1.0):
         assert torch.allclose(t.kept_update(ProjectionConfig("topk", "parallel", rho)), expected, atol=1e-10)
     zero = projection_of(torch.zeros(9, dtype=torch.float64), dT)
+    assert zero.rank(ProjectionConfig(rank_fraction=None, energy=0.5)) == 1
     assert torch.count_nonzero(zero.kept_update(ProjectionConfig("topk", "parallel", 1.0))) == 0
 
 
@@ -136,7 +160,8 @@ def test_cos_task_align_handles_a_negative_dot_product():
     expected = float((dT * dA).sum() / (dT.norm() * dA.norm()))
     t = projection_of(dA, dT)
     assert expected < 0
-    assert math.isclose(cosine(t.dot_align, t.task_sq, t.align_sq), expected, rel_tol=1e-9)
+    assert math.isclose(t.diagnostics(ProjectionConfig()).cos_task_align, expected, rel_tol=1e-9)
+    assert cosine(-3.0, 4.0, 9.0) == -0.5
 
 
 # ------------------------------------------------------------------------------------------ the engine
@@ -158,6 +183,10 @@ def test_global_diagnostics_are_ratios_of_sums(engine):
     d = engine.diagnostics(ProjectionConfig("topk", "parallel", 0.25))
     df = d.per_tensor
     assert math.isclose(d.energy_kept, df.kept_energy.sum() / df.task_energy.sum(), rel_tol=1e-12)
+    for row in df.itertuples():  # the vectorised lookup agrees with the cumulative sum of each tensor
+        t = next(x for x in engine.tensors if x.name == row.tensor)
+        assert math.isclose(row.kept_energy, float(t.cumulative_energy("topk")[row.rank - 1]), rel_tol=1e-12)
+        assert row.rank == max(1, min(t.r, math.floor(0.25 * t.r + 0.5)))
     assert d.energy_kept != pytest.approx(df.energy_kept.mean(), rel=1e-3)  # not a mean of ratios
     assert math.isclose(d.cos_task_kept, math.sqrt(d.energy_kept), rel_tol=1e-9)  # <dT, P dT> = ||P dT||^2
     blocks = d.grouped("block")
@@ -191,8 +220,8 @@ def test_apply_composes_the_projected_model_in_memory(synthetic, engine):
     engine.apply(model, reference, cfg)
     p = dict(model.named_parameters())
     r = dict(reference.named_parameters())
-    for t in engine.tensors:
-        assert torch.allclose(p[t.name], r[t.name] + 0.7 * t.kept_update(cfg).float(), atol=1e-6)
+    for t, k in zip(engine.tensors, engine.ranks(cfg).tolist()):
+        assert torch.allclose(p[t.name], r[t.name] + 0.7 * t.kept_update(cfg, k).float(), atol=1e-6)
     # alpha = 1 in orthogonal mode at full rank of a square update recovers most of the fine-tune
     full = ProjectionConfig("topk", "parallel", 1.0)
     engine.apply(model, reference, ProjectionConfig("topk", "orthogonal", 1.0, alpha=0.0))

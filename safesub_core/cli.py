@@ -1,0 +1,257 @@
+"""Command line: `python -m safesub_core {sweep,overlap,score,activations,cache} ...`.
+
+Contract: every command takes a family (`--family` a family file, or `tiny` for the built-in demo family, built
+on first use), writes CSV files, shows tqdm progress bars on long work, and turns a SafesubError into one line
+``error: <message>`` on stderr with exit status 2 (no traceback, nothing partial written: outputs are written to a
+temporary file and renamed).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import pandas as pd
+from tqdm import tqdm
+
+from safesub_core.errors import SafesubError
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def load_family(spec: str):
+    """A family from a family file path, or 'tiny' for the built-in demo family (built on first use)."""
+    from safesub_core.family import Family
+
+    if spec == "tiny":
+        from safesub_core import zoo
+
+        path = zoo.default_out_dir() / "family.yaml"
+        if not path.exists():
+            zoo.build_tiny(progress=_bar("building the tiny family"))
+        return Family.from_file(path)
+    return Family.from_file(spec)
+
+
+def _bar(desc: str):
+    bar = tqdm(desc=desc, leave=False, file=sys.stderr)
+
+    def update(done, total, *what):
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    return update
+
+
+def write_csv(df: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Write atomically (temporary file, then rename), so an interrupted run leaves no half-written table."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    df.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+    return path
+
+
+def _session(args):
+    from safesub_core.session import EvalSets, FamilySession
+
+    return FamilySession(load_family(args.family), device=args.device, dtype=_dtype(args.dtype),
+                         sets=EvalSets.default(args.n_prompts), chat=not args.raw)
+
+
+def _dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+# ---------------------------------------------------------------------------------------------- commands
+
+
+def cmd_sweep(args) -> None:
+    from safesub_core.subspace import ProjectionConfig
+
+    session = _session(args) if args.scores != "none" else None
+    family = session.family if session else load_family(args.family)
+    variants = args.variant or list(family.variants)
+    points = [(v, s, m, f) for v in variants for s in args.subspace for m in args.mode for f in args.fracs]
+    rows = []
+    from safesub_core.subspace import SubspaceEngine
+
+    engines = {}
+    for v, sub, mode, frac in tqdm(points, desc="sweep", file=sys.stderr):
+        cfg = ProjectionConfig(sub, mode, frac, alpha=args.alpha)
+        if session:
+            row = session.point_scores(v, cfg)
+            if args.scores == "generate":
+                row |= {f"gen_{k}": val for k, val in session.generation_scores(v, cfg)[0].items()}
+        else:
+            if v not in engines:
+                engines[v] = SubspaceEngine.build(family, v, progress=_bar(f"SVD bases for {v}"))
+            row = engines[v].diagnostics(cfg).summary()
+        rows.append({"family": family.name, "variant": v} | row)
+    print(write_csv(pd.DataFrame(rows), args.out))
+
+
+def cmd_overlap(args) -> None:
+    from safesub_core.overlap import overlap_summary, weight_overlap
+
+    family = load_family(args.family)
+    pairs = [tuple(p.split(":")) for p in args.pairs] if args.pairs else None
+    tables = []
+    for reference in args.reference:
+        kw = dict(pairs=pairs) if pairs else {}
+        tables.append(weight_overlap(family, reference, args.energies, progress=_bar(f"overlap vs {reference}"), **kw))
+    table = pd.concat(tables, ignore_index=True)
+    print(write_csv(table, args.out))
+    if args.summary:
+        print(write_csv(overlap_summary(table), args.summary))
+
+
+def cmd_score(args) -> None:
+    from safesub_core.prompts import resolve
+    from safesub_core import scoring
+    from safesub_core.subspace import ProjectionConfig
+
+    session = _session(args)
+    prompt_set = resolve(args.prompts, kind=args.kind)
+    cfg = None
+    if args.subspace:
+        cfg = ProjectionConfig(args.subspace, args.mode, args.frac, alpha=args.alpha)
+    model = session.model(args.model) if cfg is None else session.projected(args.model, cfg)
+    report = {"harmful": scoring.harmfulness_report, "edgy": scoring.overrefusal_report,
+              "math": scoring.utility_report, "benign": scoring.overrefusal_report}[prompt_set.kind]
+    judge = scoring.Judge(kind=args.judge, path=args.judge_path) if args.judge != "off" else None
+    kw = dict(judge=judge) if report is scoring.harmfulness_report else {}
+    bar = _bar(f"scoring {prompt_set.name}")
+    per_prompt, summary = report(model, session.tokenizer, prompt_set, max_new_tokens=args.max_new_tokens,
+                                 chat=not args.raw, progress=bar, **kw)
+    point = {} if cfg is None else cfg.__dict__
+    summary = {"model": args.model, "set": prompt_set.name} | point | {
+        k: v for k, v in summary.items() if not isinstance(v, list)}
+    print(write_csv(per_prompt, args.out))
+    print(write_csv(pd.DataFrame([summary]), args.summary or Path(args.out).with_suffix(".summary.csv")))
+
+
+def cmd_activations(args) -> None:
+    from safesub_core.activations import depth_band_mean
+    from safesub_core.prompts import resolve
+
+    session = _session(args)
+    sx, sy = resolve(args.set_x), resolve(args.set_y)
+    table = session.activation_overlap(args.model_x, sx, args.model_y, sy, args.energies, center=args.center)
+    print(write_csv(table, args.out))
+    print(depth_band_mean(table).to_string(index=False))
+    if args.map:
+        coords = session.activation_map(_names(args.models), [sx, sy], layer=args.layer, method=args.method)
+        print(write_csv(coords, args.map))
+
+
+def cmd_cache(args) -> None:
+    from safesub_core.cache import DiskCache
+
+    cache = DiskCache()
+    if args.action == "info":
+        info = cache.info()
+        print(f"cache folder: {cache.root}")
+        print(info.to_string(index=False) if len(info) else "(empty)")
+    else:
+        print(f"removed {cache.clear(args.namespace)} entries from {cache.root}")
+
+
+# ---------------------------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m safesub_core", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def family_args(q, models=True):
+        q.add_argument("--family", default="tiny", help="a family file (YAML/JSON), or 'tiny' (default)")
+        if models:
+            q.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+            q.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+            q.add_argument("--n-prompts", type=int, default=32, help="prompts per evaluation set (default 32)")
+            q.add_argument("--raw", action="store_true", help="raw prompts instead of the chat template")
+
+    q = sub.add_parser("sweep", help="diagnostics (and scores) over subspaces x modes x rank fractions")
+    family_args(q)
+    q.add_argument("--variant", type=_names, help="fine-tuned variants, comma-separated (default: all)")
+    q.add_argument("--subspace", type=_names, default=["topk", "randomk", "random"], help="topk,randomk,random")
+    q.add_argument("--mode", type=_names, default=["parallel", "orthogonal"], help="parallel,opposite,orthogonal")
+    q.add_argument("--fracs", type=_floats, default=[0.01, 0.25, 0.5, 0.75, 0.99], help="rank fractions in (0, 1]")
+    q.add_argument("--alpha", type=float, default=1.0, help="scale of the kept update (default 1)")
+    q.add_argument("--scores", choices=["none", "live", "generate"], default="live",
+                   help="none: diagnostics only; live: + margin/NLL/arithmetic/KL; generate: + refusal rate, "
+                        "exact match and over-refusal from greedy completions")
+    q.add_argument("--out", required=True, help="CSV file to write, one row per point")
+    q.set_defaults(run=cmd_sweep)
+
+    q = sub.add_parser("overlap", help="weight-space MSO per tensor and per block for the study's pairs")
+    family_args(q, models=False)
+    q.add_argument("--reference", type=_names, default=["aligned"], help="aligned and/or safety_tuned")
+    q.add_argument("--energies", type=_floats, default=[0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99])
+    q.add_argument("--pairs", type=_names, help="pairs as x:y, comma-separated (default: the study's three)")
+    q.add_argument("--out", required=True, help="CSV of every (scope, unit, pair, energy)")
+    q.add_argument("--summary", help="CSV of the means per pair and energy")
+    q.set_defaults(run=cmd_overlap)
+
+    q = sub.add_parser("score", help="score a checkpoint or a projected point on a prompt set")
+    family_args(q)
+    q.add_argument("--model", default="aligned", help="a checkpoint name, or the variant of the point")
+    q.add_argument("--prompts", default="builtin-harmful:eval", help="a named set (see prompts) or a file")
+    q.add_argument("--kind", choices=["harmful", "benign", "edgy", "math"], help="kind of a prompt file")
+    q.add_argument("--subspace", choices=["topk", "randomk", "random"], help="score the projected point")
+    q.add_argument("--mode", default="parallel", choices=["parallel", "opposite", "orthogonal"])
+    q.add_argument("--frac", type=float, default=0.25, help="rank fraction of the point")
+    q.add_argument("--alpha", type=float, default=1.0)
+    q.add_argument("--max-new-tokens", type=int, default=48)
+    q.add_argument("--judge", default="off", choices=["off", "hf-chat", "hf-classifier", "endpoint"],
+                   help="judge harmfulness 1-5 (endpoint URL/key from SAFESUB_JUDGE_URL/SAFESUB_JUDGE_KEY)")
+    q.add_argument("--judge-path", help="local judge model directory")
+    q.add_argument("--out", required=True, help="per-prompt CSV")
+    q.add_argument("--summary", help="summary CSV (default: <out>.summary.csv)")
+    q.set_defaults(run=cmd_score)
+
+    q = sub.add_parser("activations", help="activation MSO per layer between two (model, prompt set) pairs")
+    family_args(q)
+    q.add_argument("--model-x", default="aligned")
+    q.add_argument("--set-x", default="builtin-harmful:eval")
+    q.add_argument("--model-y", default="aligned")
+    q.add_argument("--set-y", default="builtin-benign:eval")
+    q.add_argument("--energies", type=_floats, default=[0.5, 0.75, 0.9, 0.95, 0.99])
+    q.add_argument("--center", action="store_true", help="mean-centre each set's states per layer")
+    q.add_argument("--out", required=True, help="CSV of MSO per layer and energy")
+    q.add_argument("--map", help="also write 2-D coordinates of both sets here")
+    q.add_argument("--models", default="aligned", help="models for the map, comma-separated")
+    q.add_argument("--layer", type=int, default=-1)
+    q.add_argument("--method", default="pca", choices=["pca", "umap", "tsne"])
+    q.set_defaults(run=cmd_activations)
+
+    q = sub.add_parser("cache", help="show or clear the disk cache (SAFESUB_CACHE)")
+    q.add_argument("action", choices=["info", "clear"])
+    q.add_argument("--namespace", help="clear only this namespace")
+    q.set_defaults(run=cmd_cache)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except SafesubError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
