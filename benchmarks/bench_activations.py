@@ -87,8 +87,8 @@ def main() -> None:
     n_params = sum(p.numel() for p in model.parameters())
     bs = args.batch_size
     print(f"machine: {platform.platform()}, {platform.processor() or platform.machine()}, cpu_count={os.cpu_count()}")
-    print(f"python {platform.python_version()}, torch {torch.__version__}, OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}, "
-          f"torch threads={torch.get_num_threads()}")
+    print(f"python {platform.python_version()}, torch {torch.__version__}, "
+          f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}, torch threads={torch.get_num_threads()}")
     print(f"model: Llama, {n_params / 1e6:.2f}M params, {model.config.num_hidden_layers} layers, hidden "
           f"{model.config.hidden_size}, attn={model.config._attn_implementation}; {args.prompts} prompts, "
           f"batch size {bs}, chat template on; median of {args.repeats} runs after 1 warm-up")
