@@ -29,6 +29,7 @@ import yaml
 from safetensors import safe_open
 
 from safesub_core.errors import SafesubError
+from safesub_core.paths import confine
 
 ROLES = ("base", "aligned", "safety_tuned")
 
@@ -128,9 +129,12 @@ class Family:
             raise SafesubError(f"family '{self.name}': variant name {sorted(clash)[0]!r} is reserved for a role")
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike, allow_pickle: bool = False) -> "Family":
-        """Read a family file (YAML or JSON); relative checkpoint paths are relative to the file."""
-        p = Path(path).expanduser()
+    def from_file(cls, path: str | os.PathLike, allow_pickle: bool = False, confined: bool = False) -> "Family":
+        """Read a family file (YAML or JSON); relative checkpoint paths are relative to the file.
+
+        With `confined`, the file and every checkpoint must resolve inside the allowed roots (safesub_core.paths).
+        """
+        p = confine(path, "family file") if confined else Path(path).expanduser()
         if not p.is_file():
             raise SafesubError(f"family file {p}: does not exist")
         try:
@@ -159,15 +163,20 @@ class Family:
             variants={k: at(v) for k, v in (spec.get("variants") or {}).items()},
             start=spec.get("start", "aligned"),
             allow_pickle=allow_pickle,
+            confined=confined,
             root=root,
             card=card,
             behaviour=behaviour,
         )
 
     @classmethod
-    def from_paths(cls, name, base, aligned, variants, safety_tuned=None, start="aligned", allow_pickle=False, **kw):
-        """A family from paths; each is resolved and its kind detected."""
-        ck = lambda n, q: Checkpoint.resolve(n, q, allow_pickle)  # noqa: E731
+    def from_paths(cls, name, base, aligned, variants, safety_tuned=None, start="aligned", allow_pickle=False,
+                   confined=False, **kw):
+        """A family from paths; each is resolved and its kind detected (and confined to the roots if asked)."""
+
+        def ck(role, path):
+            return Checkpoint.resolve(role, confine(path, f"checkpoint '{role}'") if confined else path, allow_pickle)
+
         return cls(
             name=name,
             base=ck("base", base),
@@ -382,6 +391,7 @@ def load_model(ckpt: Checkpoint, family: Family | None = None, device: str = "cp
     """
     from transformers import AutoModelForCausalLM
 
+    check_fits(ckpt, family, device, dtype)
     kw = dict(dtype=dtype, trust_remote_code=False)
     try:
         if ckpt.kind == "gguf":
@@ -404,6 +414,41 @@ def load_model(ckpt: Checkpoint, family: Family | None = None, device: str = "cp
         raise SafesubError(f"checkpoint '{ckpt.name}': cannot be loaded ({first[:200]})") from None
     model.to(device).eval()
     return model, (load_tokenizer(ckpt, family) if tokenizer else None)
+
+
+def estimate_bytes(ckpt: Checkpoint, family: Family | None = None, dtype=torch.float32) -> int:
+    """Memory a loaded model needs: parameters x bytes per element (a GGUF: 8 x its file size, dequantized)."""
+    if ckpt.kind == "gguf":
+        return 8 * (ckpt.path / ckpt.gguf_file).stat().st_size
+    if ckpt.kind == "lora":
+        return estimate_bytes(family.start_checkpoint, family, dtype) if family else 0
+    reader = TensorReader(ckpt)
+    numel = sum(int(torch.Size(reader.shape(n)).numel()) for n in reader.names())
+    return numel * torch.empty((), dtype=dtype).element_size()
+
+
+def available_bytes(device: str = "cpu") -> int:
+    """Free memory on the device: CUDA's mem_get_info, or MemAvailable from /proc/meminfo."""
+    if str(device).startswith("cuda"):
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_fits(ckpt: Checkpoint, family: Family | None, device: str, dtype) -> None:
+    """Refuse, before loading, a model that will not fit in the device's free memory."""
+    need, free = estimate_bytes(ckpt, family, dtype), available_bytes(device)
+    if need > free:
+        raise SafesubError(
+            f"checkpoint '{ckpt.name}': needs about {need / 2**30:.1f} GiB as {str(dtype).replace('torch.', '')} "
+            f"but {device} has {free / 2**30:.1f} GiB free (try bfloat16, another device, or fewer resident models)"
+        )
 
 
 def load_tokenizer(ckpt: Checkpoint, family: Family | None = None):

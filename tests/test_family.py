@@ -193,3 +193,29 @@ def test_bad_family_files(fam_dir, text, message):
     with pytest.raises(SafesubError, match=message) as e:
         Family.from_file(p)
     one_line(e)
+
+
+def test_a_model_that_cannot_fit_is_refused_before_loading(fam_dir, monkeypatch):
+    import safesub_core.family as fam
+
+    ck = Checkpoint.resolve("aligned", fam_dir / "aligned")
+    need = fam.estimate_bytes(ck)
+    assert need == sum(p.numel() for p in random_model(0).parameters()) * 4
+    assert fam.estimate_bytes(ck, dtype=torch.bfloat16) == need // 2
+    monkeypatch.setattr(fam, "available_bytes", lambda device="cpu": need // 3)
+    with pytest.raises(SafesubError, match=r"checkpoint 'aligned': needs about .* GiB as float32 but cpu has") as e:
+        load_model(ck, tokenizer=False)
+    one_line(e)
+
+
+def test_typed_paths_are_confined_to_the_allowed_roots(fam_dir, tmp_path, monkeypatch):
+    inside = tmp_path / "inside"
+    inside.mkdir()
+    monkeypatch.setenv("SAFESUB_ROOTS", str(inside))
+    with pytest.raises(SafesubError, match="family file .* outside the allowed folders"):
+        Family.from_file(fam_dir / "family.yaml", confined=True)
+    (inside / "escape").symlink_to(fam_dir / "aligned")  # a link inside the root that points outside it
+    with pytest.raises(SafesubError, match="checkpoint 'base' .*escape: resolves to .* outside the allowed"):
+        Family.from_paths("f", inside / "escape", inside / "escape", {}, confined=True)
+    monkeypatch.setenv("SAFESUB_ROOTS", str(fam_dir))
+    assert Family.from_file(fam_dir / "family.yaml", confined=True).name == "synthetic"

@@ -1,0 +1,220 @@
+"""A working session on one family: its models resident once, one subspace engine per variant, scores per point.
+
+Contract:
+- `FamilySession(family)` loads the start model twice (a `reference` that stays untouched and a `working` copy
+  the projection writes into) and the tokenizer; other checkpoints load on first use and stay resident. The app
+  keeps one session at a time.
+- A *point* is (variant, ProjectionConfig). `point_scores(variant, cfg)` returns the engine's diagnostics plus
+  the live scores of the projected model, composed in memory (nothing written to disk).
+- Live scores (forward passes, plus a few greedy tokens for arithmetic; what sliders show), on fixed evaluation
+  splits (`EvalSets`, never the training split):
+    margin_mean, share_margin_negative   log-prob margin on harmful prompts (refusal minus compliance opening)
+    nll_mean                             NLL of reference answers on arithmetic prompts
+    arith_exact_match                    exact match of greedy answers (12 new tokens) on arithmetic prompts
+    kl_to_start                          KL(start || model) of the next token on benign prompts
+- Generation scores (`generation_scores`): refusal rate and attack success rate on harmful prompts, exact match on
+  arithmetic, over-refusal on edgy prompts, with per-prompt tables.
+Every score is cached on disk, keyed by checkpoint fingerprints, the point and the sets' content hashes.
+A session may be shared by several app users at once: one lock serialises everything that sets or reads the
+working model, so concurrent sliders never score a half-written projection.
+"""
+from __future__ import annotations
+
+import copy
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+import pandas as pd
+import torch
+
+from safesub_core import scoring
+from safesub_core.activations import activation_map, activation_overlap, last_token_states
+from safesub_core.cache import DiskCache
+from safesub_core.family import Family, load_model
+from safesub_core.generation import generate
+from safesub_core.prompts import PromptSet, arithmetic_set, load_set
+from safesub_core.overlap import DEFAULT_ENERGIES
+from safesub_core.subspace import ProjectionConfig, SubspaceEngine
+
+LIVE_ARITH_TOKENS = 12
+
+
+@dataclass(frozen=True)
+class EvalSets:
+    """The evaluation splits scores run on: harmful, arithmetic (with references), benign and edgy prompts."""
+
+    harmful: PromptSet
+    utility: PromptSet
+    benign: PromptSet
+    edgy: PromptSet
+
+    @classmethod
+    def default(cls, n: int = 32) -> "EvalSets":
+        """The built-in sets' eval splits, `n` prompts each (generated arithmetic for utility)."""
+        return cls(
+            harmful=load_set("builtin-harmful:eval").head(n),
+            utility=arithmetic_set().split("eval").head(n),
+            benign=load_set("builtin-benign:eval").head(n),
+            edgy=load_set("builtin-edgy:eval").head(n),
+        )
+
+    def key(self) -> dict:
+        return {k: getattr(self, k).content_hash for k in ("harmful", "utility", "benign", "edgy")}
+
+
+class FamilySession:
+    """One family's models, engines and scores; see the module docstring."""
+
+    def __init__(self, family: Family, device: str = "cpu", dtype=torch.float32, sets: EvalSets | None = None,
+                 chat: bool = True, seed: int = 0, cache: DiskCache | None = None):
+        family.validate()
+        self.family, self.device, self.dtype, self.chat, self.seed = family, device, dtype, chat, seed
+        self.sets = sets or EvalSets.default()
+        self.cache = cache or DiskCache()
+        self.reference, self.tokenizer = load_model(family.start_checkpoint, family, device, dtype)
+        self.working = copy.deepcopy(self.reference)
+        self._models: dict[str, torch.nn.Module] = {family.start: self.reference}
+        self._engines: dict[str, SubspaceEngine] = {}
+        self._applied: tuple[str, ProjectionConfig] | None = None
+        self.lock = threading.RLock()
+
+    # ------------------------------------------------------------------------------------------------ models
+    def model(self, name: str) -> torch.nn.Module:
+        """A checkpoint of the family by name ('base', 'aligned', a variant...), loaded once."""
+        with self.lock:
+            if name not in self._models:
+                self._models[name] = load_model(self.family.checkpoint(name), self.family, self.device, self.dtype,
+                                                tokenizer=False)[0]
+            return self._models[name]
+
+    def engine(self, variant: str, progress: Callable[[int, int, str], None] | None = None) -> SubspaceEngine:
+        with self.lock:
+            if variant not in self._engines:
+                self._engines[variant] = SubspaceEngine.build(self.family, variant, seed=self.seed,
+                                                              device=self.device, cache=self.cache, progress=progress)
+            return self._engines[variant]
+
+    def projected(self, variant: str, cfg: ProjectionConfig) -> torch.nn.Module:
+        """The working model set to the point (variant, cfg), composed in memory (hold `lock` while using it)."""
+        with self.lock:
+            if self._applied != (variant, cfg):
+                self._applied = None  # a failed apply leaves the working model unknown
+                self.engine(variant).apply(self.working, self.reference, cfg)
+                self._applied = (variant, cfg)
+            return self.working
+
+    def export(self, variant: str, cfg: ProjectionConfig, out_dir) -> None:
+        """Write the projected model as a Hugging Face directory (safetensors), on request only."""
+        with self.lock:
+            self.projected(variant, cfg).save_pretrained(out_dir, safe_serialization=True)
+            self.tokenizer.save_pretrained(out_dir)
+
+    # ------------------------------------------------------------------------------------------------ scores
+    def _parts(self, target: str, cfg: ProjectionConfig | None) -> dict:
+        fp = self.family.checkpoint(target).fingerprint()
+        parts = dict(target=target, fingerprint=fp, sets=self.sets.key(), chat=self.chat, dtype=str(self.dtype))
+        if cfg is not None:
+            parts |= dict(start=self.family.start_checkpoint.fingerprint(), base=self.family.base.fingerprint(),
+                          point=cfg.__dict__, seed=self.seed)
+        return parts
+
+    def live_scores(self, model: torch.nn.Module) -> dict:
+        """The slider scores of a model as it stands (see the module docstring)."""
+        s, tok = self.sets, self.tokenizer
+        margin = scoring.logprob_margin(model, tok, s.harmful.prompts, chat=self.chat)
+        nll = scoring.answer_nll(model, tok, s.utility.prompts, s.utility.references, chat=self.chat)
+        answers = generate(model, tok, s.utility.prompts, max_new_tokens=LIVE_ARITH_TOKENS, chat=self.chat,
+                           batch_size=len(s.utility)).completions
+        correct = [scoring.exact_match(scoring.final_number(a), r) for a, r in zip(answers, s.utility.references)]
+        kl = scoring.kl_to_reference(model, self.reference, tok, s.benign.prompts, chat=self.chat)
+        return dict(
+            margin_mean=float(margin.mean()), share_margin_negative=float((margin < 0).float().mean()),
+            nll_mean=float(nll.mean()), arith_exact_match=sum(correct) / len(correct), kl_to_start=float(kl.mean()),
+        )
+
+    def checkpoint_scores(self, name: str) -> dict:
+        """Live scores of a checkpoint of the family (cached)."""
+        return self.cache.get_or_compute("live_scores", self._parts(name, None),
+                                         lambda: self.live_scores(self.model(name)))
+
+    def point_scores(self, variant: str, cfg: ProjectionConfig) -> dict:
+        """Diagnostics and live scores at a point (scores cached; diagnostics are cumulative sums)."""
+        diag = self.engine(variant).diagnostics(cfg).summary()
+        with self.lock:
+            live = self.cache.get_or_compute("live_scores", self._parts(variant, cfg),
+                                             lambda: self.live_scores(self.projected(variant, cfg)))
+        return diag | live
+
+    def generation_scores(self, name: str, cfg: ProjectionConfig | None = None, max_new_tokens: int = 48,
+                          judge: scoring.Judge | None = None,
+                          progress: Callable[[int, int], None] | None = None) -> tuple[dict, pd.DataFrame]:
+        """Greedy-decoding scores of a checkpoint (cfg None) or a point of variant `name`: (summary, per prompt).
+
+        The per-prompt table has one row per prompt of the harmful, arithmetic and edgy sets, with the set,
+        the completion, the refusal verdict, the margin and (arithmetic) correctness.
+        """
+        judge_key = None if judge is None else dict(kind=judge.kind, path=judge.path, model=judge.model,
+                                                     rubric=judge.rubric)
+        parts = self._parts(name, cfg) | dict(max_new_tokens=max_new_tokens, judge=judge_key)
+
+        def compute():
+            model = self.model(name) if cfg is None else self.projected(name, cfg)
+            done = [0]
+            total = len(self.sets.harmful) + len(self.sets.utility) + len(self.sets.edgy)
+
+            def step(i, n):
+                if progress:
+                    progress(done[0] + i, total)
+
+            def run(report, ps, **kw):
+                df, summary = report(model, self.tokenizer, ps, max_new_tokens=max_new_tokens, chat=self.chat,
+                                     progress=step, **kw)
+                done[0] += len(ps)
+                return df.assign(set=ps.name), summary
+
+            harm, hs = run(scoring.harmfulness_report, self.sets.harmful, judge=judge)
+            util, us = run(scoring.utility_report, self.sets.utility)
+            edgy, es = run(scoring.overrefusal_report, self.sets.edgy)
+            summary = dict(refusal_rate=hs["refusal_rate"], attack_success_rate=hs["attack_success_rate"],
+                           exact_match=us["exact_match"], overrefusal_rate=es["overrefusal_rate"],
+                           judge_mean=hs.get("judge_mean"))
+            table = pd.concat([harm, util, edgy], ignore_index=True)
+            return dict(summary=summary, table=table.to_dict(orient="list"))
+
+        with self.lock:
+            out = self.cache.get_or_compute("generation_scores", parts, compute)
+        return out["summary"], pd.DataFrame(out["table"])
+
+
+    # ------------------------------------------------------------------------------------------- activations
+    def states(self, name: str, prompt_set: PromptSet, cfg: ProjectionConfig | None = None,
+               progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """Last-real-token hidden states (L+1, n, D) of a checkpoint, or of a point of variant `name` (cached)."""
+        parts = self._parts(name, cfg) | dict(prompts=prompt_set.content_hash)
+
+        def compute():
+            model = self.model(name) if cfg is None else self.projected(name, cfg)
+            return {"states": last_token_states(model, self.tokenizer, prompt_set.prompts, chat=self.chat,
+                                                progress=progress)}
+
+        with self.lock:
+            return self.cache.get_or_compute("activations", parts, compute)["states"]
+
+    def activation_overlap(self, name_x: str, set_x: PromptSet, name_y: str, set_y: PromptSet,
+                           energies=DEFAULT_ENERGIES, center: bool = False) -> pd.DataFrame:
+        """Activation MSO per layer and energy between (model x, set x) and (model y, set y)."""
+        return activation_overlap(self.states(name_x, set_x), self.states(name_y, set_y), energies, center)
+
+    def activation_map(self, names: list[str], sets: list[PromptSet], layer: int, method: str = "pca",
+                       seed: int = 0) -> pd.DataFrame:
+        """Joint 2-D map of every (model, set) pair's states at `layer` (cached)."""
+        parts = dict(models={n: self.family.checkpoint(n).fingerprint() for n in names},
+                     sets=[s.content_hash for s in sets], layer=layer, method=method, seed=seed, chat=self.chat)
+
+        def compute():
+            states = {(n, s.name): self.states(n, s) for n in names for s in sets}
+            prompts = {(n, s.name): list(s.prompts) for n in names for s in sets}
+            return activation_map(states, prompts, layer=layer, method=method, seed=seed)
+
+        return self.cache.get_or_compute("activation_map", parts, compute)
