@@ -44,11 +44,13 @@ def load_family(spec: str):
 
 
 def _bar(desc: str):
-    bar = tqdm(desc=desc, leave=False, file=sys.stderr)
+    """A progress callback (done, total, *what) drawing a tqdm bar, created on the first call."""
+    bar = None
 
     def update(done, total, *what):
-        bar.total = total
-        bar.n = done
+        nonlocal bar
+        bar = bar or tqdm(desc=desc, total=total, leave=False, file=sys.stderr)
+        bar.total, bar.n = total, done
         bar.refresh()
 
     return update

@@ -1,0 +1,55 @@
+"""Live scoring speed on the tiny family: the log-prob margin on the default evaluation sets.
+
+Target (issue): margin scoring of the default evaluation sets on the tiny family in at most 0.3 s. Printed beside
+a baseline measured in the same run: one bare batched forward pass over the same prompts (the floor any margin
+computation sits on), and the whole live read-out of a slider point (margin + NLL + arithmetic + KL).
+Run: `python benchmarks/bench_scoring.py`.
+"""
+import statistics
+import time
+
+from common import machine, tiny_family_path
+
+import torch
+
+from safesub_core import scoring
+from safesub_core.family import Family, load_model
+from safesub_core.generation import encode_batch, format_prompt
+from safesub_core.session import EvalSets, FamilySession
+
+
+def median_time(fn, repeats=7):
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main():
+    family = Family.from_file(tiny_family_path())
+    model, tok = load_model(family.aligned, family)
+    sets = EvalSets.default()
+    prompts = list(sets.harmful.prompts)
+    batch, _ = encode_batch(tok, [format_prompt(tok, p) for p in prompts], 10_000, "cpu")
+
+    @torch.no_grad()
+    def bare():
+        model(**batch)
+
+    t_bare = median_time(bare)
+    t_margin = median_time(lambda: scoring.logprob_margin(model, tok, prompts))
+    session = FamilySession(family, sets=sets)
+    t_live = median_time(lambda: session.live_scores(session.reference))
+    print(f"machine: {machine()}")
+    print(f"family: {family.name}; {len(prompts)} harmful eval prompts; live read-out on "
+          f"{len(sets.harmful)}+{len(sets.utility)}+{len(sets.benign)} prompts")
+    print(f"bare batched forward:            {t_bare * 1e3:7.1f} ms")
+    print(f"log-prob margin:                 {t_margin * 1e3:7.1f} ms  ({t_margin / t_bare:.2f}x bare; target <= 300 ms)")
+    print(f"whole live read-out of a point:  {t_live * 1e3:7.1f} ms  ({t_live / t_bare:.2f}x bare)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""The command line: writes its CSVs, documents its options, and reports bad input in one line."""
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from factories import write_family
+from safesub_core.cli import main
+
+
+@pytest.fixture(scope="module")
+def family_file(tmp_path_factory):
+    return write_family(tmp_path_factory.mktemp("fam"))
+
+
+def test_sweep_writes_one_row_per_point(family_file, tmp_path):
+    out = tmp_path / "results.csv"
+    assert main(["sweep", "--family", str(family_file), "--variant", "useful", "--subspace", "topk,randomk,random",
+                 "--mode", "parallel,orthogonal", "--fracs", "0.01,0.25,0.5,0.75,0.99", "--scores", "none",
+                 "--out", str(out)]) == 0
+    df = pd.read_csv(out)
+    assert len(df) == 3 * 2 * 5
+    assert {"subspace", "mode", "rank_fraction", "energy_kept", "cos_task_kept", "cos_task_align"} <= set(df.columns)
+    par = df[df["mode"] == "parallel"].set_index(["subspace", "rank_fraction"]).energy_kept
+    orth = df[df["mode"] == "orthogonal"].set_index(["subspace", "rank_fraction"]).energy_kept
+    assert ((par + orth - 1).abs() < 1e-9).all()
+
+
+def test_overlap_writes_the_mso_table_and_summary(family_file, tmp_path):
+    out, summary = tmp_path / "mso.csv", tmp_path / "summary.csv"
+    assert main(["overlap", "--family", str(family_file), "--reference", "aligned,safety_tuned",
+                 "--energies", "0.5,0.9", "--out", str(out), "--summary", str(summary)]) == 0
+    table = pd.read_csv(out)
+    assert set(table.reference) == {"aligned", "safety_tuned"}
+    assert len(pd.read_csv(summary)) == 2 * 3 * 3 * 2  # references x scopes x pairs x energies
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["sweep", "--family", "/nonexistent/family.yaml", "--out", "x.csv"], "family file /nonexistent/family.yaml"),
+        (["sweep", "--fracs", "0,0.5", "--scores", "none", "--out", "x.csv"], "rank fraction 0.0"),
+        (["overlap", "--energies", "1.5", "--out", "x.csv"], "energy fraction 1.5"),
+        (["sweep", "--variant", "nope", "--scores", "none", "--out", "x.csv"], "no fine-tuned variant 'nope'"),
+    ],
+)
+def test_bad_input_is_one_line_and_writes_nothing(family_file, tmp_path, argv, message, capsys):
+    argv = [a if a != "x.csv" else str(tmp_path / "x.csv") for a in argv]
+    if "--family" not in argv:
+        argv[1:1] = ["--family", str(family_file)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and message in err[-1]
+    assert not (tmp_path / "x.csv").exists()
+
+
+def test_help_documents_every_command():
+    out = subprocess.run([sys.executable, "-m", "safesub_core", "sweep", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0
+    for option in ("--family", "--subspace", "--mode", "--fracs", "--alpha", "--scores", "--out"):
+        assert option in out.stdout
