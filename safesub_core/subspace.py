@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Callable
 
@@ -114,17 +115,32 @@ class TensorProjection:
     task_sq: float  # ||dT||^2
     align_sq: float  # ||dA||^2
     dot_align: float  # <dT, dA>
+    cum: dict[str, torch.Tensor] | None = None  # subspace -> (r,) cumulative ||P_k dT||^2, computed on first use
+
+    @property
+    def resident(self) -> bool:
+        return self.U is not None
 
     @property
     def r(self) -> int:
-        return self.U.shape[1]
+        return len(self.s)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(x.numel() * x.element_size() for x in (self.U, self.Ur, self.C, self.Cr, self.dT))
 
     def cumulative_energy(self, subspace: str) -> torch.Tensor:
         """(r,) float64: ||P_k dT||^2 for k = 1..r in the subspace's order."""
-        if subspace == "random":
-            return self.Cr.double().pow(2).sum(1).cumsum(0).cpu()
-        rows = self.C.double().pow(2).sum(1).cpu()
-        return (rows if subspace == "topk" else rows[self.perm]).cumsum(0)
+        if self.cum is None:
+            rows, rows_r = self.C.double().pow(2).sum(1).cpu(), self.Cr.double().pow(2).sum(1).cpu()
+            self.cum = dict(topk=rows.cumsum(0), randomk=rows[self.perm].cumsum(0), random=rows_r.cumsum(0))
+        return self.cum[subspace]
+
+    def summary(self) -> "TensorProjection":
+        """The same tensor without its matrices (the numbers diagnostics need, a few floats per rank)."""
+        for sub in SUBSPACES:
+            self.cumulative_energy(sub)
+        return replace(self, U=None, Ur=None, C=None, Cr=None, dT=None)
 
     def kept_update(self, cfg: ProjectionConfig, k: int) -> torch.Tensor:
         """X (the update kept at rank k, before alpha) in the tensor's own shape."""
@@ -179,11 +195,18 @@ class SubspaceEngine:
     Build it once with `SubspaceEngine.build(family, variant)`; then `diagnostics(cfg)`, `curves(...)` and
     `apply(model, reference, cfg)` are cheap at any point: the per-tensor cumulative energies are stacked into
     (T, r_max) tables so a point's diagnostics are a few vector operations over all T tensors.
+
+    Memory: only those tables live in the engine. Each tensor's U, Ur, C and Cr are a disk-cache entry of their
+    own; the engine keeps as many of them resident as `resident_bytes` allows (all of them for small models) and
+    streams the rest from the cache, and the task update dT from the checkpoints, one tensor at a time.
     """
 
-    def __init__(self, family_name: str, variant: str, tensors: list[TensorProjection], seed: int = 0):
+    def __init__(self, family_name: str, variant: str, tensors: list[TensorProjection], seed: int = 0,
+                 loader: Callable[[int], TensorProjection] | None = None):
         self.family_name, self.variant, self.tensors, self.seed = family_name, variant, tensors, seed
+        self._loader = loader
         f64 = dict(dtype=torch.float64)
+        self.names = [t.name for t in tensors]
         self.task = torch.tensor([t.task_sq for t in tensors], **f64)
         self.align = torch.tensor([t.align_sq for t in tensors], **f64)
         self.dot_align = torch.tensor([t.dot_align for t in tensors], **f64)
@@ -194,6 +217,11 @@ class SubspaceEngine:
         self.cum = {sub: _stack_padded([t.cumulative_energy(sub) for t in tensors]) for sub in SUBSPACES}
         spectrum = _stack_padded([t.s.double().pow(2).cumsum(0).cpu() for t in tensors])
         self.spectrum = spectrum / spectrum[:, -1:].clamp_min(1e-300)  # cumulative energy share of dA, (T, r_max)
+
+    def tensor(self, i: int) -> TensorProjection:
+        """Tensor i with its bases and coordinates (resident, or streamed from the disk cache)."""
+        t = self.tensors[i]
+        return t if t.resident or self._loader is None else self._loader(i)
 
     def ranks(self, cfg: ProjectionConfig) -> torch.Tensor:
         """(T,) rank k of every tensor at this point: from rho, max(1, round(rho r)); from eta, by dA's energy."""
@@ -214,8 +242,12 @@ class SubspaceEngine:
         device: str = "cpu",
         cache=None,
         progress: Callable[[int, int, str], None] | None = None,
+        resident_bytes: int | None = None,
     ) -> "SubspaceEngine":
-        """Stream the base, start and variant tensors one at a time; SVDs come from (and go to) the disk cache."""
+        """Stream the base, start and variant tensors one at a time; bases and coordinates go to the disk cache.
+
+        `resident_bytes` (default: env SAFESUB_RESIDENT_BYTES, else 4 GiB) bounds what stays in memory.
+        """
         if variant not in family.variants:
             raise SafesubError(
                 f"family '{family.name}': has no fine-tuned variant {variant!r} (has {', '.join(family.variants)})"
@@ -226,39 +258,40 @@ class SubspaceEngine:
         from safesub_core.cache import DiskCache
 
         cache = cache or DiskCache()
+        budget = int(os.environ.get("SAFESUB_RESIDENT_BYTES", 4 << 30)) if resident_bytes is None else resident_bytes
         names = start.names()
         basis_parts = dict(base=family.base.fingerprint(), start=family.start_checkpoint.fingerprint(), seed=seed)
+        coord_parts = basis_parts | dict(variant=family.checkpoint(variant).fingerprint())
 
-        def compute_bases():
-            out = {}
-            for i, n in enumerate(names):
-                if progress:
-                    progress(i, len(names), f"SVD of the alignment update: {n}")
-                dA = as_matrix(start.get(n) - base.get(n)).to(device)
-                for key, value in alignment_basis(dA, n, seed).items():
-                    out[f"{n}::{key}"] = value.cpu()
-            return out
-
-        bases = cache.get_or_compute("alignment_basis", basis_parts, compute_bases)
-        tensors = []
-        for i, n in enumerate(names):
-            if progress:
-                progress(i, len(names), f"coordinates of the task update: {n}")
+        def load(i: int, n: str, announce: bool = False) -> TensorProjection:
+            if announce and progress:
+                progress(i, len(names), f"alignment basis and task coordinates: {n}")
             wa = start.get(n)
             dA = as_matrix(wa - base.get(n)).to(device)
             dT = as_matrix(ft.get(n) - wa).to(device)
-            U, Ur = bases[f"{n}::U"].to(device), bases[f"{n}::Ur"].to(device)
-            tensors.append(
-                TensorProjection(
-                    name=n, shape=tuple(wa.shape), U=U, s=bases[f"{n}::s"], Ur=Ur, perm=bases[f"{n}::perm"],
-                    C=U.T @ dT, Cr=Ur.T @ dT, dT=dT,
-                    task_sq=float(dT.double().pow(2).sum()), align_sq=float(dA.double().pow(2).sum()),
-                    dot_align=float((dT.double() * dA.double()).sum()),
-                )
+            b = cache.get_or_compute("alignment_basis", basis_parts | dict(tensor=n),
+                                     lambda: alignment_basis(dA, n, seed))
+            U, Ur = b["U"].to(device), b["Ur"].to(device)
+            c = cache.get_or_compute("task_coords", coord_parts | dict(tensor=n),
+                                     lambda: dict(C=U.T @ dT, Cr=Ur.T @ dT))
+            return TensorProjection(
+                name=n, shape=tuple(wa.shape), U=U, s=b["s"], Ur=Ur, perm=b["perm"], C=c["C"].to(device),
+                Cr=c["Cr"].to(device), dT=dT, task_sq=float(dT.double().pow(2).sum()),
+                align_sq=float(dA.double().pow(2).sum()), dot_align=float((dT.double() * dA.double()).sum()),
             )
+
+        tensors, used = [], 0
+        for i, n in enumerate(names):
+            t = load(i, n, announce=True)
+            size = t.nbytes
+            if used + size <= budget:
+                used += size
+            else:
+                t = t.summary()  # keep the numbers, drop the matrices: streamed from the cache when applied
+            tensors.append(t)
         if progress:
             progress(len(names), len(names), "done")
-        return cls(family.name, variant, tensors, seed)
+        return cls(family.name, variant, tensors, seed, loader=lambda i: load(i, names[i]))
 
     # ---------------------------------------------------------------------------------------- diagnostics
     def parallel_energy(self, subspace: str, k: torch.Tensor) -> torch.Tensor:
@@ -313,7 +346,8 @@ class SubspaceEngine:
         """
         params = dict(model.named_parameters())
         ref = dict(reference.named_parameters())
-        for t, k in zip(self.tensors, self.ranks(cfg).tolist()):
+        for i, k in enumerate(self.ranks(cfg).tolist()):
+            t = self.tensor(i)
             if t.name not in params:
                 raise SafesubError(f"model: has no parameter {t.name} (is it the family's start model?)")
             p = params[t.name]

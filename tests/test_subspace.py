@@ -214,8 +214,8 @@ def test_curves_match_pointwise_diagnostics_and_topk_beats_random_on_low_rank_up
 
 
 def test_apply_composes_the_projected_model_in_memory(synthetic, engine):
-    model, _ = _load(synthetic, "aligned")
-    reference, _ = _load(synthetic, "aligned")
+    model = _load(synthetic, "aligned")
+    reference = _load(synthetic, "aligned")
     cfg = ProjectionConfig("topk", "orthogonal", 0.5, alpha=0.7)
     engine.apply(model, reference, cfg)
     p = dict(model.named_parameters())
@@ -230,18 +230,35 @@ def test_apply_composes_the_projected_model_in_memory(synthetic, engine):
 
 
 def _load(family, name):
-    return load_model(family.checkpoint(name), family, tokenizer=False)
+    return load_model(family.checkpoint(name), family, tokenizer=False)[0]
 
 
-def test_engine_reuses_the_cached_alignment_basis(synthetic, tmp_path):
+def test_engine_reuses_the_cached_alignment_basis(synthetic, tmp_path, monkeypatch):
+    import safesub_core.subspace as sub
     from safesub_core.cache import DiskCache
 
     cache = DiskCache(tmp_path)
     a = SubspaceEngine.build(synthetic, "useful", cache=cache)
-    calls = []
-    b = SubspaceEngine.build(synthetic, "harmful", cache=cache, progress=lambda i, n, what: calls.append(what))
-    assert not any(what.startswith("SVD") for what in calls)
+    monkeypatch.setattr(sub, "alignment_basis", lambda *a, **k: pytest.fail("recomputed an SVD of dA"))
+    b = SubspaceEngine.build(synthetic, "harmful", cache=cache)
     assert torch.equal(a.tensors[3].U, b.tensors[3].U)
+    entries = cache.info().set_index("namespace")["entries"]
+    assert entries["alignment_basis"] == len(a.names) and entries["task_coords"] == 2 * len(a.names)
+
+
+def test_streamed_engine_matches_the_resident_one(synthetic, engine, tmp_path):
+    from safesub_core.cache import DiskCache
+
+    streamed = SubspaceEngine.build(synthetic, "harmful", cache=DiskCache(tmp_path), resident_bytes=0)
+    assert not any(t.resident for t in streamed.tensors)
+    for cfg in (ProjectionConfig("topk", "parallel", 0.3), ProjectionConfig("random", "orthogonal", None, 0.9)):
+        assert streamed.diagnostics(cfg).summary() == engine.diagnostics(cfg).summary()
+    cfg = ProjectionConfig("randomk", "orthogonal", 0.4, alpha=1.5)
+    m1, m2, ref = (_load(synthetic, "aligned") for _ in range(3))
+    engine.apply(m1, ref, cfg)
+    streamed.apply(m2, ref, cfg)
+    for (n, p1), (_, p2) in zip(m1.named_parameters(), m2.named_parameters()):
+        assert torch.equal(p1, p2), n
 
 
 def test_unknown_variant_is_named(synthetic):
