@@ -1,4 +1,4 @@
-"""Command line: `python -m safesub_core {sweep,overlap,score,activations,cache} ...`.
+"""Command line: `python -m safesub_core {sweep,overlap,score,activations,export,cache} ...`.
 
 Contract: every command takes a family (`--family` a family file, or `tiny` for the built-in demo family, built
 on first use), writes CSV files, shows tqdm progress bars on long work, and turns a SafesubError into one line
@@ -161,6 +161,20 @@ def cmd_activations(args) -> None:
         print(write_csv(coords, args.map))
 
 
+def cmd_export(args) -> None:
+    from safesub_core.subspace import ProjectionConfig
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise SafesubError(f"export folder {out}: exists and is not empty")
+    session = _session(args)
+    cfg = ProjectionConfig(args.subspace, args.mode, args.frac, alpha=args.alpha)
+    tmp = out.with_name(f".{out.name}.tmp")
+    session.export(args.variant, cfg, tmp)
+    os.replace(tmp, out)
+    print(out)
+
+
 def cmd_cache(args) -> None:
     from safesub_core.cache import DiskCache
 
@@ -241,6 +255,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--layer", type=int, default=-1)
     q.add_argument("--method", default="pca", choices=["pca", "umap", "tsne"])
     q.set_defaults(run=cmd_activations)
+
+    q = sub.add_parser("export", help="write a projected point as a Hugging Face directory (safetensors)")
+    family_args(q)
+    q.add_argument("--variant", required=True, help="the fine-tuned variant whose update is projected")
+    q.add_argument("--subspace", default="topk", choices=["topk", "randomk", "random"])
+    q.add_argument("--mode", default="parallel", choices=["parallel", "opposite", "orthogonal"])
+    q.add_argument("--frac", type=float, default=0.25, help="rank fraction")
+    q.add_argument("--alpha", type=float, default=1.0)
+    q.add_argument("--out", required=True, help="a new (or empty) folder")
+    q.set_defaults(run=cmd_export)
 
     q = sub.add_parser("cache", help="show or clear the disk cache (SAFESUB_CACHE)")
     q.add_argument("action", choices=["info", "clear"])
