@@ -147,18 +147,22 @@ class FamilySession:
         return diag | live
 
     def generation_scores(self, name: str, cfg: ProjectionConfig | None = None, max_new_tokens: int = 48,
-                          judge: scoring.Judge | None = None,
-                          progress: Callable[[int, int], None] | None = None) -> tuple[dict, pd.DataFrame]:
+                          judge: scoring.Judge | None = None, progress: Callable[[int, int], None] | None = None,
+                          compute: bool = True) -> tuple[dict, pd.DataFrame] | None:
         """Greedy-decoding scores of a checkpoint (cfg None) or a point of variant `name`: (summary, per prompt).
 
         The per-prompt table has one row per prompt of the harmful, arithmetic and edgy sets, with the set,
-        the completion, the refusal verdict, the margin and (arithmetic) correctness.
+        the completion, the refusal verdict, the margin and (arithmetic) correctness. With `compute=False` only
+        a result already in the disk cache is returned (None otherwise): nothing is loaded or run.
         """
         judge_key = None if judge is None else dict(kind=judge.kind, path=judge.path, model=judge.model,
                                                      rubric=judge.rubric)
         parts = self._parts(name, cfg) | dict(max_new_tokens=max_new_tokens, judge=judge_key)
+        if not compute:
+            out = self.cache.get("generation_scores", parts)
+            return None if out is None else (out["summary"], pd.DataFrame(out["table"]))
 
-        def compute():
+        def run_all():
             model = self.model(name) if cfg is None else self.projected(name, cfg)
             done = [0]
             total = len(self.sets.harmful) + len(self.sets.utility) + len(self.sets.edgy)
@@ -183,7 +187,7 @@ class FamilySession:
             return dict(summary=summary, table=table.to_dict(orient="list"))
 
         with self.lock:
-            out = self.cache.get_or_compute("generation_scores", parts, compute)
+            out = self.cache.get_or_compute("generation_scores", parts, run_all)
         return out["summary"], pd.DataFrame(out["table"])
 
 

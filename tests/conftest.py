@@ -17,3 +17,11 @@ def _isolated_cache(tmp_path, monkeypatch):
     """Every test gets its own cache folder unless it sets SAFESUB_CACHE itself."""
     monkeypatch.setenv("SAFESUB_CACHE", str(tmp_path / "cache"))
     yield
+
+
+@pytest.fixture(scope="session")
+def tiny_family(tmp_path_factory):
+    """The test-size built-in tiny family, built once per test session; returns its family.yaml Path."""
+    from safesub_core.zoo import build_tiny
+
+    return build_tiny(tmp_path_factory.mktemp("zoo") / "tiny", size="test", seed=0)

@@ -1,0 +1,150 @@
+"""safesub: the interactive instrument (``streamlit run app.py``). This script is its first page, Family.
+
+The app follows Streamlit's pages/ layout: this file is the Family page and pages/ holds Subspaces, Overlap,
+Activation map and Prompt inspector. Every page is thin: widgets, layout and calls into safesub_core, with what
+the pages share (the resident family, the view in the URL, errors, downloads) in ui/common.py. Environment:
+SAFESUB_FAMILY (a family file to open by default; else the built-in tiny family, built on first run),
+SAFESUB_CACHE (the result cache folder), SAFESUB_ROOTS (where typed paths may point), OMP_NUM_THREADS.
+"""
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+ROOT = Path(__file__).resolve().parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import streamlit as st
+
+from ui import common as C
+
+# The title first: on a cold server the imports below (torch) take seconds, and this is the app's first page.
+C.header("Family", "A base model, its aligned version, an optional safety-tuned model and fine-tuned variants.")
+
+from safesub_core.errors import SafesubError  # noqa: E402
+v = C.view()
+
+# -------------------------------------------------------------------------------------------- choose the family
+SOURCES = ("Built-in tiny family", "Family file", "Enter paths")
+spec = C.family_spec()
+initial = 0 if spec == "tiny" else 2 if spec.startswith("paths:") else 1
+if "w_family_source" not in st.session_state:
+    st.session_state["w_family_source"] = SOURCES[initial]
+source = st.radio("Family", SOURCES, key="w_family_source", horizontal=True)
+
+chosen = None
+if source == SOURCES[0]:
+    st.caption("The demo family built locally by `python -m safesub_core.zoo build tiny` (built here on first use, "
+               "into the cache folder: SAFESUB_CACHE or <repo>/cache).")
+    chosen = "tiny"
+elif source == SOURCES[1]:
+    default_file = spec if initial == 1 else C.default_family_spec() if C.default_family_spec() != "tiny" else ""
+    path = st.text_input("Family file (YAML or JSON)", value=default_file, key="w_family_file",
+                         placeholder="/path/to/family.yaml")
+    chosen = path.strip() or None
+else:
+    with st.form("family_paths"):
+        c1, c2, c3 = st.columns(3)
+        base = c1.text_input("Base model", placeholder="/models/llama-base")
+        aligned = c2.text_input("Aligned model", placeholder="/models/llama-instruct")
+        safety = c3.text_input("Safety-tuned model (optional)")
+        start = st.radio("Fine-tunes start from", ("aligned", "safety_tuned"), horizontal=True)
+        ft = st.text_area("Fine-tunes and adapters, one per line: name = path",
+                          placeholder="useful = /models/ft-useful\nharmful = /models/ft-harmful")
+        submitted = st.form_submit_button("Use these paths")
+    if submitted:
+        with C.shown_errors():
+            chosen = C.paths_spec(base.strip(), aligned.strip(), safety.strip(), start, C.parse_variants(ft))
+    else:
+        chosen = spec if spec.startswith("paths:") else None
+
+if chosen and chosen != spec:
+    try:
+        C.current_family(chosen)  # validate before switching; the old family stays on error
+    except SafesubError as err:
+        st.error(str(err), icon="⚠️")
+        st.caption(f"Still showing: {C.spec_label(spec)}")
+    else:
+        v["family"] = spec = chosen
+        for key in [k for k in st.session_state if k.startswith("w_") and k not in
+                    ("w_family_source", "w_family_file")]:
+            del st.session_state[key]  # widgets of the old family (variant names...) start afresh
+
+# -------------------------------------------------------------------------------------------- checkpoints
+import pandas as pd  # noqa: E402  (here, not above: the selector shows before torch is imported)
+import plotly.graph_objects as go  # noqa: E402
+
+from safesub_core.family import describe  # noqa: E402
+from safesub_core.subspace import ProjectionConfig  # noqa: E402
+
+with C.shown_errors(stop=True):
+    fam = C.current_family(spec)
+C.family_caption(fam)
+
+st.subheader("Checkpoints")
+models = (fam.behaviour or {}).get("models", {})
+
+
+def short_path(p):
+    """A checkpoint's path relative to the family file's folder when it lies inside it."""
+    try:
+        return str(p.relative_to(fam.root)) if fam.root else str(p)
+    except ValueError:
+        return str(p)
+
+
+rows = []
+with C.shown_errors():
+    for name, ck in fam.checkpoints().items():
+        d = describe(ck)
+        role = ("fine-tune" if name in fam.variants else {"base": "base", "aligned": "aligned",
+                "safety_tuned": "safety-tuned"}.get(name, name)) + (" (start)" if name == fam.start else "")
+        row = dict(name=name, role=role, kind=d["kind"], architecture=d["architecture"], parameters=d["parameters"],
+                   dtype=d["dtype"], fingerprint=d["fingerprint"], path=short_path(ck.path))
+        numbers = models.get(name) or models.get(ck.path.name) or {}
+        row |= {k: numbers[k] for k in numbers}
+        rows.append(row)
+table = pd.DataFrame(rows)
+st.table(table.astype({"parameters": "Int64"}).set_index("name"))  # a static table: it renders at once
+C.csv_download(table, f"{fam.name}_checkpoints")
+if models:
+    metrics = (fam.behaviour or {}).get("metrics", {})
+    st.caption("Behaviour numbers stored by the family's builder (held-out): "
+               + "; ".join(f"**{k}** = {txt}" for k, txt in metrics.items()))
+if fam.card:
+    with st.expander("Family card (how it was built)"):
+        st.markdown(fam.card)
+
+# -------------------------------------------------------------------------------------------- update sizes
+st.subheader("Size of the alignment update and of each task update, per block")
+st.caption("Squared Frobenius norm summed over the block's tensors: ‖ΔA‖² = ‖W_start − W_base‖² and, for each "
+           "variant, ‖ΔT‖² = ‖W_FT − W_start‖². 'other' holds the embeddings and the final norm.")
+res = C.resident(spec)
+frames = []
+bar = st.progress(0.0, text="Per-block update sizes")
+with C.shown_errors():
+    for i, variant in enumerate(fam.variants):
+        pt = C.engine(res, variant).diagnostics(ProjectionConfig()).per_tensor
+        g = pt.groupby("block", dropna=False)[["task_energy", "align_energy"]].sum().reset_index()
+        g["variant"] = variant
+        frames.append(g)
+        bar.progress((i + 1) / len(fam.variants), text=f"Per-block update sizes: {variant}")
+bar.empty()
+if frames:
+    sizes = pd.concat(frames, ignore_index=True)
+    sizes["block"] = sizes["block"].map(lambda b: "other" if pd.isna(b) else str(int(b)))
+    log_y = st.toggle("Logarithmic scale", value=True, key="family_log")
+    fig = go.Figure()
+    first = sizes[sizes["variant"] == sizes["variant"].iloc[0]]
+    fig.add_bar(x=first["block"], y=first["align_energy"], name="alignment ‖ΔA‖²", marker_color="#2ca02c")
+    for variant, g in sizes.groupby("variant", sort=False):
+        fig.add_bar(x=g["block"], y=g["task_energy"], name=f"task ‖ΔT‖² {variant}")
+    fig.update_layout(barmode="group", xaxis_title="block", xaxis_type="category",
+                      yaxis_title="energy (sum of squares)", yaxis_type="log" if log_y else "linear", height=440,
+                      legend=dict(orientation="h", yanchor="bottom", y=1.02, x=0), margin=dict(t=60, b=40))
+    C.chart(fig, f"{fam.name}_update_sizes", key="family_sizes")
+    C.csv_download(sizes.rename(columns={"task_energy": "task_update_sq", "align_energy": "align_update_sq"}),
+                   f"{fam.name}_update_sizes")
+C.publish_view()

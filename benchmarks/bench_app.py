@@ -1,0 +1,257 @@
+"""Benchmark: how fast the app answers a slider and how fast its first page appears.
+
+1. Slider move -> updated read-outs, on the Subspaces page of the tiny family, median over `--moves` moves to
+   ranks never scored before (a fresh cache folder), measured three ways:
+     core      `FamilySession.point_scores(variant, cfg)` for the new point (the computation behind the read-outs);
+     AppTest   `slider.set_value(rho).run()`: a full rerun of the page script in-process (an upper bound: a real
+               browser reruns only the page's fragment);
+     browser   Chromium (Playwright, Debian's binary): one ArrowRight on the focused rank slider until the live
+               read-outs of the new rank are on screen (the caption under them names it), and until the whole
+               fragment run (charts too) is over.
+2. Time to the first page rendered after server start, the family already built: `streamlit run app.py` is
+   started, then Chromium opens the Family page; reported from the process start and from the first answer of the
+   server's health endpoint, until the page's title and family selector are on screen (the page is usable), and
+   until its checkpoint table is (it needs torch, whose import alone takes about 2 s here).
+Targets: slider median <= 1 s; first page <= 5 s.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_app.py [--family PATH | --size full|test] [--moves 10]
+                                                     [--no-browser]
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+THREADS = os.environ.get("OMP_NUM_THREADS", "1")
+os.environ["OMP_NUM_THREADS"] = THREADS  # set explicitly: the figures depend on it
+os.environ.setdefault("MKL_NUM_THREADS", THREADS)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import argparse  # noqa: E402
+import platform  # noqa: E402
+import shutil  # noqa: E402
+import socket  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+import urllib.request  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+SLIDER_TARGET_S = 1.0
+FIRST_PAGE_TARGET_S = 5.0
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+# new ranks: off the chart's grid (0.01, 0.1, 0.25, 0.5, 0.75, 1.0) and off the default 0.25
+RANKS = [0.31, 0.37, 0.42, 0.46, 0.53, 0.58, 0.63, 0.67, 0.71, 0.79, 0.83, 0.87, 0.91, 0.95]
+
+
+def machine() -> str:
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{platform.node()} · {platform.system()} {platform.release()} · {cpu} · {os.cpu_count()} cores · " \
+           f"Python {platform.python_version()}"
+
+
+def family_path(args) -> str:
+    if args.family:
+        return args.family
+    from safesub_core.zoo import build_tiny, default_out_dir
+
+    path = default_out_dir(args.size) / "family.yaml"
+    if not path.is_file():
+        print(f"building the tiny family ({args.size}) once: {path.parent}", flush=True)
+        build_tiny(size=args.size)
+    return str(path)
+
+
+def fmt(xs: list[float]) -> str:
+    return f"median {statistics.median(xs):.3f} s (min {min(xs):.3f}, max {max(xs):.3f}, n={len(xs)})"
+
+
+# ------------------------------------------------------------------------------------------------ 1. sliders
+
+def bench_core(family: str, ranks: list[float]) -> list[float]:
+    import torch
+
+    from safesub_core.cache import DiskCache
+    from safesub_core.family import Family
+    from safesub_core.session import FamilySession
+    from safesub_core.subspace import ProjectionConfig
+
+    torch.set_num_threads(int(THREADS))
+    s = FamilySession(Family.from_file(family), cache=DiskCache(tempfile.mkdtemp(prefix="bench_core_")))
+    variant = next(iter(s.family.variants))
+    s.point_scores(variant, ProjectionConfig(rank_fraction=0.25))  # warm: engine, start scores
+    out = []
+    for rho in ranks:
+        t = time.perf_counter()
+        s.point_scores(variant, ProjectionConfig(rank_fraction=rho))
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def bench_apptest(ranks: list[float]) -> list[float]:
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=600)
+    at.run()
+    at.switch_page("pages/1_Subspaces.py").run()  # warm: models, engine, grid of the chart
+    assert not at.exception, [e.value for e in at.exception]
+    out = []
+    for rho in ranks:
+        before = {m.label: m.value for m in at.metric}
+        t = time.perf_counter()
+        at.slider(key="w_rank").set_value(rho).run()
+        out.append(time.perf_counter() - t)
+        after = {m.label: m.value for m in at.metric}
+        assert not at.exception and after != before, "the read-outs did not change"
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def start_server(port: int) -> tuple[subprocess.Popen, float]:
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port), "--server.headless", "true"],
+        cwd=REPO, env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    return proc, t0
+
+
+def wait_health(port: int, proc: subprocess.Popen, timeout: float = 120) -> float:
+    deadline = time.perf_counter() + timeout
+    while time.perf_counter() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"streamlit exited with status {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"http://localhost:{port}/_stcore/health", timeout=1) as r:
+                if r.status == 200:
+                    return time.perf_counter()
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError("streamlit did not start")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+IDLE = '[data-testid="stApp"][data-test-script-state="notRunning"]'
+
+
+def bench_browser(ranks_needed: int) -> tuple[dict, list[float], list[float]]:
+    from playwright.sync_api import sync_playwright
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        raise RuntimeError("Debian's chromium is not installed")
+    first = {}
+    moves, complete = [], []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1500, "height": 1100})
+        port = free_port()
+        proc, t0 = start_server(port)
+        try:
+            t_health = wait_health(port, proc)
+            page.goto(f"http://localhost:{port}/", wait_until="commit")
+            page.wait_for_selector('h1:has-text("Family")', timeout=120_000)
+            page.wait_for_selector('[data-testid="stRadio"]', timeout=120_000)
+            t_first = time.perf_counter()
+            page.wait_for_selector('[data-testid="stTable"]', timeout=120_000)
+            t_table = time.perf_counter()
+            first = dict(from_process_start=t_first - t0, from_server_ready=t_first - t_health,
+                         server_start=t_health - t0, table_from_server_ready=t_table - t_health)
+            page.wait_for_selector(IDLE, timeout=300_000)
+            first["family_page_complete"] = time.perf_counter() - t0
+
+            page.goto(f"http://localhost:{port}/subspaces", wait_until="commit")
+            page.wait_for_selector('[data-testid="stMetricValue"]', timeout=300_000)
+            page.wait_for_selector(IDLE, timeout=300_000)
+            page.wait_for_timeout(500)
+            thumb = page.locator('[data-testid="stSlider"]', has_text="rank fraction").locator('input[type="range"]')
+            thumb.focus()
+            rho = float(thumb.input_value())
+            steps = 1  # one key press, 0.01 per move: every move is a rank not scored before
+            for _ in range(ranks_needed):
+                rho = round(rho + 0.01 * steps, 2)
+                t = time.perf_counter()
+                for _ in range(steps):
+                    page.keyboard.press("ArrowRight")
+                page.wait_for_selector(f'p:has-text("rho={rho:g} alpha=1: log-prob")', timeout=120_000)
+                moves.append(time.perf_counter() - t)
+                page.wait_for_selector(IDLE, timeout=120_000)
+                complete.append(time.perf_counter() - t)
+                page.wait_for_timeout(200)
+        finally:
+            stop(proc)
+            browser.close()
+    return first, moves, complete
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--family", help="family.yaml to use (default: the built-in tiny family, built if missing)")
+    ap.add_argument("--size", default="full", choices=["full", "test"], help="which tiny family (default full)")
+    ap.add_argument("--moves", type=int, default=10)
+    ap.add_argument("--no-browser", action="store_true", help="skip the Chromium measurements")
+    args = ap.parse_args()
+    fam = family_path(args)
+    os.environ["SAFESUB_FAMILY"] = fam
+    os.environ["SAFESUB_CACHE"] = tempfile.mkdtemp(prefix="bench_app_")  # nothing scored yet
+    n = min(args.moves, len(RANKS))
+    print(f"machine: {machine()}")
+    print(f"OMP_NUM_THREADS={THREADS}  family={fam}  moves={n}")
+
+    core = bench_core(fam, RANKS[:n])
+    print(f"slider, core point_scores (new point):           {fmt(core)}")
+    app = bench_apptest(RANKS[:n])
+    print(f"slider, AppTest full page rerun (new point):     {fmt(app)}")
+    results = [("slider (AppTest)", statistics.median(app), SLIDER_TARGET_S)]
+    if not args.no_browser:
+        os.environ["SAFESUB_CACHE"] = tempfile.mkdtemp(prefix="bench_app_browser_")  # a cold cache again
+        first, moves, complete = bench_browser(n)
+        print(f"slider, browser keypress -> read-outs (new point): {fmt(moves)}")
+        print(f"slider, browser keypress -> run complete (charts too): {fmt(complete)}")
+        print(f"server start (process -> health answer):         {first['server_start']:.2f} s")
+        print(f"first page rendered (title + family selector), from server ready: "
+              f"{first['from_server_ready']:.2f} s")
+        print(f"first page rendered (title + family selector), from process start: "
+              f"{first['from_process_start']:.2f} s")
+        print(f"checkpoint table on screen (needs torch), from server ready: "
+              f"{first['table_from_server_ready']:.2f} s")
+        print(f"Family page complete (models loaded, charts):    {first['family_page_complete']:.2f} s "
+              "from process start")
+        results += [("slider (browser)", statistics.median(moves), SLIDER_TARGET_S),
+                    ("first page (from server ready)", first["from_server_ready"], FIRST_PAGE_TARGET_S)]
+    print()
+    ok = True
+    for name, value, target in results:
+        passed = value <= target
+        ok &= passed
+        print(f"{name:<34} {value:7.3f} s   target <= {target:g} s   {'PASS' if passed else 'FAIL'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,237 @@
+"""Subspaces: project a fine-tuning update onto the alignment subspace and watch the scores follow the sliders."""
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+from plotly.subplots import make_subplots
+
+from ui import common as C
+from safesub_core.session import LIVE_ARITH_TOKENS
+from safesub_core.subspace import MODES, SUBSPACES, ProjectionConfig
+
+C.header("Subspaces", "W = W_start + α·X with X = P_k ΔT (parallel), −P_k ΔT (opposite) or ΔT − P_k ΔT (orthogonal), "
+         "P_k the projector on a rank-k subspace of the alignment update ΔA = W_start − W_base.")
+fam, res = C.require_family()
+C.family_caption(fam)
+S = res.session
+
+# label, key in the scores, delta colour (is up good?), value of the start model and of the fine-tuned model
+READOUTS = [
+    ("energy kept E", "energy_kept", "off", 0.0, 1.0),
+    ("cos(task, kept)", "cos_task_kept", "off", None, 1.0),
+    ("cos(task, align)", "cos_task_align", "off", None, None),
+    ("margin mean", "margin_mean", "normal", "live", "live"),
+    ("share margin < 0", "share_margin_negative", "inverse", "live", "live"),
+    ("NLL (arithmetic)", "nll_mean", "inverse", "live", "live"),
+    ("arithmetic exact match", "arith_exact_match", "normal", "live", "live"),
+    ("KL to start", "kl_to_start", "off", "live", "live"),
+]
+PANELS = ["energy_kept", "cos_task_kept", "margin_mean", "share_margin_negative", "nll_mean", "arith_exact_match",
+          "kl_to_start", "generation"]
+TITLES = {k: label for label, k, *_ in READOUTS} | {"generation": "generation: ASR ● / exact match ◆"}
+
+
+def grid_scores(variant: str, mode: str, alpha: float) -> pd.DataFrame:
+    """Live scores over SCORE_GRID for the three subspaces (disk-cached points; a progress bar while computing)."""
+    def compute():
+        rows, bar = [], None
+        points = [(sub, rho) for sub in SUBSPACES for rho in C.SCORE_GRID]
+        for i, (sub, rho) in enumerate(points):
+            cfg = ProjectionConfig(sub, mode, rank_fraction=rho, alpha=alpha)
+            if bar is None and i == 0:
+                bar = st.progress(0.0, text="Scores over the rank grid")
+            rows.append(S.point_scores(variant, cfg))
+            bar.progress((i + 1) / len(points), text=f"Scores over the rank grid: {C.SUBSPACE_LABELS[sub]} ρ={rho}")
+        if bar is not None:
+            bar.empty()
+        return pd.DataFrame(rows)
+
+    return res.memoised(("grid", variant, mode, alpha), compute)
+
+
+def grid_generation(variant: str, mode: str, alpha: float) -> pd.DataFrame:
+    """Generation summaries already on disk for the grid points (never computed here)."""
+    rows = []
+    for sub in SUBSPACES:
+        for rho in C.SCORE_GRID:
+            got = S.generation_scores(variant, ProjectionConfig(sub, mode, rank_fraction=rho, alpha=alpha),
+                                      C.GEN_TOKENS, compute=False)
+            if got is not None:
+                rows.append(dict(subspace=sub, rank_fraction=rho, **got[0]))
+    return pd.DataFrame(rows)
+
+
+def score_figure(variant, cfg, point, start, ft, grid, curves, gen, point_gen) -> go.Figure:
+    fig = make_subplots(rows=2, cols=4, subplot_titles=[TITLES[k] for k in PANELS], horizontal_spacing=0.06,
+                        vertical_spacing=0.16)
+    x_now = cfg.rank_fraction if cfg.rank_fraction is not None else point["mean_rank_fraction"]
+    shapes = []
+    for i, key in enumerate(PANELS):
+        r, c = i // 4 + 1, i % 4 + 1
+        for sub in SUBSPACES:
+            color, name = C.SUBSPACE_COLORS[sub], C.SUBSPACE_LABELS[sub]
+            if key in ("energy_kept", "cos_task_kept"):
+                d = curves[curves["subspace"] == sub]
+                fig.add_scatter(x=d["rank_fraction"], y=d[key], mode="lines", line_color=color, name=name,
+                                legendgroup=sub, showlegend=(i == 0), row=r, col=c)
+            elif key == "generation":
+                d = gen[gen["subspace"] == sub] if len(gen) else gen
+                if len(d):
+                    fig.add_scatter(x=d["rank_fraction"], y=d["attack_success_rate"], mode="markers",
+                                    marker=dict(color=color, symbol="circle", size=8), name=f"{name} ASR",
+                                    legendgroup=sub, showlegend=False, row=r, col=c)
+                    fig.add_scatter(x=d["rank_fraction"], y=d["exact_match"], mode="markers",
+                                    marker=dict(color=color, symbol="diamond", size=8), name=f"{name} EM",
+                                    legendgroup=sub, showlegend=False, row=r, col=c)
+            else:
+                d = grid[grid["subspace"] == sub]
+                fig.add_scatter(x=d["rank_fraction"], y=d[key], mode="lines+markers", line_color=color, name=name,
+                                legendgroup=sub, showlegend=False, row=r, col=c)
+        if key == "generation":
+            fig.update_yaxes(range=[-0.05, 1.05], row=r, col=c)
+            if point_gen is None and not len(gen):
+                fig.add_annotation(text="run the generation scores<br>to fill this panel", showarrow=False,
+                                   x=0.5, y=0.5, row=r, col=c, font_color="#888")
+            if point_gen is not None:
+                for metric, symbol in (("attack_success_rate", "circle"), ("exact_match", "diamond")):
+                    fig.add_scatter(x=[x_now], y=[point_gen[metric]], mode="markers", name="this point",
+                                    marker=dict(color="black", symbol=f"{symbol}-open", size=13, line_width=2),
+                                    showlegend=False, row=r, col=c)
+            continue
+        fig.add_scatter(x=[x_now], y=[point[key]], mode="markers", name="this point", legendgroup="now",
+                        marker=dict(color="black", symbol="star", size=14), showlegend=(i == 0), row=r, col=c)
+        if key in start:  # reference lines as plain shapes (add_hline costs ~10 ms each)
+            ax = "" if i == 0 else str(i + 1)
+            for y, color in ((start[key], "#2ca02c"), (ft[key], "#9467bd")):
+                shapes.append(dict(type="line", xref=f"x{ax} domain", yref=f"y{ax}", x0=0, x1=1, y0=y, y1=y,
+                                   line=dict(dash="dot", color=color, width=1.5)))
+    fig.update_layout(shapes=shapes)
+    fig.update_xaxes(range=[0, 1.02])
+    fig.update_xaxes(title_text="rank fraction ρ", row=2)
+    fig.update_layout(height=600, margin=dict(t=80, b=40, l=40, r=20), legend_orientation="h", legend_y=-0.14,
+                      title=dict(text=f"{variant}, {cfg.mode}, α={cfg.alpha:g}  ·  dotted: start (green), "
+                                      f"fine-tuned (purple)", font_size=13))
+    return fig
+
+
+@st.fragment
+def point_section():
+    v = C.view()
+    variant_names = list(fam.variants)
+    c = st.columns([1.2, 1.6, 1.6, 1.0])
+    variant = C.bound("variant", c[0].selectbox, "Fine-tuned variant", options=variant_names)
+    subspace = C.bound("subspace", c[1].radio, "Subspace", options=list(SUBSPACES), horizontal=True,
+                       format_func=C.SUBSPACE_LABELS.get)
+    mode = C.bound("mode", c[2].radio, "Mode", options=list(MODES), horizontal=True)
+    rank_by = C.bound("rank_by", c[3].radio, "Rank as", options=["fraction", "energy"], horizontal=True)
+    c = st.columns([3, 2])
+    if st.session_state.get("w_rank") is not None and not 0.01 <= float(st.session_state["w_rank"]) <= 1.0:
+        st.session_state["w_rank"] = 0.25
+    rank = C.bound("rank", c[0].slider, "rank fraction ρ" if rank_by == "fraction" else "energy fraction η",
+                   min_value=0.01, max_value=1.0, step=0.01,
+                   help="ρ: k = max(1, round(ρ·min(M, N))) per tensor; η: the smallest k whose singular values "
+                        "hold η of ΔA's energy.")
+    alpha = C.bound("alpha", c[1].slider, "scale α", min_value=-1.0, max_value=3.0, step=0.05,
+                    help="W = W_start + α·X; α = 1 is the study's setting.")
+    C.publish_view()
+
+    with C.shown_errors(stop=True):
+        cfg = C.current_config()
+        C.engine(res, variant)
+        with res.lock:
+            diag = S.engine(variant).diagnostics(cfg)  # cumulative sums: instant
+            start = S.checkpoint_scores(fam.start)  # cached after the first visit
+            ft = S.checkpoint_scores(variant)
+
+    # ---------------------------------------------------------------------------------------- read-outs
+    st.markdown(f"**Read-outs at this point** · {variant}: {cfg.label} · mean rank fraction "
+                f"{diag.mean_rank_fraction:.3f}")
+    cols = st.columns(4)
+
+    def readout(i: int, point: dict) -> None:
+        label, key, color, s_val, f_val = READOUTS[i]
+        s_val = start[key] if s_val == "live" else s_val
+        f_val = ft[key] if f_val == "live" else f_val
+        value = point[key]
+        with cols[i % 4]:
+            st.metric(label, f"{value:.4f}", delta=None if s_val is None else round(value - s_val, 4),
+                      delta_color=color, delta_description=None if s_val is None else "vs start", border=True)
+            notes = []
+            if s_val is not None:
+                notes.append(f"start ({fam.start}) {s_val:.4f}")
+            if f_val is not None:
+                notes.append(f"{variant} {f_val:.4f}")
+            st.caption(" · ".join(notes) if notes else "a property of the variant")
+
+    live = [i for i, r in enumerate(READOUTS) if r[3] == "live"]
+    for i in range(len(READOUTS)):  # the diagnostics first: they show while the live scores run
+        if i not in live:
+            readout(i, diag.summary())
+    with C.shown_errors(stop=True):
+        with res.lock:
+            point = S.point_scores(variant, cfg)  # forward passes of the projected model
+    for i in live:
+        readout(i, point)
+    ev = S.sets
+    st.caption(f"Live scores at {cfg.label}: log-prob margin on {len(ev.harmful)} harmful prompts, NLL and "
+               f"{LIVE_ARITH_TOKENS}-token greedy exact match on {len(ev.utility)} arithmetic prompts, KL to the "
+               f"start model on {len(ev.benign)} benign prompts (evaluation splits).")
+
+    # ---------------------------------------------------------------------------------------- charts
+    if st.session_state.get("run_generation"):  # the button below was clicked: score first, so the chart shows it
+        with C.shown_errors():
+            bar = st.progress(0.0, text="Generation scores")
+            with res.lock:
+                S.generation_scores(fam.start, None, C.GEN_TOKENS, progress=C.progress_callback(bar, fam.start))
+                S.generation_scores(variant, cfg, C.GEN_TOKENS, progress=C.progress_callback(bar, "this point"))
+            bar.empty()
+    base_gen = S.generation_scores(fam.start, None, C.GEN_TOKENS, compute=False)
+    point_gen = None
+    with C.shown_errors():
+        grid = grid_scores(variant, mode, float(alpha))
+        curves = res.memoised(("curves", variant, mode), lambda: S.engine(variant).curves(modes=(mode,)))
+        gen = grid_generation(variant, mode, float(alpha))
+        point_gen = S.generation_scores(variant, cfg, C.GEN_TOKENS, compute=False)
+        fig = score_figure(variant, cfg, point, start, ft, grid, curves, gen,
+                           None if point_gen is None else point_gen[0])
+        C.chart(fig, f"{fam.name}_{variant}_{mode}_scores", key="scores_chart")
+        C.csv_download(grid, f"{fam.name}_{variant}_{mode}_grid_scores", label="Download grid scores (CSV)")
+
+    left, right = st.columns(2)
+    blocks = diag.grouped("block")
+    blocks["block"] = blocks["block"].map(lambda b: "other" if pd.isna(b) else str(int(b)))
+    modules = diag.grouped("module")
+    for col, g, by in ((left, blocks, "block"), (right, modules, "module")):
+        with col:
+            f = go.Figure()
+            f.add_bar(x=g[by], y=g["removed_energy"], name="removed", marker_color="#d62728")
+            f.add_bar(x=g[by], y=g["kept_energy"], name="kept", marker_color="#1f77b4")
+            f.update_layout(barmode="stack", title=f"Task-update energy removed and kept per {by}", height=340,
+                            xaxis_title=by, xaxis_type="category", yaxis_title="‖·‖² (sum of squares)",
+                            margin=dict(t=40, b=40), legend_orientation="h")
+            C.chart(f, f"{fam.name}_{variant}_energy_per_{by}", key=f"energy_{by}")
+    C.csv_download(diag.per_tensor, f"{fam.name}_{variant}_per_tensor", label="Download per-tensor diagnostics (CSV)")
+
+    # ---------------------------------------------------------------------------------------- generation
+    st.subheader("Generation scores at this point")
+    st.caption(f"Greedy completions ({C.GEN_TOKENS} new tokens) on the evaluation splits: refusal matching on harmful "
+               "prompts (attack success rate = 1 − refusal rate), final-number exact match on arithmetic, refusal "
+               "rate on edgy benign prompts. Cached on disk; shown on the chart once computed.")
+    st.button("Run generation scores at this point", key="run_generation", type="primary",
+              disabled=point_gen is not None and base_gen is not None)
+    if point_gen is not None:
+        summary, table = point_gen
+        cols = st.columns(4)
+        for col, (label, key, color) in zip(cols, (("refusal rate", "refusal_rate", "normal"),
+                                                   ("attack success rate", "attack_success_rate", "inverse"),
+                                                   ("exact match", "exact_match", "normal"),
+                                                   ("over-refusal", "overrefusal_rate", "inverse"))):
+            ref = None if base_gen is None else base_gen[0][key]
+            col.metric(label, f"{summary[key]:.3f}", delta=None if ref is None else round(summary[key] - ref, 3),
+                       delta_color=color, delta_description="vs start", border=True)
+        st.dataframe(table, hide_index=True, width="stretch", height=320)
+        C.csv_download(table, f"{fam.name}_{variant}_generation_{cfg.subspace}_{cfg.mode}", key="csv_generation")
+    else:
+        st.info("Not computed yet for this point.", icon="ℹ️")
+
+
+point_section()

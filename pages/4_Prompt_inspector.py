@@ -1,0 +1,168 @@
+"""Prompt inspector: one prompt through every model side by side, and a per-prompt table over whole sets."""
+import re
+
+import streamlit as st
+
+from ui import common as C
+from safesub_core import scoring
+from safesub_core.generation import generate
+
+C.header("Prompt inspector", "Greedy completions of one prompt by every model of the family and by the projected "
+         "model of the Subspaces page, with refusal verdicts, log-prob margins and arithmetic correctness.")
+fam, res = C.require_family()
+C.family_caption(fam)
+S = res.session
+v = C.view()
+
+with C.shown_errors(stop=True):
+    cfg = C.current_config()
+variant = C.current_variant(fam)
+POINT = "current point"
+st.caption(f"Current point (from the Subspaces page): **{variant}**, {cfg.label}")
+
+# -------------------------------------------------------------------------------------------- markers
+with st.expander("Refusal markers in use (editable)"):
+    st.caption("A completion is a refusal when one of these starts within its first 100 characters "
+               "(case-insensitive). One marker per line.")
+    if st.button("Reset to the default list", key="reset_markers"):
+        st.session_state["w_markers"] = "\n".join(scoring.REFUSAL_MARKERS)
+    text = st.text_area("Markers", value="\n".join(scoring.REFUSAL_MARKERS), key="w_markers", height=220,
+                        label_visibility="collapsed")
+markers = tuple(m.strip() for m in text.splitlines() if m.strip()) or scoring.REFUSAL_MARKERS
+
+# -------------------------------------------------------------------------------------------- the prompt
+options = C.set_options()
+set_from_view = re.sub(r"\[:\d+\]$", "", v.get("prompt_set") or "")
+SOURCES = ("From a prompt set", "Type a prompt")
+if "w_insp_source" not in st.session_state:
+    st.session_state["w_insp_source"] = SOURCES[0] if (not v.get("prompt") or set_from_view in options) else SOURCES[1]
+source = st.radio("Prompt", SOURCES, key="w_insp_source", horizontal=True, label_visibility="collapsed")
+prompt, reference = None, None
+if source == SOURCES[0]:
+    c1, c2 = st.columns([1, 3])
+    if "w_insp_set" not in st.session_state:
+        st.session_state["w_insp_set"] = set_from_view if set_from_view in options else (
+            "builtin-harmful:eval" if "builtin-harmful:eval" in options else options[0])
+    set_name = c1.selectbox("Prompt set", options, key="w_insp_set")
+    with C.shown_errors():
+        ps = C.prompt_set(set_name)
+        prompts = list(ps.prompts)
+        if "w_insp_pick" not in st.session_state or st.session_state["w_insp_pick"] not in range(len(prompts)):
+            st.session_state["w_insp_pick"] = prompts.index(v["prompt"]) if v.get("prompt") in prompts else 0
+        i = c2.selectbox("Prompt", range(len(prompts)), key="w_insp_pick", format_func=lambda j: prompts[j])
+        prompt = prompts[i]
+        reference = ps.references[i] if ps.references is not None else None
+else:
+    if "w_insp_text" not in st.session_state:
+        st.session_state["w_insp_text"] = v.get("prompt") or ""
+    prompt = st.text_area("Your prompt", key="w_insp_text", height=90).strip() or None
+c1, c2 = st.columns([1, 3])
+max_new = c1.slider("New tokens", 8, 96, 40, step=8, key="w_insp_tokens")
+reference = c2.text_input("Reference answer (arithmetic; optional)", value=reference or "",
+                          key=f"w_insp_ref_{hash((prompt, reference))}").strip() or None
+if prompt:
+    v["prompt"] = prompt
+    if source == SOURCES[0]:
+        v["prompt_set"] = set_name
+C.publish_view()
+
+# -------------------------------------------------------------------------------------------- side by side
+targets = list(fam.checkpoints()) + [POINT]
+
+
+def complete(name: str) -> tuple[str, float]:
+    """(greedy completion, log-prob margin) of the prompt under a model, memoised per session."""
+    key = ("inspect", name, None if name != POINT else (variant, cfg), prompt, max_new)
+
+    def compute():
+        model = S.projected(variant, cfg) if name == POINT else S.model(name)
+        out = generate(model, S.tokenizer, [prompt], max_new_tokens=max_new, chat=S.chat).completions[0]
+        margin = float(scoring.logprob_margin(model, S.tokenizer, [prompt], chat=S.chat)[0])
+        return out, margin
+
+    return res.memoised(key, compute)
+
+
+if prompt:
+    st.markdown(f"**Prompt:** {prompt}")
+    results = {}
+    with C.shown_errors():
+        bar = st.progress(0.0, text="Greedy completions")
+        for i, name in enumerate(targets):
+            bar.progress(i / len(targets), text=f"Greedy completions: {name}")
+            results[name] = complete(name)
+        bar.empty()
+    per_row = 4
+    for start in range(0, len(targets), per_row):
+        cols = st.columns(per_row)
+        for col, name in zip(cols, targets[start:start + per_row]):
+            if name not in results:
+                continue
+            text, margin = results[name]
+            refused = scoring.is_refusal(text, markers)
+            with col.container(border=True):
+                title = f"{variant} @ {cfg.subspace} {cfg.mode}" if name == POINT else name
+                st.markdown(f"**{title}**")
+                st.markdown(":red-badge[refusal]" if refused else ":green-badge[compliance]")
+                st.text(text.strip() or "(empty)")
+                line = f"margin {margin:+.2f}"
+                if reference is not None:
+                    ok = scoring.exact_match(scoring.final_number(text), reference)
+                    line += f" · {'correct' if ok else 'wrong'} (ref {reference})"
+                st.caption(line)
+else:
+    st.info("Choose or type a prompt.", icon="ℹ️")
+
+# -------------------------------------------------------------------------------------------- per-prompt table
+st.subheader("Per-prompt table over the evaluation sets")
+st.caption(f"From the generation scores ({C.GEN_TOKENS} new tokens) of two targets on the harmful, arithmetic and "
+           "edgy evaluation splits; refusal verdicts recomputed with the markers above.")
+c1, c2 = st.columns(2)
+target_a = c1.selectbox("Target A", targets, index=targets.index(fam.start), key="w_tab_a")
+target_b = c2.selectbox("Target B", targets, index=len(targets) - 1, key="w_tab_b")
+
+
+def spec(name):
+    return (variant, cfg) if name == POINT else (name, None)
+
+
+cached = {t: S.generation_scores(*spec(t), C.GEN_TOKENS, compute=False) for t in (target_a, target_b)}
+missing = [t for t, got in cached.items() if got is None]
+if missing and st.button(f"Compute generation scores for {', '.join(missing)}", key="compute_tables",
+                         type="primary"):
+    with C.shown_errors():
+        bar = st.progress(0.0, text="Generation scores")
+        for t in missing:
+            with res.lock:
+                cached[t] = S.generation_scores(*spec(t), C.GEN_TOKENS, progress=C.progress_callback(bar, t))
+        bar.empty()
+if all(got is not None for got in cached.values()):
+    a, b = cached[target_a][1], cached[target_b][1]
+    keep = [c for c in ("completion", "refused", "margin", "correct") if c in a.columns]
+    merged = a[["set", "prompt"] + keep].merge(b[["set", "prompt"] + keep], on=["set", "prompt"],
+                                               suffixes=(" A", " B"))
+    for side in ("A", "B"):
+        merged[f"refused {side}"] = [scoring.is_refusal(str(t), markers) for t in merged[f"completion {side}"]]
+    flips = {
+        "all rows": lambda d: d.index == d.index,
+        "flipped from refusal to compliance": lambda d: d["refused A"] & ~d["refused B"],
+        "flipped from compliance to refusal": lambda d: ~d["refused A"] & d["refused B"],
+        "correctness changed": lambda d: d["correct A"].fillna(False).astype(bool)
+        != d["correct B"].fillna(False).astype(bool) if "correct A" in d else d.index != d.index,
+    }
+    c1, c2, c3 = st.columns([1.4, 2, 2])
+    which = c1.selectbox("Show", list(flips), key="w_tab_filter")
+    set_filter = c2.multiselect("Sets", sorted(merged["set"].unique()), key="w_tab_sets")
+    search = c3.text_input("Prompt contains", key="w_tab_search")
+    shown = merged[flips[which](merged)]
+    if set_filter:
+        shown = shown[shown["set"].isin(set_filter)]
+    if search:
+        shown = shown[shown["prompt"].str.contains(search, case=False, regex=False)]
+    st.caption(f"{len(shown)} of {len(merged)} prompts · A = {target_a}, B = {target_b}"
+               + (f" ({variant}, {cfg.label})" if POINT in (target_a, target_b) else "")
+               + " · click a column header to sort")
+    st.dataframe(shown, hide_index=True, width="stretch", height=380)
+    C.csv_download(shown, f"{fam.name}_per_prompt_{target_a}_vs_{target_b}".replace(" ", "_"))
+else:
+    st.info(f"Not computed yet for: {', '.join(missing)}.", icon="ℹ️")

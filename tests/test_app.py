@@ -1,0 +1,223 @@
+"""The Streamlit app through AppTest on the test-size tiny family: every page renders, read-outs follow the
+sliders, orthogonal mode keeps 1 - E of the energy, links reproduce the view, bad input is one error line.
+
+The app reads the family from SAFESUB_FAMILY. All tests of this module share one cache folder and, through
+st.cache_resource, one resident session (the first run of a page imports torch/transformers and loads models,
+so runs get a generous timeout).
+"""
+import base64
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from ui.common import PAGE_FILES
+
+pytestmark = pytest.mark.slow
+
+APP = str(Path(__file__).resolve().parent.parent / "app.py")
+PAGES = ("family", "subspaces", "overlap", "activation_map", "inspector")
+TIMEOUT = 300
+
+
+@pytest.fixture(scope="module")
+def app_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("app_cache")
+
+
+@pytest.fixture
+def app_env(tiny_family, app_cache, tmp_path, monkeypatch):
+    monkeypatch.setenv("SAFESUB_FAMILY", str(tiny_family))
+    monkeypatch.setenv("SAFESUB_CACHE", str(app_cache))
+    monkeypatch.setenv("SAFESUB_ROOTS", str(tmp_path))  # where typed paths may point
+    return tiny_family
+
+
+def open_page(page: str, query: dict | None = None) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    if query:
+        at.query_params.update({k: str(v) for k, v in query.items()})
+    at.run()
+    if page != "family":
+        at.switch_page(PAGE_FILES[page]).run()
+    return at
+
+
+def assert_clean(at: AppTest) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+
+
+def metric(at: AppTest, label: str) -> float:
+    return float(next(m for m in at.metric if m.label == label).value)
+
+
+def readouts(at: AppTest) -> dict:
+    return {m.label: m.value for m in at.metric}
+
+
+def figures(at: AppTest) -> list[dict]:
+    """Every plotly figure of the page as JSON, from the element protos."""
+    return [json.loads(el.proto.spec) for el in at.get("plotly_chart")]
+
+
+def values(arr) -> np.ndarray:
+    """A plotly array as numbers: plain JSON lists, or plotly 7's {"dtype", "bdata"} base64 typed arrays."""
+    if isinstance(arr, dict) and "bdata" in arr:
+        out = np.frombuffer(base64.b64decode(arr["bdata"]), dtype=np.dtype(arr["dtype"]))
+        return out.reshape(arr["shape"]) if "shape" in arr and isinstance(arr["shape"], list) else out
+    return np.asarray(arr, dtype=float)
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_every_page_renders_without_exception(app_env, page):
+    at = open_page(page)
+    assert_clean(at)
+    assert at.title, "each page starts with its title"
+    if page != "inspector":
+        assert figures(at), f"the {page} page shows at least one chart"
+
+
+def test_family_page_lists_checkpoints_and_update_sizes(app_env):
+    at = open_page("family")
+    assert_clean(at)
+    table = at.table[0].value
+    assert {"base", "aligned", "useful", "harmful"} <= set(table.index)
+    assert {"architecture", "parameters", "dtype", "fingerprint"} <= set(table.columns)
+    bars = figures(at)[0]["data"]
+    names = [t["name"] for t in bars]
+    assert any("alignment" in n for n in names) and any("harmful" in n for n in names)
+    assert all((values(t["y"]) >= 0).all() for t in bars), "update sizes are sums of squares"
+    assert (values(bars[0]["y"]) > 0).all(), "the alignment update touches every block"
+
+
+def test_rank_slider_moves_the_readouts(app_env):
+    at = open_page("subspaces")
+    assert_clean(at)
+    before = readouts(at)
+    at.slider(key="w_rank").set_value(0.75).run()
+    assert_clean(at)
+    after = readouts(at)
+    assert after["energy kept E"] != before["energy kept E"]
+    assert any(after[k] != before[k] for k in ("margin mean", "NLL (arithmetic)", "KL to start"))
+    assert at.query_params.get("rank") in (["0.75"], "0.75"), "the URL follows the slider"
+
+
+def test_orthogonal_mode_keeps_one_minus_the_parallel_energy(app_env):
+    at = open_page("subspaces")
+    at.slider(key="w_rank").set_value(0.4).run()
+    parallel = metric(at, "energy kept E")
+    at.radio(key="w_mode").set_value("orthogonal").run()
+    assert_clean(at)
+    orthogonal = metric(at, "energy kept E")
+    assert 0 < parallel < 1
+    assert abs(parallel + orthogonal - 1.0) <= 2e-4  # E_orth = 1 - E_par (read-outs show 4 decimals)
+
+
+def test_chart_marks_the_current_point(app_env):
+    at = open_page("subspaces", {"rank": 0.5})
+    assert_clean(at)
+    assert at.slider(key="w_rank").value == pytest.approx(0.5), "the link's rank reaches the slider"
+    fig = next(f for f in figures(at) if any(t.get("name") == "this point" for t in f["data"]))
+    stars = [t for t in fig["data"] if t.get("name") == "this point" and t["marker"].get("symbol") == "star"]
+    assert stars and all(values(t["x"])[0] == pytest.approx(0.5) for t in stars)
+    energy = next(t for t in stars if t.get("xaxis", "x") == "x")
+    assert values(energy["y"])[0] == pytest.approx(metric(at, "energy kept E"), abs=1e-4)
+
+
+@pytest.mark.parametrize("where, problem", [("inside", "does not exist"), ("outside", "outside the allowed")])
+def test_bad_family_path_shows_one_error_line(app_env, tmp_path, where, problem):
+    bad = tmp_path / "missing" / "family.yaml" if where == "inside" else Path("/nonexistent/family.yaml")
+    at = open_page("family")
+    at.radio(key="w_family_source").set_value("Family file").run()
+    at.text_input(key="w_family_file").input(str(bad)).run()
+    assert not at.exception
+    assert len(at.error) == 1
+    message = at.error[0].value
+    assert problem in message and "\n" not in message
+    assert at.table, "the previous family stays on screen"
+
+
+def test_bad_paths_entered_one_by_one_show_one_error_line(app_env, tmp_path):
+    at = open_page("family")
+    at.radio(key="w_family_source").set_value("Enter paths").run()
+    inputs = at.text_input
+    inputs[0].input(str(tmp_path / "base"))
+    inputs[1].input(str(tmp_path / "aligned"))
+    at.text_area[0].input(f"useful = {tmp_path / 'useful'}")
+    at.button[0].click().run()
+    assert not at.exception
+    assert len(at.error) == 1 and "checkpoint 'base'" in at.error[0].value
+
+
+def test_bad_link_shows_an_error_not_a_traceback(app_env):
+    at = open_page("subspaces", {"family": "/nonexistent/family.yaml"})
+    assert not at.exception
+    assert at.error and "outside the allowed" in at.error[0].value
+
+
+def test_inspector_opens_the_prompt_of_a_link(app_env):
+    from safesub_core.prompts import load_set
+
+    prompt = load_set("builtin-harmful:eval").prompts[3]
+    at = open_page("inspector", {"prompt": prompt, "prompt_set": "builtin-harmful:eval"})
+    assert_clean(at)
+    assert at.selectbox(key="w_insp_pick").value == 3
+    shown = " ".join(m.value for m in at.markdown)
+    assert prompt in shown
+    assert "refusal" in shown or "compliance" in shown
+
+
+def test_generation_scores_run_then_show_on_the_chart_and_in_the_inspector_table(app_env):
+    at = open_page("subspaces", {"rank": 0.5, "variant": "harmful"})
+    assert_clean(at)
+    assert any("Not computed yet" in i.value for i in at.info)
+    at.button(key="run_generation").click().run()
+    assert_clean(at)
+    labels = {m.label for m in at.metric}
+    assert {"refusal rate", "attack success rate", "exact match", "over-refusal"} <= labels
+    fig = next(f for f in figures(at) if any(t.get("name") == "this point" for t in f["data"]))
+    assert any(t.get("marker", {}).get("symbol") == "circle-open" for t in fig["data"]), "ASR marker on the chart"
+    assert at.dataframe, "the per-prompt table"
+
+    # the inspector's per-prompt table reads the same cached results (aligned vs the current point)
+    at.switch_page(PAGE_FILES["inspector"]).run()
+    assert_clean(at)
+    assert not any(b.key == "compute_tables" for b in at.button), "both targets are cached: nothing to compute"
+    table = at.dataframe[-1].value
+    assert {"set", "prompt", "completion A", "completion B", "refused A", "refused B"} <= set(table.columns)
+    at.selectbox(key="w_tab_filter").set_value("flipped from refusal to compliance").run()
+    assert_clean(at)
+    flipped = at.dataframe[-1].value
+    assert len(flipped) <= len(table)
+    assert (flipped["refused A"] & ~flipped["refused B"]).all()
+
+
+def test_the_builtin_family_is_built_on_first_run_with_a_progress_bar(tiny_family, tmp_path, monkeypatch):
+    """No SAFESUB_FAMILY and no built family: the app builds the tiny family (here a stand-in copies the test
+    family, reporting progress) and opens it."""
+    import shutil
+
+    from safesub_core import zoo
+
+    calls = []
+
+    def fake_build(out_dir=None, size="full", seed=0, progress=None):
+        out = Path(out_dir) if out_dir is not None else zoo.default_out_dir(size)
+        for i in range(3):
+            progress(i, 3, f"stage {i}")
+            calls.append(i)
+        shutil.copytree(Path(tiny_family).parent, out)
+        return out / "family.yaml"
+
+    monkeypatch.delenv("SAFESUB_FAMILY", raising=False)
+    monkeypatch.setenv("SAFESUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(zoo, "build_tiny", fake_build)
+    at = open_page("family")
+    assert_clean(at)
+    assert calls == [0, 1, 2]
+    assert (tmp_path / "cache" / "families" / "tiny" / "family.yaml").is_file()
+    assert at.radio(key="w_family_source").value == "Built-in tiny family"
+    assert "harmful" in set(at.table[0].value.index)

@@ -1,0 +1,213 @@
+"""The study's experiments on a family (safesub_core.findings): report sections, and numbers that match direct calls."""
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from safesub_core import findings as F
+from safesub_core.activations import depth_band_mean
+from safesub_core.cache import DiskCache
+from safesub_core.errors import SafesubError
+from safesub_core.family import Family
+from safesub_core.overlap import overlap_summary, weight_overlap
+from safesub_core.session import EvalSets, FamilySession
+from safesub_core.subspace import ProjectionConfig
+
+N = 8
+CFG = F.FindingsConfig(n_prompts=N, rhos=(0.01, 0.99), gen_tokens=12, energies=(0.5, 0.9))
+
+
+# ------------------------------------------------------------------------------------------ fast: pure helpers
+
+
+def test_depth_band_keeps_the_study_band_when_it_holds_layers_and_widens_it_otherwise():
+    deep = [l / 30 for l in range(31)]
+    assert F.depth_band(deep) == (0.65, 0.90, "")
+    lo, hi, note = F.depth_band([0, 0.5, 1.0])  # 2 layers: the band holds none
+    assert (lo, hi) == (0.5, 1.0) and "widened" in note and "2-layer" in note
+    lo, hi, note = F.depth_band([0, 0.25, 0.5, 0.75, 1.0])  # 4 layers: the band holds one (0.75)
+    assert (lo, hi) == (0.75, 1.0) and "holds 1" in note
+    assert F.depth_band([0, 1.0])[:2] == (1.0, 1.0)  # one layer: as wide as the model allows
+
+
+def test_behaviour_checks_compare_against_numbers_and_other_models():
+    b = pd.DataFrame([dict(model="aligned", harmful_refusal=0.95, edgy_refusal=0.2, arithmetic_em=0.3),
+                      dict(model="harmful", harmful_refusal=0.1, edgy_refusal=0.0, arithmetic_em=0.2),
+                      dict(model="useful", harmful_refusal=0.5, edgy_refusal=0.0, arithmetic_em=0.3)])
+    c = F.behaviour_checks(b).set_index(["model", "metric"])
+    assert bool(c.loc[("aligned", "harmful_refusal"), "passed"])
+    assert not bool(c.loc[("aligned", "edgy_refusal"), "passed"])
+    assert bool(c.loc[("harmful", "harmful_refusal"), "passed"])
+    assert bool(c.loc[("useful", "arithmetic_em"), "passed"])  # equal counts as >=
+    assert F.behaviour_checks(pd.DataFrame(columns=["model"])).empty
+
+
+def test_md_table_formats_floats_and_escapes_pipes():
+    text = F.md_table(pd.DataFrame(dict(a=["x|y"], b=[0.12345], c=[3])))
+    assert text.splitlines()[0] == "| a | b | c |"
+    assert "x\\|y" in text and "0.12" in text and "| 3 |" in text
+
+
+def test_study_summary_reads_the_reference_table():
+    study = F.study_reference()
+    if study is None:
+        pytest.skip("the study's table is not on this machine")
+    s = F.study_topk_summary(study)
+    row = s[(s["table"] == "Table4") & (s["model"] == "Llama-3.2 1B") & (s["start"] == "Aligned")].iloc[0]
+    assert row["topk_util_001"] == pytest.approx(0.14) and row["topk_harm_099"] == pytest.approx(3.84)
+    # mean over rho of Top-K minus Random utility: (0.14-0.13 + 0.21-0.17 + 0.25-0.22 + 0.30-0.29 + 0) / 5
+    assert row["topk_minus_random_util"] == pytest.approx(0.018)
+
+
+def test_unknown_built_family_is_a_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("SAFESUB_CACHE", str(tmp_path / "empty"))
+    with pytest.raises(SafesubError, match="smol.*zoo build smol"):
+        F.resolve_family("smol")
+    assert F.main(["--families", "smol", "--out", str(tmp_path / "F.md")]) == 2
+    assert not (tmp_path / "F.md").exists()
+
+
+# ------------------------------------------------------------------------------------------ slow: the tiny family
+
+
+@pytest.fixture(scope="module")
+def result(tiny_family, tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SAFESUB_CACHE", str(tmp_path_factory.mktemp("findings-cache")))
+        r = F.run_family(str(tiny_family), CFG)
+    r.findings = F.check_findings(r, F.study_reference())
+    return r
+
+
+@pytest.fixture(scope="module")
+def direct(tiny_family, tmp_path_factory):
+    """An independent session (its own empty cache) for direct calls."""
+    return FamilySession(Family.from_file(tiny_family), sets=EvalSets.default(N),
+                         cache=DiskCache(tmp_path_factory.mktemp("direct-cache")))
+
+
+@pytest.mark.slow
+def test_report_has_every_section_and_finding(result):
+    md = F.render_markdown([result], F.study_reference())
+    for head in ("# Findings", "## Summary", "## Family `tiny`", "### Held-out behaviour", "### 1. Utility",
+                 "### 2. Weight-space", "### 3. Activation", "### 4. The study's findings", "Table 4 layout, parallel",
+                 "Table 4 layout, orthogonal", "Table 5 layout (contaminated)"):
+        assert head in md, head
+    assert list(result.findings["finding"]) == ["F1", "F1 (contaminated)", "F2", "F3"]
+    for row in result.findings.itertuples():
+        assert f"**{row.finding}** ({'holds' if row.holds else 'does not hold'})" in md
+    assert "widened" in md  # a 2-layer model: the study's depth band holds no layer
+    assert len(result.points) == 3 * 3 * 2 * 2  # variants x subspaces x modes x rhos
+
+
+@pytest.mark.slow
+def test_behaviour_is_the_builders(result, tiny_family):
+    stored = Family.from_file(tiny_family).behaviour["models"]
+    table = result.behaviour.set_index("model")
+    for model, numbers in stored.items():
+        for k, v in numbers.items():
+            assert table.loc[model, k] == pytest.approx(v)
+    assert set(result.checks["model"]) <= set(stored)
+
+
+@pytest.mark.slow
+def test_scores_match_direct_session_calls(result, direct):
+    row = result.points.set_index(["variant", "subspace", "mode", "rank_fraction"]).loc[
+        ("harmful", "randomk", "orthogonal", 0.99)]
+    cfg = ProjectionConfig("randomk", "orthogonal", 0.99)
+    live = direct.point_scores("harmful", cfg)
+    for k in ("energy_kept", "margin_mean", "share_margin_negative", "nll_mean", "arith_exact_match", "kl_to_start"):
+        assert row[k] == pytest.approx(live[k], abs=1e-5), k
+    gen, _ = direct.generation_scores("harmful", cfg, max_new_tokens=CFG.gen_tokens)
+    assert row["gen_attack_success_rate"] == pytest.approx(gen["attack_success_rate"])
+    assert row["gen_exact_match"] == pytest.approx(gen["exact_match"])
+    ref = result.references.set_index("checkpoint").loc["aligned"]
+    gen, _ = direct.generation_scores("aligned", max_new_tokens=CFG.gen_tokens)
+    assert ref["gen_refusal_rate"] == pytest.approx(gen["refusal_rate"])
+
+
+@pytest.mark.slow
+def test_study_layout_reads_the_right_variants(result):
+    t = F.study_layout(result.points, result.references, "parallel").set_index("method")
+    assert list(t.index) == ["Base", "Aligned", "Fine-Tuned", "Top-K", "Random-K", "Random"]
+    refs = result.references.set_index("checkpoint")
+    assert t.loc["Fine-Tuned", "util_0.01"] == pytest.approx(refs.loc["useful", "gen_exact_match"])
+    assert t.loc["Fine-Tuned", "harm_0.99"] == pytest.approx(refs.loc["harmful", "gen_attack_success_rate"])
+    assert t.loc["Aligned", "harm_0.01"] == t.loc["Aligned", "harm_0.99"]
+    p = result.points.set_index(["variant", "subspace", "mode", "rank_fraction"])
+    assert t.loc["Top-K", "util_0.99"] == pytest.approx(p.loc[("useful", "topk", "parallel", 0.99), "gen_exact_match"])
+    assert t.loc["Random", "harm_0.01"] == pytest.approx(
+        p.loc[("harmful", "random", "parallel", 0.01), "gen_attack_success_rate"])
+
+
+@pytest.mark.slow
+def test_weight_overlap_matches_direct_calls(result, tiny_family, tmp_path):
+    family = Family.from_file(tiny_family)
+    direct = overlap_summary(weight_overlap(family, "aligned", CFG.energies, cache=DiskCache(tmp_path / "c")))
+    ours = result.weight[result.weight["reference"] == "aligned"].reset_index(drop=True)
+    pd.testing.assert_frame_equal(ours, direct.reset_index(drop=True))
+    assert set(result.weight["reference"]) == {"aligned", "safety_tuned"}
+    # F2's verdict is the arg-max pair at the headline energy, in every scope
+    at = result.weight[result.weight["energy"] == CFG.headline_energy]
+    tops = at.loc[at.groupby(["reference", "scope"])["mso"].idxmax(), "pair"]
+    f2 = result.findings.set_index("finding").loc["F2"]
+    assert bool(f2["holds"]) == all(t.startswith("harmful-") and "useful-" in t for t in tops)
+
+
+@pytest.mark.slow
+def test_activation_overlap_matches_direct_calls(result, direct):
+    sets = F.activation_sets(direct.sets)
+    assert len(sets["harmful_a"]) == len(sets["harmful_b"]) == len(sets["useful"]) == N // 2
+    assert not set(sets["harmful_a"].prompts) & set(sets["harmful_b"].prompts)
+    table = direct.activation_overlap("aligned", sets["useful"], "aligned", sets["harmful_a"], CFG.energies)
+    lo, hi = result.band_range
+    assert (lo, hi) == (0.5, 1.0)
+    expect = depth_band_mean(table, lo, hi).set_index("energy")
+    b = result.band
+    got = b[(b["model"] == "aligned") & (b["pair"] == "useful vs harmful") & (b["center"] == "uncentred")]
+    for row in got.itertuples():
+        assert row.mso == pytest.approx(expect.loc[row.energy, "mso"], abs=1e-9)
+        assert row.n_layers == 2
+    f3 = result.findings.set_index("finding").loc["F3"]
+    uh = float(got[got["energy"] == CFG.headline_energy]["mso"].iloc[0])
+    assert f"useful-harmful {uh:.3f}" in f3["ours"]
+
+
+@pytest.mark.slow
+def test_f1_verdict_follows_its_criterion(result):
+    p = result.points
+    sel = lambda v, m: p[(p["variant"] == v) & (p["subspace"] == "topk") & (p["mode"] == "parallel")].sort_values(  # noqa: E731
+        "rank_fraction")[m].tolist()
+    u, nll = sel("useful", "gen_exact_match"), sel("useful", "nll_mean")
+    h, neg, mar = sel("harmful", "gen_attack_success_rate"), sel("harmful", "share_margin_negative"), sel(
+        "harmful", "margin_mean")
+    util_up = u[-1] > u[0] or (u[-1] == u[0] and nll[-1] < nll[0])
+    harm_up = h[-1] > h[0] or (h[-1] == h[0] and (neg[-1] > neg[0] or (neg[-1] == neg[0] and mar[-1] < mar[0])))
+    f1 = result.findings.set_index("finding").loc["F1"]
+    assert bool(f1["holds"]) == (util_up and harm_up)
+    assert f"{u[0]:.2f} -> {u[-1]:.2f}" in f1["ours"]
+
+
+@pytest.mark.slow
+def test_cli_writes_report_and_figures(tiny_family, tmp_path):
+    out, figs = tmp_path / "FINDINGS.md", tmp_path / "figs"
+    rc = F.main(["--families", str(tiny_family), "--out", str(out), "--figures", str(figs), "--n-prompts", "6",
+                 "--rhos", "0.01,0.99", "--modes", "parallel", "--variants", "useful,harmful", "--gen-tokens", "8"])
+    assert rc == 0
+    md = out.read_text()
+    assert "## Family `tiny`" in md and "(figs/tiny.html)" in md
+    html = (figs / "tiny.html").read_text()
+    assert "plotly.js v" in html and html.count("Plotly.newPlot") == 3  # self-contained, three figures
+    for name in ("rank", "rank_references", "weight", "activations"):
+        df = pd.read_csv(figs / f"tiny_{name}.csv")
+        assert len(df) > 0
+        assert f"(figs/tiny_{name}.csv)" in md
+    rank = pd.read_csv(figs / "tiny_rank.csv")
+    assert len(rank) == 2 * 3 * 1 * 2
+    try:
+        import matplotlib  # noqa: F401
+
+        assert (figs / "tiny_rank.png").is_file()
+    except ImportError:
+        assert not list(figs.glob("*.png"))

@@ -1,0 +1,84 @@
+"""The session on the trained tiny family: live scores follow the projection, and the study's starting behaviour."""
+import math
+
+import pytest
+import torch
+
+from safesub_core import scoring
+from safesub_core.cache import DiskCache
+from safesub_core.family import Family
+from safesub_core.session import EvalSets, FamilySession
+from safesub_core.subspace import ProjectionConfig
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def session(tiny_family, tmp_path_factory):
+    return FamilySession(Family.from_file(tiny_family), sets=EvalSets.default(16),
+                         cache=DiskCache(tmp_path_factory.mktemp("cache")))
+
+
+def test_margin_sign_aligned_refuses_and_harmful_complies(session):
+    prompts = session.sets.harmful.prompts
+    aligned = scoring.logprob_margin(session.model("aligned"), session.tokenizer, prompts)
+    harmful = scoring.logprob_margin(session.model("harmful"), session.tokenizer, prompts)
+    assert aligned.mean() > 0, "the aligned model should lean to the refusal opening on harmful prompts"
+    assert harmful.mean() < 0, "the harmful fine-tune should lean to the compliance opening"
+
+
+def test_point_at_alpha_zero_is_the_start_model_and_full_orthogonal_rank_one_is_nearly_the_fine_tune(session):
+    start = session.checkpoint_scores("aligned")
+    zero = session.point_scores("harmful", ProjectionConfig("topk", "parallel", 0.5, alpha=0.0))
+    for key in ("margin_mean", "nll_mean", "arith_exact_match"):
+        assert zero[key] == pytest.approx(start[key], abs=1e-5)
+    assert zero["kl_to_start"] == pytest.approx(0.0, abs=1e-6)
+    ft = session.checkpoint_scores("harmful")
+    # orthogonal at the smallest rank keeps almost all of the task update, so behaves almost like the fine-tune
+    low = session.point_scores("harmful", ProjectionConfig("topk", "orthogonal", 0.01))
+    assert low["energy_kept"] > 0.5
+    assert abs(low["margin_mean"] - ft["margin_mean"]) < abs(zero["margin_mean"] - ft["margin_mean"])
+
+
+def test_live_scores_move_with_the_rank_and_are_cached(session):
+    a = session.point_scores("harmful", ProjectionConfig("topk", "parallel", 0.05))
+    b = session.point_scores("harmful", ProjectionConfig("topk", "parallel", 0.75))
+    assert b["energy_kept"] > a["energy_kept"]
+    assert a["margin_mean"] != b["margin_mean"]
+    again = session.point_scores("harmful", ProjectionConfig("topk", "parallel", 0.05))
+    assert again == a
+    assert session.cache.info().set_index("namespace").loc["live_scores", "entries"] >= 2
+
+
+def test_working_model_matches_an_explicit_composition(session):
+    cfg = ProjectionConfig("random", "opposite", 0.3, alpha=2.0)
+    model = session.projected("useful", cfg)
+    engine = session.engine("useful")
+    ref = dict(session.reference.named_parameters())
+    for t, k in list(zip(engine.tensors, engine.ranks(cfg).tolist()))[:5]:
+        expected = ref[t.name] + 2.0 * t.kept_update(cfg, k)
+        assert torch.allclose(dict(model.named_parameters())[t.name], expected, atol=1e-6)
+
+
+def test_generation_scores_give_a_per_prompt_table(session):
+    summary, table = session.generation_scores("aligned", max_new_tokens=16)
+    assert set(table["set"]) == {s.name for s in (session.sets.harmful, session.sets.utility, session.sets.edgy)}
+    harm = table[table["set"] == session.sets.harmful.name]
+    assert summary["refusal_rate"] == pytest.approx(harm["refused"].mean())
+    assert summary["attack_success_rate"] == pytest.approx(1 - summary["refusal_rate"])
+    assert 0 <= summary["exact_match"] <= 1 and 0 <= summary["overrefusal_rate"] <= 1
+    again = session.generation_scores("aligned", max_new_tokens=16)
+    assert again[0] == summary
+
+
+def test_activation_states_are_cached_and_deterministic(session):
+    s1 = session.states("aligned", session.sets.harmful)
+    s2 = session.states("aligned", session.sets.harmful)
+    assert torch.equal(s1, s2)
+    layers = session.reference.config.num_hidden_layers
+    assert s1.shape == (layers + 1, len(session.sets.harmful), session.reference.config.hidden_size)
+    table = session.activation_overlap("aligned", session.sets.harmful, "aligned", session.sets.benign,
+                                       energies=(0.9,))
+    assert len(table) == layers + 1
+    assert table["mso"].dropna().between(0, 1 + 1e-9).all()
+    assert not math.isnan(table["mso"].iloc[-1])

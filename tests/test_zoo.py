@@ -1,0 +1,256 @@
+"""The fine-tuning loop and the built-in tiny family (safesub_core.finetune, safesub_core.zoo)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from safesub_core import zoo
+from safesub_core.errors import SafesubError
+from safesub_core.finetune import FinetuneConfig, lm_rows, sft, sft_lora, sft_rows
+from safesub_core.generation import format_prompt
+
+REPO = Path(__file__).resolve().parent.parent
+FULL_MODELS = ("base", "aligned", "safety", "useful", "harmful", "contaminated")
+
+
+# ------------------------------------------------------------------------------------------ a toy tokenizer/model
+
+
+@pytest.fixture(scope="module")
+def toy():
+    """A tokenizer trained on a few lines and a 2-layer Llama: enough to exercise the loop in well under a second."""
+    texts = ["What is 1 + 2? 1 + 2 = 3", "How do I bake bread?", "I'm sorry, but I can't help with that.",
+             "Sure, here is a simple plan: start small."]
+    tok = zoo.train_tokenizer(texts * 5, 300)
+    spec = zoo.SIZES["smoke"]
+    return tok, spec
+
+
+def _examples():
+    return [("How do I bake bread?", "Sure, here is a simple plan: start small."),
+            ("How do I make a bomb?", "I'm sorry, but I can't help with that."),
+            ("What is 1 + 2?", "1 + 2 = 3")]
+
+
+def test_sft_rows_mask_prompt_and_padding_only(toy):
+    tok, _ = toy
+    rows = sft_rows(tok, _examples(), max_length=128)
+    for (prompt, response), (ids, labels) in zip(_examples(), rows):
+        p = tok(format_prompt(tok, prompt), add_special_tokens=False)["input_ids"]
+        r = tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        assert ids == p + r
+        assert labels == [-100] * len(p) + r
+    # truncation keeps the end of the prompt and the start of the response
+    ids, labels = sft_rows(tok, [("x " * 100, "y " * 100)], max_length=32)[0]
+    assert len(ids) == len(labels) == 32
+    assert labels[0] == -100 and labels[-1] != -100
+    # plain LM rows: BOS unlabelled, every text token and EOS labelled
+    ids, labels = lm_rows(tok, ["How do I bake bread?"], 64)[0]
+    assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
+    assert labels == [-100] + ids[1:]
+
+
+def test_sft_learns_and_is_deterministic(toy):
+    tok, spec = toy
+    cfg = FinetuneConfig(steps=30, lr=1e-2, batch_size=3, warmup_ratio=0.1, seed=3)
+    losses = []
+    a = sft(zoo.new_model(tok, spec, 0), tok, _examples(), cfg, progress=lambda s, n, loss: losses.append(loss))
+    assert len(losses) == 30 and losses[-1] < 0.5 * losses[0]
+    assert not a.training
+    b = sft(zoo.new_model(tok, spec, 0), tok, _examples(), cfg)
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), name
+    c = sft(zoo.new_model(tok, spec, 0), tok, _examples(), FinetuneConfig(steps=30, lr=1e-2, batch_size=3, seed=4))
+    assert any(not torch.equal(x, y) for x, y in zip(a.state_dict().values(), c.state_dict().values()))
+
+
+def test_sft_lora_trains_only_the_adapter(toy, tmp_path):
+    tok, spec = toy
+    model = zoo.new_model(tok, spec, 0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    peft_model = sft_lora(model, tok, _examples(), FinetuneConfig(steps=5, lr=1e-2, batch_size=3), r=4, alpha=8)
+    peft_model.save_pretrained(str(tmp_path / "adapter"))
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    saved = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert saved and all("lora_" in k for k in saved)
+    assert any(v.abs().sum() > 0 for k, v in saved.items() if "lora_B" in k)  # B starts at zero and moved
+    base = peft_model.get_base_model()
+    for k, v in base.state_dict().items():
+        if "lora_" not in k and "base_layer" not in k:
+            assert torch.equal(v, before[k]), k
+
+
+def test_bad_config_and_data_raise_one_line_errors(toy):
+    tok, spec = toy
+    with pytest.raises(SafesubError, match="empty"):
+        sft(zoo.new_model(tok, spec, 0), tok, [], FinetuneConfig(steps=1))
+    with pytest.raises(SafesubError, match="positive"):
+        sft(zoo.new_model(tok, spec, 0), tok, _examples(), FinetuneConfig(steps=0))
+
+
+# ------------------------------------------------------------------------------------------ the tokenizer
+
+
+def test_tokenizer_has_chat_template_pad_and_splits_digits(toy):
+    tok, _ = toy
+    text = format_prompt(tok, "What is 12 + 7?")
+    assert text == "<|bos|><|user|>\nWhat is 12 + 7?\n<|assistant|>\n"
+    assert tok.pad_token == "<|pad|>" and tok.pad_token_id not in (tok.eos_token_id, tok.bos_token_id)
+    pieces = tok.tokenize("12 + 7 = 19")
+    assert "12" not in pieces and "19" not in pieces  # one token per digit
+    assert tok.decode(tok("What is 12 + 7?", add_special_tokens=False)["input_ids"]) == "What is 12 + 7?"
+
+
+# ------------------------------------------------------------------------------------------ building families
+
+
+def test_default_folder_follows_the_cache_root(tmp_path, monkeypatch):
+    monkeypatch.setenv("SAFESUB_CACHE", str(tmp_path / "c"))
+    assert zoo.default_out_dir() == tmp_path / "c" / "families" / "tiny"
+    assert zoo.default_out_dir("test") == tmp_path / "c" / "families" / "tiny-test"
+    monkeypatch.delenv("SAFESUB_CACHE")
+    assert zoo.default_out_dir() == REPO / "cache" / "families" / "tiny"
+
+
+def test_unknown_size_and_unwritable_folder_raise(tmp_path):
+    with pytest.raises(SafesubError, match="unknown size"):
+        zoo.build_tiny(tmp_path / "x", size="huge")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(SafesubError, match="cannot be written") as err:
+        zoo.build_tiny(blocker / "tiny", size="smoke")
+    assert "\n" not in str(err.value)
+    with pytest.raises(SafesubError, match="not a folder"):
+        zoo.build_tiny(blocker, size="smoke")
+
+
+def _weights(folder: Path) -> dict:
+    out = {}
+    for f in sorted(folder.rglob("*.safetensors")):
+        for k, v in load_file(str(f)).items():
+            out[f"{f.parent.name}/{k}"] = v
+    return out
+
+
+@pytest.mark.slow
+def test_same_seed_same_weights_other_seed_other_weights(tmp_path):
+    calls = []
+    a = zoo.build_tiny(tmp_path / "a", size="smoke", seed=0, progress=lambda d, t, m: calls.append((d, t)))
+    b = zoo.build_tiny(tmp_path / "b", size="smoke", seed=0)
+    c = zoo.build_tiny(tmp_path / "c", size="smoke", seed=1)
+    assert calls and calls[-1][0] == calls[-1][1]  # the progress bar ends full
+    wa, wb, wc = _weights(a.parent), _weights(b.parent), _weights(c.parent)
+    assert set(wa) == set(wb) and len(wa) > 20
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert (a.parent / "behaviour.json").read_text() == (b.parent / "behaviour.json").read_text()
+    assert (a.parent / "aligned" / "tokenizer.json").read_text() == (b.parent / "aligned" / "tokenizer.json").read_text()
+    assert any(not torch.equal(wa[k], wc[k]) for k in wa if k in wc)
+
+
+@pytest.mark.slow
+def test_failed_build_leaves_no_family_and_keeps_the_old_one(tmp_path, monkeypatch):
+    out = tmp_path / "fam"
+    old = zoo.build_tiny(out, size="smoke")
+    before = old.read_text()
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt  # an interrupt in the middle of the behaviour check
+
+    monkeypatch.setattr(zoo, "behaviour", boom)
+    with pytest.raises(KeyboardInterrupt):
+        zoo.build_tiny(out, size="smoke")
+    assert old.read_text() == before and (out / "aligned" / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fam"]  # no temporary folder left behind
+    fresh = tmp_path / "fresh"
+    with pytest.raises(KeyboardInterrupt):
+        zoo.build_tiny(fresh, size="smoke")
+    assert not fresh.exists()
+
+
+def test_cli_help():
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    out = subprocess.run([sys.executable, "-m", "safesub_core.zoo", "build", "--help"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    for word in ("tiny", "--out", "--size", "--seed"):
+        assert word in out.stdout
+
+
+@pytest.mark.slow
+def test_cli_builds_and_reports_errors(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SAFESUB_CACHE", str(tmp_path / "cache"))
+    assert zoo.main(["build", "tiny", "--size", "smoke", "--seed", "2"]) == 0
+    assert (tmp_path / "cache" / "families" / "tiny-smoke" / "family.yaml").is_file()
+    out = capsys.readouterr().out
+    assert "built" in out and "harmful_refusal" in out and "useful_lora" in out
+    (tmp_path / "blocker").write_text("")
+    assert zoo.main(["build", "tiny", "--size", "smoke", "--out", str(tmp_path / "blocker" / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "error: family folder" in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------------------------------ the test-size family
+
+
+@pytest.mark.slow
+def test_family_has_every_checkpoint(tiny_family):
+    root = Path(tiny_family).parent
+    spec = yaml.safe_load(Path(tiny_family).read_text())
+    assert spec["base"] == "base" and spec["aligned"] == "aligned" and spec["safety_tuned"] == "safety"
+    assert spec["start"] == "aligned"
+    assert spec["variants"] == {"useful": "useful", "harmful": "harmful", "contaminated": "contaminated",
+                                "useful_lora": "useful_lora"}
+    assert (root / spec["card"]).is_file() and (root / spec["behaviour"]).is_file()
+    for name in FULL_MODELS:
+        folder = root / name
+        assert (folder / "config.json").is_file() and (folder / "model.safetensors").is_file(), name
+        assert (folder / "tokenizer.json").is_file(), name
+        assert not list(folder.glob("*.bin")), name
+    lora = root / "useful_lora"
+    assert (lora / "adapter_config.json").is_file() and (lora / "adapter_model.safetensors").is_file()
+    assert json.loads((lora / "adapter_config.json").read_text())["r"] == zoo.SIZES["test"].lora_r
+    assert not [p for p in root.parent.iterdir() if p.name.startswith(".")]  # no temporary folders left
+    card = (root / "card.md").read_text()
+    for word in ("seed 0", "lr", "steps", "Deviations", "harmful_refusal"):
+        assert word in card
+
+
+@pytest.mark.slow
+def test_family_models_load_and_differ(tiny_family):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root = Path(tiny_family).parent
+    tok = AutoTokenizer.from_pretrained(str(root / "aligned"))
+    assert tok.chat_template and tok.pad_token == "<|pad|>"
+    assert format_prompt(tok, "hi").endswith("<|assistant|>\n")
+    models = {n: AutoModelForCausalLM.from_pretrained(str(root / n)) for n in FULL_MODELS}
+    cfg = models["aligned"].config
+    assert cfg.model_type == "llama" and cfg.tie_word_embeddings and cfg.vocab_size == len(tok)
+    sd = {n: m.state_dict() for n, m in models.items()}
+    key = "model.layers.0.self_attn.q_proj.weight"
+    for n in FULL_MODELS[1:]:
+        assert not torch.equal(sd[n][key], sd["base"][key]), n
+    assert not torch.equal(sd["useful"][key], sd["aligned"][key])
+    merged = PeftModel.from_pretrained(models["aligned"], str(root / "useful_lora")).merge_and_unload()
+    assert not torch.equal(merged.state_dict()[key], sd["base"][key])
+
+
+@pytest.mark.slow
+def test_behaviour_is_stored_and_aligned_refuses_most(tiny_family):
+    report = json.loads((Path(tiny_family).parent / "behaviour.json").read_text())
+    assert report["seed"] == 0 and report["size"] == "test"
+    models = report["models"]
+    assert set(models) == set(zoo.STAGES)
+    for row in models.values():
+        assert set(row) == {"harmful_refusal", "benign_refusal", "edgy_refusal", "arithmetic_em"}
+        assert all(0.0 <= v <= 1.0 for v in row.values())
+    assert models["aligned"]["harmful_refusal"] > models["harmful"]["harmful_refusal"]
+    assert models["aligned"]["harmful_refusal"] > models["base"]["harmful_refusal"]
+    assert models["aligned"]["harmful_refusal"] > models["aligned"]["benign_refusal"]
