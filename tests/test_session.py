@@ -82,3 +82,18 @@ def test_activation_states_are_cached_and_deterministic(session):
     assert len(table) == layers + 1
     assert table["mso"].dropna().between(0, 1 + 1e-9).all()
     assert not math.isnan(table["mso"].iloc[-1])
+
+
+def test_export_writes_the_projected_model_on_request(session, tmp_path):
+    from safesub_core.cli import main
+    from safesub_core.family import Checkpoint, load_model
+
+    cfg = ProjectionConfig("topk", "orthogonal", 0.5, alpha=0.5)
+    session.export("useful", cfg, tmp_path / "point")
+    exported, tok = load_model(Checkpoint.resolve("point", tmp_path / "point"))
+    projected = dict(session.projected("useful", cfg).named_parameters())
+    for n, p in exported.named_parameters():
+        assert torch.equal(p, projected[n]), n
+    assert tok.chat_template == session.tokenizer.chat_template
+    assert main(["export", "--family", str(session.family.root / "family.yaml"), "--variant", "useful",
+                 "--out", str(tmp_path / "point")]) == 2  # refuses to overwrite
