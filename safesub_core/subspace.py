@@ -39,6 +39,7 @@ from safesub_core.family import Family, block_index, module_type
 from safesub_core.overlap import check_energy
 
 SUBSPACES = ("topk", "randomk", "random")
+CHUNK_BYTES = 256 << 20  # tensors' bases and coordinates are cached in groups of at most this size
 MODES = ("parallel", "opposite", "orthogonal")
 
 
@@ -196,9 +197,10 @@ class SubspaceEngine:
     `apply(model, reference, cfg)` are cheap at any point: the per-tensor cumulative energies are stacked into
     (T, r_max) tables so a point's diagnostics are a few vector operations over all T tensors.
 
-    Memory: only those tables live in the engine. Each tensor's U, Ur, C and Cr are a disk-cache entry of their
-    own; the engine keeps as many of them resident as `resident_bytes` allows (all of them for small models) and
-    streams the rest from the cache, and the task update dT from the checkpoints, one tensor at a time.
+    Memory: only those tables need to live in the engine. The tensors' U, Ur, C and Cr are disk-cache entries in
+    groups of at most CHUNK_BYTES; the engine keeps as many tensors resident as `resident_bytes` allows (all of
+    them for small models) and streams the rest from the cache, one group at a time, with the task update dT
+    read from the checkpoints.
     """
 
     def __init__(self, family_name: str, variant: str, tensors: list[TensorProjection], seed: int = 0,
@@ -260,38 +262,63 @@ class SubspaceEngine:
         cache = cache or DiskCache()
         budget = int(os.environ.get("SAFESUB_RESIDENT_BYTES", 4 << 30)) if resident_bytes is None else resident_bytes
         names = start.names()
+        chunks = _chunks(names, start.shape, CHUNK_BYTES)
         basis_parts = dict(base=family.base.fingerprint(), start=family.start_checkpoint.fingerprint(), seed=seed)
         coord_parts = basis_parts | dict(variant=family.checkpoint(variant).fingerprint())
+        where = {n: c for c, chunk in enumerate(chunks) for n in chunk}
+        memo: dict[int, tuple[dict, dict]] = {}
 
-        def load(i: int, n: str, announce: bool = False) -> TensorProjection:
-            if announce and progress:
-                progress(i, len(names), f"alignment basis and task coordinates: {n}")
+        def chunk_entries(c: int) -> tuple[dict, dict]:
+            """The cache entries (bases, coordinates) of chunk c; the last one read is kept."""
+            if c not in memo:
+                memo.clear()
+                chunk = chunks[c]
+
+                def bases():
+                    return {f"{n}::{key}": value for n in chunk for key, value in alignment_basis(
+                        as_matrix(start.get(n) - base.get(n)).to(device), n, seed).items()}
+
+                b = cache.get_or_compute("alignment_basis", basis_parts | dict(tensors=chunk), bases)
+
+                def coords():
+                    out = {}
+                    for n in chunk:
+                        wa = start.get(n)
+                        dT = as_matrix(ft.get(n) - wa).to(device)
+                        out[f"{n}::C"] = b[f"{n}::U"].to(device).T @ dT
+                        out[f"{n}::Cr"] = b[f"{n}::Ur"].to(device).T @ dT
+                    return out
+
+                memo[c] = (b, cache.get_or_compute("task_coords", coord_parts | dict(tensors=chunk), coords))
+            return memo[c]
+
+        def load(i: int) -> TensorProjection:
+            n = names[i]
+            b, c = chunk_entries(where[n])
             wa = start.get(n)
             dA = as_matrix(wa - base.get(n)).to(device)
             dT = as_matrix(ft.get(n) - wa).to(device)
-            b = cache.get_or_compute("alignment_basis", basis_parts | dict(tensor=n),
-                                     lambda: alignment_basis(dA, n, seed))
-            U, Ur = b["U"].to(device), b["Ur"].to(device)
-            c = cache.get_or_compute("task_coords", coord_parts | dict(tensor=n),
-                                     lambda: dict(C=U.T @ dT, Cr=Ur.T @ dT))
             return TensorProjection(
-                name=n, shape=tuple(wa.shape), U=U, s=b["s"], Ur=Ur, perm=b["perm"], C=c["C"].to(device),
-                Cr=c["Cr"].to(device), dT=dT, task_sq=float(dT.double().pow(2).sum()),
-                align_sq=float(dA.double().pow(2).sum()), dot_align=float((dT.double() * dA.double()).sum()),
+                name=n, shape=tuple(wa.shape), U=b[f"{n}::U"].to(device), s=b[f"{n}::s"], Ur=b[f"{n}::Ur"].to(device),
+                perm=b[f"{n}::perm"], C=c[f"{n}::C"].to(device), Cr=c[f"{n}::Cr"].to(device), dT=dT,
+                task_sq=float(dT.double().pow(2).sum()), align_sq=float(dA.double().pow(2).sum()),
+                dot_align=float((dT.double() * dA.double()).sum()),
             )
 
         tensors, used = [], 0
         for i, n in enumerate(names):
-            t = load(i, n, announce=True)
-            size = t.nbytes
-            if used + size <= budget:
-                used += size
+            if progress:
+                progress(i, len(names), f"alignment basis and task coordinates: {n}")
+            t = load(i)
+            if used + t.nbytes <= budget:
+                used += t.nbytes
             else:
                 t = t.summary()  # keep the numbers, drop the matrices: streamed from the cache when applied
             tensors.append(t)
+        memo.clear()
         if progress:
             progress(len(names), len(names), "done")
-        return cls(family.name, variant, tensors, seed, loader=lambda i: load(i, names[i]))
+        return cls(family.name, variant, tensors, seed, loader=load)
 
     # ---------------------------------------------------------------------------------------- diagnostics
     def parallel_energy(self, subspace: str, k: torch.Tensor) -> torch.Tensor:
@@ -353,6 +380,23 @@ class SubspaceEngine:
             p = params[t.name]
             p.copy_(ref[t.name] + (cfg.alpha * t.kept_update(cfg, k)).to(device=p.device, dtype=p.dtype))
         return model
+
+
+def _chunks(names: list[str], shape_of: Callable[[str], tuple], limit: int) -> list[list[str]]:
+    """Consecutive groups of tensor names whose bases and coordinates take at most `limit` bytes (or one tensor)."""
+    out, size = [[]], 0
+    for n in names:
+        shape = shape_of(n)
+        M = shape[0] if len(shape) > 1 else math.prod(shape)
+        N = math.prod(shape) // M
+        r = min(M, N)
+        need = 4 * 2 * (M * r + r * N)  # U, Ur (M x r) and C, Cr (r x N) in float32
+        if out[-1] and size + need > limit:
+            out.append([])
+            size = 0
+        out[-1].append(n)
+        size += need
+    return out
 
 
 def _stack_padded(rows: list[torch.Tensor]) -> torch.Tensor:

@@ -243,13 +243,26 @@ def test_engine_reuses_the_cached_alignment_basis(synthetic, tmp_path, monkeypat
     b = SubspaceEngine.build(synthetic, "harmful", cache=cache)
     assert torch.equal(a.tensors[3].U, b.tensors[3].U)
     entries = cache.info().set_index("namespace")["entries"]
-    assert entries["alignment_basis"] == len(a.names) and entries["task_coords"] == 2 * len(a.names)
+    assert entries["alignment_basis"] == 1 and entries["task_coords"] == 2  # one group per variant: a small model
 
 
-def test_streamed_engine_matches_the_resident_one(synthetic, engine, tmp_path):
+def test_groups_of_tensors_respect_the_byte_limit():
+    from safesub_core.subspace import _chunks
+
+    shapes = {"a": (10, 10), "b": (10, 10), "c": (40, 10), "d": (7,)}
+    assert _chunks(list(shapes), shapes.get, 1 << 30) == [["a", "b", "c", "d"]]
+    one = 4 * 2 * (10 * 10 + 10 * 10)
+    assert _chunks(list(shapes), shapes.get, one) == [["a"], ["b"], ["c"], ["d"]]  # c alone exceeds: its own group
+
+
+def test_streamed_engine_matches_the_resident_one(synthetic, engine, tmp_path, monkeypatch):
     from safesub_core.cache import DiskCache
 
+    import safesub_core.subspace as sub
+
+    monkeypatch.setattr(sub, "CHUNK_BYTES", 20_000)  # several groups, streamed one at a time
     streamed = SubspaceEngine.build(synthetic, "harmful", cache=DiskCache(tmp_path), resident_bytes=0)
+    assert DiskCache(tmp_path).info().set_index("namespace")["entries"]["alignment_basis"] > 3
     assert not any(t.resident for t in streamed.tensors)
     for cfg in (ProjectionConfig("topk", "parallel", 0.3), ProjectionConfig("random", "orthogonal", None, 0.9)):
         assert streamed.diagnostics(cfg).summary() == engine.diagnostics(cfg).summary()
