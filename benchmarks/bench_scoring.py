@@ -29,7 +29,11 @@ def median_time(fn, repeats=7):
 
 
 def main():
-    family = Family.from_file(tiny_family_path())
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--family", default=None, help="family file (default: the built-in tiny family)")
+    family = Family.from_file(ap.parse_args().family or tiny_family_path())
     model, tok = load_model(family.aligned, family)
     sets = EvalSets.default()
     prompts = list(sets.harmful.prompts)
