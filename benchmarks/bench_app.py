@@ -31,21 +31,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import argparse  # noqa: E402
 import platform  # noqa: E402
 import shutil  # noqa: E402
-import socket  # noqa: E402
 import statistics  # noqa: E402
-import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-import urllib.request  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from ui.server import CHROMIUM_ARGS, free_port, start_server, stop_server, wait_healthy  # noqa: E402
+
 SLIDER_TARGET_S = 1.0
 FIRST_PAGE_TARGET_S = 5.0
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 # new ranks: off the chart's grid (0.01, 0.1, 0.25, 0.5, 0.75, 1.0) and off the default 0.25
 RANKS = [0.31, 0.37, 0.42, 0.46, 0.53, 0.58, 0.63, 0.67, 0.71, 0.79, 0.83, 0.87, 0.91, 0.95]
 
@@ -119,43 +116,6 @@ def bench_apptest(ranks: list[float]) -> list[float]:
     return out
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
-def start_server(port: int) -> tuple[subprocess.Popen, float]:
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port), "--server.headless", "true"],
-        cwd=REPO, env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    return proc, t0
-
-
-def wait_health(port: int, proc: subprocess.Popen, timeout: float = 120) -> float:
-    deadline = time.perf_counter() + timeout
-    while time.perf_counter() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"streamlit exited with status {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"http://localhost:{port}/_stcore/health", timeout=1) as r:
-                if r.status == 200:
-                    return time.perf_counter()
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError("streamlit did not start")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
 IDLE = '[data-testid="stApp"][data-test-script-state="notRunning"]'
 
 
@@ -171,9 +131,10 @@ def bench_browser(ranks_needed: int) -> tuple[dict, list[float], list[float]]:
         browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1500, "height": 1100})
         port = free_port()
-        proc, t0 = start_server(port)
+        t0 = time.perf_counter()
+        proc = start_server(port)
         try:
-            t_health = wait_health(port, proc)
+            t_health = wait_healthy(f"http://localhost:{port}", proc)
             page.goto(f"http://localhost:{port}/", wait_until="commit")
             page.wait_for_selector('h1:has-text("Family")', timeout=120_000)
             page.wait_for_selector('[data-testid="stRadio"]', timeout=120_000)
@@ -204,7 +165,7 @@ def bench_browser(ranks_needed: int) -> tuple[dict, list[float], list[float]]:
                 complete.append(time.perf_counter() - t)
                 page.wait_for_timeout(200)
         finally:
-            stop(proc)
+            stop_server(proc)
             browser.close()
     return first, moves, complete
 

@@ -19,7 +19,7 @@ Weight space (DESIGN.md §2): per tensor, the study's pairs of updates relative 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import pandas as pd
 import torch

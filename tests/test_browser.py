@@ -5,24 +5,18 @@ keyboard and checks that a read-out changed, checks that no exception or error b
 screenshot of every page to artifacts/screenshots/<page>.png. Never runs `playwright install`: it uses the
 chromium binary on PATH and skips (with the reason) when there is none.
 """
-import os
 import re
 import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+
+from ui.server import CHROMIUM_ARGS, free_port, start_server, stop_server, wait_healthy
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
 REPO = Path(__file__).resolve().parent.parent
 SHOTS = REPO / "artifacts" / "screenshots"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 # page -> (url path, a selector of the page's own content to wait for)
 PAGES = {
     "family": ("", '[data-testid="stTable"]'),
@@ -33,48 +27,6 @@ PAGES = {
 }
 TITLES = {"family": "Family", "subspaces": "Subspaces", "overlap": "Overlap", "activation_map": "Activation map",
           "inspector": "Prompt inspector"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
-def start_server(port: int, family: str, cache: str, log_path: Path) -> subprocess.Popen:
-    env = dict(os.environ, SAFESUB_FAMILY=str(family), SAFESUB_CACHE=str(cache), OMP_NUM_THREADS="1",
-               HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    log = open(log_path, "w")
-    return subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port), "--server.headless", "true",
-         "--browser.gatherUsageStats", "false"],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-
-
-def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"streamlit exited with status {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.3)
-    raise TimeoutError(f"streamlit did not answer at {url} within {timeout} s")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=15)
 
 
 def wait_idle(page, timeout_ms: int = 240_000) -> None:
@@ -94,13 +46,15 @@ def server(tiny_family, tmp_path_factory):
     port = free_port()
     cache = tmp_path_factory.mktemp("browser_cache")
     log_path = tmp_path_factory.mktemp("browser_log") / "streamlit.log"
-    proc = start_server(port, tiny_family, cache, log_path)
+    log = open(log_path, "w")
+    proc = start_server(port, dict(SAFESUB_FAMILY=str(tiny_family), SAFESUB_CACHE=str(cache)), log)
     url = f"http://localhost:{port}"
     try:
         wait_healthy(url, proc)
         yield url
     finally:
         stop_server(proc)
+        log.close()
 
 
 @pytest.fixture(scope="module")
