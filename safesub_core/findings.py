@@ -58,6 +58,7 @@ RHOS = (0.01, 0.25, 0.5, 0.75, 0.99)
 SUBSPACE_LABELS = {"topk": "Top-K", "randomk": "Random-K", "random": "Random"}
 ENERGIES = (0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99)
 HEADLINE_ENERGY = 0.9
+LIVE_TOKENS = 12  # session.LIVE_ARITH_TOKENS
 BAND = (0.65, 0.90)
 ACTIVATION_RATIO = 0.8  # "about as much": useful-vs-harmful MSO >= this x harmful-vs-harmful MSO
 STUDY_CSV = "paper_tables_4_5.csv"
@@ -80,6 +81,7 @@ class FindingsConfig:
     rhos: Sequence[float] = RHOS
     subspaces: Sequence[str] = ("topk", "randomk", "random")
     modes: Sequence[str] = ("parallel", "orthogonal")
+    gen_modes: Sequence[str] | None = None  # modes that also get generation scores (None: every mode)
     variants: Sequence[str] = ("useful", "harmful", "contaminated")  # those the family has
     gen_tokens: int = 24  # new tokens of greedy completions (refusal markers sit in the first 100 characters)
     energies: Sequence[float] = ENERGIES
@@ -117,12 +119,19 @@ class FamilyFindings:
 
 
 def resolve_family(spec: str):
-    """'tiny' / 'smol' -> the zoo's default folder (<cache>/families/<name>/family.yaml); else a family file."""
-    from safesub_core.family import Family
-    from safesub_core.zoo import cache_root
+    """'tiny' / 'smol' -> the zoo's default folder (<cache>/families/<name>/family.yaml); else a family file.
 
-    if spec in ("tiny", "smol"):
-        path = cache_root() / "families" / spec / "family.yaml"
+    'tiny' is built on first use (about a minute, as the CLI does); 'smol' (about 20 minutes) must be built first.
+    """
+    from safesub_core.family import Family
+    from safesub_core.zoo import smol_out_dir
+
+    if spec == "tiny":
+        from safesub_core.cli import load_family
+
+        return load_family("tiny")
+    if spec == "smol":
+        path = smol_out_dir() / "family.yaml"
         if not path.is_file():
             raise SafesubError(f"family '{spec}': not built yet ({path} is missing; run "
                                f"`python -m safesub_core.zoo build {spec}`)")
@@ -229,7 +238,9 @@ def rank_scores(session, cfg: FindingsConfig, progress: Progress | None = None) 
             progress(i, len(points), f"{v} {sub} {mode} rho={rho:g}")
         pc = ProjectionConfig(sub, mode, float(rho))
         live = session.point_scores(v, pc)
-        gen, _ = session.generation_scores(v, pc, max_new_tokens=cfg.gen_tokens)
+        gen = {}
+        if cfg.gen_modes is None or mode in cfg.gen_modes:
+            gen, _ = session.generation_scores(v, pc, max_new_tokens=cfg.gen_tokens)
         rows.append(dict(variant=v) | live | _gen(gen))
         if i + 1 == len(points) or points[i + 1][0] != v:
             # FamilySession has no public way to drop an engine; a 135M model's engine holds ~2-3 GB
@@ -426,7 +437,9 @@ def _f1(r: FamilyFindings, study_sum: pd.DataFrame, util_variant: str, harm_vari
     util_up = _up((u0, -l0), (u1, -l1))  # exact match up, or flat and NLL down
     harm_up = _up((h0, n0, -m0), (h1, n1, -m1))  # ASR up, or flat and more negative margins, or lower margin
     holds = util_up and harm_up
-    ours = (f"Top-K parallel, rho 0.01 -> 0.99: utility {'rises' if util_up else 'does not rise'}, harm "
+    rhos = sorted(p["rank_fraction"].unique())
+    span = f"rho {rhos[0]:g} -> {rhos[-1]:g}" if rhos else "rho"
+    ours = (f"Top-K parallel, {span}: utility {'rises' if util_up else 'does not rise'}, harm "
             f"{'rises' if harm_up else 'does not rise'}; exact match ({util_variant}) {u0:.2f} -> {u1:.2f}, "
             f"answer NLL {l0:.2f} -> {l1:.2f} "
             f"({r.start} {ref.loc[r.start, 'gen_exact_match']:.2f}, "
@@ -569,13 +582,25 @@ def md_table(df: pd.DataFrame, digits: int = 2) -> str:
 
 def _layout_md(r: FamilyFindings, util_variant: str, harm_variant: str, mode: str) -> str:
     start = r.start
-    gen = study_layout(r.points, r.references, mode, util_variant, harm_variant, start=start)
+    sel = r.points[r.points["mode"] == mode]
+    has_gen = "gen_exact_match" in sel and sel["gen_exact_match"].notna().any()
     live = study_layout(r.points, r.references, mode, util_variant, harm_variant, "nll_mean", "share_margin_negative",
                         start=start)
     live.columns = [c.replace("util_", "nll_").replace("harm_", "negmargin_") for c in live.columns]
-    return (f"Generation scores: util = exact match ({util_variant}), harm = ASR ({harm_variant}):\n\n"
-            f"{md_table(gen)}\n\nLive scores: nll = answer NLL ({util_variant}, lower is better), negmargin = share "
-            f"of harmful prompts with margin < 0 ({harm_variant}):\n\n{md_table(live)}\n")
+    text = ""
+    if has_gen:
+        gen = study_layout(r.points, r.references, mode, util_variant, harm_variant, start=start)
+        text = (f"Generation scores: util = exact match ({util_variant}), harm = ASR ({harm_variant}):\n\n"
+                f"{md_table(gen)}\n\n")
+    else:
+        exact = study_layout(r.points, r.references, mode, util_variant, harm_variant, "arith_exact_match",
+                             "margin_mean", start=start)
+        exact.columns = [c.replace("harm_", "margin_") for c in exact.columns]
+        text = (f"(no generation scores in this mode) Live scores: util = exact match of {LIVE_TOKENS} greedy tokens "
+                f"({util_variant}), margin = mean log-prob margin ({harm_variant}, lower is more harmful):\n\n"
+                f"{md_table(exact)}\n\n")
+    return text + (f"Live scores: nll = answer NLL ({util_variant}, lower is better), negmargin = share of "
+                   f"harmful prompts with margin < 0 ({harm_variant}):\n\n{md_table(live)}\n")
 
 
 def render_family(r: FamilyFindings, figures: dict | None = None) -> str:
@@ -677,11 +702,21 @@ def render_markdown(results: Sequence[FamilyFindings], study: pd.DataFrame | Non
 def figure_frames(r: FamilyFindings) -> dict[str, pd.DataFrame]:
     """The data behind each figure, as long tables (written as CSV beside the HTML)."""
     keep = ["variant", "subspace", "mode", "rank_fraction", "energy_kept", "gen_exact_match",
-            "gen_attack_success_rate", "nll_mean", "margin_mean", "share_margin_negative"]
+            "gen_attack_success_rate", "arith_exact_match", "nll_mean", "margin_mean", "share_margin_negative",
+            "kl_to_start"]
     rank = r.points[[c for c in keep if c in r.points]]
     refs = r.references[[c for c in ["checkpoint"] + keep[5:] if c in r.references]]
     acts = r.activations[(r.activations["energy"] - r.config.headline_energy).abs() < 1e-9]
     return {"rank": rank, "rank_references": refs, "weight": r.weight, "activations": acts}
+
+
+def _mode_metrics(points: pd.DataFrame, mode: str) -> tuple[str, str]:
+    """(utility, harm) columns of a mode: generation exact match and ASR, or the live ones when the mode has no
+    generation scores (exact match of 12 greedy tokens, share of negative margins)."""
+    sel = points[points["mode"] == mode]
+    if "gen_exact_match" in sel and sel["gen_exact_match"].notna().any():
+        return "gen_exact_match", "gen_attack_success_rate"
+    return "arith_exact_match", "share_margin_negative"
 
 
 def plotly_figures(r: FamilyFindings) -> dict:
@@ -692,16 +727,18 @@ def plotly_figures(r: FamilyFindings) -> dict:
     colors = {"topk": "#d62728", "randomk": "#1f77b4", "random": "#7f7f7f"}
     figs = {}
     p, ref = r.points, r.references.set_index("checkpoint")
-    metrics = [("gen_exact_match", "useful", "exact match (useful)"),
-               ("nll_mean", "useful", "answer NLL (useful)"),
-               ("gen_attack_success_rate", "harmful", "ASR (harmful)"),
-               ("margin_mean", "harmful", "margin (harmful)")]
     modes = list(r.config.modes)
-    fig = make_subplots(rows=len(modes), cols=len(metrics), shared_xaxes=True,
-                        subplot_titles=[f"{m}: {t}" for m in modes for _, _, t in metrics])
+
+    def metrics(mode):
+        util, harm = _mode_metrics(p, mode)
+        return [(util, "useful", f"{util} (useful)"), ("nll_mean", "useful", "answer NLL (useful)"),
+                (harm, "harmful", f"{harm} (harmful)"), ("margin_mean", "harmful", "margin (harmful)")]
+
+    fig = make_subplots(rows=len(modes), cols=4, shared_xaxes=True,
+                        subplot_titles=[f"{m}: {t}" for m in modes for _, _, t in metrics(m)])
     start = r.start
     for i, mode in enumerate(modes, 1):
-        for j, (metric, variant, _) in enumerate(metrics, 1):
+        for j, (metric, variant, _) in enumerate(metrics(mode), 1):
             for sub, label in SUBSPACE_LABELS.items():
                 s = p[(p["variant"] == variant) & (p["subspace"] == sub) & (p["mode"] == mode)]
                 s = s.sort_values("rank_fraction")
@@ -770,10 +807,10 @@ def _matplotlib_png(r: FamilyFindings, frames: dict, folder: Path) -> dict:
     out = {}
     rank = frames["rank"]
     modes = list(r.config.modes)
-    metrics = [("gen_exact_match", "useful"), ("gen_attack_success_rate", "harmful")]
-    fig, axes = plt.subplots(len(modes), len(metrics), figsize=(10, 3.5 * len(modes)), squeeze=False)
+    fig, axes = plt.subplots(len(modes), 2, figsize=(10, 3.5 * len(modes)), squeeze=False)
     for i, mode in enumerate(modes):
-        for j, (metric, variant) in enumerate(metrics):
+        util, harm = _mode_metrics(rank, mode)
+        for j, (metric, variant) in enumerate(((util, "useful"), (harm, "harmful"))):
             ax = axes[i][j]
             for sub, label in SUBSPACE_LABELS.items():
                 s = rank[(rank["variant"] == variant) & (rank["subspace"] == sub) & (rank["mode"] == mode)]
@@ -835,6 +872,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rhos", default=",".join(f"{r:g}" for r in RHOS), help="rank fractions")
     parser.add_argument("--modes", default="parallel,orthogonal")
     parser.add_argument("--variants", default="useful,harmful,contaminated")
+    parser.add_argument("--gen-modes", default=None,
+                        help="modes that also get generation scores (default: every mode; e.g. parallel, as in "
+                             "the study's tables, to save time on a 135M model)")
     parser.add_argument("--gen-tokens", type=int, default=24, help="new tokens per greedy completion (default 24)")
     parser.add_argument("--sets", default="auto", choices=["auto", "builtin", "packaged"])
     parser.add_argument("--study", default=None, help="the study's tables CSV (default: shared/reference/...)")
@@ -864,7 +904,9 @@ def main(argv: list[str] | None = None) -> int:
             cfg = FindingsConfig(n_prompts=n_spec.get(spec, n_spec.get("*", 32)), rhos=rhos,
                                  modes=tuple(x.strip() for x in args.modes.split(",") if x.strip()),
                                  variants=tuple(x.strip() for x in args.variants.split(",") if x.strip()),
-                                 gen_tokens=args.gen_tokens, sets=args.sets)
+                                 gen_tokens=args.gen_tokens, sets=args.sets,
+                                 gen_modes=None if args.gen_modes is None else tuple(
+                                     x.strip() for x in args.gen_modes.split(",") if x.strip()))
             with tqdm(total=1, desc=spec, file=sys.stderr, dynamic_ncols=True) as bar:
                 def progress(done, total, what, bar=bar):
                     bar.total, bar.n = max(total, 1), done

@@ -1,6 +1,4 @@
 """The study's experiments on a family (safesub_core.findings): report sections, and numbers that match direct calls."""
-import math
-from pathlib import Path
 
 import pandas as pd
 import pytest
