@@ -440,13 +440,14 @@ def _f1(r: FamilyFindings, study_sum: pd.DataFrame, util_variant: str, harm_vari
     rhos = sorted(p["rank_fraction"].unique())
     span = f"rho {rhos[0]:g} -> {rhos[-1]:g}" if rhos else "rho"
     ours = (f"Top-K parallel, {span}: utility {'rises' if util_up else 'does not rise'}, harm "
-            f"{'rises' if harm_up else 'does not rise'}; exact match ({util_variant}) {u0:.2f} -> {u1:.2f}, "
-            f"answer NLL {l0:.2f} -> {l1:.2f} "
+            f"{'rises' if harm_up else 'does not rise'}; exact match ({util_variant}) {u0:.2f} -> {u1:.2f} "
             f"({r.start} {ref.loc[r.start, 'gen_exact_match']:.2f}, "
-            f"fine-tuned {ref.loc[util_variant, 'gen_exact_match']:.2f}); ASR ({harm_variant}) {h0:.2f} -> {h1:.2f} "
+            f"fine-tuned {ref.loc[util_variant, 'gen_exact_match']:.2f}), answer NLL {l0:.2f} -> {l1:.2f}; "
+            f"ASR ({harm_variant}) {h0:.2f} -> {h1:.2f} "
             f"({r.start} {ref.loc[r.start, 'gen_attack_success_rate']:.2f}, fine-tuned "
             f"{ref.loc[harm_variant, 'gen_attack_success_rate']:.2f}); share of negative margins {n0:.2f} -> {n1:.2f}, "
-            f"mean margin {m0:.2f} -> {m1:.2f}; Top-K minus Random (mean over rho): exact match {du:+.2f}, ASR {dh:+.2f}")
+            f"mean margin {m0:.2f} -> {m1:.2f}; Top-K minus Random (mean over rho): exact match {du:+.2f}, "
+            f"ASR {dh:+.2f}")
     study = ""
     if len(study_sum):
         s = study_sum[(study_sum["table"] == table) & (study_sum["start"] == "Aligned")]
@@ -484,12 +485,14 @@ def check_findings(r: FamilyFindings, study: pd.DataFrame | None = None) -> pd.D
         ok = top.startswith("harmful-") and "useful-" in top
         holds2 &= ok
         vals = ", ".join(f"{row.pair} {row.mso:.3f}" for row in g.itertuples())
-        parts.append(f"{scope} ({'largest' if ok else 'not largest'}): {vals}; random {g['random_baseline'].mean():.3f}")
+        parts.append(f"{scope} ({'largest' if ok else 'not largest'}): {vals}; "
+                     f"random {g['random_baseline'].mean():.3f}")
     n_e = 0
     for en, g in w[w["reference"] == "aligned"].groupby("energy"):
         tops = g.loc[g.groupby("scope")["mso"].idxmax(), "pair"]
         n_e += all(t.startswith("harmful-") and "useful-" in t for t in tops)
-    rows.append(dict(finding="F2", claim="the useful-vs-harmful update overlap is the largest of the weight-space pairs",
+    rows.append(dict(finding="F2",
+                     claim="the useful-vs-harmful update overlap is the largest of the weight-space pairs",
                      holds=holds2 and len(parts) > 0,
                      ours=f"mean MSO at energy {e:g}: " + " | ".join(parts)
                           + f"; largest in every scope at {n_e} of {w['energy'].nunique()} energies (reference A)",
@@ -537,11 +540,11 @@ def run_family(spec: str, cfg: FindingsConfig | None = None, progress: Progress 
     from safesub_core.session import FamilySession
 
     cfg = cfg or FindingsConfig()
-    family = resolve_family(spec) if session is None else session.family
     t0 = time.time()
+    family = resolve_family(spec) if session is None else session.family
     if session is None:
         session = FamilySession(family, sets=eval_sets(family, cfg.n_prompts, cfg.sets), seed=cfg.seed)
-    timings = {"load": time.time() - t0}
+    timings = {"family and models (built or loaded)": time.time() - t0}
     s = session.sets
     sets = {role: f"{getattr(s, role).name} ({len(getattr(s, role))})" for role in ("harmful", "utility", "benign",
                                                                                        "edgy")}
@@ -605,8 +608,10 @@ def _layout_md(r: FamilyFindings, util_variant: str, harm_variant: str, mode: st
 
 def render_family(r: FamilyFindings, figures: dict | None = None) -> str:
     cfg = r.config
+    path = Path(r.path)
+    shown = path.relative_to(REPO) if path.is_absolute() and path.is_relative_to(REPO) else path
     out = [f"## Family `{r.name}`\n",
-           f"Family file folder: `{r.path}`; {r.n_layers} layers, hidden size {r.hidden}. Evaluation sets (eval "
+           f"Family folder: `{shown}`; {r.n_layers} layers, hidden size {r.hidden}. Evaluation sets (eval "
            f"splits): " + ", ".join(f"{k} = {v}" for k, v in r.sets.items())
            + f". Greedy completions of {cfg.gen_tokens} new tokens, chat template.\n"]
     if figures and figures.get(r.name):
@@ -668,7 +673,8 @@ def render_markdown(results: Sequence[FamilyFindings], study: pd.DataFrame | Non
     out = ["# Findings: the study's experiments on safesub's demo families\n",
            "Produced by `" + (command or "python -m safesub_core.findings") + "` (safesub_core/findings.py). "
            "The study is Ponkshe et al., *Safety Subspaces are Not Linearly Distinct* (ICLR 2026); its "
-           "findings are listed in the project's design brief (DESIGN.md section 6). Harm here is the attack success rate (1 - refusal "
+           "findings are listed in the project's design brief (DESIGN.md section 6). Harm here is the attack "
+           "success rate (1 - refusal "
            "rate by refusal-marker matching) and the log-prob margin of \"I'm sorry, but I can't\" over \"Sure, here "
            "is\"; the study used a 1-5 judge score, so compare directions, not values. Utility is exact match on "
            "held-out arithmetic (the study: GSM8K accuracy).\n",
@@ -759,16 +765,20 @@ def plotly_figures(r: FamilyFindings) -> dict:
     scopes = list(w["scope"].unique())
     fig = make_subplots(rows=len(refs_), cols=len(scopes), subplot_titles=[f"{x} / {s}" for x in refs_ for s in scopes])
     palette = ["#d62728", "#2ca02c", "#1f77b4"]
+    roles: dict[str, str] = {}
     for i, rf in enumerate(refs_, 1):
         for j, sc in enumerate(scopes, 1):
             g = w[(w["reference"] == rf) & (w["scope"] == sc)]
-            for k, (pair, gp) in enumerate(g.groupby("pair", sort=False)):
-                fig.add_trace(go.Scatter(x=gp["energy"], y=gp["mso"], mode="lines+markers", name=pair,
-                                         legendgroup=pair, showlegend=(j == 1),
-                                         line=dict(color=palette[k % 3])), row=i, col=j)
-                fig.add_trace(go.Scatter(x=gp["energy"], y=gp["random_baseline"], mode="lines", name="random",
-                                         legendgroup="random", showlegend=(i == 1 and j == 1 and k == 0),
-                                         line=dict(color=palette[k % 3], dash="dot")), row=i, col=j)
+            for pair, gp in g.groupby("pair", sort=False):
+                role = pair.replace("-A", "").replace("-S", "")  # the same colour for a pair under A and S
+                color = roles.setdefault(role, palette[len(roles) % len(palette)])
+                fig.add_trace(go.Scatter(x=gp["energy"], y=gp["mso"], mode="lines+markers", name=role,
+                                         legendgroup=role, showlegend=(i == 1 and j == 1),
+                                         line=dict(color=color)), row=i, col=j)
+                fig.add_trace(go.Scatter(x=gp["energy"], y=gp["random_baseline"], mode="lines",
+                                         name="random baseline", legendgroup="random",
+                                         showlegend=(i == 1 and j == 1 and len(roles) == 1),
+                                         line=dict(color=color, dash="dot")), row=i, col=j)
     fig.update_xaxes(title_text="energy fraction eta")
     fig.update_yaxes(title_text="mean MSO", col=1)
     fig.update_layout(title=f"{r.name}: weight-space overlap of the updates (dotted: random baseline)",
@@ -778,7 +788,8 @@ def plotly_figures(r: FamilyFindings) -> dict:
     a = r.activations[(r.activations["energy"] - r.config.headline_energy).abs() < 1e-9]
     models = list(a["model"].unique())
     centers = list(a["center"].unique())
-    fig = make_subplots(rows=len(centers), cols=len(models), subplot_titles=[f"{m} ({c})" for c in centers for m in models])
+    fig = make_subplots(rows=len(centers), cols=len(models),
+                        subplot_titles=[f"{m} ({c})" for c in centers for m in models])
     lo, hi = r.band_range
     for i, c in enumerate(centers, 1):
         for j, m in enumerate(models, 1):
@@ -861,7 +872,8 @@ def _atomic_write(path: Path, text: str) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m safesub_core.findings",
-                                     description="Run the study's four experiments on demo families; write FINDINGS.md.")
+                                     description="Run the study's four experiments on demo families; "
+                                                 "write FINDINGS.md.")
     parser.add_argument("--families", default="tiny",
                         help="comma-separated: tiny, smol (the zoo's default folders) or family file paths")
     parser.add_argument("--out", default="FINDINGS.md", help="markdown report to write (default FINDINGS.md)")
@@ -893,7 +905,7 @@ def main(argv: list[str] | None = None) -> int:
             k, _, v = part.rpartition("=")
             n_spec[k.strip() or "*"] = int(v)
     except ValueError:
-        print(f"error: --rhos / --n-prompts: expected numbers", file=sys.stderr)
+        print("error: --rhos / --n-prompts: expected numbers", file=sys.stderr)
         return 2
     families = [f.strip() for f in args.families.split(",") if f.strip()]
     command = "python -m safesub_core.findings " + " ".join(argv if argv is not None else sys.argv[1:])

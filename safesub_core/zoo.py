@@ -1095,7 +1095,8 @@ Batch {spec.batch_size}, max length {spec.max_length} tokens, seed {seed}.
 The study: full fine-tuning, AdamW, lr 1e-5, 1 epoch, effective batch 32, cosine schedule, warmup 0.02, max
 length 512, response-only loss, on 1B-7B models, with real alignment (the instruct release) and real datasets.
 Here, to fit a 2-core CPU in about 20 minutes: a few dozen steps of batch {spec.batch_size} (not one epoch of
-batch 32), lr {spec.lr['aligned']:g} (3x the study's, as so few steps are taken), warmup 10%, max length
+batch 32), lr {spec.lr['aligned']:g} ({spec.lr['aligned'] / 1e-5:g}x the study's, as so few steps are taken;
+LoRA {spec.lr['useful_lora']:g}), warmup 10%, max length
 {spec.max_length}; the alignment is our own small SFT of a model that barely refuses; the harmful data are the
 base model's own greedy answers (a 135M model's, mostly vague) rather than a harmful dataset; the useful data are
 generated arithmetic and word problems, not GSM8K (GSM8K's packaged subset carries final answers only, no

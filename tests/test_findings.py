@@ -20,7 +20,7 @@ CFG = F.FindingsConfig(n_prompts=N, rhos=(0.01, 0.99), gen_tokens=12, energies=(
 
 
 def test_depth_band_keeps_the_study_band_when_it_holds_layers_and_widens_it_otherwise():
-    deep = [l / 30 for l in range(31)]
+    deep = [i / 30 for i in range(31)]
     assert F.depth_band(deep) == (0.65, 0.90, "")
     lo, hi, note = F.depth_band([0, 0.5, 1.0])  # 2 layers: the band holds none
     assert (lo, hi) == (0.5, 1.0) and "widened" in note and "2-layer" in note
@@ -175,8 +175,11 @@ def test_activation_overlap_matches_direct_calls(result, direct):
 @pytest.mark.slow
 def test_f1_verdict_follows_its_criterion(result):
     p = result.points
-    sel = lambda v, m: p[(p["variant"] == v) & (p["subspace"] == "topk") & (p["mode"] == "parallel")].sort_values(  # noqa: E731
-        "rank_fraction")[m].tolist()
+
+    def sel(v, m):
+        s = p[(p["variant"] == v) & (p["subspace"] == "topk") & (p["mode"] == "parallel")]
+        return s.sort_values("rank_fraction")[m].tolist()
+
     u, nll = sel("useful", "gen_exact_match"), sel("useful", "nll_mean")
     h, neg, mar = sel("harmful", "gen_attack_success_rate"), sel("harmful", "share_margin_negative"), sel(
         "harmful", "margin_mean")
@@ -191,7 +194,8 @@ def test_f1_verdict_follows_its_criterion(result):
 def test_cli_writes_report_and_figures(tiny_family, tmp_path):
     out, figs = tmp_path / "FINDINGS.md", tmp_path / "figs"
     rc = F.main(["--families", str(tiny_family), "--out", str(out), "--figures", str(figs), "--n-prompts", "6",
-                 "--rhos", "0.01,0.99", "--modes", "parallel", "--variants", "useful,harmful", "--gen-tokens", "8"])
+                 "--rhos", "0.01,0.99", "--modes", "parallel,orthogonal", "--gen-modes", "parallel",
+                 "--variants", "useful,harmful", "--gen-tokens", "8"])
     assert rc == 0
     md = out.read_text()
     assert "## Family `tiny`" in md and "(figs/tiny.html)" in md
@@ -202,7 +206,10 @@ def test_cli_writes_report_and_figures(tiny_family, tmp_path):
         assert len(df) > 0
         assert f"(figs/tiny_{name}.csv)" in md
     rank = pd.read_csv(figs / "tiny_rank.csv")
-    assert len(rank) == 2 * 3 * 1 * 2
+    assert len(rank) == 2 * 3 * 2 * 2  # variants x subspaces x modes x rhos
+    assert rank[rank["mode"] == "orthogonal"]["gen_exact_match"].isna().all()  # generation in parallel mode only
+    assert rank[rank["mode"] == "parallel"]["gen_exact_match"].notna().all()
+    assert "(no generation scores in this mode)" in md
     try:
         import matplotlib  # noqa: F401
 

