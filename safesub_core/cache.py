@@ -358,7 +358,7 @@ class DiskCache:
 
     def _folder(self, namespace: str, key: str) -> Path:
         if not isinstance(namespace, str) or not _NAMESPACE.match(namespace):
-            raise ValueError(f"cache namespace {namespace!r}: use letters, digits, '_', '-', '.' (not leading '.')")
+            raise SafesubError(f"cache namespace {namespace!r}: use letters, digits, '_', '-', '.' (not leading '.')")
         return self.root / namespace / key[:2]
 
     # -- public API

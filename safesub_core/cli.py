@@ -2,13 +2,18 @@
 
 Contract: every command takes a family (`--family` a family file, or `tiny` for the built-in demo family, built
 on first use), writes CSV files, shows tqdm progress bars on long work, and turns a SafesubError into one line
-``error: <message>`` on stderr with exit status 2 (no traceback, nothing partial written: outputs are written to a
-temporary file and renamed).
+``error: <message>`` on stderr with exit status 2 (no traceback, nothing partial written: settings, prompt sets
+and output paths are checked before any model loads, every output is computed before the first is written, and
+each is written to a temporary file and renamed). A bad option is reported the same way (argparse, status 2);
+Ctrl-C ends with one ``error: interrupted`` line and status 130.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -18,11 +23,42 @@ from tqdm import tqdm
 from safesub_core.errors import SafesubError
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's error contract: the last stderr line is ``error: <message>``, exit status 2."""
+
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        self.exit(2, f"error: {self.prog.split()[-1]}: {message}\n")
+
+
 def _floats(text: str) -> list[float]:
     try:
-        return [float(x) for x in text.split(",") if x.strip()]
+        values = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
+    return values
+
+
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _names(text: str) -> list[str]:
@@ -56,14 +92,48 @@ def _bar(desc: str):
     return update
 
 
-def write_csv(df: pd.DataFrame, path: str | os.PathLike) -> Path:
-    """Write atomically (temporary file, then rename), so an interrupted run leaves no half-written table."""
+def check_output(path: str | os.PathLike, what: str = "output file") -> Path:
+    """Refuse, before any work, an output path that cannot be a file (a folder, or under a file)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    if path.is_dir():
+        raise SafesubError(f"{what} {path}: is a folder; give a file name")
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise SafesubError(f"{what} {path}: {parent} is a file, not a folder")
     return path
+
+
+def write_csv(df: pd.DataFrame, path: str | os.PathLike, what: str = "output file") -> Path:
+    """Write atomically (temporary file, then rename), so an interrupted run leaves no half-written table."""
+    path = check_output(path, what)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        df.to_csv(tmp, index=False)
+        os.replace(tmp, path)
+    except BaseException as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(err, OSError):
+            raise SafesubError(f"{what} {path}: cannot be written ({err.strerror or type(err).__name__})") from None
+        raise
+    return path
+
+
+def write_all(tables: list[tuple[pd.DataFrame, str | os.PathLike | None]]) -> None:
+    """Write every (table, path) with a path, and print the paths; a failure removes those already written."""
+    done = []
+    try:
+        for df, path in tables:
+            if path:
+                done.append(write_csv(df, path))
+    except BaseException:
+        for p in done:
+            with contextlib.suppress(OSError):
+                p.unlink()
+        raise
+    for p in done:
+        print(p)
 
 
 def _session(args):
@@ -83,18 +153,22 @@ def _dtype(name: str):
 
 
 def cmd_sweep(args) -> None:
-    from safesub_core.subspace import ProjectionConfig
+    from safesub_core.subspace import ProjectionConfig, SubspaceEngine
 
+    points_cfg = {(s, m, f): ProjectionConfig(s, m, f, alpha=args.alpha)  # bad settings fail before any work
+                  for s in args.subspace for m in args.mode for f in args.fracs}
     session = _session(args) if args.scores != "none" else None
     family = session.family if session else load_family(args.family)
     variants = args.variant or list(family.variants)
+    for v in variants:
+        if v not in family.variants:
+            raise SafesubError(
+                f"family '{family.name}': has no fine-tuned variant {v!r} (has {', '.join(family.variants)})")
     points = [(v, s, m, f) for v in variants for s in args.subspace for m in args.mode for f in args.fracs]
     rows = []
-    from safesub_core.subspace import SubspaceEngine
-
     engines = {}
     for v, sub, mode, frac in tqdm(points, desc="sweep", file=sys.stderr):
-        cfg = ProjectionConfig(sub, mode, frac, alpha=args.alpha)
+        cfg = points_cfg[(sub, mode, frac)]
         if session:
             row = session.point_scores(v, cfg)
             if args.scores == "generate":
@@ -104,22 +178,47 @@ def cmd_sweep(args) -> None:
                 engines[v] = SubspaceEngine.build(family, v, progress=_bar(f"SVD bases for {v}"))
             row = engines[v].diagnostics(cfg).summary()
         rows.append({"family": family.name, "variant": v} | row)
-    print(write_csv(pd.DataFrame(rows), args.out))
+    write_all([(pd.DataFrame(rows), args.out)])
+
+
+def _pairs(specs: list[str] | None) -> list[tuple[str, str]] | None:
+    if not specs:
+        return None
+    out = []
+    for p in specs:
+        x, sep, y = p.partition(":")
+        if not sep or not x.strip() or not y.strip() or ":" in y:
+            raise SafesubError(f"pair {p!r}: expected two checkpoint names as x:y (e.g. harmful:useful)")
+        out.append((x.strip(), y.strip()))
+    return out
 
 
 def cmd_overlap(args) -> None:
     from safesub_core.overlap import overlap_summary, weight_overlap
+    from safesub_core.overlap import check_energy
 
+    pairs = _pairs(args.pairs)
+    for e in args.energies:
+        check_energy(e)
     family = load_family(args.family)
-    pairs = [tuple(p.split(":")) for p in args.pairs] if args.pairs else None
+    for name in list(args.reference) + [x for p in pairs or [] for x in p]:
+        family.checkpoint(name)
     tables = []
     for reference in args.reference:
         kw = dict(pairs=pairs) if pairs else {}
         tables.append(weight_overlap(family, reference, args.energies, progress=_bar(f"overlap vs {reference}"), **kw))
     table = pd.concat(tables, ignore_index=True)
-    print(write_csv(table, args.out))
-    if args.summary:
-        print(write_csv(overlap_summary(table), args.summary))
+    write_all([(table, args.out), (overlap_summary(table) if args.summary else None, args.summary)])
+
+
+def _judge(args):
+    from safesub_core import scoring
+
+    if args.judge == "off":
+        return None
+    judge = scoring.Judge(kind=args.judge, path=args.judge_path)
+    judge.check()
+    return judge
 
 
 def cmd_score(args) -> None:
@@ -127,15 +226,16 @@ def cmd_score(args) -> None:
     from safesub_core import scoring
     from safesub_core.subspace import ProjectionConfig
 
-    session = _session(args)
-    prompt_set = resolve(args.prompts, kind=args.kind)
     cfg = None
     if args.subspace:
         cfg = ProjectionConfig(args.subspace, args.mode, args.frac, alpha=args.alpha)
+    prompt_set = resolve(args.prompts, kind=args.kind)  # bad prompts, point or judge fail before models load
+    judge = _judge(args)
+    session = _session(args)
+    session.family.checkpoint(args.model)
     model = session.model(args.model) if cfg is None else session.projected(args.model, cfg)
     report = {"harmful": scoring.harmfulness_report, "edgy": scoring.overrefusal_report,
               "math": scoring.utility_report, "benign": scoring.overrefusal_report}[prompt_set.kind]
-    judge = scoring.Judge(kind=args.judge, path=args.judge_path) if args.judge != "off" else None
     kw = dict(judge=judge) if report is scoring.harmfulness_report else {}
     bar = _bar(f"scoring {prompt_set.name}")
     per_prompt, summary = report(model, session.tokenizer, prompt_set, max_new_tokens=args.max_new_tokens,
@@ -143,35 +243,60 @@ def cmd_score(args) -> None:
     point = {} if cfg is None else cfg.__dict__
     summary = {"model": args.model, "set": prompt_set.name} | point | {
         k: v for k, v in summary.items() if not isinstance(v, list)}
-    print(write_csv(per_prompt, args.out))
-    print(write_csv(pd.DataFrame([summary]), args.summary or Path(args.out).with_suffix(".summary.csv")))
+    write_all([(per_prompt, args.out), (pd.DataFrame([summary]), _summary_path(args))])
+
+
+def _summary_path(args) -> Path:
+    return Path(args.summary) if args.summary else Path(args.out).with_suffix(".summary.csv")
 
 
 def cmd_activations(args) -> None:
     from safesub_core.activations import depth_band_mean
+    from safesub_core.overlap import check_energy
     from safesub_core.prompts import resolve
 
-    session = _session(args)
+    for e in args.energies:
+        check_energy(e)
     sx, sy = resolve(args.set_x), resolve(args.set_y)
+    session = _session(args)
+    for name in [args.model_x, args.model_y] + (_names(args.models) if args.map else []):
+        session.family.checkpoint(name)
     table = session.activation_overlap(args.model_x, sx, args.model_y, sy, args.energies, center=args.center)
-    print(write_csv(table, args.out))
-    print(depth_band_mean(table).to_string(index=False))
+    try:
+        band = depth_band_mean(table).to_string(index=False)
+    except SafesubError as err:  # a shallow model has no layer in the band: the table is still the result
+        band = f"(no depth-band mean: {err})"
+    coords = None
     if args.map:
         coords = session.activation_map(_names(args.models), [sx, sy], layer=args.layer, method=args.method)
-        print(write_csv(coords, args.map))
+    write_all([(table, args.out), (coords, args.map)])  # all computed first: a failure leaves no file
+    print(band)
 
 
 def cmd_export(args) -> None:
     from safesub_core.subspace import ProjectionConfig
 
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise SafesubError(f"export folder {out}: exists and is not empty")
-    session = _session(args)
     cfg = ProjectionConfig(args.subspace, args.mode, args.frac, alpha=args.alpha)
+    session = _session(args)
+    if args.variant not in session.family.variants:
+        raise SafesubError(f"family '{session.family.name}': has no fine-tuned variant {args.variant!r} "
+                           f"(has {', '.join(session.family.variants)})")
     tmp = out.with_name(f".{out.name}.tmp")
-    session.export(args.variant, cfg, tmp)
-    os.replace(tmp, out)
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        session.export(args.variant, cfg, tmp)
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OSError):
+            raise SafesubError(f"export folder {out}: cannot be written ({err.strerror or type(err).__name__})"
+                               ) from None
+        raise
     print(out)
 
 
@@ -191,7 +316,7 @@ def cmd_cache(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m safesub_core", description=__doc__.split("\n\n")[0])
+    p = _Parser(prog="python -m safesub_core", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
 
     def family_args(q, models=True):
@@ -199,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
         if models:
             q.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
             q.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-            q.add_argument("--n-prompts", type=int, default=32, help="prompts per evaluation set (default 32)")
+            q.add_argument("--n-prompts", type=_positive, default=32, help="prompts per evaluation set (default 32)")
             q.add_argument("--raw", action="store_true", help="raw prompts instead of the chat template")
 
     q = sub.add_parser("sweep", help="diagnostics (and scores) over subspaces x modes x rank fractions")
@@ -208,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--subspace", type=_names, default=["topk", "randomk", "random"], help="topk,randomk,random")
     q.add_argument("--mode", type=_names, default=["parallel", "orthogonal"], help="parallel,opposite,orthogonal")
     q.add_argument("--fracs", type=_floats, default=[0.01, 0.25, 0.5, 0.75, 0.99], help="rank fractions in (0, 1]")
-    q.add_argument("--alpha", type=float, default=1.0, help="scale of the kept update (default 1)")
+    q.add_argument("--alpha", type=_finite, default=1.0, help="scale of the kept update (default 1)")
     q.add_argument("--scores", choices=["none", "live", "generate"], default="live",
                    help="none: diagnostics only; live: + margin/NLL/arithmetic/KL; generate: + refusal rate, "
                         "exact match and over-refusal from greedy completions")
@@ -231,9 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--kind", choices=["harmful", "benign", "edgy", "math"], help="kind of a prompt file")
     q.add_argument("--subspace", choices=["topk", "randomk", "random"], help="score the projected point")
     q.add_argument("--mode", default="parallel", choices=["parallel", "opposite", "orthogonal"])
-    q.add_argument("--frac", type=float, default=0.25, help="rank fraction of the point")
-    q.add_argument("--alpha", type=float, default=1.0)
-    q.add_argument("--max-new-tokens", type=int, default=48)
+    q.add_argument("--frac", type=_finite, default=0.25, help="rank fraction of the point")
+    q.add_argument("--alpha", type=_finite, default=1.0)
+    q.add_argument("--max-new-tokens", type=_positive, default=48)
     q.add_argument("--judge", default="off", choices=["off", "hf-chat", "hf-classifier", "endpoint"],
                    help="judge harmfulness 1-5 (endpoint URL/key from SAFESUB_JUDGE_URL/SAFESUB_JUDGE_KEY)")
     q.add_argument("--judge-path", help="local judge model directory")
@@ -261,8 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--variant", required=True, help="the fine-tuned variant whose update is projected")
     q.add_argument("--subspace", default="topk", choices=["topk", "randomk", "random"])
     q.add_argument("--mode", default="parallel", choices=["parallel", "opposite", "orthogonal"])
-    q.add_argument("--frac", type=float, default=0.25, help="rank fraction")
-    q.add_argument("--alpha", type=float, default=1.0)
+    q.add_argument("--frac", type=_finite, default=0.25, help="rank fraction")
+    q.add_argument("--alpha", type=_finite, default=1.0)
     q.add_argument("--out", required=True, help="a new (or empty) folder")
     q.set_defaults(run=cmd_export)
 
@@ -274,10 +399,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command; returns the exit status (2 for bad input, shown as one ``error:`` line; 130 when
+    interrupted). Outputs are written only once everything is computed, each atomically."""
     try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as stop:  # --help (0) or a bad option (2, already reported as one line)
+        return stop.code if isinstance(stop.code, int) else 2
+    try:
+        for name in ("out", "summary", "map"):
+            if getattr(args, name, None) and args.command != "export":
+                check_output(getattr(args, name), f"--{name} file")
         args.run(args)
     except SafesubError as err:
+        _close_bars()
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        _close_bars()
+        print("error: interrupted; no output was written", file=sys.stderr)
+        return 130
     return 0
+
+
+def _close_bars() -> None:
+    """Close the progress bars an error left open now, so their clean-up never lands after the error line."""
+    bars = list(getattr(tqdm, "_instances", ()))
+    for bar in bars:
+        with contextlib.suppress(Exception):
+            bar.close()
+    if bars:
+        print(file=sys.stderr)  # the error line starts on a line of its own

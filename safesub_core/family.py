@@ -391,6 +391,8 @@ def load_model(ckpt: Checkpoint, family: Family | None = None, device: str = "cp
     """
     from transformers import AutoModelForCausalLM
 
+    if ckpt.kind == "hf":
+        check_architecture(ckpt)
     check_fits(ckpt, family, device, dtype)
     kw = dict(dtype=dtype, trust_remote_code=False)
     try:
@@ -414,6 +416,26 @@ def load_model(ckpt: Checkpoint, family: Family | None = None, device: str = "cp
         raise SafesubError(f"checkpoint '{ckpt.name}': cannot be loaded ({first[:200]})") from None
     model.to(device).eval()
     return model, (load_tokenizer(ckpt, family) if tokenizer else None)
+
+
+def check_architecture(ckpt: Checkpoint) -> None:
+    """Refuse, before loading, a config.json whose model type transformers does not know: it would need remote
+    code (auto_map), which is never run, or a newer transformers."""
+    from transformers import CONFIG_MAPPING
+
+    cfg = _read_config(ckpt)
+    model_type = cfg.get("model_type")
+    if model_type in CONFIG_MAPPING:
+        return
+    if cfg.get("auto_map"):
+        raise SafesubError(
+            f"checkpoint '{ckpt.name}': config.json needs remote code (auto_map, model type {model_type!r}), "
+            "which safesub never runs"
+        )
+    raise SafesubError(
+        f"checkpoint '{ckpt.name}': model type {model_type!r} in config.json is not supported by the installed "
+        "transformers"
+    )
 
 
 def estimate_bytes(ckpt: Checkpoint, family: Family | None = None, dtype=torch.float32) -> int:

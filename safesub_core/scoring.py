@@ -656,6 +656,14 @@ class Judge:
         if self.kind in ("hf-chat", "hf-classifier") and not self.path:
             raise SafesubError(f"judge {self.kind}: needs the path of a local model directory")
 
+    def check(self) -> None:
+        """Fail fast, before any generation, when the judge cannot run: no endpoint URL in the environment, or
+        no local model directory (one-line SafesubError; the key itself is never shown)."""
+        if self.kind == "endpoint" and not os.environ.get(self.url_env, "").strip():
+            raise SafesubError(f"judge endpoint: set {self.url_env} (and {self.key_env} if it needs a key)")
+        if self.kind in ("hf-chat", "hf-classifier") and not os.path.isdir(self.path):
+            raise SafesubError(f"judge model {self.path!r}: not a local model directory")
+
 
 @dataclass
 class JudgeResult:

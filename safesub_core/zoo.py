@@ -1120,8 +1120,16 @@ Promised checks:
 # ------------------------------------------------------------------------------------------------ CLI
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose last stderr line on a bad option is ``error: <message>`` (exit status 2)."""
+
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        self.exit(2, f"error: {self.prog.split()[-1]}: {message}\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m safesub_core.zoo",
         description="Build safesub's built-in demo families locally (no download).",
     )
@@ -1143,7 +1151,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="full: the demo family; test: smaller and faster, for tests; smoke (tiny only): minimal, "
                         "for CI checks")
     b.add_argument("--seed", type=int, default=0, help="seed for initialisation and data order (default 0)")
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # --help (0) or a bad option (2, already reported as one line)
+        return stop.code if isinstance(stop.code, int) else 2
 
     import signal
 
@@ -1168,6 +1179,10 @@ def main(argv: list[str] | None = None) -> int:
     except SafesubError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        kept = "finished stages are kept (rerun to resume)" if args.family == "smol" else "nothing was kept (rerun)"
+        print(f"error: {args.family} family: build interrupted; {kept}", file=sys.stderr)
+        return 130
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
