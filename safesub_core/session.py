@@ -31,6 +31,7 @@ import torch
 from safesub_core import scoring
 from safesub_core.activations import activation_map, activation_overlap, last_token_states
 from safesub_core.cache import DiskCache
+from safesub_core.errors import SafesubError
 from safesub_core.family import Family, load_model
 from safesub_core.generation import generate
 from safesub_core.prompts import PromptSet, arithmetic_set, load_set
@@ -38,6 +39,31 @@ from safesub_core.overlap import DEFAULT_ENERGIES
 from safesub_core.subspace import ProjectionConfig, SubspaceEngine
 
 LIVE_ARITH_TOKENS = 12
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def available_devices() -> list[str]:
+    """Where models can run here: every CUDA device ('cuda:0', ...), then 'cpu'."""
+    return [f"cuda:{i}" for i in range(torch.cuda.device_count())] + ["cpu"]
+
+
+def resolve_compute(device: str | None = "auto", dtype: str | None = "auto") -> tuple[str, torch.dtype]:
+    """(device, dtype) from names; 'auto' (or None) is the first CUDA device when present, else the CPU, and
+    bfloat16 on a GPU, float32 on the CPU. A device this machine lacks is a one-line SafesubError."""
+    device = (device or "auto").strip().lower()
+    if device == "auto":
+        device = available_devices()[0]
+    elif device == "cuda":
+        device = "cuda:0"
+    if device not in available_devices():
+        have = ", ".join(available_devices())
+        raise SafesubError(f"device {device!r}: not available on this machine (available: {have})")
+    dtype = (dtype or "auto").strip().lower()
+    if dtype == "auto":
+        dtype = "float32" if device == "cpu" else "bfloat16"
+    if dtype not in DTYPES:
+        raise SafesubError(f"dtype {dtype!r}: must be one of auto, {', '.join(DTYPES)}")
+    return device, DTYPES[dtype]
 
 
 @dataclass(frozen=True)
@@ -114,6 +140,8 @@ class FamilySession:
     def _parts(self, target: str, cfg: ProjectionConfig | None) -> dict:
         fp = self.family.checkpoint(target).fingerprint()
         parts = dict(target=target, fingerprint=fp, sets=self.sets.key(), chat=self.chat, dtype=str(self.dtype))
+        if torch.device(self.device).type != "cpu":
+            parts["device"] = torch.device(self.device).type  # GPU kernels round differently from the CPU's
         if cfg is not None:
             parts |= dict(start=self.family.start_checkpoint.fingerprint(), base=self.family.base.fingerprint(),
                           point=cfg.__dict__, seed=self.seed)

@@ -221,3 +221,67 @@ def test_the_builtin_family_is_built_on_first_run_with_a_progress_bar(tiny_famil
     assert (tmp_path / "cache" / "families" / "tiny" / "family.yaml").is_file()
     assert at.radio(key="w_family_source").value == "Built-in tiny family"
     assert "harmful" in set(at.table[0].value.index)
+
+
+def test_device_and_precision_reach_the_resident_session(app_env):
+    import torch
+
+    f32 = readouts(open_page("subspaces", {"dtype": "float32"}))["margin mean"]
+    at = open_page("family")
+    assert_clean(at)
+    assert at.selectbox(key="w_device").options == [f"cuda:{i}" for i in range(torch.cuda.device_count())] + ["cpu"]
+    assert at.selectbox(key="w_dtype").value == ("bfloat16" if torch.cuda.is_available() else "float32")
+    at.selectbox(key="w_dtype").set_value("bfloat16").run()
+    assert_clean(at)
+    assert at.query_params.get("dtype") in (["bfloat16"], "bfloat16"), "the URL keeps the precision"
+    at.switch_page(PAGE_FILES["subspaces"]).run()
+    assert_clean(at)
+    bf16 = readouts(at)["margin mean"]
+    assert bf16 != f32 and abs(float(bf16) - float(f32)) < 0.5, "the same point, scored in bfloat16"
+
+
+def test_a_device_this_machine_lacks_is_one_error_line_and_the_page_still_works(app_env):
+    at = open_page("family", {"device": "cuda:7"})
+    assert not at.exception
+    assert len(at.error) == 1 and "device 'cuda:7': not available" in at.error[0].value
+    assert at.table, "the family still shows, on the default device"
+
+
+def test_smol_build_button_runs_in_the_background_and_then_shows_the_family(app_env, monkeypatch, tmp_path):
+    """The build itself is tested in test_zoo.py; here a stand-in build (a copy of the tiny family, with progress
+    steps) checks the page: the button starts a server-side job, and the family shows once it has finished."""
+    import shutil
+    import threading
+
+    from safesub_core import zoo
+    from ui import common as C
+
+    release = threading.Event()
+
+    def fake_build(size="full", progress=None, **kw):
+        out = zoo.smol_out_dir(size)
+        for i in range(3):
+            progress(i, 3, f"stage {i}")
+            release.wait(30)
+        shutil.copytree(Path(app_env).parent, out, dirs_exist_ok=True)
+        (out / "family.yaml").write_text((Path(app_env)).read_text().replace("name: tiny", "name: smol-standin"))
+        return out / "family.yaml"
+
+    monkeypatch.setattr(zoo, "build_smol", fake_build)
+    monkeypatch.setenv("SAFESUB_SMOL_SIZE", "test")
+    monkeypatch.setenv("SAFESUB_CACHE", str(tmp_path / "cache"))
+    at = open_page("family")
+    at.radio(key="w_family_source").set_value("Built-in smol family (SmolLM2-135M)").run()
+    assert_clean(at)
+    build = next(b for b in at.button if "Build the smol family" in b.label)
+    build.click().run()
+    assert_clean(at)
+    job = C.build_job("smol")
+    assert job.running and any("Building the smol family" in p.proto.text for p in at.get("progress"))
+    release.set()
+    job.thread.join(60)
+    assert not job.running and job.error is None
+    at.run()
+    assert_clean(at)
+    assert any("smol-standin" in c.value for c in at.caption), "the built family is now the current one"
+    assert at.query_params.get("family") in (["smol"], "smol")

@@ -43,6 +43,8 @@ def test_overlap_writes_the_mso_table_and_summary(family_file, tmp_path):
         (["sweep", "--fracs", "0,0.5", "--scores", "none", "--out", "x.csv"], "rank fraction 0.0"),
         (["overlap", "--energies", "1.5", "--out", "x.csv"], "energy fraction 1.5"),
         (["sweep", "--variant", "nope", "--scores", "none", "--out", "x.csv"], "no fine-tuned variant 'nope'"),
+        (["sweep", "--device", "cuda:7", "--out", "x.csv"], "device 'cuda:7': not available"),
+        (["sweep", "--dtype", "int8", "--out", "x.csv"], "invalid choice: 'int8'"),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(family_file, tmp_path, argv, message, capsys):

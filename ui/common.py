@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import threading
 from contextlib import contextmanager
@@ -51,7 +52,10 @@ GEN_TOKENS = 48  # max new tokens of the generation scores (session default)
 # ------------------------------------------------------------------------------------------------ view state
 
 def _float(x) -> float:
-    return float(x)
+    value = float(x)
+    if not math.isfinite(value):
+        raise ValueError(f"{x!r} is not a finite number")
+    return value
 
 
 def _opt_int(x):
@@ -60,11 +64,13 @@ def _opt_int(x):
 
 VIEW_TYPES: dict[str, Callable[[str], Any]] = {
     "family": str, "variant": str, "subspace": str, "mode": str, "rank_by": str, "rank": _float, "alpha": _float,
-    "layer": _opt_int, "method": str, "prompt": str, "prompt_set": str, "reference": str,
+    "layer": _opt_int, "method": str, "prompt": str, "prompt_set": str, "reference": str, "device": str,
+    "dtype": str,
 }
 VIEW_DEFAULTS: dict[str, Any] = {
     "family": None, "variant": None, "subspace": "topk", "mode": "parallel", "rank_by": "fraction", "rank": 0.25,
     "alpha": 1.0, "layer": None, "method": "pca", "prompt": None, "prompt_set": None, "reference": "aligned",
+    "device": None, "dtype": None,
 }
 
 
@@ -76,7 +82,7 @@ def default_family_spec() -> str:
 def view() -> dict:
     """The view dict of this browser session, first read from the URL's query parameters."""
     if "_view" not in st.session_state:
-        v = dict(VIEW_DEFAULTS)
+        v, bad = dict(VIEW_DEFAULTS), []
         for key, cast in VIEW_TYPES.items():
             raw = st.query_params.get(key)
             if raw is None:
@@ -84,7 +90,8 @@ def view() -> dict:
             try:
                 v[key] = cast(raw)
             except (TypeError, ValueError):
-                pass  # a malformed parameter falls back to the default
+                bad.append(f"{key}={raw!r}")  # a malformed parameter falls back to the default, and is shown once
+        st.session_state["_link_errors"] = bad
         if not v["family"]:
             v["family"] = default_family_spec()
         st.session_state["_view"] = v
@@ -157,8 +164,8 @@ def family_spec() -> str:
 
 
 def spec_label(spec: str) -> str:
-    if spec == "tiny":
-        return "built-in tiny family"
+    if spec in BUILT_IN:
+        return f"built-in {spec} family"
     if spec.startswith("paths:"):
         return "entered paths"
     return spec
@@ -188,13 +195,100 @@ def parse_variants(text: str) -> dict[str, str]:
     return out
 
 
+BUILT_IN = ("tiny", "smol")
+
+
 def tiny_path() -> Path:
     from safesub_core.zoo import default_out_dir
 
     return default_out_dir("full") / "family.yaml"
 
 
+def smol_path() -> Path:
+    from safesub_core.zoo import smol_out_dir
+
+    return smol_out_dir(smol_size()) / "family.yaml"
+
+
+def smol_size() -> str:
+    """The smol family's size: 'full' unless SAFESUB_SMOL_SIZE says otherwise (the tests use 'test')."""
+    return os.environ.get("SAFESUB_SMOL_SIZE", "full")
+
+
 _BUILD_LOCK = threading.Lock()
+
+
+@dataclass
+class BuildJob:
+    """A family build running in a background thread of the server, so a long build (the smol family: about 20
+    minutes) goes on while people browse, and every session sees its progress. Builds are resumable stage by
+    stage, so a server restart mid-build loses at most the stage in progress."""
+
+    name: str
+    done: int = 0
+    total: int = 1
+    message: str = "waiting to start"
+    error: str | None = None
+    thread: threading.Thread | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
+
+    def start(self, build: Callable[[Callable], Any]) -> None:
+        """Run `build(progress)` in a thread unless one is running; a SafesubError ends it with `error` set."""
+        with _BUILD_LOCK:
+            if self.running:
+                return
+            self.done, self.total, self.message, self.error = 0, 1, "starting", None
+
+            def progress(done, total, message=""):
+                self.done, self.total, self.message = done, max(total, 1), message or f"{done}/{total}"
+
+            def run():
+                try:
+                    build(progress)
+                    self.message = "built"
+                except SafesubError as err:
+                    self.error = str(err)
+                except Exception as err:  # noqa: BLE001  (shown as one line; the stages built so far are kept)
+                    self.error = f"family '{self.name}': the build stopped ({type(err).__name__}: {err})"
+
+            self.thread = threading.Thread(target=run, name=f"safesub-build-{self.name}", daemon=True)
+            self.thread.start()
+
+
+@st.cache_resource(show_spinner=False)
+def build_job(name: str) -> BuildJob:
+    """The server's one build job for the built-in family `name` (shared by every browser session)."""
+    return BuildJob(name)
+
+
+def build_progress(job: BuildJob, every: float = 2.0) -> None:
+    """The job's progress bar, refreshed every `every` seconds while it runs; the page reruns when it ends."""
+
+    @st.fragment(run_every=every if job.running else None)
+    def panel():
+        if job.error:
+            st.error(job.error, icon="⚠️")
+        elif job.running:
+            st.progress(min(1.0, job.done / job.total), text=f"Building the {job.name} family: {job.message}")
+            st.caption("The build runs on the server: you can use the other pages meanwhile.")
+        if not job.running and st.session_state.get(f"_watching_{job.name}"):
+            st.session_state.pop(f"_watching_{job.name}")
+            st.rerun(scope="app")  # the build ended: show its family (or its error)
+        if job.running:
+            st.session_state[f"_watching_{job.name}"] = True
+
+    panel()
+
+
+def start_smol_build() -> BuildJob:
+    from safesub_core.zoo import build_smol
+
+    job = build_job("smol")
+    job.start(lambda progress: build_smol(size=smol_size(), progress=progress))
+    return job
 
 
 def ensure_tiny() -> Path:
@@ -216,6 +310,11 @@ def ensure_tiny() -> Path:
 def family_file_for(spec: str) -> str | None:
     if spec == "tiny":
         return str(ensure_tiny())
+    if spec == "smol":
+        if not smol_path().is_file():
+            raise SafesubError("family 'smol': not built yet (build it on the Family page, or run "
+                               "`python -m safesub_core.zoo build smol`)")
+        return str(smol_path())
     if spec.startswith("paths:"):
         return None
     return spec
@@ -223,7 +322,7 @@ def family_file_for(spec: str) -> str | None:
 
 def trusted(spec: str) -> bool:
     """The built-in family and the server's SAFESUB_FAMILY are opened as given; anything typed is confined."""
-    return spec == "tiny" or spec == os.environ.get("SAFESUB_FAMILY", "").strip()
+    return spec in BUILT_IN or spec == os.environ.get("SAFESUB_FAMILY", "").strip()
 
 
 @st.cache_resource(max_entries=4, show_spinner=False)
@@ -283,23 +382,35 @@ def _release(res: Resident) -> None:
 
 
 @st.cache_resource(max_entries=1, show_spinner=False, on_release=_release)
-def _resident(spec: str, file: str | None, cache_root: str) -> Resident:
+def _resident(spec: str, file: str | None, cache_root: str, device: str, dtype: str) -> Resident:
     import torch
 
-    from safesub_core.session import FamilySession
+    from safesub_core.session import DTYPES, FamilySession
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1") or 1))
     family = _family(spec, file, cache_root)
-    return Resident(family=family, session=FamilySession(family))
+    return Resident(family=family, session=FamilySession(family, device=device, dtype=DTYPES[dtype]))
+
+
+def compute() -> tuple[str, str]:
+    """(device, dtype name) of the view: set on the Family page, else SAFESUB_DEVICE / SAFESUB_DTYPE, else auto
+    (the first CUDA device when present, bfloat16 there; the CPU in float32). SafesubError when unavailable."""
+    from safesub_core.session import resolve_compute
+
+    v = view()
+    device, dtype = resolve_compute(v.get("device") or os.environ.get("SAFESUB_DEVICE"),
+                                    v.get("dtype") or os.environ.get("SAFESUB_DTYPE"))
+    return device, str(dtype).removeprefix("torch.")
 
 
 def resident(spec: str | None = None) -> Resident:
-    """The resident session of the current family (loaded once, with a status box the first time)."""
+    """The resident session of the current family on the view's device and dtype (loaded once, with a status box
+    the first time). One family on one device is resident per server: switching either releases the old."""
     from safesub_core.cache import cache_root
 
     spec = spec or family_spec()
     file = family_file_for(spec)
-    key = (spec, file, str(cache_root()))
+    key = (spec, file, str(cache_root()), *compute())
     loaded = st.session_state.get("_loaded_key") == key
     if loaded:
         res = _resident(*key)
@@ -344,6 +455,9 @@ def header(title: str, caption: str | None = None) -> None:
     st.title(title)
     if caption:
         st.caption(caption)
+    bad = st.session_state.pop("_link_errors", None)
+    if bad:
+        st.error(f"link parameter {', '.join(bad)}: not a valid value; the default is used instead", icon="⚠️")
 
 
 def family_caption(fam) -> None:
