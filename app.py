@@ -137,6 +137,12 @@ with C.shown_errors():
 table = pd.DataFrame(rows)
 st.table(table.astype({"parameters": "Int64"}).set_index("name"))  # a static table: it renders at once
 C.csv_download(table, f"{fam.name}_checkpoints")
+with C.shown_errors(stop=True):
+    res = C.resident(spec)
+mem = res.session.in_memory()
+st.caption(f"In memory on {mem['device']} ({mem['dtype']}), once for every open session: "
+           f"{', '.join(mem['models'])} and a working copy of {mem['working_copy']} that projections write into; "
+           f"{mem['bytes'] / 2**20:,.0f} MiB of parameters (session {id(res.session):x}).")
 if models:
     metrics = (fam.behaviour or {}).get("metrics", {})
     st.caption("Behaviour numbers stored by the family's builder (held-out): "
@@ -149,8 +155,6 @@ if fam.card:
 st.subheader("Size of the alignment update and of each task update, per block")
 st.caption("Squared Frobenius norm summed over the block's tensors: ‖ΔA‖² = ‖W_start − W_base‖² and, for each "
            "variant, ‖ΔT‖² = ‖W_FT − W_start‖². 'other' holds the embeddings and the final norm.")
-with C.shown_errors(stop=True):
-    res = C.resident(spec)
 frames = []
 bar = st.progress(0.0, text="Per-block update sizes")
 with C.shown_errors():

@@ -882,6 +882,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-prompts", default="32",
                         help="prompts per evaluation set: one number, or per family as name=n,name=n (default 32)")
     parser.add_argument("--rhos", default=",".join(f"{r:g}" for r in RHOS), help="rank fractions")
+    parser.add_argument("--rhos-for", action="append", default=[], metavar="FAMILY=R1/R2/...",
+                        help="rank fractions of one family, e.g. smol=0.01/0.5/0.99 (repeatable; else --rhos)")
     parser.add_argument("--modes", default="parallel,orthogonal")
     parser.add_argument("--variants", default="useful,harmful,contaminated")
     parser.add_argument("--gen-modes", default=None,
@@ -900,12 +902,16 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()
     try:
         rhos = tuple(float(x) for x in args.rhos.split(",") if x.strip())
+        rhos_for = {}
+        for part in args.rhos_for:
+            name, _, values = part.partition("=")
+            rhos_for[name.strip()] = tuple(float(x) for x in values.split("/") if x.strip())
         n_spec = {}
         for part in args.n_prompts.split(","):
             k, _, v = part.rpartition("=")
             n_spec[k.strip() or "*"] = int(v)
     except ValueError:
-        print("error: --rhos / --n-prompts: expected numbers", file=sys.stderr)
+        print("error: --rhos / --rhos-for / --n-prompts: expected numbers", file=sys.stderr)
         return 2
     families = [f.strip() for f in args.families.split(",") if f.strip()]
     command = "python -m safesub_core.findings " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -913,7 +919,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         study = study_reference(args.study)
         for spec in families:
-            cfg = FindingsConfig(n_prompts=n_spec.get(spec, n_spec.get("*", 32)), rhos=rhos,
+            cfg = FindingsConfig(n_prompts=n_spec.get(spec, n_spec.get("*", 32)), rhos=rhos_for.get(spec, rhos),
                                  modes=tuple(x.strip() for x in args.modes.split(",") if x.strip()),
                                  variants=tuple(x.strip() for x in args.variants.split(",") if x.strip()),
                                  gen_tokens=args.gen_tokens, sets=args.sets,

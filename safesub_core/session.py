@@ -114,6 +114,19 @@ class FamilySession:
                                                 tokenizer=False)[0]
             return self._models[name]
 
+    def in_memory(self) -> dict:
+        """What this session holds: the checkpoints loaded (each once; the start model also has its working copy),
+        their parameter bytes (shared tensors counted once), device and dtype."""
+        with self.lock:
+            seen, total = set(), 0
+            for m in [*self._models.values(), self.working]:
+                for p in m.parameters():
+                    if p.data_ptr() not in seen:
+                        seen.add(p.data_ptr())
+                        total += p.numel() * p.element_size()
+            return dict(models=list(self._models), working_copy=self.family.start, bytes=total,
+                        device=str(self.device), dtype=str(self.dtype).removeprefix("torch."))
+
     def engine(self, variant: str, progress: Callable[[int, int, str], None] | None = None) -> SubspaceEngine:
         with self.lock:
             if variant not in self._engines:

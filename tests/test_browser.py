@@ -73,8 +73,10 @@ def browser():
 
 
 def open_page(browser, url: str, name: str):
+    """`browser` is a Browser or a BrowserContext (its own cookies: a separate Streamlit session)."""
     path, selector = PAGES[name]
-    page = browser.new_page(viewport={"width": 1500, "height": 1100})
+    page = browser.new_page() if hasattr(browser, "browser") else browser.new_page(viewport={"width": 1500,
+                                                                                             "height": 1100})
     page.goto(f"{url}/{path}", wait_until="domcontentloaded", timeout=60_000)
     page.wait_for_selector(f'h1:has-text("{TITLES[name]}")', timeout=240_000)
     page.wait_for_selector(selector, timeout=240_000)
@@ -147,3 +149,69 @@ def test_clicking_a_map_point_opens_it_in_the_inspector(server, browser):
         assert page.locator("text=Prompt:").count() >= 1
     finally:
         page.close()
+
+
+def _readouts(page) -> dict:
+    """The Subspaces page's metric read-outs, label -> shown value."""
+    out = {}
+    for m in page.locator('[data-testid="stMetric"]').all():
+        label = m.locator('[data-testid="stMetricLabel"]').inner_text().strip()
+        out[label] = m.locator('[data-testid="stMetricValue"]').inner_text().strip()
+    return out
+
+
+def _press_rank(page, steps: int) -> None:
+    thumb = page.locator('[data-testid="stSlider"]', has_text="rank fraction").locator('input[type="range"]')
+    thumb.focus()
+    for _ in range(steps):
+        page.keyboard.press("ArrowRight")
+
+
+def _settle(page, rank: str) -> dict:
+    """Wait until the page's script run for `rank` (in the URL) is over; its read-outs."""
+    page.wait_for_function("r => window.location.search.includes('rank=' + r)", arg=rank, timeout=240_000)
+    page.wait_for_timeout(300)
+    wait_idle(page)
+    return _readouts(page)
+
+
+def test_four_sessions_moving_sliders_at_once_agree_with_one_session_and_share_one_copy(server, browser):
+    """Four browser sessions (separate contexts) move the rank slider at the same time, each to its own ranks, so
+    their script runs overlap on the server's one resident session: no errors, and every read-out equals what a
+    single session shows at the same rank; the Family page of every session names the same resident session with
+    each checkpoint loaded once."""
+    steps = {0: [5, 10], 1: [10, 5], 2: [15, 5], 3: [20, 5]}  # each session's key presses per round (0.01 each)
+    ranks = {i: [round(0.25 + 0.01 * sum(s[: j + 1]), 2) for j in range(len(s))] for i, s in steps.items()}
+    expected = {}
+    single = open_page(browser, server, "subspaces")
+    try:
+        at = 0.25
+        for r in sorted({r for rs in ranks.values() for r in rs}):
+            _press_rank(single, round((r - at) / 0.01))
+            expected[r] = _settle(single, f"{r:g}")
+            at = r
+    finally:
+        single.close()
+    contexts = [browser.new_context(viewport={"width": 1500, "height": 1100}) for _ in steps]
+    try:
+        pages = [open_page(c, server, "subspaces") for c in contexts]
+        for j in range(2):
+            for i, page in enumerate(pages):  # all presses first: the four reruns overlap on the server
+                _press_rank(page, steps[i][j])
+            for i, page in enumerate(pages):
+                got = _settle(page, f"{ranks[i][j]:g}")
+                assert_no_errors(page, f"session {i}")
+                assert got == expected[ranks[i][j]], f"session {i} at rank {ranks[i][j]}: {got} != {expected}"
+        captions = []
+        for i, page in enumerate(pages):
+            page.goto(server, wait_until="domcontentloaded")
+            page.wait_for_selector('[data-testid="stCaptionContainer"]:has-text("In memory on")', timeout=240_000)
+            wait_idle(page)
+            assert_no_errors(page, f"session {i} family page")
+            captions.append(page.locator('[data-testid="stCaptionContainer"]', has_text="In memory on").inner_text())
+        assert len(set(captions)) == 1, f"one resident session for all: {captions}"
+        models = re.search(r"open session: (.*) and a working copy", captions[0]).group(1).split(", ")
+        assert len(models) == len(set(models)) and "aligned" in models, captions[0]
+    finally:
+        for c in contexts:
+            c.close()
