@@ -21,6 +21,8 @@ working model, so concurrent sliders never score a half-written projection.
 from __future__ import annotations
 
 import copy
+import math
+import os
 import threading
 from dataclasses import dataclass
 from typing import Callable
@@ -87,6 +89,23 @@ class EvalSets:
 
     def key(self) -> dict:
         return {k: getattr(self, k).content_hash for k in ("harmful", "utility", "benign", "edgy")}
+
+
+def live_prompts(family: Family, device: str = "cpu") -> int:
+    """Prompts per evaluation set for the live read-outs (what a slider move recomputes): SAFESUB_LIVE_PROMPTS
+    when set; else 32 on a GPU or for a small model (<= 20M parameters), and on a CPU 8 up to 300M parameters,
+    4 beyond, so a move costs a few hundred forward tokens, not thousands. Generation scores and the findings use
+    their own, larger sets."""
+    if os.environ.get("SAFESUB_LIVE_PROMPTS", "").strip():
+        n = int(os.environ["SAFESUB_LIVE_PROMPTS"])
+        if n < 1:
+            raise SafesubError(f"SAFESUB_LIVE_PROMPTS={n}: must be at least 1")
+        return n
+    if torch.device(device).type != "cpu":
+        return 32
+    reader = family.reader(family.start)
+    params = sum(math.prod(reader.shape(n)) for n in reader.names())
+    return 32 if params <= 20_000_000 else 8 if params <= 300_000_000 else 4
 
 
 class FamilySession:

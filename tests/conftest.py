@@ -25,3 +25,19 @@ def tiny_family(tmp_path_factory):
     from safesub_core.zoo import build_tiny
 
     return build_tiny(tmp_path_factory.mktemp("zoo") / "tiny", size="test", seed=0)
+
+
+# ------------------------------------------------------------------------------------------------ the app (AppTest)
+@pytest.fixture(scope="module")
+def app_cache(tmp_path_factory):
+    """One cache folder per test module, so its AppTest runs share scores (and, in-process, the resident session)."""
+    return tmp_path_factory.mktemp("app_cache")
+
+
+@pytest.fixture
+def app_env(tiny_family, app_cache, tmp_path, monkeypatch):
+    """The app on the test-size tiny family (SAFESUB_FAMILY), typed paths allowed under tmp_path only."""
+    monkeypatch.setenv("SAFESUB_FAMILY", str(tiny_family))
+    monkeypatch.setenv("SAFESUB_CACHE", str(app_cache))
+    monkeypatch.setenv("SAFESUB_ROOTS", str(tmp_path))
+    return tiny_family

@@ -13,36 +13,16 @@ import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from apptest import open_app_page
 from ui.common import PAGE_FILES
 
 pytestmark = pytest.mark.slow
 
-APP = str(Path(__file__).resolve().parent.parent / "app.py")
 PAGES = ("family", "subspaces", "overlap", "activation_map", "inspector")
-TIMEOUT = 300
-
-
-@pytest.fixture(scope="module")
-def app_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("app_cache")
-
-
-@pytest.fixture
-def app_env(tiny_family, app_cache, tmp_path, monkeypatch):
-    monkeypatch.setenv("SAFESUB_FAMILY", str(tiny_family))
-    monkeypatch.setenv("SAFESUB_CACHE", str(app_cache))
-    monkeypatch.setenv("SAFESUB_ROOTS", str(tmp_path))  # where typed paths may point
-    return tiny_family
 
 
 def open_page(page: str, query: dict | None = None) -> AppTest:
-    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
-    if query:
-        at.query_params.update({k: str(v) for k, v in query.items()})
-    at.run()
-    if page != "family":
-        at.switch_page(PAGE_FILES[page]).run()
-    return at
+    return open_app_page(page, query)
 
 
 def assert_clean(at: AppTest) -> None:

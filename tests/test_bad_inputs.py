@@ -524,35 +524,10 @@ def test_family_build_failure_leaves_nothing_and_rerun_completes(how, tmp_path, 
 
 # ------------------------------------------------------------------------------------------------ the app
 
-APP = str(Path(__file__).resolve().parent.parent / "app.py")
-TIMEOUT = 300
-
-
-@pytest.fixture(scope="module")
-def app_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("bad_inputs_app_cache")
-
-
-@pytest.fixture
-def app_env(tiny_family, app_cache, tmp_path, monkeypatch):
-    monkeypatch.setenv("SAFESUB_FAMILY", str(tiny_family))
-    monkeypatch.setenv("SAFESUB_CACHE", str(app_cache))
-    monkeypatch.setenv("SAFESUB_ROOTS", str(tmp_path))
-    return Path(tiny_family).parent
-
-
 def _open(page: str = "family", query: dict | None = None):
-    from streamlit.testing.v1 import AppTest
+    from apptest import open_app_page
 
-    from ui.common import PAGE_FILES
-
-    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
-    if query:
-        at.query_params.update({k: str(v) for k, v in query.items()})
-    at.run()
-    if page != "family":
-        at.switch_page(PAGE_FILES[page]).run()
-    return at
+    return open_app_page(page, query)
 
 
 def _one_error(at, *words) -> str:
@@ -589,7 +564,7 @@ def _copy(src: Path, names, dest: Path) -> Path:
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["outside-roots", "escaping-symlink", "missing-variant"])
 def test_app_entered_path_is_one_error_line_and_works_once_fixed(how, app_env, tmp_path, monkeypatch):
-    src = app_env
+    src = app_env.parent
     models = tmp_path / "models"
     if how == "outside-roots":  # the built family lives outside SAFESUB_ROOTS
         base, aligned, useful = src / "base", src / "aligned", src / "useful"
@@ -623,7 +598,7 @@ def test_app_entered_path_is_one_error_line_and_works_once_fixed(how, app_env, t
 def test_app_malformed_family_link_is_one_error_line_and_a_good_link_works(app_env, tmp_path):
     at = _open("family", {"family": 'paths:{"base": "' + str(tmp_path)})
     _one_error(at, "family paths", "malformed")
-    _copy(app_env, ["base", "aligned", "useful"], tmp_path / "m")
+    _copy(app_env.parent, ["base", "aligned", "useful"], tmp_path / "m")
     good = "paths:" + json.dumps(dict(base=str(tmp_path / "m" / "base"), aligned=str(tmp_path / "m" / "aligned"),
                                       safety_tuned=None, start="aligned",
                                       variants={"useful": str(tmp_path / "m" / "useful")}), sort_keys=True)
@@ -632,7 +607,7 @@ def test_app_malformed_family_link_is_one_error_line_and_a_good_link_works(app_e
 
 @pytest.mark.slow
 def test_app_malformed_family_file_is_one_error_line_and_works_once_fixed(app_env, tmp_path):
-    fam = _copy(app_env, ["base", "aligned", "useful"], tmp_path / "fam")
+    fam = _copy(app_env.parent, ["base", "aligned", "useful"], tmp_path / "fam")
     (fam / "family.yaml").write_text("name: mine\nbase: base\naligned: [aligned\n")
     at = _open()
     at.radio(key="w_family_source").set_value("Family file").run()
@@ -658,7 +633,7 @@ def test_app_malformed_link_parameter_is_one_error_line(app_env, query, name):
 
 @pytest.mark.slow
 def test_app_family_with_resized_vocabulary_is_one_error_line(app_env, tmp_path):
-    fam = _copy(app_env, ["base", "aligned", "useful"], tmp_path / "fam")
+    fam = _copy(app_env.parent, ["base", "aligned", "useful"], tmp_path / "fam")
     (fam / "family.yaml").write_text("name: resized\nbase: base\naligned: aligned\nvariants: {useful: useful}\n")
     f = fam / "useful" / "model.safetensors"
     state = load_file(f)

@@ -385,11 +385,12 @@ def _release(res: Resident) -> None:
 def _resident(spec: str, file: str | None, cache_root: str, device: str, dtype: str) -> Resident:
     import torch
 
-    from safesub_core.session import DTYPES, FamilySession
+    from safesub_core.session import DTYPES, EvalSets, FamilySession, live_prompts
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1") or 1))
     family = _family(spec, file, cache_root)
-    return Resident(family=family, session=FamilySession(family, device=device, dtype=DTYPES[dtype]))
+    sets = EvalSets.default(live_prompts(family, device))
+    return Resident(family=family, session=FamilySession(family, device=device, dtype=DTYPES[dtype], sets=sets))
 
 
 def compute() -> tuple[str, str]:

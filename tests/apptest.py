@@ -1,0 +1,20 @@
+"""Opening the app in Streamlit's AppTest, as the app tests do (the fixtures are in conftest.py: app_env)."""
+from pathlib import Path
+
+APP = str(Path(__file__).resolve().parent.parent / "app.py")
+TIMEOUT = 300  # the first run of a page imports torch/transformers and loads models
+
+
+def open_app_page(page: str = "family", query: dict | None = None):
+    """An AppTest of the app opened on `page` (a key of ui.common.PAGE_FILES) with `query` in the URL."""
+    from streamlit.testing.v1 import AppTest
+
+    from ui.common import PAGE_FILES
+
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    if query:
+        at.query_params.update({k: str(v) for k, v in query.items()})
+    at.run()
+    if page != "family":
+        at.switch_page(PAGE_FILES[page]).run()
+    return at
