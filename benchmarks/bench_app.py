@@ -83,11 +83,14 @@ def bench_core(family: str, ranks: list[float]) -> list[float]:
 
     from safesub_core.cache import DiskCache
     from safesub_core.family import Family
-    from safesub_core.session import FamilySession
+    from safesub_core.session import EvalSets, FamilySession, live_prompts
     from safesub_core.subspace import ProjectionConfig
 
     torch.set_num_threads(int(THREADS))
-    s = FamilySession(Family.from_file(family), cache=DiskCache(tempfile.mkdtemp(prefix="bench_core_")))
+    fam = Family.from_file(family)
+    s = FamilySession(fam, sets=EvalSets.default(live_prompts(fam)),  # the app's live sets
+                      cache=DiskCache(tempfile.mkdtemp(prefix="bench_core_")))
+    print(f"live read-outs on {len(s.sets.harmful)} prompts a set", flush=True)
     variant = next(iter(s.family.variants))
     s.point_scores(variant, ProjectionConfig(rank_fraction=0.25))  # warm: engine, start scores
     out = []

@@ -30,19 +30,22 @@ PANELS = ["energy_kept", "cos_task_kept", "margin_mean", "share_margin_negative"
 TITLES = {k: label for label, k, *_ in READOUTS} | {"generation": "generation: ASR ● / exact match ◆"}
 
 
-def grid_scores(variant: str, mode: str, alpha: float) -> pd.DataFrame:
-    """Live scores over SCORE_GRID for the three subspaces (disk-cached points; a progress bar while computing)."""
+def grid_scores(variant: str, mode: str, alpha: float, score: bool) -> pd.DataFrame:
+    """Live scores over SCORE_GRID for the three subspaces: computed when `score` (disk-cached points; a progress
+    bar meanwhile), else only the points already on disk."""
+    points = [(sub, rho) for sub in SUBSPACES for rho in C.SCORE_GRID]
+    if not score:
+        got = [S.point_scores(variant, ProjectionConfig(sub, mode, rank_fraction=rho, alpha=alpha), compute=False)
+               for sub, rho in points]
+        return pd.DataFrame([g for g in got if g is not None], columns=["subspace", "rank_fraction"])
+
     def compute():
-        rows, bar = [], None
-        points = [(sub, rho) for sub in SUBSPACES for rho in C.SCORE_GRID]
+        rows, bar = [], st.progress(0.0, text="Scores over the rank grid")
         for i, (sub, rho) in enumerate(points):
             cfg = ProjectionConfig(sub, mode, rank_fraction=rho, alpha=alpha)
-            if bar is None and i == 0:
-                bar = st.progress(0.0, text="Scores over the rank grid")
             rows.append(S.point_scores(variant, cfg))
             bar.progress((i + 1) / len(points), text=f"Scores over the rank grid: {C.SUBSPACE_LABELS[sub]} ρ={rho}")
-        if bar is not None:
-            bar.empty()
+        bar.empty()
         return pd.DataFrame(rows)
 
     return res.memoised(("grid", variant, mode, alpha), compute)
@@ -82,7 +85,7 @@ def score_figure(variant, cfg, point, start, ft, grid, curves, gen, point_gen) -
                     fig.add_scatter(x=d["rank_fraction"], y=d["exact_match"], mode="markers",
                                     marker=dict(color=color, symbol="diamond", size=8), name=f"{name} EM",
                                     legendgroup=sub, showlegend=False, row=r, col=c)
-            else:
+            elif key in grid.columns:  # the live scores of the grid points scored so far
                 d = grid[grid["subspace"] == sub]
                 fig.add_scatter(x=d["rank_fraction"], y=d[key], mode="lines+markers", line_color=color, name=name,
                                 legendgroup=sub, showlegend=False, row=r, col=c)
@@ -187,7 +190,13 @@ def point_section():
     base_gen = S.generation_scores(fam.start, None, C.GEN_TOKENS, compute=False)
     point_gen = None
     with C.shown_errors():
-        grid = grid_scores(variant, mode, float(alpha))
+        cheap = len(S.sets.harmful) >= 32  # 32-prompt live sets: a GPU or a small model (session.live_prompts)
+        score_grid = st.toggle("Score the whole rank grid for the chart", value=cheap, key="w_score_grid",
+                               help=f"{len(SUBSPACES) * len(C.SCORE_GRID)} points (3 subspaces x ρ in "
+                                    f"{', '.join(map(str, C.SCORE_GRID))}), each a read-out like the one above; on "
+                                    "by default where read-outs are cheap. Off: the chart shows the points already "
+                                    "scored.")
+        grid = grid_scores(variant, mode, float(alpha), score_grid)
         curves = res.memoised(("curves", variant, mode), lambda: S.engine(variant).curves(modes=(mode,)))
         gen = grid_generation(variant, mode, float(alpha))
         point_gen = S.generation_scores(variant, cfg, C.GEN_TOKENS, compute=False)

@@ -198,9 +198,13 @@ class FamilySession:
         return self.cache.get_or_compute("live_scores", self._parts(name, None),
                                          lambda: self.live_scores(self.model(name)))
 
-    def point_scores(self, variant: str, cfg: ProjectionConfig) -> dict:
-        """Diagnostics and live scores at a point (scores cached; diagnostics are cumulative sums)."""
+    def point_scores(self, variant: str, cfg: ProjectionConfig, compute: bool = True) -> dict | None:
+        """Diagnostics and live scores at a point (scores cached; diagnostics are cumulative sums). With
+        `compute=False` only scores already in the disk cache are returned (None otherwise)."""
         diag = self.engine(variant).diagnostics(cfg).summary()
+        if not compute:
+            live = self.cache.get("live_scores", self._parts(variant, cfg))
+            return None if live is None else diag | live
         with self.lock:
             live = self.cache.get_or_compute("live_scores", self._parts(variant, cfg),
                                              lambda: self.live_scores(self.projected(variant, cfg)))

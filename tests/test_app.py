@@ -265,3 +265,20 @@ def test_smol_build_button_runs_in_the_background_and_then_shows_the_family(app_
     assert_clean(at)
     assert any("smol-standin" in c.value for c in at.caption), "the built family is now the current one"
     assert at.query_params.get("family") in (["smol"], "smol")
+
+
+def test_rank_grid_is_scored_on_request_where_read_outs_are_costly(app_env, monkeypatch):
+    """With small live sets (as for a 135M model on a CPU) the chart's rank grid waits for the toggle."""
+    monkeypatch.setenv("SAFESUB_LIVE_PROMPTS", "4")
+    at = open_page("subspaces")
+    assert_clean(at)
+    assert at.toggle(key="w_score_grid").value is False
+    assert "4 harmful prompts" in " ".join(c.value for c in at.caption)
+    chart = next(f for f in figures(at) if any(t.get("name") == "this point" for t in f["data"]))
+    live_lines = [t for t in chart["data"] if t.get("mode") == "lines+markers"]
+    assert all(len(values(t["x"])) <= 1 for t in live_lines), "only points already scored (none yet) are drawn"
+    at.toggle(key="w_score_grid").set_value(True).run()
+    assert_clean(at)
+    chart = next(f for f in figures(at) if any(t.get("name") == "this point" for t in f["data"]))
+    live_lines = [t for t in chart["data"] if t.get("mode") == "lines+markers"]
+    assert live_lines and all(len(values(t["x"])) == 6 for t in live_lines), "the whole grid, 6 ranks a subspace"

@@ -382,7 +382,7 @@ def _release(res: Resident) -> None:
 
 
 @st.cache_resource(max_entries=1, show_spinner=False, on_release=_release)
-def _resident(spec: str, file: str | None, cache_root: str, device: str, dtype: str) -> Resident:
+def _resident(spec: str, file: str | None, cache_root: str, device: str, dtype: str, live: str) -> Resident:
     import torch
 
     from safesub_core.session import DTYPES, EvalSets, FamilySession, live_prompts
@@ -411,7 +411,7 @@ def resident(spec: str | None = None) -> Resident:
 
     spec = spec or family_spec()
     file = family_file_for(spec)
-    key = (spec, file, str(cache_root()), *compute())
+    key = (spec, file, str(cache_root()), *compute(), os.environ.get("SAFESUB_LIVE_PROMPTS", ""))
     loaded = st.session_state.get("_loaded_key") == key
     if loaded:
         res = _resident(*key)
