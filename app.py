@@ -16,9 +16,9 @@ ROOT = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import streamlit as st
+import streamlit as st  # noqa: E402  (after the path set-up above)
 
-from ui import common as C
+from ui import common as C  # noqa: E402
 
 # The title first: on a cold server the imports below (torch) take seconds, and this is the app's first page.
 C.header("Family", "A base model, its aligned version, an optional safety-tuned model and fine-tuned variants.")

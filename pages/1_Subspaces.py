@@ -118,21 +118,20 @@ def score_figure(variant, cfg, point, start, ft, grid, curves, gen, point_gen) -
 
 @st.fragment
 def point_section():
-    v = C.view()
     variant_names = list(fam.variants)
     c = st.columns([1.2, 1.6, 1.6, 1.0])
     variant = C.bound("variant", c[0].selectbox, "Fine-tuned variant", options=variant_names)
-    subspace = C.bound("subspace", c[1].radio, "Subspace", options=list(SUBSPACES), horizontal=True,
-                       format_func=C.SUBSPACE_LABELS.get)
+    C.bound("subspace", c[1].radio, "Subspace", options=list(SUBSPACES), horizontal=True,
+            format_func=C.SUBSPACE_LABELS.get)
     mode = C.bound("mode", c[2].radio, "Mode", options=list(MODES), horizontal=True)
     rank_by = C.bound("rank_by", c[3].radio, "Rank as", options=["fraction", "energy"], horizontal=True)
     c = st.columns([3, 2])
     if st.session_state.get("w_rank") is not None and not 0.01 <= float(st.session_state["w_rank"]) <= 1.0:
         st.session_state["w_rank"] = 0.25
-    rank = C.bound("rank", c[0].slider, "rank fraction ρ" if rank_by == "fraction" else "energy fraction η",
-                   min_value=0.01, max_value=1.0, step=0.01,
-                   help="ρ: k = max(1, round(ρ·min(M, N))) per tensor; η: the smallest k whose singular values "
-                        "hold η of ΔA's energy.")
+    C.bound("rank", c[0].slider, "rank fraction ρ" if rank_by == "fraction" else "energy fraction η",
+            min_value=0.01, max_value=1.0, step=0.01,
+            help="ρ: k = max(1, round(ρ·min(M, N))) per tensor; η: the smallest k whose singular values "
+                 "hold η of ΔA's energy.")
     alpha = C.bound("alpha", c[1].slider, "scale α", min_value=-1.0, max_value=3.0, step=0.05,
                     help="W = W_start + α·X; α = 1 is the study's setting.")
     C.publish_view()

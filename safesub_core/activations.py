@@ -159,12 +159,12 @@ def _check_states(name: str, X) -> torch.Tensor:
 
 def _layer_index(layer: int, n_layers_plus_1: int) -> int:
     try:
-        l = int(layer)
+        index = int(layer)
     except (TypeError, ValueError):
         raise SafesubError(f"layer {layer!r}: not an integer") from None
-    if not -n_layers_plus_1 <= l < n_layers_plus_1:
+    if not -n_layers_plus_1 <= index < n_layers_plus_1:
         raise SafesubError(f"layer {layer}: out of range 0..{n_layers_plus_1 - 1}")
-    return l % n_layers_plus_1
+    return index % n_layers_plus_1
 
 
 def activation_overlap(
@@ -191,10 +191,10 @@ def activation_overlap(
     if center and min(A.shape[1], B.shape[1]) < 2:
         raise SafesubError("activation MSO: centering needs at least 2 prompts per set")
     n_layers = A.shape[0] - 1
-    chosen = range(A.shape[0]) if layers is None else sorted({_layer_index(l, A.shape[0]) for l in layers})
+    chosen = range(A.shape[0]) if layers is None else sorted({_layer_index(x, A.shape[0]) for x in layers})
     frames = []
-    for l in chosen:
-        X, Y = A[l].double(), B[l].double()
+    for layer_i in chosen:
+        X, Y = A[layer_i].double(), B[layer_i].double()
         scale = max(float(X.abs().max()), float(Y.abs().max()))
         if center:
             X = X - X.mean(0, keepdim=True)
@@ -204,8 +204,8 @@ def activation_overlap(
             # a (numerically) zero matrix spans nothing, e.g. centred states that are all the same (at layer 0
             # every chat-formatted prompt ends on the same template token): the overlap is undefined
             df["mso"] = float("nan")
-        df.insert(0, "depth", l / n_layers if n_layers > 0 else 0.0)
-        df.insert(0, "layer", l)
+        df.insert(0, "depth", layer_i / n_layers if n_layers > 0 else 0.0)
+        df.insert(0, "layer", layer_i)
         frames.append(df)
     return pd.concat(frames, ignore_index=True)
 
@@ -325,8 +325,8 @@ def activation_map(
         elif len(prompts) != S.shape[1]:
             raise SafesubError(f"prompts of {label}: {len(prompts)} prompts for {S.shape[1]} states")
         groups.append((label, model, pset, S, list(prompts)))
-    l = _layer_index(layer, depth)
-    X = torch.cat([S[l] for _, _, _, S, _ in groups], 0)
+    layer_i = _layer_index(layer, depth)
+    X = torch.cat([S[layer_i] for _, _, _, S, _ in groups], 0)
     Z = embed_2d(X, method, seed)
     rows = []
     for label, model, pset, S, prompts in groups:

@@ -136,7 +136,7 @@ def _encode_values(values, dtype, what: str) -> dict:
     name = str(dtype)
     if isinstance(dtype, np.dtype) and dtype.kind in "biuf":
         return {"dtype": name, "values": values.tolist()}
-    if isinstance(dtype, np.dtype) and dtype == object:
+    if isinstance(dtype, np.dtype) and dtype.kind == "O":
         out = []
         for v in values.tolist():
             v = v.item() if isinstance(v, np.generic) else v
@@ -162,7 +162,7 @@ def _decode_values(enc: dict):
     dtype = pd.api.types.pandas_dtype(enc["dtype"])
     values = enc["values"]
     if isinstance(dtype, np.dtype):
-        if dtype == object:
+        if dtype.kind == "O":
             arr = np.empty(len(values), dtype=object)
             arr[:] = values
             return arr, dtype

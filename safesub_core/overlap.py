@@ -18,6 +18,7 @@ Weight space (DESIGN.md §2): per tensor, the study's pairs of updates relative 
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -56,13 +57,60 @@ class Basis:
 
     @classmethod
     def of(cls, X: torch.Tensor) -> "Basis":
-        """Thin SVD basis of X (d x n): columns of X live in R^d."""
+        """Thin SVD basis of X (d x n) in float64: columns of X live in R^d.
+
+        A tall X (d >= 2n) that is well conditioned (s_n > 1e-6 s_1) takes the one-sided route, a row block at a
+        time: R from a blocked QR of X, R = W S V^T, U = X V S^-1 (column i accurate to about eps s_1 / s_i, i.e.
+        1e-10 here), holding X's float64 copy one block at a time. Otherwise torch.linalg.svd of X in float64, whose
+        peak is three matrices of X's size in float64 (X, LAPACK's copy, U).
+        """
+        d, n = X.shape
+        if n and d >= 2 * n:
+            basis = _tall_basis(X)
+            if basis is not None:
+                return basis
         U, s, _ = torch.linalg.svd(X.double(), full_matrices=False)
         return cls(U, s)
 
     @property
     def dim(self) -> int:
         return self.U.shape[0]
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc's malloc_trim; a no-op elsewhere).
+
+    Many freed matrices of a few MB each otherwise stay in glibc's heap (its mmap threshold rises to 32 MB after
+    the first large free), and the resident size creeps up block after block.
+    """
+    try:
+        _libc().malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    import ctypes
+
+    return ctypes.CDLL("libc.so.6")
+
+
+def _tall_basis(X: torch.Tensor, cond: float = 1e-6) -> Basis | None:
+    """`Basis.of` a tall X by the one-sided route (None when s_n <= cond * s_1: the full SVD is needed)."""
+    d, n = X.shape
+    step = max(4 * n, (1 << 23) // n)  # rows per block: about 64 MB of float64
+    R = torch.zeros(0, n, dtype=torch.float64)
+    for i in range(0, d, step):
+        R = torch.linalg.qr(torch.cat([R, X[i:i + step].double()]), mode="r")[1]
+    _, s, Vh = torch.linalg.svd(R)
+    if not s[-1] > cond * s[0]:
+        return None
+    M = Vh.T / s
+    U = torch.empty(d, n, dtype=torch.float64)
+    for i in range(0, d, step):
+        U[i:i + step] = X[i:i + step].double() @ M
+    return Basis(U, s)
 
 
 def overlap_curve(a: Basis, b: Basis, energies: Sequence[float] = DEFAULT_ENERGIES) -> pd.DataFrame:
@@ -122,7 +170,9 @@ def weight_overlap(
     Updates are X - reference for each checkpoint X named in `pairs` ('base' included). Returns one row per
     (scope, unit, pair, energy) with scope 'tensor' (unit = tensor name, matrices only), 'block-write' or
     'block-read' (unit = block index), and columns k_x, k_y, mso, random_baseline. Tensors stream one block at
-    a time. Cached on disk, keyed by the checkpoints' fingerprints and the settings.
+    a time, and within a block one side at a time (its updates, then its bases): peak memory is the bases of the
+    sides done so far plus one side's updates and one SVD. Cached on disk, keyed by the checkpoints' fingerprints
+    and the settings.
     """
     from safesub_core.cache import DiskCache
 
@@ -153,29 +203,37 @@ def _weight_overlap(family, reference, energies, pairs, progress) -> pd.DataFram
     for i, (block, members) in enumerate(groups.items()):
         if progress:
             progress(i, len(groups), f"overlap of block {block}")
-        updates = {s: {} for s in sides}
-        for n in members:
-            w = ref.get(n)
-            for s in sides:
-                updates[s][n] = as_matrix(readers[s].get(n) - w)
-        spaces = [(n, "tensor", lambda s, n=n: updates[s][n]) for n in members]
+        # the block's spaces: (unit, scope, the update matrix of one side from that side's updates by tensor)
+        spaces = []
         if block is not None:
             by_type = {module_type(n): n for n in members}
             write = [by_type[m] for m in WRITE_MODULES if m in by_type]
             read = [by_type[m] for m in READ_MODULES if m in by_type]
             if write:
-                spaces.append((block, "block-write", lambda s, w=write: torch.cat([updates[s][n] for n in w], 1)))
+                spaces.append((block, "block-write", lambda u, w=write: torch.cat([u[n] for n in w], 1)))
             if read:
-                spaces.append((block, "block-read", lambda s, r=read: torch.cat([updates[s][n] for n in r], 0).T))
-        for unit, scope, matrix in spaces:
-            bases = {s: Basis.of(matrix(s)) for s in sides}
+                spaces.append((block, "block-read", lambda u, r=read: torch.cat([u[n] for n in r], 0).T))
+        # one side at a time: its updates, then its bases (each update dropped after its last use), so only the
+        # bases of earlier sides and one side's updates are ever held
+        bases: dict[tuple, dict[str, Basis]] = {}
+        for s in sides:
+            updates = {n: as_matrix(readers[s].get(n) - ref.get(n)) for n in members}
+            for unit, scope, matrix in spaces:
+                bases.setdefault((unit, scope), {})[s] = Basis.of(matrix(updates))
+            for n in members:
+                bases.setdefault((n, "tensor"), {})[s] = Basis.of(updates.pop(n))
+            del updates
+        order = [(n, "tensor") for n in members] + [(unit, scope) for unit, scope, _ in spaces]
+        for unit, scope in order:
             for x, y in pairs:
-                curve = overlap_curve(bases[x], bases[y], energies)
+                curve = overlap_curve(bases[unit, scope][x], bases[unit, scope][y], energies)
                 curve.insert(0, "pair", f"{x}-{short} vs {y}-{short}")
                 curve.insert(0, "unit", str(unit))
                 curve.insert(0, "scope", scope)
                 curve.insert(0, "reference", reference)
                 frames.append(curve)
+            del bases[unit, scope]
+        release_freed_memory()
     if progress:
         progress(len(groups), len(groups), "done")
     return pd.concat(frames, ignore_index=True)

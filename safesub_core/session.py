@@ -38,7 +38,7 @@ from safesub_core.family import Family, load_model
 from safesub_core.generation import generate
 from safesub_core.prompts import PromptSet, arithmetic_set, load_set
 from safesub_core.overlap import DEFAULT_ENERGIES
-from safesub_core.subspace import ProjectionConfig, SubspaceEngine
+from safesub_core.subspace import DEFAULT_RESIDENT_BYTES, ProjectionConfig, SubspaceEngine
 
 LIVE_ARITH_TOKENS = 12
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -112,9 +112,15 @@ class FamilySession:
     """One family's models, engines and scores; see the module docstring."""
 
     def __init__(self, family: Family, device: str = "cpu", dtype=torch.float32, sets: EvalSets | None = None,
-                 chat: bool = True, seed: int = 0, cache: DiskCache | None = None):
+                 chat: bool = True, seed: int = 0, cache: DiskCache | None = None,
+                 resident_bytes: int | None = None):
         family.validate()
         self.family, self.device, self.dtype, self.chat, self.seed = family, device, dtype, chat, seed
+        # interactive use: the engines keep their bases resident (up to SAFESUB_RESIDENT_BYTES, else 4 GiB), so a
+        # slider move is matrix products, never a read of the disk cache; the engine's own default (a quarter of
+        # a checkpoint: the CLI, the benchmarks) streams instead
+        self.resident_bytes = resident_bytes if resident_bytes is not None else int(
+            os.environ.get("SAFESUB_RESIDENT_BYTES", DEFAULT_RESIDENT_BYTES))
         self.sets = sets or EvalSets.default()
         self.cache = cache or DiskCache()
         self.reference, self.tokenizer = load_model(family.start_checkpoint, family, device, dtype)
@@ -150,7 +156,8 @@ class FamilySession:
         with self.lock:
             if variant not in self._engines:
                 self._engines[variant] = SubspaceEngine.build(self.family, variant, seed=self.seed,
-                                                              device=self.device, cache=self.cache, progress=progress)
+                                                              device=self.device, cache=self.cache, progress=progress,
+                                                              resident_bytes=self.resident_bytes)
             return self._engines[variant]
 
     def projected(self, variant: str, cfg: ProjectionConfig) -> torch.nn.Module:

@@ -36,10 +36,12 @@ import torch
 
 from safesub_core.errors import SafesubError
 from safesub_core.family import Family, block_index, module_type
-from safesub_core.overlap import check_energy
+from safesub_core.overlap import check_energy, release_freed_memory
 
 SUBSPACES = ("topk", "randomk", "random")
 CHUNK_BYTES = 256 << 20  # tensors' bases and coordinates are cached in groups of at most this size
+DEFAULT_RESIDENT_BYTES = 4 << 30  # an engine keeps at most this many bytes of matrices resident by default,
+MIN_RESIDENT_BYTES = 64 << 20  # and a quarter of one float32 checkpoint, but at least this (groups: an eighth)
 MODES = ("parallel", "opposite", "orthogonal")
 
 
@@ -88,16 +90,47 @@ def alignment_basis(dA: torch.Tensor, name: str = "", seed: int = 0) -> dict[str
     Returns U (M x r) and s (r,) from torch.linalg.svd (U zero when dA = 0), the random-subspace basis
     Ur (M x r) from a seeded Gaussian of the same shape, and the Random-K permutation perm (r,).
     """
-    M, N = dA.shape
+    return _alignment_basis(lambda: dA, name, seed)
+
+
+def _alignment_basis(make_dA: Callable[[], torch.Tensor], name: str, seed: int) -> dict[str, torch.Tensor]:
+    """`alignment_basis` of the matrix `make_dA()`, which is dropped before the Gaussian is drawn.
+
+    Peak memory for an M x N matrix (M >= N) is four matrices of its size: U, the Gaussian, LAPACK's copy of it
+    and Ur (dA, its copy and U before that).
+    """
+    dA = make_dA()
+    (M, N), like = dA.shape, dict(dtype=dA.dtype, device=dA.device)
     if torch.count_nonzero(dA) == 0:
         r = min(M, N)
-        U, s = torch.zeros(M, r, dtype=dA.dtype, device=dA.device), torch.zeros(r, dtype=dA.dtype, device=dA.device)
+        U, s = torch.zeros(M, r, **like), torch.zeros(r, **like)
     else:
         U, s, _ = torch.linalg.svd(dA, full_matrices=False)
+    del dA
+    U = U.contiguous()
     g = torch.Generator().manual_seed(_seed_for(name, seed))
-    Ur, _, _ = torch.linalg.svd(torch.randn(M, N, generator=g).to(dA), full_matrices=False)
+    Ur = torch.linalg.svd(torch.randn(M, N, generator=g).to(**like), full_matrices=False)[0].contiguous()
     perm = torch.randperm(U.shape[1], generator=g)
-    return dict(U=U.contiguous(), s=s.contiguous(), Ur=Ur.contiguous(), perm=perm)
+    return dict(U=U, s=s.contiguous(), Ur=Ur, perm=perm)
+
+
+def _update_sums(w_ft: torch.Tensor, w_start: torch.Tensor, w_base: torch.Tensor,
+                 step: int = 1 << 22) -> tuple[float, float, float]:
+    """(||dT||^2, ||dA||^2, <dT, dA>) with dT = w_ft - w_start, dA = w_start - w_base, in float64, `step`
+    elements at a time (neither update is ever formed whole)."""
+    f, a, b = w_ft.reshape(-1), w_start.reshape(-1), w_base.reshape(-1)
+    task = align = dot = 0.0
+    for i in range(0, a.numel(), step):
+        x = (f[i:i + step] - a[i:i + step]).double()
+        y = (a[i:i + step] - b[i:i + step]).double()
+        task, align, dot = task + float(x.pow(2).sum()), align + float(y.pow(2).sum()), dot + float((x * y).sum())
+    return task, align, dot
+
+
+def _row_blocks(m: torch.Tensor, step: int = 1 << 22) -> list[slice]:
+    """Slices of consecutive rows of the matrix m, about `step` elements each."""
+    rows = max(1, step // max(1, m.shape[1]))
+    return [slice(i, i + rows) for i in range(0, m.shape[0], rows)]
 
 
 @dataclass
@@ -198,9 +231,9 @@ class SubspaceEngine:
     (T, r_max) tables so a point's diagnostics are a few vector operations over all T tensors.
 
     Memory: only those tables need to live in the engine. The tensors' U, Ur, C and Cr are disk-cache entries in
-    groups of at most CHUNK_BYTES; the engine keeps as many tensors resident as `resident_bytes` allows (all of
-    them for small models) and streams the rest from the cache, one group at a time, with the task update dT
-    read from the checkpoints.
+    groups of at most CHUNK_BYTES (and an eighth of a checkpoint); the engine keeps as many tensors resident as
+    `resident_bytes` allows (all of them for small models; a quarter of a checkpoint's size by default) and
+    streams the rest from the cache, one group at a time, with the task update dT read from the checkpoints.
     """
 
     def __init__(self, family_name: str, variant: str, tensors: list[TensorProjection], seed: int = 0,
@@ -248,7 +281,10 @@ class SubspaceEngine:
     ) -> "SubspaceEngine":
         """Stream the base, start and variant tensors one at a time; bases and coordinates go to the disk cache.
 
-        `resident_bytes` (default: env SAFESUB_RESIDENT_BYTES, else 4 GiB) bounds what stays in memory.
+        `resident_bytes` bounds what stays in memory (default: env SAFESUB_RESIDENT_BYTES, else a quarter of one
+        checkpoint in float32, at least 64 MiB and at most 4 GiB). Peak memory is then that, plus one cache group
+        (at most CHUNK_BYTES or an eighth of a checkpoint), plus one tensor's working set: for the largest matrix
+        (M x N, M >= N) about six of its size (U, Ur, the cache write, W_FT and W_start; benchmarks/bench_memory.py).
         """
         if variant not in family.variants:
             raise SafesubError(
@@ -260,9 +296,16 @@ class SubspaceEngine:
         from safesub_core.cache import DiskCache
 
         cache = cache or DiskCache()
-        budget = int(os.environ.get("SAFESUB_RESIDENT_BYTES", 4 << 30)) if resident_bytes is None else resident_bytes
         names = start.names()
-        chunks = _chunks(names, start.shape, CHUNK_BYTES)
+        numel = {n: math.prod(start.shape(n)) for n in names}
+        checkpoint_bytes = 4 * sum(numel.values())
+        if resident_bytes is not None:
+            budget = resident_bytes
+        elif "SAFESUB_RESIDENT_BYTES" in os.environ:
+            budget = int(os.environ["SAFESUB_RESIDENT_BYTES"])
+        else:
+            budget = min(DEFAULT_RESIDENT_BYTES, max(MIN_RESIDENT_BYTES, checkpoint_bytes // 4))
+        chunks = _chunks(names, start.shape, min(CHUNK_BYTES, max(MIN_RESIDENT_BYTES, checkpoint_bytes // 8)))
         basis_parts = dict(base=family.base.fingerprint(), start=family.start_checkpoint.fingerprint(), seed=seed)
         coord_parts = basis_parts | dict(variant=family.checkpoint(variant).fingerprint())
         where = {n: c for c, chunk in enumerate(chunks) for n in chunk}
@@ -272,49 +315,65 @@ class SubspaceEngine:
             """The cache entries (bases, coordinates) of chunk c; the last one read is kept."""
             if c not in memo:
                 memo.clear()
+                release_freed_memory()
                 chunk = chunks[c]
 
                 def bases():
-                    return {f"{n}::{key}": value for n in chunk for key, value in alignment_basis(
-                        as_matrix(start.get(n) - base.get(n)).to(device), n, seed).items()}
+                    out = {}
+                    for n in chunk:
+                        basis = _alignment_basis(lambda n=n: as_matrix(start.get(n) - base.get(n)).to(device), n, seed)
+                        out.update({f"{n}::{key}": value for key, value in basis.items()})
+                    return out
 
                 b = cache.get_or_compute("alignment_basis", basis_parts | dict(tensors=chunk), bases)
 
                 def coords():
                     out = {}
                     for n in chunk:
-                        wa = start.get(n)
-                        dT = as_matrix(ft.get(n) - wa).to(device)
-                        out[f"{n}::C"] = b[f"{n}::U"].to(device).T @ dT
-                        out[f"{n}::Cr"] = b[f"{n}::Ur"].to(device).T @ dT
+                        w_ft, w_start = as_matrix(ft.get(n)).to(device), as_matrix(start.get(n)).to(device)
+                        U, Ur = b[f"{n}::U"].to(device), b[f"{n}::Ur"].to(device)
+                        C, Cr = U.new_zeros(U.shape[1], w_ft.shape[1]), Ur.new_zeros(Ur.shape[1], w_ft.shape[1])
+                        for rows in _row_blocks(w_ft):  # dT a block of rows at a time: never a whole extra matrix
+                            dT = w_ft[rows] - w_start[rows]
+                            C += U[rows].T @ dT
+                            Cr += Ur[rows].T @ dT
+                        out[f"{n}::C"], out[f"{n}::Cr"] = C, Cr
                     return out
 
                 memo[c] = (b, cache.get_or_compute("task_coords", coord_parts | dict(tensors=chunk), coords))
             return memo[c]
 
-        def load(i: int) -> TensorProjection:
+        def load(i: int, keep: bool = True) -> TensorProjection:
+            """Tensor i; without `keep`, only its numbers (the sums and cumulative energies, no matrices)."""
             n = names[i]
-            b, c = chunk_entries(where[n])
             wa = start.get(n)
-            dA = as_matrix(wa - base.get(n)).to(device)
-            dT = as_matrix(ft.get(n) - wa).to(device)
-            return TensorProjection(
-                name=n, shape=tuple(wa.shape), U=b[f"{n}::U"].to(device), s=b[f"{n}::s"], Ur=b[f"{n}::Ur"].to(device),
+            shape = tuple(wa.shape)
+            w_ft, w_base = ft.get(n), base.get(n)
+            task_sq, align_sq, dot_align = _update_sums(w_ft, wa, w_base)
+            del w_base
+            # kept: the task update dT; not kept, nothing is held while the bases are computed or read
+            dT = as_matrix(w_ft - wa).to(device) if keep else None
+            del wa, w_ft
+            b, c = chunk_entries(where[n])
+            t = TensorProjection(
+                name=n, shape=shape, U=b[f"{n}::U"].to(device), s=b[f"{n}::s"], Ur=b[f"{n}::Ur"].to(device),
                 perm=b[f"{n}::perm"], C=c[f"{n}::C"].to(device), Cr=c[f"{n}::Cr"].to(device), dT=dT,
-                task_sq=float(dT.double().pow(2).sum()), align_sq=float(dA.double().pow(2).sum()),
-                dot_align=float((dT.double() * dA.double()).sum()),
+                task_sq=task_sq, align_sq=align_sq, dot_align=dot_align,
             )
+            return t if keep else t.summary()
 
         tensors, used = [], 0
         for i, n in enumerate(names):
             if progress:
                 progress(i, len(names), f"alignment basis and task coordinates: {n}")
-            t = load(i)
-            if used + t.nbytes <= budget:
-                used += t.nbytes
-            else:
-                t = t.summary()  # keep the numbers, drop the matrices: streamed from the cache when applied
-            tensors.append(t)
+            shape = start.shape(n)
+            M = shape[0] if len(shape) > 1 else numel[n]
+            N = numel[n] // M
+            r = min(M, N)
+            need = 4 * (2 * M * r + 2 * r * N + M * N)  # U, Ur, C, Cr and dT in float32 (TensorProjection.nbytes)
+            keep = used + need <= budget
+            used += need if keep else 0
+            tensors.append(load(i, keep))  # not kept: the numbers stay, the matrices stream from the cache
         memo.clear()
         if progress:
             progress(len(names), len(names), "done")
