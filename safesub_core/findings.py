@@ -807,14 +807,19 @@ def plotly_figures(r: FamilyFindings) -> dict:
 
 
 def _matplotlib_png(r: FamilyFindings, frames: dict, folder: Path) -> dict:
-    """PNG versions through matplotlib, when it is installed ({} otherwise)."""
-    try:
-        import matplotlib
+    """PNG versions of the three figures (matplotlib, Agg), for readers of FINDINGS.md without a browser."""
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return {}
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def save(fig, name):
+        fig.tight_layout()
+        path = folder / f"{r.name}_{name}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        out[f"{name} (PNG)"] = path
+
     out = {}
     rank = frames["rank"]
     modes = list(r.config.modes)
@@ -827,19 +832,54 @@ def _matplotlib_png(r: FamilyFindings, frames: dict, folder: Path) -> dict:
                 s = rank[(rank["variant"] == variant) & (rank["subspace"] == sub) & (rank["mode"] == mode)]
                 s = s.sort_values("rank_fraction")
                 ax.plot(s["rank_fraction"], s[metric], marker="o", label=label)
-            ax.set_title(f"{mode}: {metric} ({variant})")
-            ax.set_xlabel("rho")
+            ax.set_title(f"{r.name}, {mode}: {metric} ({variant})")
+            ax.set_xlabel("rank fraction rho")
     axes[0][0].legend()
-    fig.tight_layout()
-    path = folder / f"{r.name}_rank.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    out["rank (PNG)"] = path
+    save(fig, "rank")
+
+    w = frames["weight"]
+    scopes = list(w["scope"].unique())
+    refs = list(w["reference"].unique())
+    fig, axes = plt.subplots(len(refs), len(scopes), figsize=(4.2 * len(scopes), 3.4 * len(refs)), squeeze=False)
+    for i, ref in enumerate(refs):
+        for j, scope in enumerate(scopes):
+            ax = axes[i][j]
+            g = w[(w["reference"] == ref) & (w["scope"] == scope)]
+            for pair, gp in g.groupby("pair", sort=False):
+                line, = ax.plot(gp["energy"], gp["mso"], marker="o", label=pair)
+                ax.plot(gp["energy"], gp["random_baseline"], ls=":", color=line.get_color())
+            ax.set_title(f"{ref} / {scope}")
+            ax.set_xlabel("energy fraction eta")
+            ax.set_ylim(0, 1.02)
+    axes[0][0].set_ylabel("mean MSO (dotted: random)")
+    axes[0][0].legend(fontsize=7)
+    save(fig, "weight")
+
+    a = frames["activations"]
+    a = a[(a["energy"] - r.config.headline_energy).abs() < 1e-9]
+    models, centers = list(a["model"].unique()), list(a["center"].unique())
+    fig, axes = plt.subplots(len(centers), len(models), figsize=(3.6 * len(models), 3.2 * len(centers)),
+                             squeeze=False)
+    lo, hi = r.band_range
+    for i, center in enumerate(centers):
+        for j, model in enumerate(models):
+            ax = axes[i][j]
+            g = a[(a["model"] == model) & (a["center"] == center)]
+            for pair, gp in g.groupby("pair", sort=False):
+                ax.plot(gp["depth"], gp["mso"], marker=".", label=pair)
+            ax.axvspan(lo, hi, color="0.9")
+            ax.set_title(f"{model} ({center})")
+            ax.set_xlabel("depth")
+            ax.set_ylim(0, 1.02)
+    axes[0][0].set_ylabel(f"activation MSO at eta {r.config.headline_energy:g}")
+    axes[0][0].legend(fontsize=7)
+    save(fig, "activations")
     return out
 
 
 def write_figures(r: FamilyFindings, folder: str | os.PathLike, plotlyjs: str | bool = True) -> dict[str, Path]:
-    """Write <family>.html (all figures, plotly.js inlined once), <family>_<figure>.csv and PNGs if possible.
+    """Write <family>.html (all figures; plotly.js inlined, or beside it with plotlyjs='directory'),
+    <family>_<figure>.csv and <family>_<figure>.png.
 
     Returns label -> path. Files are written to a temporary name and renamed.
     """
@@ -854,6 +894,10 @@ def write_figures(r: FamilyFindings, folder: str | os.PathLike, plotlyjs: str | 
     html = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>safesub findings: {r.name}</title></head>"
             f"<body><h1>safesub findings: family {r.name}</h1>" + "".join(parts) + "</body></html>")
     out["figures (HTML)"] = _atomic_write(folder / f"{r.name}.html", html)
+    if plotlyjs == "directory":  # the pages load ./plotly.min.js: the installed plotly's bundle, written once
+        from plotly.offline import get_plotlyjs
+
+        _atomic_write(folder / "plotly.min.js", get_plotlyjs())
     for name, df in frames.items():
         out[f"{name} (CSV)"] = _atomic_write(folder / f"{r.name}_{name}.csv", df.to_csv(index=False))
     out.update(_matplotlib_png(r, frames, folder))
@@ -892,8 +936,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gen-tokens", type=int, default=24, help="new tokens per greedy completion (default 24)")
     parser.add_argument("--sets", default="auto", choices=["auto", "builtin", "packaged"])
     parser.add_argument("--study", default=None, help="the study's tables CSV (default: shared/reference/...)")
-    parser.add_argument("--plotlyjs", default="inline", choices=["inline", "cdn", "directory"],
-                        help="how the HTML gets plotly.js: inlined (self-contained, ~4.6 MB a page), cdn, directory")
+    parser.add_argument("--plotlyjs", default="directory", choices=["inline", "cdn", "directory"],
+                        help="how the HTML gets plotly.js: directory (default: plotly.min.js written once beside the "
+                             "pages, offline), inline (~4.6 MB a page), cdn (needs the network)")
     args = parser.parse_args(argv)
 
     from tqdm import tqdm
