@@ -89,7 +89,7 @@ def bench_core(family: str, ranks: list[float]) -> list[float]:
     torch.set_num_threads(int(THREADS))
     fam = Family.from_file(family)
     s = FamilySession(fam, sets=EvalSets.default(live_prompts(fam)),  # the app's live sets
-                      cache=DiskCache(tempfile.mkdtemp(prefix="bench_core_")))
+                      cache=DiskCache(os.environ["SAFESUB_CACHE"]))
     print(f"live read-outs on {len(s.sets.harmful)} prompts a set", flush=True)
     variant = next(iter(s.family.variants))
     s.point_scores(variant, ProjectionConfig(rank_fraction=0.25))  # warm: engine, start scores
@@ -179,15 +179,17 @@ def main() -> int:
     ap.add_argument("--size", default="full", choices=["full", "test"], help="which tiny family (default full)")
     ap.add_argument("--moves", type=int, default=10)
     ap.add_argument("--no-browser", action="store_true", help="skip the Chromium measurements")
+    ap.add_argument("--cache", help="a cache folder to start from (e.g. one where the family's subspaces are "
+                                    "already computed, as after a first visit); default: an empty one")
     args = ap.parse_args()
     fam = family_path(args)
     os.environ["SAFESUB_FAMILY"] = fam
-    os.environ["SAFESUB_CACHE"] = tempfile.mkdtemp(prefix="bench_app_")  # nothing scored yet
+    os.environ["SAFESUB_CACHE"] = args.cache or tempfile.mkdtemp(prefix="bench_app_")  # the new ranks: never scored
     n = min(args.moves, len(RANKS))
     print(f"machine: {machine()}")
     print(f"OMP_NUM_THREADS={THREADS}  family={fam}  moves={n}")
 
-    core = bench_core(fam, RANKS[:n])
+    core = bench_core(fam, [round(r + 0.005, 3) for r in RANKS[:n]])  # not the AppTest's ranks: a shared cache
     print(f"slider, core point_scores (new point):           {fmt(core)}")
     app = bench_apptest(RANKS[:n])
     print(f"slider, AppTest full page rerun (new point):     {fmt(app)}")
