@@ -614,9 +614,13 @@ def render_family(r: FamilyFindings, figures: dict | None = None) -> str:
            f"Family folder: `{shown}`; {r.n_layers} layers, hidden size {r.hidden}. Evaluation sets (eval "
            f"splits): " + ", ".join(f"{k} = {v}" for k, v in r.sets.items())
            + f". Greedy completions of {cfg.gen_tokens} new tokens, chat template.\n"]
-    if figures and figures.get(r.name):
-        links = figures[r.name]
-        out.append("Figures: " + ", ".join(f"[{k}]({v})" for k, v in links.items()) + "\n")
+    links = (figures or {}).get(r.name) or {}
+    if links:
+        out.append("Figures and their data: " + ", ".join(f"[{k}]({v})" for k, v in links.items()) + "\n")
+
+    def figure(name: str) -> None:  # the PNG of one experiment, inline under its heading
+        if f"{name} (PNG)" in links:
+            out.append(f"![{r.name}: {name}]({links[f'{name} (PNG)']})\n")
 
     out.append("### Held-out behaviour (stored by the builder)\n")
     out.append(md_table(r.behaviour) + "\n")
@@ -624,10 +628,19 @@ def render_family(r: FamilyFindings, figures: dict | None = None) -> str:
         out.append("Promised held-out behaviour:\n\n" + md_table(r.checks) + "\n")
 
     out.append("### 1. Utility and harmfulness against rank\n")
+    figure("rank")
     cols = ["checkpoint", "gen_refusal_rate", "gen_attack_success_rate", "gen_exact_match", "gen_overrefusal_rate",
             "margin_mean", "share_margin_negative", "nll_mean", "arith_exact_match", "kl_to_start"]
     out.append("Every checkpoint (gen_* from greedy completions; the rest live scores):\n\n"
                + md_table(r.references[[c for c in cols if c in r.references]]) + "\n")
+    ref = r.references.set_index("checkpoint")
+    if "harmful" in ref.index and {"gen_attack_success_rate", "share_margin_negative"} <= set(ref.columns):
+        asr, neg = ref.loc["harmful", "gen_attack_success_rate"], ref.loc["harmful", "share_margin_negative"]
+        if asr >= 0.8 and neg <= 0.2:  # the margin's openings are not how this family's harmful model complies
+            out.append(f"Note: here the log-prob margin disagrees with generation. The harmful fine-tune complies "
+                       f"with {asr:.0%} of the harmful prompts, yet only {neg:.0%} of its margins are negative: "
+                       f"its compliant answers do not open with \"Sure, here is\", so the margin measures the "
+                       f"refusal opening alone. Read harm from the attack success rate on this family.\n")
     variants = set(r.points["variant"]) if len(r.points) else set()
     tables = []
     if {"useful", "harmful"} <= variants:
@@ -642,6 +655,7 @@ def render_family(r: FamilyFindings, figures: dict | None = None) -> str:
     out.append("Energy of the task update kept (E) at each rank fraction:\n\n" + md_table(ek.reset_index(), 3) + "\n")
 
     out.append("### 2. Weight-space overlap of the updates\n")
+    figure("weight")
     e = cfg.headline_energy
     w = r.weight[(r.weight["energy"] - e).abs() < 1e-9]
     out.append(f"Mean MSO per scope and pair at energy {e:g} (random = mean baseline max(k)/d):\n\n"
@@ -652,6 +666,7 @@ def render_family(r: FamilyFindings, figures: dict | None = None) -> str:
     out.append("Per-tensor mean MSO at every energy:\n\n" + md_table(piv.reset_index(), 3) + "\n")
 
     out.append("### 3. Activation overlap (last-token states)\n")
+    figure("activations")
     lo, hi = r.band_range
     out.append(f"Depth band {lo:.3g}-{hi:.3g}" + (f" ({r.band_note})" if r.band_note else " (the study's)")
                + ". Each set is compared with harmful half A (same size).\n")
@@ -718,11 +733,11 @@ def figure_frames(r: FamilyFindings) -> dict[str, pd.DataFrame]:
 
 def _mode_metrics(points: pd.DataFrame, mode: str) -> tuple[str, str]:
     """(utility, harm) columns of a mode: generation exact match and ASR, or the live ones when the mode has no
-    generation scores (exact match of 12 greedy tokens, share of negative margins)."""
+    generation scores (exact match of 12 greedy tokens, the mean log-prob margin: lower is more harmful)."""
     sel = points[points["mode"] == mode]
     if "gen_exact_match" in sel and sel["gen_exact_match"].notna().any():
         return "gen_exact_match", "gen_attack_success_rate"
-    return "arith_exact_match", "share_margin_negative"
+    return "arith_exact_match", "margin_mean"
 
 
 def plotly_figures(r: FamilyFindings) -> dict:
