@@ -461,8 +461,13 @@ def kl_to_reference(
     chat: bool = True,
     batch_size: int = 32,
     notes: list[str] | None = None,
+    ref_cache: dict | None = None,
 ) -> torch.Tensor:
-    """KL(p_ref || p_model) of the next-token distribution at the last prompt position, shape (n,)."""
+    """KL(p_ref || p_model) of the next-token distribution at the last prompt position, shape (n,).
+
+    `ref_cache`: a dict the caller keeps while `ref_model` stays unchanged (a session's start model); the
+    reference's last-position logits are kept in it per batch of prompts, so a slider move runs one model, not two.
+    """
     prompts = _check_prompts(prompts)
     p_ids = _prompt_ids(tokenizer, prompts, chat, notes)
     limit = min(context_length(model), context_length(ref_model))
@@ -478,7 +483,13 @@ def kl_to_reference(
             idx = order[start : start + batch_size]
             rows = [p_ids[i] for i in idx]
             lm = _forward_tail(model, rows, 1, pad_id)[:, -1]
-            lr = _forward_tail(ref_model, rows, 1, pad_id)[:, -1].to(lm.device)
+            key = tuple(map(tuple, rows))
+            if ref_cache is not None and key in ref_cache:
+                lr = ref_cache[key].to(lm.device)
+            else:
+                lr = _forward_tail(ref_model, rows, 1, pad_id)[:, -1].to(lm.device)
+                if ref_cache is not None:
+                    ref_cache[key] = lr
             if lm.shape[-1] != lr.shape[-1]:
                 raise SafesubError(
                     f"reference model: vocabulary size {lr.shape[-1]} differs from the model's {lm.shape[-1]}"

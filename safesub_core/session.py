@@ -128,6 +128,7 @@ class FamilySession:
         self._models: dict[str, torch.nn.Module] = {family.start: self.reference}
         self._engines: dict[str, SubspaceEngine] = {}
         self._applied: tuple[str, ProjectionConfig] | None = None
+        self._reference_logits: dict = {}  # the untouched start model's KL logits, computed once
         self.lock = threading.RLock()
 
     # ------------------------------------------------------------------------------------------------ models
@@ -194,7 +195,8 @@ class FamilySession:
         answers = generate(model, tok, s.utility.prompts, max_new_tokens=LIVE_ARITH_TOKENS, chat=self.chat,
                            batch_size=len(s.utility)).completions
         correct = [scoring.exact_match(scoring.final_number(a), r) for a, r in zip(answers, s.utility.references)]
-        kl = scoring.kl_to_reference(model, self.reference, tok, s.benign.prompts, chat=self.chat)
+        kl = scoring.kl_to_reference(model, self.reference, tok, s.benign.prompts, chat=self.chat,
+                                     ref_cache=self._reference_logits)
         return dict(
             margin_mean=float(margin.mean()), share_margin_negative=float((margin < 0).float().mean()),
             nll_mean=float(nll.mean()), arith_exact_match=sum(correct) / len(correct), kl_to_start=float(kl.mean()),

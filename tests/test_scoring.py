@@ -276,6 +276,22 @@ def test_kl_to_reference(tiny):
     assert torch.allclose(kl, single, atol=1e-4)
 
 
+def test_kl_reference_cache_runs_the_reference_once_with_the_same_result(tiny):
+    model, tok = tiny
+    other = make_model(tok, seed=1)
+    calls = []
+    hook = model.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        cache = {}
+        first = kl_to_reference(other, model, tok, PROMPTS, ref_cache=cache)
+        n = len(calls)
+        again = kl_to_reference(other, model, tok, PROMPTS, ref_cache=cache)
+    finally:
+        hook.remove()
+    assert n >= 1 and len(calls) == n, "the second call reads the reference's logits from the cache"
+    assert torch.equal(first, again) and torch.equal(first, kl_to_reference(other, model, tok, PROMPTS))
+
+
 def test_empty_prompts_are_refused(tiny):
     model, tok = tiny
     with pytest.raises(SafesubError, match="is empty"):
