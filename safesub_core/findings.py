@@ -613,7 +613,9 @@ def render_family(r: FamilyFindings, figures: dict | None = None) -> str:
     out = [f"## Family `{r.name}`\n",
            f"Family folder: `{shown}`; {r.n_layers} layers, hidden size {r.hidden}. Evaluation sets (eval "
            f"splits): " + ", ".join(f"{k} = {v}" for k, v in r.sets.items())
-           + f". Greedy completions of {cfg.gen_tokens} new tokens, chat template.\n"]
+           + f". Greedy completions of {cfg.gen_tokens} new tokens, chat template. With {cfg.n_prompts} prompts a "
+           f"set one prompt moves a rate by {1 / max(cfg.n_prompts, 1):.2f}: read differences of a few prompts as "
+           f"noise.\n"]
     links = (figures or {}).get(r.name) or {}
     if links:
         out.append("Figures and their data: " + ", ".join(f"[{k}]({v})" for k, v in links.items()) + "\n")
