@@ -5,7 +5,7 @@ import streamlit as st
 from plotly.subplots import make_subplots
 
 from ui import common as C
-from safesub_core.session import LIVE_ARITH_TOKENS
+from safesub_core.session import FULL_LIVE_PROMPTS, LIVE_ARITH_TOKENS
 from safesub_core.subspace import MODES, SUBSPACES, ProjectionConfig
 
 C.header("Subspaces", "W = W_start + α·X with X = P_k ΔT (parallel), −P_k ΔT (opposite) or ΔT − P_k ΔT (orthogonal), "
@@ -189,7 +189,7 @@ def point_section():
     base_gen = S.generation_scores(fam.start, None, C.GEN_TOKENS, compute=False)
     point_gen = None
     with C.shown_errors():
-        cheap = len(S.sets.harmful) >= 32  # 32-prompt live sets: a GPU or a small model (session.live_prompts)
+        cheap = len(S.sets.harmful) >= FULL_LIVE_PROMPTS  # a GPU or a small model (session.live_prompts)
         score_grid = st.toggle("Score the whole rank grid for the chart", value=cheap, key="w_score_grid",
                                help=f"{len(SUBSPACES) * len(C.SCORE_GRID)} points (3 subspaces x ρ in "
                                     f"{', '.join(map(str, C.SCORE_GRID))}), each a read-out like the one above; on "

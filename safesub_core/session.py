@@ -41,6 +41,7 @@ from safesub_core.overlap import DEFAULT_ENERGIES
 from safesub_core.subspace import DEFAULT_RESIDENT_BYTES, ProjectionConfig, SubspaceEngine
 
 LIVE_ARITH_TOKENS = 12
+FULL_LIVE_PROMPTS = 32  # live sets this large mean read-outs are cheap here (a GPU or a small model)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -102,10 +103,10 @@ def live_prompts(family: Family, device: str = "cpu") -> int:
             raise SafesubError(f"SAFESUB_LIVE_PROMPTS={n}: must be at least 1")
         return n
     if torch.device(device).type != "cpu":
-        return 32
+        return FULL_LIVE_PROMPTS
     reader = family.reader(family.start)
     params = sum(math.prod(reader.shape(n)) for n in reader.names())
-    return 32 if params <= 20_000_000 else 8 if params <= 300_000_000 else 4
+    return FULL_LIVE_PROMPTS if params <= 20_000_000 else 8 if params <= 300_000_000 else 4
 
 
 class FamilySession:
@@ -210,10 +211,10 @@ class FamilySession:
     def point_scores(self, variant: str, cfg: ProjectionConfig, compute: bool = True) -> dict | None:
         """Diagnostics and live scores at a point (scores cached; diagnostics are cumulative sums). With
         `compute=False` only scores already in the disk cache are returned (None otherwise)."""
-        diag = self.engine(variant).diagnostics(cfg).summary()
         if not compute:
             live = self.cache.get("live_scores", self._parts(variant, cfg))
-            return None if live is None else diag | live
+            return None if live is None else self.engine(variant).diagnostics(cfg).summary() | live
+        diag = self.engine(variant).diagnostics(cfg).summary()
         with self.lock:
             live = self.cache.get_or_compute("live_scores", self._parts(variant, cfg),
                                              lambda: self.live_scores(self.projected(variant, cfg)))

@@ -383,6 +383,7 @@ def _release(res: Resident) -> None:
 
 @st.cache_resource(max_entries=1, show_spinner=False, on_release=_release)
 def _resident(spec: str, file: str | None, cache_root: str, device: str, dtype: str, live: str) -> Resident:
+    """`live` (SAFESUB_LIVE_PROMPTS as set) is part of the key only: `live_prompts` reads the variable itself."""
     import torch
 
     from safesub_core.session import DTYPES, EvalSets, FamilySession, live_prompts
