@@ -164,19 +164,27 @@ def point_section():
                 notes.append(f"{variant} {f_val:.4f}")
             st.caption(" · ".join(notes) if notes else "a property of the variant")
 
-    live = [i for i, r in enumerate(READOUTS) if r[3] == "live"]
-    for i in range(len(READOUTS)):  # the diagnostics first: they show while the live scores run
-        if i not in live:
+    # three waves, each on screen before the next is computed: the diagnostics (cumulative sums), the scores that
+    # need forward passes of the projected model, then the one that needs greedy decoding
+    decoded = [i for i, r in enumerate(READOUTS) if r[1] == "arith_exact_match"]
+    forward = [i for i, r in enumerate(READOUTS) if r[3] == "live" and i not in decoded]
+    for i in range(len(READOUTS)):
+        if i not in forward + decoded:
             readout(i, diag.summary())
     with C.shown_errors(stop=True):
-        with res.lock:
-            point = S.point_scores(variant, cfg)  # forward passes of the projected model
-    for i in live:
+        point = S.point_scores(variant, cfg, decoded=False)
+    for i in forward:
         readout(i, point)
     ev = S.sets
-    st.caption(f"Live scores at {cfg.label}: log-prob margin on {len(ev.harmful)} harmful prompts, NLL and "
-               f"{LIVE_ARITH_TOKENS}-token greedy exact match on {len(ev.utility)} arithmetic prompts, KL to the "
-               f"start model on {len(ev.benign)} benign prompts (evaluation splits).")
+    st.caption(f"Live scores at {cfg.label}: log-prob margin on {len(ev.harmful)} harmful prompts, NLL on "
+               f"{len(ev.utility)} arithmetic prompts, KL to the start model on {len(ev.benign)} benign prompts "
+               "(evaluation splits).")
+    with C.shown_errors(stop=True):
+        point = S.point_scores(variant, cfg)
+    for i in decoded:
+        readout(i, point)
+    st.caption(f"Exact match at {cfg.label}: {LIVE_ARITH_TOKENS}-token greedy answers to the {len(ev.utility)} "
+               "arithmetic prompts.")
 
     # ---------------------------------------------------------------------------------------- charts
     if st.session_state.get("run_generation"):  # the button below was clicked: score first, so the chart shows it

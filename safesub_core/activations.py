@@ -33,7 +33,6 @@ Every function here is pure: no file I/O (the disk cache is wired elsewhere).
 """
 from __future__ import annotations
 
-import inspect
 import warnings
 from typing import Callable, Hashable, Mapping, Sequence
 
@@ -44,6 +43,7 @@ import torch
 from safesub_core.errors import SafesubError
 from safesub_core.generation import context_length, encode_batch, format_prompt, prepare_tokenizer
 from safesub_core.overlap import DEFAULT_ENERGIES, Basis, check_energy, overlap_curve
+from safesub_core.prefix import accepts
 
 METHODS = ("pca", "umap", "tsne")
 LABEL_SEP = " · "
@@ -63,14 +63,6 @@ def _forward_target(model):
     if isinstance(base, torch.nn.Module) and base is not model:
         return base
     return model
-
-
-def _accepts(module, name: str) -> bool:
-    """Whether `module.forward` names the argument `name` explicitly."""
-    try:
-        return name in inspect.signature(module.forward).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 @torch.no_grad()
@@ -105,7 +97,7 @@ def last_token_states(
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
 
     target = _forward_target(model)
-    use_position_ids = _accepts(target, "position_ids")
+    use_position_ids = accepts(target, "position_ids")
     was_training = model.training
     model.eval()
     out: torch.Tensor | None = None

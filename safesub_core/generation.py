@@ -6,7 +6,9 @@ Contract:
   text). The demo families are trained with exactly this formatting.
 - `generate(model, tokenizer, prompts, ...)`: greedy (deterministic) decoding in batches with *left* padding, so
   every prompt's last real token sits at position -1; returns the decoded continuations only. Prompts longer
-  than the model's context are truncated from the left, and `GenerationResult.truncated` says which.
+  than the model's context are truncated from the left, and `GenerationResult.truncated` says which. The
+  template's header (`template_header`) is run once per state of the weights and shared by the batch
+  (`prefix.PromptBatch`); completions are the same as without it.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from typing import Callable, Sequence
 import torch
 
 from safesub_core.errors import SafesubError
+from safesub_core.prefix import PromptBatch, prefix_length, supports_prefix
 
 
 def format_prompt(tokenizer, prompt: str, chat: bool = True) -> str:
@@ -25,6 +28,17 @@ def format_prompt(tokenizer, prompt: str, chat: bool = True) -> str:
             [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
         )
     return prompt
+
+
+_HEADER_PROBE = "\x00probe\x00"
+
+
+def template_header(tokenizer, chat: bool = True) -> list[int]:
+    """Token ids of the formatted text before the user's message (the chat template's fixed opening: system
+    prompt, user-turn marker); empty for raw prompts. Rows share at most this much (`prefix.prefix_length`)."""
+    text = format_prompt(tokenizer, _HEADER_PROBE, chat)
+    head = text[: text.find(_HEADER_PROBE)] if _HEADER_PROBE in text else ""
+    return list(tokenizer(head, add_special_tokens=False)["input_ids"]) if head else []
 
 
 def prepare_tokenizer(tokenizer):
@@ -42,22 +56,22 @@ def context_length(model) -> int:
     return int(getattr(model.config, "max_position_embeddings", None) or 2048)
 
 
+def encode_rows(tokenizer, texts: Sequence[str], max_length: int) -> tuple[list[list[int]], list[bool]]:
+    """Token ids of already formatted texts, each cut to its last `max_length` tokens; (rows, truncated flags)."""
+    prepare_tokenizer(tokenizer)
+    rows = [list(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    truncated = [len(x) > max_length for x in rows]
+    rows = [x[-max_length:] for x in rows]
+    if any(len(x) == 0 for x in rows):
+        raise SafesubError("prompt set: contains an empty prompt")
+    return rows, truncated
+
+
 def encode_batch(tokenizer, texts: Sequence[str], max_length: int, device) -> tuple[dict, list[bool]]:
     """Left-padded, left-truncated batch of already formatted texts; returns (tensors, truncated flags)."""
-    prepare_tokenizer(tokenizer)
-    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    truncated = [len(x) > max_length for x in ids]
-    ids = [x[-max_length:] if len(x) > max_length else x for x in ids]
-    if any(len(x) == 0 for x in ids):
-        raise SafesubError("prompt set: contains an empty prompt")
-    width = max(len(x) for x in ids)
-    pad = tokenizer.pad_token_id
-    input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)
-    for row, x in enumerate(ids):
-        input_ids[row, width - len(x):] = torch.tensor(x, dtype=torch.long)
-        mask[row, width - len(x):] = 1
-    return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}, truncated
+    rows, truncated = encode_rows(tokenizer, texts, max_length)
+    batch = PromptBatch.build(rows, tokenizer.pad_token_id, 0, device)
+    return {"input_ids": batch.ids, "attention_mask": batch.mask}, truncated
 
 
 @dataclass
@@ -84,17 +98,13 @@ def generate(
     budget = max(1, context_length(model) - max_new_tokens)
     completions: list[str] = []
     truncated: list[bool] = []
+    header = template_header(tokenizer, chat) if supports_prefix(model) else []
     for start in range(0, len(prompts), batch_size):
         chunk = [format_prompt(tokenizer, p, chat) for p in prompts[start : start + batch_size]]
-        batch, cut = encode_batch(tokenizer, chunk, budget, device)
-        out = model.generate(
-            **batch,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        new = out[:, batch["input_ids"].shape[1]:]
+        rows, cut = encode_rows(tokenizer, chunk, budget)
+        batch = PromptBatch.build(rows, tokenizer.pad_token_id, prefix_length(rows, header), device)
+        new = batch.generate(model, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
         completions += tokenizer.batch_decode(new, skip_special_tokens=True)
         truncated += cut
         if progress:

@@ -7,7 +7,8 @@ Contract:
 - A *point* is (variant, ProjectionConfig). `point_scores(variant, cfg)` returns the engine's diagnostics plus
   the live scores of the projected model, composed in memory (nothing written to disk).
 - Live scores (forward passes, plus a few greedy tokens for arithmetic; what sliders show), on fixed evaluation
-  splits (`EvalSets`, never the training split):
+  splits (`EvalSets`, never the training split); the forward-pass ones (`forward_scores`) are cached apart from
+  the decoded one (`decoded_scores`), so a page can show them first:
     margin_mean, share_margin_negative   log-prob margin on harmful prompts (refusal minus compliance opening)
     nll_mean                             NLL of reference answers on arithmetic prompts
     arith_exact_match                    exact match of greedy answers (12 new tokens) on arithmetic prompts
@@ -188,37 +189,53 @@ class FamilySession:
                           point=cfg.__dict__, seed=self.seed)
         return parts
 
-    def live_scores(self, model: torch.nn.Module) -> dict:
-        """The slider scores of a model as it stands (see the module docstring)."""
+    def forward_scores(self, model: torch.nn.Module) -> dict:
+        """The live scores that need forward passes only (margin, NLL, KL): what a slider shows first."""
         s, tok = self.sets, self.tokenizer
         margin = scoring.logprob_margin(model, tok, s.harmful.prompts, chat=self.chat)
         nll = scoring.answer_nll(model, tok, s.utility.prompts, s.utility.references, chat=self.chat)
-        answers = generate(model, tok, s.utility.prompts, max_new_tokens=LIVE_ARITH_TOKENS, chat=self.chat,
-                           batch_size=len(s.utility)).completions
-        correct = [scoring.exact_match(scoring.final_number(a), r) for a, r in zip(answers, s.utility.references)]
         kl = scoring.kl_to_reference(model, self.reference, tok, s.benign.prompts, chat=self.chat,
                                      ref_cache=self._reference_logits)
-        return dict(
-            margin_mean=float(margin.mean()), share_margin_negative=float((margin < 0).float().mean()),
-            nll_mean=float(nll.mean()), arith_exact_match=sum(correct) / len(correct), kl_to_start=float(kl.mean()),
-        )
+        return dict(margin_mean=float(margin.mean()), share_margin_negative=float((margin < 0).float().mean()),
+                    nll_mean=float(nll.mean()), kl_to_start=float(kl.mean()))
+
+    def decoded_scores(self, model: torch.nn.Module) -> dict:
+        """The live score that needs greedy decoding (LIVE_ARITH_TOKENS passes): arithmetic exact match."""
+        s = self.sets
+        answers = generate(model, self.tokenizer, s.utility.prompts, max_new_tokens=LIVE_ARITH_TOKENS,
+                           chat=self.chat, batch_size=len(s.utility)).completions
+        correct = [scoring.exact_match(scoring.final_number(a), r) for a, r in zip(answers, s.utility.references)]
+        return dict(arith_exact_match=sum(correct) / len(correct))
+
+    def live_scores(self, model: torch.nn.Module) -> dict:
+        """The slider scores of a model as it stands (see the module docstring)."""
+        return self.forward_scores(model) | self.decoded_scores(model)
+
+    def _live(self, parts: dict, model: Callable[[], torch.nn.Module], decoded: bool, compute: bool) -> dict | None:
+        """Live scores from the disk cache or computed: the forward-pass scores are an entry of their own, so they
+        can show before the decoded one is done; the full set is the 'live_scores' entry."""
+        full = self.cache.get("live_scores", parts)
+        if full is not None:
+            return full
+        if not compute:
+            return None if decoded else self.cache.get("live_forward", parts)
+        with self.lock:
+            forward = self.cache.get_or_compute("live_forward", parts, lambda: self.forward_scores(model()))
+            if not decoded:
+                return forward
+            return self.cache.get_or_compute("live_scores", parts, lambda: forward | self.decoded_scores(model()))
 
     def checkpoint_scores(self, name: str) -> dict:
         """Live scores of a checkpoint of the family (cached)."""
-        return self.cache.get_or_compute("live_scores", self._parts(name, None),
-                                         lambda: self.live_scores(self.model(name)))
+        return self._live(self._parts(name, None), lambda: self.model(name), decoded=True, compute=True)
 
-    def point_scores(self, variant: str, cfg: ProjectionConfig, compute: bool = True) -> dict | None:
+    def point_scores(self, variant: str, cfg: ProjectionConfig, compute: bool = True,
+                     decoded: bool = True) -> dict | None:
         """Diagnostics and live scores at a point (scores cached; diagnostics are cumulative sums). With
-        `compute=False` only scores already in the disk cache are returned (None otherwise)."""
-        if not compute:
-            live = self.cache.get("live_scores", self._parts(variant, cfg))
-            return None if live is None else self.engine(variant).diagnostics(cfg).summary() | live
-        diag = self.engine(variant).diagnostics(cfg).summary()
-        with self.lock:
-            live = self.cache.get_or_compute("live_scores", self._parts(variant, cfg),
-                                             lambda: self.live_scores(self.projected(variant, cfg)))
-        return diag | live
+        `decoded=False` the greedy exact match is left out (forward passes only: about half the time of a slider
+        move on a CPU); with `compute=False` only scores already in the disk cache are returned (None otherwise)."""
+        live = self._live(self._parts(variant, cfg), lambda: self.projected(variant, cfg), decoded, compute)
+        return None if live is None else self.engine(variant).diagnostics(cfg).summary() | live
 
     def generation_scores(self, name: str, cfg: ProjectionConfig | None = None, max_new_tokens: int = 48,
                           judge: scoring.Judge | None = None, progress: Callable[[int, int], None] | None = None,

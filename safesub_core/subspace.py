@@ -176,15 +176,34 @@ class TensorProjection:
             self.cumulative_energy(sub)
         return replace(self, U=None, Ur=None, C=None, Cr=None, dT=None)
 
+    def _basis(self, cfg: ProjectionConfig, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(U_k, C_k): the rank-k basis (M, k) of the point's subspace and the update's coordinates in it (k, N)."""
+        if cfg.subspace == "random":
+            return self.Ur[:, :k], self.Cr[:k]
+        idx = slice(0, k) if cfg.subspace == "topk" else self.perm[:k].to(self.U.device)
+        return self.U[:, idx], self.C[idx]
+
     def kept_update(self, cfg: ProjectionConfig, k: int) -> torch.Tensor:
         """X (the update kept at rank k, before alpha) in the tensor's own shape."""
-        if cfg.subspace == "random":
-            P = self.Ur[:, :k] @ self.Cr[:k]
-        else:
-            idx = slice(0, k) if cfg.subspace == "topk" else self.perm[:k].to(self.U.device)
-            P = self.U[:, idx] @ self.C[idx]
+        Uk, Ck = self._basis(cfg, k)
+        P = Uk @ Ck
         X = {"parallel": P, "opposite": -P, "orthogonal": self.dT - P}[cfg.mode]
         return X.reshape(self.shape)
+
+    def compose(self, out: torch.Tensor, w_start: torch.Tensor, cfg: ProjectionConfig, k: int) -> None:
+        """Write W = w_start + alpha * X into `out` (same shape as w_start). Where `out` has the bases' dtype and
+        device this is one fused multiply-add, out = w_start (+ alpha dT) -/+ alpha U_k C_k, with no temporary of
+        the tensor's size; otherwise X is formed and cast."""
+        Uk, Ck = self._basis(cfg, k)
+        if out.dtype != Uk.dtype or out.device != Uk.device or not out.is_contiguous():
+            out.copy_(w_start + (cfg.alpha * self.kept_update(cfg, k)).to(device=out.device, dtype=out.dtype))
+            return
+        W = as_matrix(out)
+        if cfg.mode == "orthogonal":
+            torch.add(as_matrix(w_start), self.dT, alpha=cfg.alpha, out=W)
+        else:
+            W.copy_(as_matrix(w_start))
+        W.addmm_(Uk, Ck, alpha=cfg.alpha if cfg.mode == "parallel" else -cfg.alpha)
 
 
 @dataclass
@@ -436,8 +455,7 @@ class SubspaceEngine:
             t = self.tensor(i)
             if t.name not in params:
                 raise SafesubError(f"model: has no parameter {t.name} (is it the family's start model?)")
-            p = params[t.name]
-            p.copy_(ref[t.name] + (cfg.alpha * t.kept_update(cfg, k)).to(device=p.device, dtype=p.dtype))
+            t.compose(params[t.name].data, ref[t.name].data, cfg, k)
         return model
 
 

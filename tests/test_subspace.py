@@ -73,6 +73,24 @@ def test_parallel_and_orthogonal_sum_to_the_task_update(subspace):
         assert abs(float((par * orth).sum())) < 1e-8  # orthogonal pieces
 
 
+@pytest.mark.parametrize("mode", ["parallel", "opposite", "orthogonal"])
+@pytest.mark.parametrize("subspace", ["topk", "randomk", "random"])
+def test_compose_writes_start_plus_alpha_times_the_kept_update(subspace, mode):
+    """The fused in-place composition (same dtype) and the cast path (bfloat16) both give W_start + alpha X."""
+    t = projection_of(rand(16, 10), rand(16, 10, seed=1))
+    w_start = rand(16, 10, seed=2)
+    for rho, alpha in ((0.3, 1.0), (0.7, -0.5), (1.0, 2.5)):
+        cfg = ProjectionConfig(subspace, mode, rho, alpha=alpha)
+        expected = w_start + alpha * t.kept_update(cfg)
+        out = torch.full_like(w_start, float("nan"))
+        t.t.compose(out, w_start, cfg, t.rank(cfg))
+        assert torch.allclose(out, expected, atol=1e-10)
+        low = torch.zeros(16, 10, dtype=torch.bfloat16)  # a bfloat16 model over float64 bases: X is cast
+        t.t.compose(low, w_start.to(torch.bfloat16), cfg, t.rank(cfg))
+        assert torch.allclose(low.double(), expected, rtol=2e-2, atol=2e-2)
+        assert not torch.allclose(low.double(), w_start, rtol=2e-2, atol=2e-2)  # the update did arrive
+
+
 def test_cumulative_energy_equals_explicit_projection_and_grows_with_k():
     dA, dT = rand(14, 14), rand(14, 14, seed=3)
     t = projection_of(dA, dT)

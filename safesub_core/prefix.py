@@ -1,0 +1,157 @@
+"""Prompt batches that run a shared prefix once per state of the weights.
+
+Chat-formatted prompts all open with the template's header (`generation.template_header`: for SmolLM2 the
+system prompt and the opening of the user turn, 24 of a short prompt's ~40 tokens). A batch of token rows that
+share their first P tokens is laid out as
+
+    ids        (B, P + W)   the prefix, then each row's own suffix, left-padded to the longest (W)
+    mask       (B, P + W)   1 over the prefix and over each suffix's real tokens, 0 over padding
+    positions  (B, P + W)   position ids counting real tokens only: the prefix 0..P-1, each suffix from P on
+
+so every row's last real token sits at position -1 and is scored as it would be alone. The prefix's key/value
+cache (batch 1) is computed once per (model, prefix, state of the weights) and repeated over the batch, and the
+forward pass runs the suffixes only. The state of the weights is every parameter's storage and version counter;
+an in-place write (a projection composed into the model, `load_state_dict`) moves the counter, so a stale cache
+is never reused. On a CPU, where a pass over a 135M-parameter model costs about 0.2 s whatever the batch, this
+halves the tokens of a live read-out.
+
+P = 0 gives the plain left-padded batch: for models whose forward lacks the cache arguments, and for prompts
+with no template (raw text shares no header). Outputs agree with the unshared batch to float rounding (4e-5 on
+smol's logits; greedy completions are identical in the tests).
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import threading
+import weakref
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+MIN_PREFIX = 2  # a single shared token is not worth a cache
+_CACHE_ARGS = ("past_key_values", "position_ids", "use_cache")
+_memo: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, object]]" = weakref.WeakKeyDictionary()
+_memo_lock = threading.Lock()
+
+
+def accepts(model, name: str) -> bool:
+    """Whether `model.forward` takes an argument `name`."""
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def supports_prefix(model) -> bool:
+    """A model whose forward takes a key/value cache and explicit position ids (every HF decoder here)."""
+    return all(accepts(model, a) for a in _CACHE_ARGS)
+
+
+def prefix_length(rows: Sequence[Sequence[int]], header: Sequence[int], keep: int = 1) -> int:
+    """P: the longest common prefix of every row and `header`, leaving each row at least `keep` tokens of its
+    own; 0 when that is under MIN_PREFIX tokens (or `header` is empty)."""
+    p = len(header)
+    for r in rows:
+        p = min(p, len(r) - keep)
+        for i in range(p):
+            if r[i] != header[i]:
+                p = i
+                break
+    return p if p >= MIN_PREFIX else 0
+
+
+def new_cache(model):
+    """An empty key/value cache for `model` (transformers' DynamicCache)."""
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(config=model.config)
+    except TypeError:
+        return DynamicCache()
+
+
+def _weights_state(model) -> tuple:
+    return tuple((p.data_ptr(), p._version) for p in model.parameters())
+
+
+@torch.no_grad()
+def prefix_cache(model, prefix: Sequence[int]):
+    """The key/value cache of `prefix` (batch 1), computed once per state of the model's weights; each call returns
+    a copy the caller may extend."""
+    key = (tuple(prefix), _weights_state(model))
+    with _memo_lock:
+        hit = _memo.get(model)
+    if hit is None or hit[0] != key:
+        device = next(model.parameters()).device
+        ids = torch.tensor([list(prefix)], dtype=torch.long, device=device)
+        cache = new_cache(model)
+        kwargs = {"logits_to_keep": 1} if accepts(model, "logits_to_keep") else {}
+        model(input_ids=ids, position_ids=torch.arange(len(prefix), device=device)[None], past_key_values=cache,
+              use_cache=True, **kwargs)
+        hit = (key, cache)
+        with _memo_lock:
+            _memo[model] = hit
+    return copy.deepcopy(hit[1])
+
+
+@dataclass
+class PromptBatch:
+    """Token rows laid out as a shared prefix plus left-padded suffixes (see the module docstring)."""
+
+    ids: torch.Tensor  # (B, P + W)
+    mask: torch.Tensor  # (B, P + W)
+    positions: torch.Tensor  # (B, P + W)
+    prefix: tuple[int, ...]  # the shared prefix (P tokens; empty: none)
+
+    @classmethod
+    def build(cls, rows: Sequence[Sequence[int]], pad_id: int, prefix_len: int = 0, device=None) -> "PromptBatch":
+        """Rows of token ids (each longer than `prefix_len`, all sharing their first `prefix_len` tokens)."""
+        P = prefix_len
+        width = max(len(r) for r in rows) - P
+        ids = torch.full((len(rows), P + width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), P + width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, :P] = torch.tensor(r[:P], dtype=torch.long)
+            mask[i, :P] = 1
+            ids[i, P + width - (len(r) - P):] = torch.tensor(r[P:], dtype=torch.long)
+            mask[i, P + width - (len(r) - P):] = 1
+        positions = (mask.cumsum(1) - 1).clamp_min(0)
+        return cls(ids.to(device), mask.to(device), positions.to(device), tuple(rows[0][:P]))
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """(B,) real tokens per row, the prefix included."""
+        return self.mask.sum(1)
+
+    def cache(self, model):
+        """The prefix's key/value cache repeated over the batch (a fresh cache when there is no prefix)."""
+        if not self.prefix:
+            return new_cache(model)
+        cache = prefix_cache(model, self.prefix)
+        cache.batch_repeat_interleave(len(self))
+        return cache
+
+    def forward(self, model, use_cache: bool = False, **kwargs):
+        """`model(...)` on the batch: the suffixes on top of the prefix's cache, or the whole rows when P = 0.
+        With `use_cache` the output's past_key_values hold every row's full sequence."""
+        P = len(self.prefix)
+        kw = dict(input_ids=self.ids[:, P:], attention_mask=self.mask, **kwargs)
+        if accepts(model, "position_ids"):
+            kw["position_ids"] = self.positions[:, P:]
+        if P or use_cache:
+            kw |= dict(past_key_values=self.cache(model), use_cache=True)
+        else:
+            kw["use_cache"] = False
+        return model(**kw)
+
+    def generate(self, model, **kwargs) -> torch.Tensor:
+        """`model.generate(...)` from the batch (the prefix's cache passed in); returns the new tokens only (B, T)."""
+        kw = dict(input_ids=self.ids, attention_mask=self.mask, **kwargs)
+        if self.prefix:
+            kw["past_key_values"] = self.cache(model)
+        return model.generate(**kw)[:, self.ids.shape[1]:]
