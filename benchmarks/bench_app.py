@@ -154,7 +154,7 @@ def bench_browser(ranks_needed: int) -> tuple[dict, list[float], list[float], li
             page.wait_for_selector(IDLE, timeout=300_000)
             first["family_page_complete"] = time.perf_counter() - t0
 
-            page.goto(f"http://localhost:{port}/subspaces", wait_until="commit")
+            page.goto(f"http://localhost:{port}/Subspaces", wait_until="commit")
             page.wait_for_selector('[data-testid="stMetricValue"]', timeout=300_000)
             page.wait_for_selector(IDLE, timeout=300_000)
             page.wait_for_timeout(500)
@@ -207,7 +207,8 @@ def main() -> int:
     print(f"slider, AppTest full page rerun (new point):     {fmt(app)}")
     results = [("slider (AppTest)", statistics.median(app), args.slider_target)]
     if not args.no_browser:
-        os.environ["SAFESUB_CACHE"] = tempfile.mkdtemp(prefix="bench_app_browser_")  # a cold cache again
+        if not args.cache:  # a cold cache again; with --cache, the same one (the browser's ranks are its own)
+            os.environ["SAFESUB_CACHE"] = tempfile.mkdtemp(prefix="bench_app_browser_")
         first, moves, decoded, complete = bench_browser(n)
         print(f"slider, browser keypress -> forward read-outs (new point): {fmt(moves)}")
         print(f"slider, browser keypress -> exact match too (new point): {fmt(decoded)}")

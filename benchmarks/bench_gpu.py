@@ -13,10 +13,11 @@ Per family:
            run: torch.svd_lowrank(dA, q=k, niter=2) per tensor per point on cuda (the study's code), for the
            5 Top-K points (Random-K / Random cost the same or more, so 30 points would be 6x that).
   scores   per dtype: the session's live read-out of a point (projection applied + margins, answer NLL, 12-token
-           greedy arithmetic, KL), the read-out after a slider move, and generation scores; baseline: a bare
+           greedy arithmetic, KL), the read-out after a slider move (all at once, and as the Subspaces page runs
+           it: the forward-pass scores, then the exact match), and generation scores; baseline: a bare
            batched forward pass over the harmful prompts. Margins in bf16 / fp16 against fp32 (max |diff|).
 CPU-only machines print one line and exit 0. Run: `python benchmarks/bench_gpu.py [--families smol,1b]
-[--out results.json]`; tests/test_gpu.py (marked gpu) checks the same paths for correctness.
+[--dtypes float32,bfloat16,float16] [--stages sweep,scores] [--out results.json]`; tests/test_gpu.py (marked gpu) checks the same paths for correctness.
 """
 import argparse
 import json
@@ -165,7 +166,7 @@ def bench_sweep(family, variant: str, cache_dir: Path, baseline_fracs=(0.01, 0.2
                 energy_kept_topk_vs_lowrank_max_abs_diff=err, peak_cuda_gib=peak / 2**30)
 
 
-def bench_scores(family, variant: str, cache_dir: Path, n: int) -> dict:
+def bench_scores(family, variant: str, cache_dir: Path, n: int, dtypes=tuple(DTYPES)) -> dict:
     from safesub_core import scoring
     from safesub_core.cache import DiskCache
     from safesub_core.session import EvalSets, FamilySession
@@ -173,16 +174,20 @@ def bench_scores(family, variant: str, cache_dir: Path, n: int) -> dict:
 
     sets = EvalSets.default(n)
     out, margins = {}, {}
-    for name, dtype in DTYPES.items():
+    for name in dtypes:
+        dtype = DTYPES[name]
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         cache = DiskCache(cache_dir, max_bytes=1 << 36)  # the sweep's: the bases are read back, not recomputed
         session, t_load = timed(lambda: FamilySession(family, device="cuda", dtype=dtype, sets=sets, cache=cache))
-        session.engine(variant)  # bases on the GPU, outside the read-out timing (the sweep timed them)
+        _, t_engine = timed(lambda: session.engine(variant))  # bases on the GPU (cold without the sweep's cache)
         p1, p2 = ProjectionConfig("topk", "parallel", 0.25), ProjectionConfig("topk", "parallel", 0.5)
         s1, t_point = timed(lambda: session.point_scores(variant, p1))
         s2, t_move = timed(lambda: session.point_scores(variant, p2))
         _, t_cached = timed(lambda: session.point_scores(variant, p1))
+        p3 = ProjectionConfig("topk", "parallel", 0.75)  # a move as the page runs it: forward scores, then decoded
+        _, t_move_forward = timed(lambda: session.point_scores(variant, p3, decoded=False))
+        _, t_move_decoded = timed(lambda: session.point_scores(variant, p3))
         model, tok = session.projected(variant, p2), session.tokenizer
 
         def margin():
@@ -203,14 +208,17 @@ def bench_scores(family, variant: str, cache_dir: Path, n: int) -> dict:
         margins[name] = m.float().cpu()
         (summary, table), t_gen = timed(lambda: session.generation_scores(variant, p2, max_new_tokens=48))
         finite = all(math.isfinite(float(v)) for k, v in (s1 | s2).items() if isinstance(v, (int, float)))
-        out[name] = dict(load_s=t_load, point_s=t_point, slider_move_s=t_move, cached_point_s=t_cached,
+        out[name] = dict(load_s=t_load, engine_s=t_engine, resident_gib=session.resident_bytes / 2**30,
+                         point_s=t_point, slider_move_s=t_move, cached_point_s=t_cached,
+                         move_forward_scores_s=t_move_forward, move_then_exact_match_s=t_move_decoded,
                          bare_forward_s=t_forward, margin_s=t_margin, margin_vs_forward=t_margin / t_forward,
                          generation_s=t_gen, generation_rows=len(table), finite=finite,
                          margin_mean=s2["margin_mean"], kl_to_start=s2["kl_to_start"],
                          peak_cuda_gib=torch.cuda.max_memory_allocated() / 2**30)
         session = model = None  # free this dtype's models before the next
     for name in ("bfloat16", "float16"):
-        out[name]["margin_max_abs_diff_vs_fp32"] = float((margins[name] - margins["float32"]).abs().max())
+        if name in margins and "float32" in margins:
+            out[name]["margin_max_abs_diff_vs_fp32"] = float((margins[name] - margins["float32"]).abs().max())
     return out
 
 
@@ -223,7 +231,16 @@ def main():
     ap.add_argument("--out", default=None, help="write the results as JSON here too (after each stage)")
     ap.add_argument("--baseline-fracs", default="0.01,0.25,0.5,0.75,0.99",
                     help="rank fractions of the per-point SVD baseline (Top-K, parallel)")
+    ap.add_argument("--dtypes", default=",".join(DTYPES), help="dtypes of the scores stage (default: all three)")
+    ap.add_argument("--stages", default="sweep,scores", help="sweep, scores or both (scores builds the bases "
+                                                            "itself when the sweep did not run)")
     args = ap.parse_args()
+    dtypes = tuple(d.strip() for d in args.dtypes.split(",") if d.strip())
+    stages = {s.strip() for s in args.stages.split(",") if s.strip()}
+    if not set(dtypes) <= set(DTYPES) or not stages or not stages <= {"sweep", "scores"}:
+        print(f"error: --dtypes must name some of {', '.join(DTYPES)} and --stages some of sweep, scores",
+              file=sys.stderr)
+        return 2
     if not torch.cuda.is_available():
         print("bench_gpu: skipped (no CUDA device on this machine)")
         return 0
@@ -244,7 +261,10 @@ def main():
         fracs = tuple(float(x) for x in args.baseline_fracs.split(","))
         results[shape] = dict(make_s=t_make)
         for stage, run in (("sweep", lambda: bench_sweep(family, "useful", work / f"{shape}_cache", fracs)),
-                           ("scores", lambda: bench_scores(family, "useful", work / f"{shape}_cache", args.n_prompts))):
+                           ("scores", lambda: bench_scores(family, "useful", work / f"{shape}_cache", args.n_prompts,
+                                                           dtypes))):
+            if stage not in stages:
+                continue
             results[shape][stage] = run()
             print(json.dumps({stage: results[shape][stage]}, indent=1), flush=True)
             if args.out:

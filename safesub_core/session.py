@@ -110,6 +110,18 @@ def live_prompts(family: Family, device: str = "cpu") -> int:
     return FULL_LIVE_PROMPTS if params <= 20_000_000 else 8 if params <= 300_000_000 else 4
 
 
+def resident_budget(device: str = "cpu") -> int:
+    """Bytes of subspace bases a session's engines keep resident, so a slider move is matrix products and never a
+    read of the disk cache: SAFESUB_RESIDENT_BYTES when set; on a GPU (where the bases live) half of its memory
+    free once the models are loaded; else 4 GiB. Beyond it the engine streams its bases from the disk cache (the
+    engine's own default, a quarter of a checkpoint, is for the CLI and the benchmarks)."""
+    if os.environ.get("SAFESUB_RESIDENT_BYTES", "").strip():
+        return int(os.environ["SAFESUB_RESIDENT_BYTES"])
+    if torch.device(device).type == "cuda":
+        return int(torch.cuda.mem_get_info(torch.device(device))[0] // 2)
+    return DEFAULT_RESIDENT_BYTES
+
+
 class FamilySession:
     """One family's models, engines and scores; see the module docstring."""
 
@@ -118,15 +130,11 @@ class FamilySession:
                  resident_bytes: int | None = None):
         family.validate()
         self.family, self.device, self.dtype, self.chat, self.seed = family, device, dtype, chat, seed
-        # interactive use: the engines keep their bases resident (up to SAFESUB_RESIDENT_BYTES, else 4 GiB), so a
-        # slider move is matrix products, never a read of the disk cache; the engine's own default (a quarter of
-        # a checkpoint: the CLI, the benchmarks) streams instead
-        self.resident_bytes = resident_bytes if resident_bytes is not None else int(
-            os.environ.get("SAFESUB_RESIDENT_BYTES", DEFAULT_RESIDENT_BYTES))
         self.sets = sets or EvalSets.default()
         self.cache = cache or DiskCache()
         self.reference, self.tokenizer = load_model(family.start_checkpoint, family, device, dtype)
         self.working = copy.deepcopy(self.reference)
+        self.resident_bytes = resident_bytes if resident_bytes is not None else resident_budget(device)
         self._models: dict[str, torch.nn.Module] = {family.start: self.reference}
         self._engines: dict[str, SubspaceEngine] = {}
         self._applied: tuple[str, ProjectionConfig] | None = None

@@ -7,7 +7,8 @@ import torch
 from safesub_core import scoring
 from safesub_core.cache import DiskCache
 from safesub_core.family import Family
-from safesub_core.session import EvalSets, FamilySession
+from safesub_core.session import EvalSets, FamilySession, resident_budget
+from safesub_core.subspace import DEFAULT_RESIDENT_BYTES
 from safesub_core.subspace import ProjectionConfig
 
 pytestmark = pytest.mark.slow
@@ -97,3 +98,26 @@ def test_export_writes_the_projected_model_on_request(session, tmp_path):
     assert tok.chat_template == session.tokenizer.chat_template
     assert main(["export", "--family", str(session.family.root / "family.yaml"), "--variant", "useful",
                  "--out", str(tmp_path / "point")]) == 2  # refuses to overwrite
+
+
+def test_resident_budget_is_the_env_var_else_half_the_free_gpu_memory_else_4_gib(monkeypatch):
+    monkeypatch.delenv("SAFESUB_RESIDENT_BYTES", raising=False)
+    assert resident_budget("cpu") == DEFAULT_RESIDENT_BYTES == 4 << 30
+    asked = []
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d: asked.append(d) or (60 << 30, 80 << 30))
+    assert resident_budget("cuda:0") == 30 << 30 and asked == [torch.device("cuda:0")]
+    monkeypatch.setenv("SAFESUB_RESIDENT_BYTES", str(1 << 20))
+    assert resident_budget("cuda:0") == resident_budget("cpu") == 1 << 20
+
+
+def test_forward_scores_show_first_and_the_full_read_out_adds_the_exact_match(session):
+    cfg = ProjectionConfig("topk", "parallel", 0.33)
+    assert session.point_scores("useful", cfg, compute=False, decoded=False) is None
+    forward = session.point_scores("useful", cfg, decoded=False)
+    assert "arith_exact_match" not in forward and {"margin_mean", "nll_mean", "kl_to_start"} <= set(forward)
+    assert session.point_scores("useful", cfg, compute=False) is None  # the decoded score is not there yet
+    full = session.point_scores("useful", cfg)
+    assert {k: full[k] for k in forward} == forward  # the forward scores are reused, not recomputed
+    assert full == session.live_scores(session.projected("useful", cfg)) | session.engine("useful").diagnostics(
+        cfg).summary()
+    assert session.point_scores("useful", cfg, compute=False) == full
