@@ -11,8 +11,9 @@ share their first P tokens is laid out as
 so every row's last real token sits at position -1 and is scored as it would be alone. The prefix's key/value
 cache (batch 1) is computed once per (model, prefix, state of the weights) and repeated over the batch, and the
 forward pass runs the suffixes only. The state of the weights is every parameter's storage and version counter;
-an in-place write (a projection composed into the model, `load_state_dict`) moves the counter, so a stale cache
-is never reused. On a CPU, where a pass over a 135M-parameter model costs about 0.2 s whatever the batch, this
+an in-place write to a parameter (a projection composed into the model, `load_state_dict`, an optimizer step)
+moves the counter, so a stale cache is never reused. A write through `param.data` does not move it: writers of
+weights here write to the parameters themselves. On a CPU, where a pass over a 135M-parameter model costs about 0.2 s whatever the batch, this
 halves the tokens of a live read-out.
 
 P = 0 gives the plain left-padded batch: for models whose forward lacks the cache arguments, and for prompts

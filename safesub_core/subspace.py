@@ -455,7 +455,7 @@ class SubspaceEngine:
             t = self.tensor(i)
             if t.name not in params:
                 raise SafesubError(f"model: has no parameter {t.name} (is it the family's start model?)")
-            t.compose(params[t.name].data, ref[t.name].data, cfg, k)
+            t.compose(params[t.name], ref[t.name], cfg, k)  # the parameter itself: the write moves its version
         return model
 
 

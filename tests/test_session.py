@@ -121,3 +121,17 @@ def test_forward_scores_show_first_and_the_full_read_out_adds_the_exact_match(se
     assert full == session.live_scores(session.projected("useful", cfg)) | session.engine("useful").diagnostics(
         cfg).summary()
     assert session.point_scores("useful", cfg, compute=False) == full
+
+
+def test_scores_after_a_new_projection_see_the_new_weights(session, monkeypatch):
+    """The chat header's cached keys/values follow each projection written into the working model."""
+    prompts, tok = session.sets.harmful.prompts[:6], session.tokenizer
+    before = scoring.logprob_margin(session.projected("harmful", ProjectionConfig("topk", "parallel", 0.2)), tok,
+                                    prompts)
+    model = session.projected("harmful", ProjectionConfig("topk", "orthogonal", 0.9))
+    shared = scoring.logprob_margin(model, tok, prompts)
+    monkeypatch.setattr(scoring, "supports_prefix", lambda m: False)
+    monkeypatch.setattr(scoring, "_supports_shared_prefix", lambda m: False)
+    plain = scoring.logprob_margin(model, tok, prompts)
+    assert torch.allclose(shared, plain, atol=1e-4)
+    assert not torch.allclose(shared, before, atol=1e-2)
