@@ -5,7 +5,9 @@ projection slider, is scored as it stands), formats prompts with `generation.for
 one user turn, or the raw prompt) and tokenizes the formatted prompt and any continuation *separately* with
 ``add_special_tokens=False`` and concatenates them: exactly how `finetune.sft_rows` builds training rows and how
 `generation.generate` sees a prompt. Batches are left-padded with explicit ``position_ids`` (so a prompt scores
-the same alone or in a batch); the model is put in eval mode for the call and restored afterwards.
+the same alone or in a batch); the chat template's header, which every formatted prompt opens with, runs once per
+state of the weights and its key/value cache is shared (`prefix.PromptBatch`; scores agree with unshared batches
+to float rounding); the model is put in eval mode for the call and restored afterwards.
 
 Definitions (n prompts, natural logs):
 - Log-prob margin (`logprob_margin`, forward passes only; the live score behind sliders):
