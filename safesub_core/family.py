@@ -9,14 +9,15 @@ A checkpoint is one of
         W = W_start + scale * B @ A with scale = lora_alpha / r (lora_alpha / sqrt(r) with rsLoRA);
   gguf  a .gguf file (or a directory holding exactly one), dequantized by transformers on load.
 
-`TensorReader` yields one float32 tensor at a time (safetensors' safe_open), so the subspace and overlap
-computations never hold whole models; `fingerprint` hashes a checkpoint's files so a changed file never serves a
-stale cached result. Remote code is never run.
+`TensorReader` yields one float32 tensor (or a block of its rows) at a time (safetensors' safe_open), so the
+subspace and overlap computations never hold whole models; `fingerprint` hashes a checkpoint's files so a changed
+file never serves a stale cached result. Remote code is never run.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from safesub_core.errors import SafesubError
 from safesub_core.paths import confine
 
 ROLES = ("base", "aligned", "safety_tuned")
+READ_BLOCK = 1 << 22  # elements of a safetensors tensor read through one mapping of its file (TensorReader.get)
 
 
 # ----------------------------------------------------------------------------------------------- checkpoints
@@ -329,22 +331,53 @@ class TensorReader:
         return tuple(self._state[name].shape)
 
     def get(self, name: str) -> torch.Tensor:
-        """The tensor `name` as float32 on CPU; NaN or infinite values raise a one-line SafesubError."""
+        """The tensor `name` as float32 on CPU; NaN or infinite values raise a one-line SafesubError.
+
+        A safetensors tensor is read READ_BLOCK elements (whole rows) at a time, each block through its own
+        mapping of the file: reading holds the result and one block, never also the tensor's mapped file pages
+        and a NaN mask of its size.
+        """
+        shape = self.shape(name)
+        if self.ckpt.kind == "lora" or name not in self._index or len(shape) == 0:
+            return self._read(name)
+        out = torch.empty(shape)
+        for rows in row_blocks(shape):
+            out[rows] = self._read(name, rows)
+        return out
+
+    def difference(self, other: "TensorReader", name: str) -> torch.Tensor:
+        """get(name) - other.get(name), formed a block of rows at a time: neither tensor is ever read whole."""
+        shape = self.shape(name)
+        if len(shape) == 0:
+            return self.get(name) - other.get(name)
+        out = torch.empty(shape)
+        for rows in row_blocks(shape):
+            out[rows] = self.get_rows(name, rows.start, rows.stop) - other.get_rows(name, rows.start, rows.stop)
+        return out
+
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows start:stop (along the first dimension) of the tensor `name`, exactly as in `get(name)`; from a
+        safetensors file only those rows are read."""
+        return self._read(name, slice(start, stop))
+
+    def _read(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        """The tensor `name` (or only its `rows`) as float32 on CPU, checked for NaN and infinite values."""
         if self.ckpt.kind == "lora":
-            w = self.base.get(name)
+            w = self.base.get(name) if rows is None else self.base.get_rows(name, rows.start, rows.stop)
             if name in self._lora:
                 A, B, scale, fifo = self._lora[name]
                 delta = scale * (B @ A)
-                w = w + (delta.T if fifo else delta)
+                delta = delta.T if fifo else delta
+                w = w + (delta if rows is None else delta[rows])
         elif name in self._index:
             f = self._index[name][0]
             try:
-                with safe_open(f, framework="pt") as fh:
-                    w = fh.get_tensor(name).float()
+                with safe_open(f, framework="pt") as fh:  # closed (unmapped) before the next block is read
+                    w = (fh.get_tensor(name) if rows is None else fh.get_slice(name)[rows]).float()
             except Exception as err:
                 raise SafesubError(f"checkpoint '{self.ckpt.name}': cannot read {name} from {f.name} ({err})") from None
         else:
-            w = self._state[name].float()
+            w = (self._state[name] if rows is None else self._state[name][rows]).float()
         if not torch.isfinite(w).all():
             raise SafesubError(f"checkpoint '{self.ckpt.name}': tensor {name} has NaN or infinite values")
         return w
@@ -371,6 +404,13 @@ class TensorReader:
                     f"checkpoint '{other.ckpt.name}': tensor {n} has shape {tuple(other.shape(n))}, "
                     f"but '{self.ckpt.name}' has {tuple(self.shape(n))} (resized vocabulary or another architecture?)"
                 )
+
+
+def row_blocks(shape: tuple[int, ...], step: int | None = None) -> list[slice]:
+    """Slices of consecutive rows (along the first dimension) of a tensor of `shape`, about `step` (default
+    READ_BLOCK) elements each."""
+    rows = max(1, (step or READ_BLOCK) // max(1, math.prod(shape[1:])))
+    return [slice(i, min(i + rows, shape[0])) for i in range(0, shape[0], rows)]
 
 
 def _read_config(ckpt: Checkpoint) -> dict:

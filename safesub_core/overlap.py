@@ -109,7 +109,7 @@ def _tall_basis(X: torch.Tensor, cond: float = 1e-6) -> Basis | None:
     M = Vh.T / s
     U = torch.empty(d, n, dtype=torch.float64)
     for i in range(0, d, step):
-        U[i:i + step] = X[i:i + step].double() @ M
+        torch.matmul(X[i:i + step].double(), M, out=U[i:i + step])
     return Basis(U, s)
 
 
@@ -217,7 +217,7 @@ def _weight_overlap(family, reference, energies, pairs, progress) -> pd.DataFram
         # bases of earlier sides and one side's updates are ever held
         bases: dict[tuple, dict[str, Basis]] = {}
         for s in sides:
-            updates = {n: as_matrix(readers[s].get(n) - ref.get(n)) for n in members}
+            updates = {n: as_matrix(readers[s].difference(ref, n)) for n in members}
             for unit, scope, matrix in spaces:
                 bases.setdefault((unit, scope), {})[s] = Basis.of(matrix(updates))
             for n in members:

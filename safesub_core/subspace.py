@@ -35,7 +35,7 @@ import pandas as pd
 import torch
 
 from safesub_core.errors import SafesubError
-from safesub_core.family import Family, block_index, module_type
+from safesub_core.family import Family, block_index, module_type, row_blocks
 from safesub_core.overlap import check_energy, release_freed_memory
 
 SUBSPACES = ("topk", "randomk", "random")
@@ -114,23 +114,31 @@ def _alignment_basis(make_dA: Callable[[], torch.Tensor], name: str, seed: int) 
     return dict(U=U, s=s.contiguous(), Ur=Ur, perm=perm)
 
 
-def _update_sums(w_ft: torch.Tensor, w_start: torch.Tensor, w_base: torch.Tensor,
+def _update_sums(ft, start, base, name: str, dT: torch.Tensor | None = None,
                  step: int = 1 << 22) -> tuple[float, float, float]:
-    """(||dT||^2, ||dA||^2, <dT, dA>) with dT = w_ft - w_start, dA = w_start - w_base, in float64, `step`
-    elements at a time (neither update is ever formed whole)."""
-    f, a, b = w_ft.reshape(-1), w_start.reshape(-1), w_base.reshape(-1)
+    """(||dT||^2, ||dA||^2, <dT, dA>) of the tensor `name`, dT = W_FT - W_start and dA = W_start - W0 (readers
+    `ft`, `start` and `base`), in float64, `step` elements at a time: only the rows holding them are read from each
+    checkpoint, so no tensor is ever held whole. `dT` (float32, the tensor's size), if given, receives dT."""
+    shape = start.shape(name)
+    numel = math.prod(shape)
+    flat = dT.view(-1) if dT is not None else None
     task = align = dot = 0.0
-    for i in range(0, a.numel(), step):
-        x = (f[i:i + step] - a[i:i + step]).double()
-        y = (a[i:i + step] - b[i:i + step]).double()
+    for i in range(0, numel, step):
+        j = min(i + step, numel)
+        f, a, b = (_elements(reader, name, shape, i, j) for reader in (ft, start, base))
+        x = f - a
+        if flat is not None:
+            flat[i:j] = x
+        x, y = x.double(), (a - b).double()
         task, align, dot = task + float(x.pow(2).sum()), align + float(y.pow(2).sum()), dot + float((x * y).sum())
     return task, align, dot
 
 
-def _row_blocks(m: torch.Tensor, step: int = 1 << 22) -> list[slice]:
-    """Slices of consecutive rows of the matrix m, about `step` elements each."""
-    rows = max(1, step // max(1, m.shape[1]))
-    return [slice(i, i + rows) for i in range(0, m.shape[0], rows)]
+def _elements(reader, name: str, shape: tuple[int, ...], i: int, j: int) -> torch.Tensor:
+    """Elements i:j of the flattened tensor `name` (of `shape`), reading only the rows that hold them."""
+    row = math.prod(shape[1:])  # elements per row along the first dimension (1 for a vector)
+    r0, r1 = i // row, -(-j // row)
+    return reader.get_rows(name, r0, r1).reshape(-1)[i - r0 * row:j - r0 * row]
 
 
 @dataclass
@@ -303,7 +311,9 @@ class SubspaceEngine:
         `resident_bytes` bounds what stays in memory (default: env SAFESUB_RESIDENT_BYTES, else a quarter of one
         checkpoint in float32, at least 64 MiB and at most 4 GiB). Peak memory is then that, plus one cache group
         (at most CHUNK_BYTES or an eighth of a checkpoint), plus one tensor's working set: for the largest matrix
-        (M x N, M >= N) about six of its size (U, Ur, the cache write, W_FT and W_start; benchmarks/bench_memory.py).
+        (M x N, M >= N) four of its size, while its random basis is computed (U, the Gaussian, LAPACK's copy of it
+        and Ur; benchmarks/bench_memory.py). The checkpoints are read a block of rows at a time (the sums, dA and
+        the coordinates), so no whole W_FT, W_start or W0 is ever held beside them.
         """
         if variant not in family.variants:
             raise SafesubError(
@@ -340,7 +350,7 @@ class SubspaceEngine:
                 def bases():
                     out = {}
                     for n in chunk:
-                        basis = _alignment_basis(lambda n=n: as_matrix(start.get(n) - base.get(n)).to(device), n, seed)
+                        basis = _alignment_basis(lambda n=n: as_matrix(start.difference(base, n)).to(device), n, seed)
                         out.update({f"{n}::{key}": value for key, value in basis.items()})
                     return out
 
@@ -349,11 +359,12 @@ class SubspaceEngine:
                 def coords():
                     out = {}
                     for n in chunk:
-                        w_ft, w_start = as_matrix(ft.get(n)).to(device), as_matrix(start.get(n)).to(device)
                         U, Ur = b[f"{n}::U"].to(device), b[f"{n}::Ur"].to(device)
-                        C, Cr = U.new_zeros(U.shape[1], w_ft.shape[1]), Ur.new_zeros(Ur.shape[1], w_ft.shape[1])
-                        for rows in _row_blocks(w_ft):  # dT a block of rows at a time: never a whole extra matrix
-                            dT = w_ft[rows] - w_start[rows]
+                        M, N = U.shape[0], numel[n] // U.shape[0]
+                        C, Cr = U.new_zeros(U.shape[1], N), Ur.new_zeros(Ur.shape[1], N)
+                        for rows in row_blocks((M, N), 1 << 22):  # dT a block of rows at a time, read from the checkpoints
+                            i, j = rows.start, rows.stop
+                            dT = (ft.get_rows(n, i, j) - start.get_rows(n, i, j)).reshape(j - i, N).to(device)
                             C += U[rows].T @ dT
                             Cr += Ur[rows].T @ dT
                         out[f"{n}::C"], out[f"{n}::Cr"] = C, Cr
@@ -365,14 +376,11 @@ class SubspaceEngine:
         def load(i: int, keep: bool = True) -> TensorProjection:
             """Tensor i; without `keep`, only its numbers (the sums and cumulative energies, no matrices)."""
             n = names[i]
-            wa = start.get(n)
-            shape = tuple(wa.shape)
-            w_ft, w_base = ft.get(n), base.get(n)
-            task_sq, align_sq, dot_align = _update_sums(w_ft, wa, w_base)
-            del w_base
+            shape = tuple(start.shape(n))
             # kept: the task update dT; not kept, nothing is held while the bases are computed or read
-            dT = as_matrix(w_ft - wa).to(device) if keep else None
-            del wa, w_ft
+            dT = torch.empty(shape) if keep else None
+            task_sq, align_sq, dot_align = _update_sums(ft, start, base, n, dT)
+            dT = as_matrix(dT).to(device) if keep else None
             b, c = chunk_entries(where[n])
             t = TensorProjection(
                 name=n, shape=shape, U=b[f"{n}::U"].to(device), s=b[f"{n}::s"], Ur=b[f"{n}::Ur"].to(device),

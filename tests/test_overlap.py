@@ -88,3 +88,20 @@ def test_weight_overlap_of_an_update_with_itself_is_one(family, tmp_path):
     table = weight_overlap(family, "aligned", energies=(0.9,), pairs=[("useful", "useful")], cache=DiskCache(tmp_path))
     assert table.mso.to_numpy() == pytest.approx(1.0, abs=1e-9)
     assert math.isfinite(table.mso.sum())
+
+
+def test_weight_overlap_reads_blocks_of_rows_and_matches_whole_tensors(family, tmp_path, monkeypatch):
+    """Memory: the updates are formed a block of rows at a time (never a whole tensor read), with the same values."""
+    from safesub_core.cache import DiskCache
+    from safesub_core.family import TensorReader
+    from safesub_core.subspace import as_matrix
+
+    ref, useful, base = family.reader("aligned"), family.reader("useful"), family.reader("base")
+    whole = {n: (as_matrix(useful.get(n) - ref.get(n)), as_matrix(base.get(n) - ref.get(n)))
+             for n in ref.names() if len(ref.shape(n)) == 2}
+    monkeypatch.setattr(TensorReader, "get", lambda self, name: pytest.fail(f"read {name} whole"))
+    table = weight_overlap(family, "aligned", pairs=[("useful", "base")], cache=DiskCache(tmp_path))
+    for n, (x, y) in whole.items():
+        rows = table[(table.scope == "tensor") & (table.unit == n)].reset_index(drop=True)
+        expected = overlap_curve(Basis.of(x), Basis.of(y))
+        assert rows[list(expected.columns)].equals(expected), n

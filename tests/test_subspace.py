@@ -295,3 +295,43 @@ def test_streamed_engine_matches_the_resident_one(synthetic, engine, tmp_path, m
 def test_unknown_variant_is_named(synthetic):
     with pytest.raises(SafesubError, match="no fine-tuned variant 'nope'"):
         SubspaceEngine.build(synthetic, "nope")
+
+
+def test_checkpoints_are_read_in_blocks_of_rows_with_the_same_values(synthetic, monkeypatch):
+    """Block reading (TensorReader.get, get_rows, difference; the engine's sums) gives exactly the whole-tensor values."""
+    from safetensors import safe_open
+
+    import safesub_core.family as fam
+    from safesub_core.subspace import _update_sums
+
+    monkeypatch.setattr(fam, "READ_BLOCK", 50)  # several blocks per tensor, most of them not whole rows of a vector
+    ft, start, base = synthetic.reader("harmful"), synthetic.reader("aligned"), synthetic.reader("base")
+    with safe_open(synthetic.aligned.weight_files()[0], framework="pt") as fh:
+        whole = {n: fh.get_tensor(n).float() for n in start.names()}
+    for n in start.names():
+        w_ft, w_start, w_base = ft.get(n), start.get(n), base.get(n)
+        assert torch.equal(w_start, whole[n]), n
+        assert torch.equal(start.get_rows(n, 1, 3), whole[n][1:3]), n
+        assert torch.equal(ft.difference(start, n), w_ft - w_start), n
+        # the sums over `step` elements at a time, as computed from whole tensors
+        f, a, b = w_ft.reshape(-1), w_start.reshape(-1), w_base.reshape(-1)
+        task = align = dot = 0.0
+        for i in range(0, a.numel(), 37):
+            x, y = (f[i:i + 37] - a[i:i + 37]).double(), (a[i:i + 37] - b[i:i + 37]).double()
+            task, align, dot = task + float(x.pow(2).sum()), align + float(y.pow(2).sum()), dot + float((x * y).sum())
+        dT = torch.empty(w_ft.shape)
+        assert _update_sums(ft, start, base, n, dT, step=37) == (task, align, dot), n
+        assert torch.equal(dT, w_ft - w_start), n
+
+
+def test_the_build_never_reads_a_whole_tensor(synthetic, engine, tmp_path, monkeypatch):
+    """Memory: the checkpoints are read a block of rows at a time, never as whole tensors, and the result is the same."""
+    from safesub_core.cache import DiskCache
+    from safesub_core.family import TensorReader
+
+    monkeypatch.setattr(TensorReader, "get", lambda self, name: pytest.fail(f"read {name} whole"))
+    again = SubspaceEngine.build(synthetic, "harmful", cache=DiskCache(tmp_path))
+    for cfg in (ProjectionConfig("topk", "parallel", 0.3), ProjectionConfig("random", "orthogonal", None, 0.9)):
+        assert again.diagnostics(cfg).summary() == engine.diagnostics(cfg).summary()
+    for a, b in zip(again.tensors, engine.tensors):
+        assert all(torch.equal(getattr(a, k), getattr(b, k)) for k in ("U", "Ur", "C", "Cr", "dT")), a.name
