@@ -19,6 +19,7 @@ Weight space (DESIGN.md §2): per tensor, the study's pairs of updates relative 
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -49,6 +50,21 @@ def check_energy(eta: float) -> float:
 
 
 @dataclass
+class LazyRows:
+    """A matrix (d x n) read a block of rows at a time (`rows(i, j)` gives rows i:j in float64): what `Basis.of`
+    needs of a tall update, so the update is never held whole beside its basis."""
+
+    shape: tuple[int, int]
+    rows: Callable[[int, int], torch.Tensor]
+
+    def __getitem__(self, sl: slice) -> torch.Tensor:
+        return self.rows(sl.start, min(sl.stop, self.shape[0]))
+
+    def double(self) -> torch.Tensor:
+        return self.rows(0, self.shape[0])
+
+
+@dataclass
 class Basis:
     """Orthonormal left singular vectors `U` (d x r) of a matrix and its singular values `s` (r,)."""
 
@@ -56,8 +72,8 @@ class Basis:
     s: torch.Tensor
 
     @classmethod
-    def of(cls, X: torch.Tensor) -> "Basis":
-        """Thin SVD basis of X (d x n) in float64: columns of X live in R^d.
+    def of(cls, X: "torch.Tensor | LazyRows") -> "Basis":
+        """Thin SVD basis of X (d x n; a tensor or `LazyRows`) in float64: columns of X live in R^d.
 
         A tall X (d >= 2n) that is well conditioned (s_n > 1e-6 s_1) takes the one-sided route, a row block at a
         time: R from a blocked QR of X, R = W S V^T, U = X V S^-1 (column i accurate to about eps s_1 / s_i, i.e.
@@ -217,11 +233,15 @@ def _weight_overlap(family, reference, energies, pairs, progress) -> pd.DataFram
         # bases of earlier sides and one side's updates are ever held
         bases: dict[tuple, dict[str, Basis]] = {}
         for s in sides:
-            updates = {n: as_matrix(readers[s].difference(ref, n)) for n in members}
+            # updates the block's spaces concatenate are formed whole; a tensor of its own is read by rows
+            in_spaces = set(write + read) if block is not None else set()
+            updates = {n: as_matrix(readers[s].difference(ref, n)) for n in members if n in in_spaces}
             for unit, scope, matrix in spaces:
                 bases.setdefault((unit, scope), {})[s] = Basis.of(matrix(updates))
             for n in members:
-                bases.setdefault((n, "tensor"), {})[s] = Basis.of(updates.pop(n))
+                X = updates.pop(n) if n in updates else _update_rows(readers[s], ref, n)
+                bases.setdefault((n, "tensor"), {})[s] = Basis.of(X)
+                del X
             del updates
         order = [(n, "tensor") for n in members] + [(unit, scope) for unit, scope, _ in spaces]
         for unit, scope in order:
@@ -237,6 +257,24 @@ def _weight_overlap(family, reference, energies, pairs, progress) -> pd.DataFram
     if progress:
         progress(len(groups), len(groups), "done")
     return pd.concat(frames, ignore_index=True)
+
+
+def _update_rows(side, ref, name: str) -> LazyRows:
+    """The update side - ref of tensor `name` as a matrix (shape[0] x rest), read a block of rows at a time: each
+    block is filled in float64 from smaller float32 reads (the same values as the float32 update cast)."""
+    from safesub_core.family import row_blocks
+
+    d, *rest = ref.shape(name)
+    width = math.prod(rest)
+
+    def rows(i: int, j: int) -> torch.Tensor:
+        out = torch.empty((j - i, width), dtype=torch.float64)
+        for b in row_blocks((j - i, width)):
+            a, z = i + b.start, i + b.stop
+            out[b] = (side.get_rows(name, a, z) - ref.get_rows(name, a, z)).reshape(-1, width)
+        return out
+
+    return LazyRows((d, width), rows)
 
 
 def overlap_summary(table: pd.DataFrame) -> pd.DataFrame:

@@ -105,3 +105,16 @@ def test_weight_overlap_reads_blocks_of_rows_and_matches_whole_tensors(family, t
         rows = table[(table.scope == "tensor") & (table.unit == n)].reset_index(drop=True)
         expected = overlap_curve(Basis.of(x), Basis.of(y))
         assert rows[list(expected.columns)].equals(expected), n
+
+
+@pytest.mark.parametrize("shape", [(300, 20), (30, 20)])  # tall (one-sided route) and not (full SVD)
+def test_a_basis_of_lazily_read_rows_equals_the_basis_of_the_matrix(shape):
+    """The overlap reads a tensor of its own a block of rows at a time (float64 blocks); the basis is the same."""
+    from safesub_core.overlap import LazyRows
+
+    X = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    reads = []
+    lazy = LazyRows(shape, lambda i, j: reads.append((i, j)) or X[i:j].double())
+    a, b = Basis.of(lazy), Basis.of(X)
+    assert torch.equal(a.U, b.U) and torch.equal(a.s, b.s)
+    assert reads and all(j <= shape[0] for _, j in reads)
