@@ -9,6 +9,16 @@ Contract:
   than the model's context are truncated from the left, and `GenerationResult.truncated` says which. The
   template's header (`template_header`) is run once per state of the weights and shared by the batch
   (`prefix.PromptBatch`); completions are the same as without it.
+- `greedy_answers(model, tokenizer, prompts, max_new_tokens, draft=...)`: the same greedy answers, defined as
+  the fixed point of one batched forward pass and checked by it. With T = max_new_tokens, prompt x_i and answer
+  y_i (T tokens, padding after its first EOS), the pass F runs every row x_i + y_i[:T-1] at once and takes the
+  argmax at the last T positions; y is the answer iff F(y)_t = y_t for every t up to the first EOS. Position t
+  depends on tokens before it only (causal attention; the pass's shape is fixed by the prompts and T), so the
+  fixed point is unique and found from any draft: check it with one pass; a row that differs first at t keeps
+  y_<t and F(y)_t and is re-drafted after it by incremental decoding (`generate`'s path), then checked again.
+  Each round fixes at least one more token per row, so there are at most T + 1 passes, and the answer does not
+  depend on the draft. A draft that holds (a slider's previous point) costs one pass instead of T sequential
+  ones. Incremental decoding and F round differently, so the two agree except where two logits tie to rounding.
 """
 from __future__ import annotations
 
@@ -18,7 +28,7 @@ from typing import Callable, Sequence
 import torch
 
 from safesub_core.errors import SafesubError
-from safesub_core.prefix import PromptBatch, prefix_length, supports_prefix
+from safesub_core.prefix import PromptBatch, accepts as prefix_accepts, prefix_length, supports_prefix
 
 
 def format_prompt(tokenizer, prompt: str, chat: bool = True) -> str:
@@ -110,3 +120,85 @@ def generate(
         if progress:
             progress(min(start + batch_size, len(prompts)), len(prompts))
     return GenerationResult(completions, truncated)
+
+
+@dataclass
+class GreedyAnswers:
+    tokens: torch.Tensor  # (n, T) the answers' tokens, padding after each row's first EOS
+    completions: list[str]  # the answers decoded, special tokens stripped
+    passes: int  # checking passes run (1: the draft held)
+    drafted: int  # rows decoded incrementally to make or mend a draft
+
+
+def _first_eos(tokens: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """(n,) index of each row's first EOS, or T - 1 (the last position) where there is none."""
+    hit = tokens == eos_id
+    return torch.where(hit.any(1), hit.int().argmax(1), tokens.shape[1] - 1)
+
+
+def _pad_after_eos(tokens: torch.Tensor, eos_id: int, pad_id: int) -> torch.Tensor:
+    end = _first_eos(tokens, eos_id)
+    return tokens.masked_fill(torch.arange(tokens.shape[1])[None, :] > end[:, None], pad_id)
+
+
+def _decode_from(model, rows: list[list[int]], header: Sequence[int], n_new: int, pad_id: int, eos_id: int) -> torch.Tensor:
+    """(len(rows), n_new) greedy continuations of token rows, incrementally (padding after EOS)."""
+    batch = PromptBatch.build(rows, pad_id, prefix_length(rows, header), next(model.parameters()).device)
+    new = batch.generate(model, max_new_tokens=n_new, do_sample=False, pad_token_id=pad_id,
+                         eos_token_id=eos_id if eos_id >= 0 else None)
+    out = torch.full((len(rows), n_new), pad_id, dtype=torch.long)
+    out[:, : new.shape[1]] = new.cpu()
+    return _pad_after_eos(out, eos_id, pad_id)
+
+
+@torch.no_grad()
+def greedy_answers(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    chat: bool = True,
+    draft: torch.Tensor | None = None,
+) -> GreedyAnswers:
+    """Greedy answers of `max_new_tokens` tokens as the fixed point of one batched pass (see the module
+    docstring): `draft` (n, T) is any guess (a previous point's `tokens`), None to decode one incrementally."""
+    if len(prompts) == 0:
+        raise SafesubError("prompt set: is empty")
+    prepare_tokenizer(tokenizer)
+    T, n = max_new_tokens, len(prompts)
+    pad_id = tokenizer.pad_token_id
+    eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else -1  # -1: no row ever stops
+    device = next(model.parameters()).device
+    rows, _ = encode_rows(tokenizer, [format_prompt(tokenizer, p, chat) for p in prompts],
+                          max(1, context_length(model) - T))
+    header = template_header(tokenizer, chat) if supports_prefix(model) else []
+    P = prefix_length(rows, header)
+    if draft is None or tuple(draft.shape) != (n, T):
+        y, drafted = _decode_from(model, rows, header, T, pad_id, eos_id), n
+    else:
+        y, drafted = _pad_after_eos(draft.to(torch.long).cpu(), eos_id, pad_id), 0
+    for passes in range(1, T + 2):
+        checked = PromptBatch.build([r + t[: T - 1] for r, t in zip(rows, y.tolist())], pad_id, P, device)
+        kwargs = {"logits_to_keep": T} if prefix_accepts(model, "logits_to_keep") else {}
+        f = checked.forward(model, **kwargs).logits[:, -T:].argmax(-1).cpu()  # (n, T): F(y)
+        t = torch.arange(T)[None, :]
+        wrong = (f != y) & (t <= _first_eos(y, eos_id)[:, None])
+        if not wrong.any():
+            break
+        bad = wrong.any(1).nonzero()[:, 0].tolist()
+        first = wrong.int().argmax(1)
+        for i in bad:  # keep the agreed tokens and F's token at the first difference
+            y[i, first[i]] = f[i, first[i]]
+        mend = [i for i in bad if first[i] < T - 1 and y[i, first[i]] != eos_id]
+        y = _pad_after_eos(y, eos_id, pad_id)
+        if mend:  # re-draft every mended row after its difference, in one incremental decode
+            k0 = min(int(first[i]) for i in mend)
+            cont = _decode_from(model, [rows[i] + y[i, : first[i] + 1].tolist() for i in mend], header,
+                                T - k0 - 1, pad_id, eos_id)
+            for j, i in enumerate(mend):
+                y[i, first[i] + 1:] = cont[j, : T - first[i] - 1]
+        drafted += len(mend)
+        y = _pad_after_eos(y, eos_id, pad_id)
+    else:  # pragma: no cover - each round fixes a token per row; T + 1 rounds always suffice
+        raise SafesubError(f"greedy answers: no fixed point after {T + 1} passes")
+    return GreedyAnswers(y, tokenizer.batch_decode(y, skip_special_tokens=True), passes, drafted)

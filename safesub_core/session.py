@@ -36,12 +36,13 @@ from safesub_core.activations import activation_map, activation_overlap, last_to
 from safesub_core.cache import DiskCache
 from safesub_core.errors import SafesubError
 from safesub_core.family import Family, load_model
-from safesub_core.generation import generate
+from safesub_core.generation import greedy_answers
 from safesub_core.prompts import PromptSet, arithmetic_set, load_set
 from safesub_core.overlap import DEFAULT_ENERGIES
 from safesub_core.subspace import DEFAULT_RESIDENT_BYTES, ProjectionConfig, SubspaceEngine
 
 LIVE_ARITH_TOKENS = 12
+MAX_DRAFTS = 256  # points whose greedy answers a session keeps as drafts (n x LIVE_ARITH_TOKENS ids each)
 FULL_LIVE_PROMPTS = 32  # live sets this large mean read-outs are cheap here (a GPU or a small model)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -139,6 +140,7 @@ class FamilySession:
         self._engines: dict[str, SubspaceEngine] = {}
         self._applied: tuple[str, ProjectionConfig] | None = None
         self._reference_logits: dict = {}  # the untouched start model's KL logits, computed once
+        self._answers: dict[tuple, torch.Tensor] = {}  # greedy answer tokens per point: drafts for the next ones
         self.lock = threading.RLock()
 
     # ------------------------------------------------------------------------------------------------ models
@@ -207,19 +209,45 @@ class FamilySession:
         return dict(margin_mean=float(margin.mean()), share_margin_negative=float((margin < 0).float().mean()),
                     nll_mean=float(nll.mean()), kl_to_start=float(kl.mean()))
 
-    def decoded_scores(self, model: torch.nn.Module) -> dict:
-        """The live score that needs greedy decoding (LIVE_ARITH_TOKENS passes): arithmetic exact match."""
+    def decoded_scores(self, model: torch.nn.Module, point: tuple | None = None) -> dict:
+        """The live score that needs greedy answers (LIVE_ARITH_TOKENS tokens): arithmetic exact match. The answers
+        are checked in one pass against a draft, the answers of the nearest point scored before (`_draft`), and
+        decoded token by token only where it fails (`generation.greedy_answers`; the result is the same)."""
         s = self.sets
-        answers = generate(model, self.tokenizer, s.utility.prompts, max_new_tokens=LIVE_ARITH_TOKENS,
-                           chat=self.chat, batch_size=len(s.utility)).completions
-        correct = [scoring.exact_match(scoring.final_number(a), r) for a, r in zip(answers, s.utility.references)]
+        answers = greedy_answers(model, self.tokenizer, s.utility.prompts, LIVE_ARITH_TOKENS, chat=self.chat,
+                                 draft=self._draft(point))
+        if point is not None:
+            self._answers.pop(point, None)
+            self._answers[point] = answers.tokens
+            while len(self._answers) > MAX_DRAFTS:
+                self._answers.pop(next(iter(self._answers)))
+        correct = [scoring.exact_match(scoring.final_number(a), r)
+                   for a, r in zip(answers.completions, s.utility.references)]
         return dict(arith_exact_match=sum(correct) / len(correct))
 
-    def live_scores(self, model: torch.nn.Module) -> dict:
-        """The slider scores of a model as it stands (see the module docstring)."""
-        return self.forward_scores(model) | self.decoded_scores(model)
+    def _draft(self, point: tuple | None) -> torch.Tensor | None:
+        """Answers to check first at `point` = (target, cfg or None): those of the same variant, subspace, mode, scale
+        and kind of rank at the closest rank; else the latest scored."""
+        if not self._answers:
+            return None
 
-    def _live(self, parts: dict, model: Callable[[], torch.nn.Module], decoded: bool, compute: bool) -> dict | None:
+        def distance(key: tuple) -> tuple:
+            (target, c), cfg = key, None if point is None else point[1]
+            if point is None or target != point[0] or c is None or cfg is None:
+                return (1, 0.0)
+            if (c.subspace, c.mode, c.alpha, c.rank_fraction is None) != (cfg.subspace, cfg.mode, cfg.alpha,
+                                                                          cfg.rank_fraction is None):
+                return (1, 0.0)
+            return (0, abs((c.rank_fraction or c.energy) - (cfg.rank_fraction or cfg.energy)))
+
+        return self._answers[min(reversed(list(self._answers)), key=distance)]  # ties: the latest
+
+    def live_scores(self, model: torch.nn.Module, point: tuple | None = None) -> dict:
+        """The slider scores of a model as it stands (see the module docstring)."""
+        return self.forward_scores(model) | self.decoded_scores(model, point)
+
+    def _live(self, parts: dict, model: Callable[[], torch.nn.Module], decoded: bool, compute: bool,
+              point: tuple) -> dict | None:
         """Live scores from the disk cache or computed: the forward-pass scores are an entry of their own, so they
         can show before the decoded one is done; the full set is the 'live_scores' entry."""
         full = self.cache.get("live_scores", parts)
@@ -231,18 +259,21 @@ class FamilySession:
             forward = self.cache.get_or_compute("live_forward", parts, lambda: self.forward_scores(model()))
             if not decoded:
                 return forward
-            return self.cache.get_or_compute("live_scores", parts, lambda: forward | self.decoded_scores(model()))
+            return self.cache.get_or_compute("live_scores", parts,
+                                             lambda: forward | self.decoded_scores(model(), point))
 
     def checkpoint_scores(self, name: str) -> dict:
         """Live scores of a checkpoint of the family (cached)."""
-        return self._live(self._parts(name, None), lambda: self.model(name), decoded=True, compute=True)
+        return self._live(self._parts(name, None), lambda: self.model(name), decoded=True, compute=True,
+                          point=(name, None))
 
     def point_scores(self, variant: str, cfg: ProjectionConfig, compute: bool = True,
                      decoded: bool = True) -> dict | None:
         """Diagnostics and live scores at a point (scores cached; diagnostics are cumulative sums). With
         `decoded=False` the greedy exact match is left out (forward passes only: about half the time of a slider
         move on a CPU); with `compute=False` only scores already in the disk cache are returned (None otherwise)."""
-        live = self._live(self._parts(variant, cfg), lambda: self.projected(variant, cfg), decoded, compute)
+        live = self._live(self._parts(variant, cfg), lambda: self.projected(variant, cfg), decoded, compute,
+                          point=(variant, cfg))
         return None if live is None else self.engine(variant).diagnostics(cfg).summary() | live
 
     def generation_scores(self, name: str, cfg: ProjectionConfig | None = None, max_new_tokens: int = 48,

@@ -184,12 +184,20 @@ class TensorProjection:
             self.cumulative_energy(sub)
         return replace(self, U=None, Ur=None, C=None, Cr=None, dT=None)
 
-    def _basis(self, cfg: ProjectionConfig, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(U_k, C_k): the rank-k basis (M, k) of the point's subspace and the update's coordinates in it (k, N)."""
+    def _basis(self, cfg: ProjectionConfig, k: int, end: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(U_k, C_k): the rank-k basis (M, k) of the point's subspace and the update's coordinates in it (k, N);
+        with `end`, its directions k..end-1 instead (M, end - k), (end - k, N)."""
+        lo, hi = (0, k) if end is None else (k, end)
         if cfg.subspace == "random":
-            return self.Ur[:, :k], self.Cr[:k]
-        idx = slice(0, k) if cfg.subspace == "topk" else self.perm[:k].to(self.U.device)
+            return self.Ur[:, lo:hi], self.Cr[lo:hi]
+        idx = slice(lo, hi) if cfg.subspace == "topk" else self.perm[lo:hi].to(self.U.device)
         return self.U[:, idx], self.C[idx]
+
+    def spans_rows(self, cfg: ProjectionConfig) -> bool:
+        """Whether the point's full basis spans R^M (M <= N and a nonzero alignment update, or the random one), so
+        P_k dT = dT - U_{k:} C_{k:} and a rank past the middle costs r - k columns instead of k."""
+        M, r = self.U.shape
+        return M == r and (cfg.subspace == "random" or bool(self.s[0] > 0))
 
     def kept_update(self, cfg: ProjectionConfig, k: int) -> torch.Tensor:
         """X (the update kept at rank k, before alpha) in the tensor's own shape."""
@@ -200,18 +208,24 @@ class TensorProjection:
 
     def compose(self, out: torch.Tensor, w_start: torch.Tensor, cfg: ProjectionConfig, k: int) -> None:
         """Write W = w_start + alpha * X into `out` (same shape as w_start). Where `out` has the bases' dtype and
-        device this is one fused multiply-add, out = w_start (+ alpha dT) -/+ alpha U_k C_k, with no temporary of
-        the tensor's size; otherwise X is formed and cast."""
-        Uk, Ck = self._basis(cfg, k)
-        if out.dtype != Uk.dtype or out.device != Uk.device or not out.is_contiguous():
+        device this is one fused multiply-add, out = w_start + a alpha dT + b alpha B C_B, with no temporary of
+        the tensor's size: B C_B = U_k C_k, or for k past the middle of a basis that spans R^M its complement
+        U_{k:} C_{k:} = dT - U_k C_k (`spans_rows`), whichever has fewer columns. Otherwise X is formed and cast."""
+        if out.dtype != self.U.dtype or out.device != self.U.device or not out.is_contiguous():
             out.copy_(w_start + (cfg.alpha * self.kept_update(cfg, k)).to(device=out.device, dtype=out.dtype))
             return
+        a, b = {"parallel": (0, 1), "opposite": (0, -1), "orthogonal": (1, -1)}[cfg.mode]  # X = a dT + b U_k C_k
+        if 2 * k > self.r and self.spans_rows(cfg):
+            B, CB = self._basis(cfg, k, self.r)
+            a, b = a + b, -b
+        else:
+            B, CB = self._basis(cfg, k)
         W = as_matrix(out)
-        if cfg.mode == "orthogonal":
-            torch.add(as_matrix(w_start), self.dT, alpha=cfg.alpha, out=W)
+        if a:
+            torch.add(as_matrix(w_start), self.dT, alpha=a * cfg.alpha, out=W)
         else:
             W.copy_(as_matrix(w_start))
-        W.addmm_(Uk, Ck, alpha=cfg.alpha if cfg.mode == "parallel" else -cfg.alpha)
+        W.addmm_(B, CB, alpha=b * cfg.alpha)
 
 
 @dataclass

@@ -135,3 +135,19 @@ def test_scores_after_a_new_projection_see_the_new_weights(session, monkeypatch)
     plain = scoring.logprob_margin(model, tok, prompts)
     assert torch.allclose(shared, plain, atol=1e-4)
     assert not torch.allclose(shared, before, atol=1e-2)
+
+
+def test_exact_match_checks_the_nearest_points_answers_first_and_does_not_depend_on_them(session, tiny_family,
+                                                                                         tmp_path, monkeypatch):
+    import safesub_core.session as module
+
+    drafts, real = [], module.greedy_answers
+    monkeypatch.setattr(module, "greedy_answers", lambda *a, **kw: drafts.append(kw["draft"]) or real(*a, **kw))
+    near, far, new = (ProjectionConfig("topk", "parallel", 0.41), ProjectionConfig("random", "orthogonal", 0.43),
+                      ProjectionConfig("topk", "parallel", 0.44))
+    for cfg in (near, far, new):
+        session.point_scores("useful", cfg)
+    assert torch.equal(drafts[-1], session._answers[("useful", near)])  # the nearest point's, not the latest
+    fresh = FamilySession(Family.from_file(tiny_family), sets=EvalSets.default(16), cache=DiskCache(tmp_path))
+    assert fresh.point_scores("useful", new) == session.point_scores("useful", new)
+    assert torch.equal(fresh._answers[("useful", new)], session._answers[("useful", new)])

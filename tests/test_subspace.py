@@ -73,22 +73,39 @@ def test_parallel_and_orthogonal_sum_to_the_task_update(subspace):
         assert abs(float((par * orth).sum())) < 1e-8  # orthogonal pieces
 
 
+@pytest.mark.parametrize("shape", [(16, 10), (10, 16), (12, 12)])
 @pytest.mark.parametrize("mode", ["parallel", "opposite", "orthogonal"])
 @pytest.mark.parametrize("subspace", ["topk", "randomk", "random"])
-def test_compose_writes_start_plus_alpha_times_the_kept_update(subspace, mode):
-    """The fused in-place composition (same dtype) and the cast path (bfloat16) both give W_start + alpha X."""
-    t = projection_of(rand(16, 10), rand(16, 10, seed=1))
-    w_start = rand(16, 10, seed=2)
+def test_compose_writes_start_plus_alpha_times_the_kept_update(subspace, mode, shape):
+    """The fused in-place composition (same dtype; past the middle rank, through the complement where the basis
+    spans R^M) and the cast path (bfloat16) both give W_start + alpha X."""
+    t = projection_of(rand(*shape), rand(*shape, seed=1))
+    w_start = rand(*shape, seed=2)
     for rho, alpha in ((0.3, 1.0), (0.7, -0.5), (1.0, 2.5)):
         cfg = ProjectionConfig(subspace, mode, rho, alpha=alpha)
+        assert t.t.spans_rows(cfg) == (shape[0] <= shape[1])
         expected = w_start + alpha * t.kept_update(cfg)
         out = torch.full_like(w_start, float("nan"))
         t.t.compose(out, w_start, cfg, t.rank(cfg))
         assert torch.allclose(out, expected, atol=1e-10)
-        low = torch.zeros(16, 10, dtype=torch.bfloat16)  # a bfloat16 model over float64 bases: X is cast
+        low = torch.zeros(*shape, dtype=torch.bfloat16)  # a bfloat16 model over float64 bases: X is cast
         t.t.compose(low, w_start.to(torch.bfloat16), cfg, t.rank(cfg))
         assert torch.allclose(low.double(), expected, rtol=2e-2, atol=2e-2)
-        assert not torch.allclose(low.double(), w_start, rtol=2e-2, atol=2e-2)  # the update did arrive
+        if (expected - w_start).abs().max() > 0.1:  # (orthogonal at full rank keeps nothing of a wide dT)
+            assert not torch.allclose(low.double(), w_start, rtol=2e-2, atol=2e-2)  # the update did arrive
+
+
+@pytest.mark.parametrize("subspace", ["topk", "randomk"])
+def test_a_zero_alignment_update_keeps_nothing_at_any_rank(subspace):
+    """dA = 0 spans nothing: its zero basis must not be taken for a basis of R^M (the complement would keep dT)."""
+    t = projection_of(torch.zeros(8, 12, dtype=torch.float64), rand(8, 12, seed=1))
+    w_start = rand(8, 12, seed=2)
+    for mode, kept in (("parallel", 0.0), ("orthogonal", 1.0)):
+        cfg = ProjectionConfig(subspace, mode, 0.9)
+        assert not t.t.spans_rows(cfg)
+        out = torch.empty_like(w_start)
+        t.t.compose(out, w_start, cfg, t.rank(cfg))
+        assert torch.allclose(out, w_start + kept * t.dT, atol=1e-12)
 
 
 def test_cumulative_energy_equals_explicit_projection_and_grows_with_k():

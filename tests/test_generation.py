@@ -1,0 +1,69 @@
+"""Greedy answers as the fixed point of one batched pass: equal to incremental decoding, whatever the draft."""
+import copy
+
+import pytest
+import torch
+
+from safesub_core.generation import generate, greedy_answers
+from test_scoring import CHAT, PROMPTS, make_model, make_tokenizer
+
+T = 8
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A tiny random Llama whose chat template opens with a shared header (the answers are gibberish but fixed)."""
+    tok = make_tokenizer()
+    tok.chat_template = "<|user|> How do I stay safe?\n" + CHAT
+    return make_model(tok), tok
+
+
+@pytest.fixture(scope="module")
+def plain(tiny):
+    model, tok = tiny
+    return greedy_answers(model, tok, PROMPTS, T)
+
+
+def test_greedy_answers_are_the_incremental_greedy_completions(tiny, plain):
+    model, tok = tiny
+    assert plain.completions == generate(model, tok, PROMPTS, max_new_tokens=T, batch_size=len(PROMPTS)).completions
+    assert plain.tokens.shape == (len(PROMPTS), T) and plain.drafted == len(PROMPTS) and plain.passes == 1
+    assert any(c.strip() for c in plain.completions)
+
+
+def test_a_draft_that_holds_costs_one_pass_and_no_decoding(tiny, plain):
+    again = greedy_answers(*tiny, PROMPTS, T, draft=plain.tokens)
+    assert torch.equal(again.tokens, plain.tokens) and again.passes == 1 and again.drafted == 0
+
+
+@pytest.mark.parametrize("wrong_from", [0, 3, T - 1])
+def test_the_answers_do_not_depend_on_the_draft(tiny, plain, wrong_from):
+    model, tok = tiny
+    draft = plain.tokens.clone()
+    draft[1:, wrong_from:] = (draft[1:, wrong_from:] + 7) % len(tok)  # rows 1.. go wrong from `wrong_from` on
+    got = greedy_answers(model, tok, PROMPTS, T, draft=draft)
+    assert torch.equal(got.tokens, plain.tokens) and got.completions == plain.completions
+    assert got.passes == 2  # the check found the differences, the mended rows held on the second pass
+    assert got.drafted == (len(PROMPTS) - 1 if wrong_from < T - 1 else 0)  # the last token is F's own: no decode
+    junk = torch.randint(0, len(tok), plain.tokens.shape, generator=torch.Generator().manual_seed(wrong_from))
+    assert torch.equal(greedy_answers(model, tok, PROMPTS, T, draft=junk).tokens, plain.tokens)
+
+
+def test_rows_stop_at_their_first_eos_as_generate_does(tiny, plain):
+    model, tok = tiny
+    tok = copy.deepcopy(tok)
+    stop = int(plain.tokens[0, 2])  # make a token the model does produce the end of an answer
+    tok.eos_token = tok.convert_ids_to_tokens(stop)
+    tok.pad_token = "<eos>"
+    got = greedy_answers(model, tok, PROMPTS, T)
+    assert got.completions == generate(model, tok, PROMPTS, max_new_tokens=T, batch_size=len(PROMPTS)).completions
+    first = int((got.tokens[0] == stop).int().argmax())
+    assert first <= 2 and (got.tokens[0, first + 1:] == tok.pad_token_id).all()  # padding after the stop
+    drafted = got.tokens.clone()
+    drafted[0, first + 1:] = 5  # what follows a row's EOS is never checked
+    assert torch.equal(greedy_answers(model, tok, PROMPTS, T, draft=drafted).tokens, got.tokens)
+
+
+def test_a_draft_of_the_wrong_shape_is_ignored(tiny, plain):
+    got = greedy_answers(*tiny, PROMPTS, T, draft=plain.tokens[:, :3])
+    assert torch.equal(got.tokens, plain.tokens) and got.drafted == len(PROMPTS)
