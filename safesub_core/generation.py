@@ -141,7 +141,8 @@ def _pad_after_eos(tokens: torch.Tensor, eos_id: int, pad_id: int) -> torch.Tens
     return tokens.masked_fill(torch.arange(tokens.shape[1])[None, :] > end[:, None], pad_id)
 
 
-def _decode_from(model, rows: list[list[int]], header: Sequence[int], n_new: int, pad_id: int, eos_id: int) -> torch.Tensor:
+def _decode_from(model, rows: list[list[int]], header: Sequence[int], n_new: int, pad_id: int,
+                 eos_id: int) -> torch.Tensor:
     """(len(rows), n_new) greedy continuations of token rows, incrementally (padding after EOS)."""
     batch = PromptBatch.build(rows, pad_id, prefix_length(rows, header), next(model.parameters()).device)
     new = batch.generate(model, max_new_tokens=n_new, do_sample=False, pad_token_id=pad_id,

@@ -7,7 +7,8 @@ one user turn, or the raw prompt) and tokenizes the formatted prompt and any con
 `generation.generate` sees a prompt. Batches are left-padded with explicit ``position_ids`` (so a prompt scores
 the same alone or in a batch); the chat template's header, which every formatted prompt opens with, runs once per
 state of the weights and its key/value cache is shared (`prefix.PromptBatch`; scores agree with unshared batches
-to float rounding); the model is put in eval mode for the call and restored afterwards.
+to float rounding); the model is put in eval mode for the call and restored afterwards. A slider move's three
+forward-pass scores run together in two passes (`live_forward_scores`).
 
 Definitions (n prompts, natural logs):
 - Log-prob margin (`logprob_margin`, forward passes only; the live score behind sliders):
@@ -280,12 +281,20 @@ def continuation_logprobs(
             idx = order[start : start + batch_size]
             longest = max(len(conts[i]) for i in idx)
             logits = _forward_tail(model, [rows[i] for i in idx], longest + 1, pad_id, header)
-            logp = torch.log_softmax(logits[:, :-1], dim=-1)  # position j predicts token j+1
-            for b, i in enumerate(idx):
-                L = len(conts[i])
-                target = torch.tensor(conts[i], dtype=torch.long, device=logp.device)
-                out[i] = logp[b, logp.shape[1] - L :].gather(-1, target[:, None])[:, 0].cpu()
+            for i, lp in zip(idx, _tail_logprobs(logits, [conts[i] for i in idx])):
+                out[i] = lp
     return out  # type: ignore[return-value]
+
+
+def _tail_logprobs(logits: torch.Tensor, conts: Sequence[list[int]]) -> list[torch.Tensor]:
+    """Per-token log-probs of each row's continuation, which ends its row: `logits` (B, keep, V) are the rows' last
+    positions (keep > the longest continuation), position j predicting token j + 1."""
+    logp = torch.log_softmax(logits[:, :-1], dim=-1)
+    out = []
+    for b, c in enumerate(conts):
+        target = torch.tensor(c, dtype=torch.long, device=logp.device)
+        out.append(logp[b, logp.shape[1] - len(c):].gather(-1, target[:, None])[:, 0].cpu())
+    return out
 
 
 def _cont_ids(tokenizer, text: str, what: str) -> list[int]:
@@ -293,6 +302,57 @@ def _cont_ids(tokenizer, text: str, what: str) -> list[int]:
     if not ids:
         raise SafesubError(f"{what} {text!r}: is empty after tokenization")
     return list(ids)
+
+
+@dataclass(frozen=True)
+class _Branches:
+    """K continuations laid out to run on the key/value cache of prompts: each one's first token is scored from the
+    prompt's last position, the rest (right-padded to the longest, w = longest - 1 positions) run on the cache."""
+
+    firsts: torch.Tensor  # (K,) first tokens
+    ids: torch.Tensor  # (K, max(w, 1)) tokens 0..L-2 of each continuation, the inputs
+    mask: torch.Tensor  # (K, max(w, 1)) 1 over real tokens
+    targets: torch.Tensor  # (K, max(w, 1)) tokens 1..L-1, what each input position predicts
+    width: int  # w
+
+    @classmethod
+    def build(cls, continuations: Sequence[list[int]], pad_id: int, device) -> "_Branches":
+        if any(len(c) == 0 for c in continuations):
+            raise SafesubError("continuation: is empty after tokenization")
+        K, w = len(continuations), max(len(c) for c in continuations) - 1
+        ids = torch.full((K, max(w, 1)), pad_id, dtype=torch.long)
+        mask, targets = torch.zeros_like(ids), torch.zeros_like(ids)
+        for k, c in enumerate(continuations):
+            ids[k, : len(c) - 1], mask[k, : len(c) - 1] = torch.tensor(c[:-1], dtype=torch.long), 1
+            targets[k, : len(c) - 1] = torch.tensor(c[1:], dtype=torch.long)
+        firsts = torch.tensor([c[0] for c in continuations], device=device)
+        return cls(firsts, ids.to(device), mask.to(device), targets.to(device), w)
+
+    def sums(self, model, last_logits: torch.Tensor, cache, mask: torch.Tensor) -> torch.Tensor:
+        """(B, K) log P(cont_k | row b) summed over tokens, from the rows' last-position logits (B, V) and their
+        key/value cache and attention mask (B, S) (`cache` is consumed: repeated K times in place)."""
+        B, K = last_logits.shape[0], len(self.firsts)
+        total = torch.log_softmax(last_logits.float(), -1)[:, self.firsts]  # (B, K)
+        if self.width == 0:
+            return total
+        cache.batch_repeat_interleave(K)  # rows: prompt 0 x K, prompt 1 x K, ...
+        t_mask = self.mask.repeat(B, 1)
+        positions = mask.sum(1).repeat_interleave(K)[:, None] + torch.arange(self.width, device=mask.device)[None, :]
+        full_mask = torch.cat([mask.repeat_interleave(K, 0), t_mask], 1)
+        res = model(input_ids=self.ids.repeat(B, 1), attention_mask=full_mask, position_ids=positions,
+                    past_key_values=cache, use_cache=True)
+        logp = torch.log_softmax(res.logits[:, -self.width:].float(), -1)
+        tok_lp = logp.gather(-1, self.targets.repeat(B, 1)[:, :, None])[:, :, 0] * t_mask
+        return total + tok_lp.sum(1).view(B, K)
+
+
+def _clip_prompts(prompt_ids: Sequence[list[int]], room: int, limit: int, notes: list[str] | None) -> list[list[int]]:
+    """Each prompt's last `room` tokens, with a note when any was longer."""
+    cut = sum(len(p) > room for p in prompt_ids)
+    if cut:
+        _note(notes, f"{cut} of {len(prompt_ids)} prompts were longer than the context ({limit} tokens) "
+                     "and were truncated")
+    return [list(p)[-room:] for p in prompt_ids]
 
 
 @torch.no_grad()
@@ -312,58 +372,18 @@ def shared_prefix_logprob_sums(
     are. The first continuation token is scored from the prompt pass's last position. The prompts' shared
     `header` (`generation.template_header`) runs once per state of the weights (`prefix.PromptBatch`).
     """
-    K = len(continuations)
-    if any(len(c) == 0 for c in continuations):
-        raise SafesubError("continuation: is empty after tokenization")
-    limit = context_length(model)
-    longest = max(len(c) for c in continuations)
-    room = max(1, limit - longest)
-    cut = sum(len(p) > room for p in prompt_ids)
-    if cut:
-        _note(notes, f"{cut} of {len(prompt_ids)} prompts were longer than the context ({limit} tokens) "
-                     "and were truncated")
-    rows_all = [list(p)[-room:] for p in prompt_ids]
-    device = _device(model)
-    pad_id = _pad_id(tokenizer)
-    firsts = torch.tensor([c[0] for c in continuations], device=device)
-    tail_w = longest - 1
-    tail_ids = torch.full((K, max(tail_w, 1)), pad_id, dtype=torch.long)
-    tail_mask = torch.zeros((K, max(tail_w, 1)), dtype=torch.long)
-    for k, c in enumerate(continuations):
-        if len(c) > 1:
-            tail_ids[k, : len(c) - 1] = torch.tensor(c[:-1])
-            tail_mask[k, : len(c) - 1] = 1
-    targets = torch.full((K, max(tail_w, 1)), 0, dtype=torch.long)
-    for k, c in enumerate(continuations):
-        if len(c) > 1:
-            targets[k, : len(c) - 1] = torch.tensor(c[1:])
-    tail_ids, tail_mask, targets = tail_ids.to(device), tail_mask.to(device), targets.to(device)
-
+    device, pad_id, limit = _device(model), _pad_id(tokenizer), context_length(model)
+    branches = _Branches.build(continuations, pad_id, device)
+    rows_all = _clip_prompts(prompt_ids, max(1, limit - branches.width - 1), limit, notes)
     order = sorted(range(len(rows_all)), key=lambda i: len(rows_all[i]))
-    out = torch.empty((len(rows_all), K))
+    out = torch.empty((len(rows_all), len(continuations)))
     with _eval_mode(model):
         for start in range(0, len(order), max(1, batch_size)):
             idx = order[start : start + batch_size]
             rows = [rows_all[i] for i in idx]
             batch = PromptBatch.build(rows, pad_id, prefix_length(rows, header), device)
-            B, mask = len(rows), batch.mask
             res = batch.forward(model, use_cache=True, logits_to_keep=1)
-            first = torch.log_softmax(res.logits[:, -1].float(), -1)[:, firsts]  # (B, K)
-            total = first
-            if tail_w > 0:
-                cache = res.past_key_values
-                cache.batch_repeat_interleave(K)  # rows: prompt 0 x K, prompt 1 x K, ...
-                t_ids = tail_ids.repeat(B, 1)
-                t_mask = tail_mask.repeat(B, 1)
-                full_mask = torch.cat([mask.repeat_interleave(K, 0), t_mask], 1)
-                lengths = batch.lengths.repeat_interleave(K)
-                t_pos = lengths[:, None] + torch.arange(tail_w, device=device)[None, :]
-                res2 = model(input_ids=t_ids, attention_mask=full_mask, position_ids=t_pos,
-                             past_key_values=cache, use_cache=True)
-                logp = torch.log_softmax(res2.logits[:, -tail_w:].float(), -1)
-                tok_lp = logp.gather(-1, targets.repeat(B, 1)[:, :, None])[:, :, 0] * t_mask
-                total = total + tok_lp.sum(1).view(B, K)
-            out[torch.tensor(idx)] = total.cpu()
+            out[torch.tensor(idx)] = branches.sums(model, res.logits[:, -1], res.past_key_values, batch.mask).cpu()
     return out
 
 
@@ -469,14 +489,84 @@ def kl_to_reference(
                 lr = _forward_tail(ref_model, rows, 1, pad_id, header)[:, -1].to(lm.device)
                 if ref_cache is not None:
                     ref_cache[key] = lr
-            if lm.shape[-1] != lr.shape[-1]:
-                raise SafesubError(
-                    f"reference model: vocabulary size {lr.shape[-1]} differs from the model's {lm.shape[-1]}"
-                )
-            log_m, log_r = torch.log_softmax(lm, -1), torch.log_softmax(lr, -1)
-            kl = (log_r.exp() * (log_r - log_m)).sum(-1).clamp_min(0)
-            out[torch.tensor(idx)] = kl.cpu()
+            out[torch.tensor(idx)] = _kl(lr, lm).cpu()
     return out
+
+
+def _kl(ref_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """(B,) KL(p_ref || p) of next-token distributions given as logits (B, V)."""
+    if logits.shape[-1] != ref_logits.shape[-1]:
+        raise SafesubError(
+            f"reference model: vocabulary size {ref_logits.shape[-1]} differs from the model's {logits.shape[-1]}"
+        )
+    log_m, log_r = torch.log_softmax(logits, -1), torch.log_softmax(ref_logits, -1)
+    return (log_r.exp() * (log_r - log_m)).sum(-1).clamp_min(0)
+
+
+@torch.no_grad()
+def live_forward_scores(
+    model,
+    ref_model,
+    tokenizer,
+    harmful,
+    utility,
+    references: Sequence[str],
+    benign,
+    chat: bool = True,
+    ref_cache: dict | None = None,
+    notes: list[str] | None = None,
+) -> dict[str, torch.Tensor]:
+    """`logprob_margin` on `harmful` (n_h,), `answer_nll` on `utility` and its `references` (n_u,) and
+    `kl_to_reference` on `benign` (n_b,), keyed margin, nll and kl: what a slider move recomputes, in two passes.
+
+    One batched pass runs every set's rows (the harmful and benign prompts; the arithmetic prompts followed by
+    their reference answers), then the margin's continuations run on the harmful rows' key/value cache: two
+    passes instead of four, on a CPU most of a move's time. The numbers are the three functions' to float
+    rounding (the rows share a batch). `ref_cache` as in `kl_to_reference`: the reference model's logits, from
+    the same pass, are computed once. Models whose forward lacks the cache arguments get the three functions.
+    """
+    if not (_supports_shared_prefix(model) and _supports_shared_prefix(ref_model)):
+        return dict(margin=logprob_margin(model, tokenizer, harmful, chat=chat, notes=notes),
+                    nll=answer_nll(model, tokenizer, utility, references, chat=chat, notes=notes),
+                    kl=kl_to_reference(model, ref_model, tokenizer, benign, chat=chat, notes=notes,
+                                       ref_cache=ref_cache))
+    harmful, utility, benign = (_check_prompts(x) for x in (harmful, utility, benign))
+    references = [str(r) for r in references]
+    if len(references) != len(utility):
+        raise SafesubError(f"prompt set: {len(utility)} prompts but {len(references)} references")
+    limit = min(context_length(model), context_length(ref_model))
+    pad_id, device, header = _pad_id(tokenizer), _device(model), template_header(tokenizer, chat)
+    branches = _Branches.build([_cont_ids(tokenizer, REFUSAL_OPENING, "refusal opening"),
+                                _cont_ids(tokenizer, COMPLIANCE_OPENING, "compliance opening")], pad_id, device)
+    h_rows = _clip_prompts(_prompt_ids(tokenizer, harmful, chat, notes), max(1, limit - branches.width - 1), limit,
+                           notes)
+    fitted = [_fit(p, _cont_ids(tokenizer, r, "reference answer"), limit)
+              for p, r in zip(_prompt_ids(tokenizer, utility, chat, notes), references)]
+    if any(cut for *_, cut in fitted):
+        _note(notes, f"{sum(cut for *_, cut in fitted)} of {len(fitted)} prompts were longer than the context "
+                     f"({limit} tokens) and were truncated")
+    answers = [a for _, a, _ in fitted]
+    b_rows = _clip_prompts(_prompt_ids(tokenizer, benign, chat, notes), limit, limit, notes)
+    rows = h_rows + [p + a for p, a, _ in fitted] + b_rows
+    H, U, keep = len(h_rows), len(fitted), max(len(a) for a in answers) + 1
+    batch = PromptBatch.build(rows, pad_id, prefix_length(rows, header, keep), device)
+
+    def last_logits(m):
+        res = batch.forward(m, use_cache=True, logits_to_keep=keep)
+        return res.logits[:, -keep:].float(), res.past_key_values
+
+    with _eval_mode(model, ref_model):
+        logits, cache = last_logits(model)
+        key = ("live", tuple(map(tuple, rows)))
+        ref = None if ref_cache is None else ref_cache.get(key)
+        if ref is None:
+            ref = last_logits(ref_model)[0][H + U:, -1].to(logits.device)
+            if ref_cache is not None:
+                ref_cache[key] = ref
+        cache.batch_select_indices(torch.arange(H, device=device))
+        sums = branches.sums(model, logits[:H, -1], cache, batch.mask[:H]).cpu()
+        nll = torch.stack([-lp.mean() for lp in _tail_logprobs(logits[H:H + U], answers)])
+        return dict(margin=sums[:, 0] - sums[:, 1], nll=nll, kl=_kl(ref, logits[H + U:, -1]).cpu())
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -8,7 +8,9 @@ Contract:
   the live scores of the projected model, composed in memory (nothing written to disk).
 - Live scores (forward passes, plus a few greedy tokens for arithmetic; what sliders show), on fixed evaluation
   splits (`EvalSets`, never the training split); the forward-pass ones (`forward_scores`) are cached apart from
-  the decoded one (`decoded_scores`), so a page can show them first:
+  the decoded one (`decoded_scores`), so a page can show them first. The forward-pass scores run in two batched
+  passes (`scoring.live_forward_scores`); the greedy answers are checked in one pass against the nearest scored
+  point's (`generation.greedy_answers`), so a move costs a few passes, not a dozen:
     margin_mean, share_margin_negative   log-prob margin on harmful prompts (refusal minus compliance opening)
     nll_mean                             NLL of reference answers on arithmetic prompts
     arith_exact_match                    exact match of greedy answers (12 new tokens) on arithmetic prompts
@@ -200,14 +202,15 @@ class FamilySession:
         return parts
 
     def forward_scores(self, model: torch.nn.Module) -> dict:
-        """The live scores that need forward passes only (margin, NLL, KL): what a slider shows first."""
-        s, tok = self.sets, self.tokenizer
-        margin = scoring.logprob_margin(model, tok, s.harmful.prompts, chat=self.chat)
-        nll = scoring.answer_nll(model, tok, s.utility.prompts, s.utility.references, chat=self.chat)
-        kl = scoring.kl_to_reference(model, self.reference, tok, s.benign.prompts, chat=self.chat,
-                                     ref_cache=self._reference_logits)
+        """The live scores that need forward passes only (margin, NLL, KL), in two passes
+        (`scoring.live_forward_scores`): what a slider shows first."""
+        s = self.sets
+        got = scoring.live_forward_scores(model, self.reference, self.tokenizer, s.harmful.prompts, s.utility.prompts,
+                                          s.utility.references, s.benign.prompts, chat=self.chat,
+                                          ref_cache=self._reference_logits)
+        margin = got["margin"]
         return dict(margin_mean=float(margin.mean()), share_margin_negative=float((margin < 0).float().mean()),
-                    nll_mean=float(nll.mean()), kl_to_start=float(kl.mean()))
+                    nll_mean=float(got["nll"].mean()), kl_to_start=float(got["kl"].mean()))
 
     def decoded_scores(self, model: torch.nn.Module, point: tuple | None = None) -> dict:
         """The live score that needs greedy answers (LIVE_ARITH_TOKENS tokens): arithmetic exact match. The answers

@@ -292,6 +292,40 @@ def test_kl_reference_cache_runs_the_reference_once_with_the_same_result(tiny):
     assert torch.equal(first, again) and torch.equal(first, kl_to_reference(other, model, tok, PROMPTS))
 
 
+def test_live_forward_scores_are_the_three_functions_in_two_passes(tiny, monkeypatch):
+    """One batched pass over the three sets' rows, then the margin's continuations: the same numbers as
+    logprob_margin, answer_nll and kl_to_reference, in two model calls (plus the reference's, once)."""
+    import safesub_core.scoring as S
+
+    model, tok = tiny
+    other = make_model(tok, seed=1)
+    harmful, utility, refs, benign = PROMPTS[:2], PROMPTS, ["Bread.", "No.", "19"], PROMPTS[::-1]
+    calls = {"model": 0, "ref": 0}
+    hooks = [m.register_forward_hook(lambda *a, k=k: calls.__setitem__(k, calls[k] + 1))
+             for m, k in ((other, "model"), (model, "ref"))]
+    try:
+        ref_cache = {}
+        got = S.live_forward_scores(other, model, tok, harmful, utility, refs, benign, ref_cache=ref_cache)
+        assert calls == {"model": 2, "ref": 1}
+        again = S.live_forward_scores(other, model, tok, harmful, utility, refs, benign, ref_cache=ref_cache)
+        assert calls == {"model": 4, "ref": 1}  # the reference's logits came from the cache
+    finally:
+        for h in hooks:
+            h.remove()
+    assert all(torch.equal(got[k], again[k]) for k in got)
+    assert torch.allclose(got["margin"], logprob_margin(other, tok, harmful), atol=1e-4)
+    assert torch.allclose(got["nll"], answer_nll(other, tok, utility, refs), atol=1e-4)
+    assert torch.allclose(got["kl"], kl_to_reference(other, model, tok, benign), atol=1e-4)
+    assert got["margin"].shape == (2,) and got["nll"].shape == (3,) and (got["kl"] > 1e-3).all()
+    same = S.live_forward_scores(model, model, tok, harmful, utility, refs, benign)
+    assert torch.equal(same["kl"], torch.zeros(3))  # the same weights in the same layout: exactly zero
+    monkeypatch.setattr(S, "_supports_shared_prefix", lambda m: False)  # no cache arguments: the three functions
+    plain = S.live_forward_scores(other, model, tok, harmful, utility, refs, benign)
+    assert all(torch.allclose(plain[k], got[k], atol=1e-4) for k in got)
+    with pytest.raises(SafesubError, match="3 prompts but 2 references"):
+        S.live_forward_scores(other, model, tok, harmful, utility, refs[:2], benign)
+
+
 def test_empty_prompts_are_refused(tiny):
     model, tok = tiny
     with pytest.raises(SafesubError, match="is empty"):
