@@ -15,9 +15,10 @@ Contract:
   argmax at the last T positions; y is the answer iff F(y)_t = y_t for every t up to the first EOS. Position t
   depends on tokens before it only (causal attention; the pass's shape is fixed by the prompts and T), so the
   fixed point is unique and found from any draft: check it with one pass; a row that differs first at t keeps
-  y_<t and F(y)_t and is re-drafted after it by incremental decoding (`generate`'s path), then checked again.
-  Each round fixes at least one more token per row, so there are at most T + 1 passes, and the answer does not
-  depend on the draft. A draft that holds (a slider's previous point) costs one pass instead of T sequential
+  y_<t and F(y)_t, which is right, and takes F's later tokens as its next draft (a changed number in an
+  arithmetic answer is usually followed by the same words); where a second check fails too, the row is
+  re-drafted after its difference by incremental decoding (`generate`'s path). Each round fixes at least one
+  more token per row, so there are at most T + 1 passes, and the answer does not depend on the draft. A draft that holds (a slider's previous point) costs one pass instead of T sequential
   ones. Incremental decoding and F round differently, so the two agree except where two logits tie to rounding.
 """
 from __future__ import annotations
@@ -188,18 +189,18 @@ def greedy_answers(
             break
         bad = wrong.any(1).nonzero()[:, 0].tolist()
         first = wrong.int().argmax(1)
-        for i in bad:  # keep the agreed tokens and F's token at the first difference
-            y[i, first[i]] = f[i, first[i]]
+        for i in bad:  # keep the agreed tokens and F's from the first difference on (F's first one is right)
+            y[i, first[i]:] = f[i, first[i]:]
         mend = [i for i in bad if first[i] < T - 1 and y[i, first[i]] != eos_id]
         y = _pad_after_eos(y, eos_id, pad_id)
-        if mend:  # re-draft every mended row after its difference, in one incremental decode
+        if mend and passes > 1:  # F's later tokens did not hold either: decode after the difference instead
             k0 = min(int(first[i]) for i in mend)
             cont = _decode_from(model, [rows[i] + y[i, : first[i] + 1].tolist() for i in mend], header,
                                 T - k0 - 1, pad_id, eos_id)
             for j, i in enumerate(mend):
                 y[i, first[i] + 1:] = cont[j, : T - first[i] - 1]
-        drafted += len(mend)
-        y = _pad_after_eos(y, eos_id, pad_id)
+            drafted += len(mend)
+            y = _pad_after_eos(y, eos_id, pad_id)
     else:  # pragma: no cover - each round fixes a token per row; T + 1 rounds always suffice
         raise SafesubError(f"greedy answers: no fixed point after {T + 1} passes")
     return GreedyAnswers(y, tokenizer.batch_decode(y, skip_special_tokens=True), passes, drafted)

@@ -43,8 +43,9 @@ def test_the_answers_do_not_depend_on_the_draft(tiny, plain, wrong_from):
     draft[1:, wrong_from:] = (draft[1:, wrong_from:] + 7) % len(tok)  # rows 1.. go wrong from `wrong_from` on
     got = greedy_answers(model, tok, PROMPTS, T, draft=draft)
     assert torch.equal(got.tokens, plain.tokens) and got.completions == plain.completions
-    assert got.passes == 2  # the check found the differences, the mended rows held on the second pass
-    assert got.drafted == (len(PROMPTS) - 1 if wrong_from < T - 1 else 0)  # the last token is F's own: no decode
+    assert 2 <= got.passes <= T + 1 and got.drafted <= len(PROMPTS) - 1  # row 0 held from the start
+    if wrong_from == T - 1:  # only the last token was wrong: F's own token mends it, with no decoding
+        assert (got.passes, got.drafted) == (2, 0)
     junk = torch.randint(0, len(tok), plain.tokens.shape, generator=torch.Generator().manual_seed(wrong_from))
     assert torch.equal(greedy_answers(model, tok, PROMPTS, T, draft=junk).tokens, plain.tokens)
 
