@@ -16,8 +16,8 @@ Contract:
   depends on tokens before it only (causal attention; the pass's shape is fixed by the prompts and T), so the
   fixed point is unique and found from any draft: check it with one pass; a row that differs first at t keeps
   y_<t and F(y)_t, which is right, and takes F's later tokens as its next draft (a changed number in an
-  arithmetic answer is usually followed by the same words); where a second check fails too, the row is
-  re-drafted after its difference by incremental decoding (`generate`'s path). Each round fixes at least one
+  arithmetic answer is usually followed by the same words); where a second check fails too, or the first one
+  fails for most rows, the row is re-drafted after its difference by incremental decoding (`generate`'s path). Each round fixes at least one
   more token per row, so there are at most T + 1 passes, and the answer does not depend on the draft. A draft that holds (a slider's previous point) costs one pass instead of T sequential
   ones. Incremental decoding and F round differently, so the two agree except where two logits tie to rounding.
 """
@@ -193,7 +193,8 @@ def greedy_answers(
             y[i, first[i]:] = f[i, first[i]:]
         mend = [i for i in bad if first[i] < T - 1 and y[i, first[i]] != eos_id]
         y = _pad_after_eos(y, eos_id, pad_id)
-        if mend and passes > 1:  # F's later tokens did not hold either: decode after the difference instead
+        if mend and (passes > 1 or 2 * len(bad) > n):  # decode after the difference where F's later tokens did
+            # not hold either, or where most answers changed (F's tokens after a changed answer rarely hold then)
             k0 = min(int(first[i]) for i in mend)
             cont = _decode_from(model, [rows[i] + y[i, : first[i] + 1].tolist() for i in mend], header,
                                 T - k0 - 1, pad_id, eos_id)

@@ -36,11 +36,12 @@ def test_a_draft_that_holds_costs_one_pass_and_no_decoding(tiny, plain):
     assert torch.equal(again.tokens, plain.tokens) and again.passes == 1 and again.drafted == 0
 
 
+@pytest.mark.parametrize("rows", [slice(1, None), slice(1, 2)])  # most rows wrong (decoded), one (F's tokens)
 @pytest.mark.parametrize("wrong_from", [0, 3, T - 1])
-def test_the_answers_do_not_depend_on_the_draft(tiny, plain, wrong_from):
+def test_the_answers_do_not_depend_on_the_draft(tiny, plain, wrong_from, rows):
     model, tok = tiny
     draft = plain.tokens.clone()
-    draft[1:, wrong_from:] = (draft[1:, wrong_from:] + 7) % len(tok)  # rows 1.. go wrong from `wrong_from` on
+    draft[rows, wrong_from:] = (draft[rows, wrong_from:] + 7) % len(tok)  # these rows go wrong from `wrong_from`
     got = greedy_answers(model, tok, PROMPTS, T, draft=draft)
     assert torch.equal(got.tokens, plain.tokens) and got.completions == plain.completions
     assert 2 <= got.passes <= T + 1 and got.drafted <= len(PROMPTS) - 1  # row 0 held from the start
