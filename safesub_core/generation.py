@@ -17,8 +17,9 @@ Contract:
   fixed point is unique and found from any draft: check it with one pass; a row that differs first at t keeps
   y_<t and F(y)_t, which is right, and takes F's later tokens as its next draft (a changed number in an
   arithmetic answer is usually followed by the same words); where a second check fails too, or the first one
-  fails for most rows, the row is re-drafted after its difference by incremental decoding (`generate`'s path). Each round fixes at least one
-  more token per row, so there are at most T + 1 passes, and the answer does not depend on the draft. A draft that holds (a slider's previous point) costs one pass instead of T sequential
+  fails for most rows, the row is re-drafted after its difference by incremental decoding (`generate`'s path).
+  Each round fixes at least one more token per row, so there are at most T + 1 passes, and the answer does not
+  depend on the draft. A draft that holds (a slider's previous point) costs one pass instead of T sequential
   ones. Incremental decoding and F round differently, so the two agree except where two logits tie to rounding.
 """
 from __future__ import annotations

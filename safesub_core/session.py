@@ -273,7 +273,8 @@ class FamilySession:
     def point_scores(self, variant: str, cfg: ProjectionConfig, compute: bool = True,
                      decoded: bool = True) -> dict | None:
         """Diagnostics and live scores at a point (scores cached; diagnostics are cumulative sums). With
-        `decoded=False` the greedy exact match is left out (forward passes only: what a page shows first); with `compute=False` only scores already in the disk cache are returned (None otherwise)."""
+        `decoded=False` the greedy exact match is left out (forward passes only: what a page shows first); with
+        `compute=False` only scores already in the disk cache are returned (None otherwise)."""
         live = self._live(self._parts(variant, cfg), lambda: self.projected(variant, cfg), decoded, compute,
                           point=(variant, cfg))
         return None if live is None else self.engine(variant).diagnostics(cfg).summary() | live
