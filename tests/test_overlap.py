@@ -118,3 +118,29 @@ def test_a_basis_of_lazily_read_rows_equals_the_basis_of_the_matrix(shape):
     a, b = Basis.of(lazy), Basis.of(X)
     assert torch.equal(a.U, b.U) and torch.equal(a.s, b.s)
     assert reads and all(j <= shape[0] for _, j in reads)
+
+
+@pytest.mark.parametrize("rank", [None, 3])  # full rank, and rank-deficient (no conditioning needed)
+def test_a_wide_basis_by_the_qr_route_equals_the_svd(rank, monkeypatch):
+    """A wide X (d < n) takes U from the SVD of R^T, X^T = Q R, read a block of columns at a time: the same
+    singular values and subspaces as torch.linalg.svd of X, whether X is a tensor or read lazily by rows."""
+    import safesub_core.overlap as overlap
+    from safesub_core.overlap import LazyRows
+
+    d, n = 24, 500
+    X = rand(d, n) if rank is None else rand(d, rank) @ rand(rank, n, seed=1)
+    monkeypatch.setattr(overlap, "_block", lambda width: 4 * width)  # 96 columns a block: several blocks
+    U, s, _ = torch.linalg.svd(X, full_matrices=False)
+    svd, shapes = torch.linalg.svd, []
+    monkeypatch.setattr(torch.linalg, "svd", lambda A, **kw: shapes.append(tuple(A.shape)) or svd(A, **kw))
+    for basis in (Basis.of(X), Basis.of(X.float()), Basis.of(LazyRows((d, n), lambda i, j: X[i:j]))):
+        assert basis.U.shape == (d, d) and basis.s.shape == (d,) and basis.U.dtype == torch.float64
+        assert torch.allclose(basis.s, s, atol=1e-5 * float(s[0]))
+        assert torch.allclose(basis.U.T @ basis.U, torch.eye(d, dtype=torch.float64), atol=1e-10)
+        k = d if rank is None else rank  # the spanned directions agree (sign-free: the projectors)
+        assert torch.allclose(basis.U[:, :k] @ basis.U[:, :k].T, U[:, :k] @ U[:, :k].T, atol=1e-5)
+    assert shapes == [(d, d)] * 3  # only R^T's SVD: X's right singular vectors are never formed
+    exact = Basis.of(X)
+    assert torch.allclose(exact.s, s, atol=1e-10 * float(s[0]))
+    k = d if rank is None else rank
+    assert torch.allclose(exact.U[:, :k] @ exact.U[:, :k].T, U[:, :k] @ U[:, :k].T, atol=1e-9)
