@@ -103,25 +103,29 @@ def generate(
     progress: Callable[[int, int], None] | None = None,
 ) -> GenerationResult:
     """Greedy completions of `prompts` (continuations only, special tokens stripped)."""
-    if len(prompts) == 0:
-        raise SafesubError("prompt set: is empty")
-    prepare_tokenizer(tokenizer)
-    device = next(model.parameters()).device
-    budget = max(1, context_length(model) - max_new_tokens)
+    all_rows, truncated, header, device = _answer_rows(model, tokenizer, prompts, max_new_tokens, chat)
     completions: list[str] = []
-    truncated: list[bool] = []
-    header = template_header(tokenizer, chat) if supports_prefix(model) else []
-    for start in range(0, len(prompts), batch_size):
-        chunk = [format_prompt(tokenizer, p, chat) for p in prompts[start : start + batch_size]]
-        rows, cut = encode_rows(tokenizer, chunk, budget)
+    for start in range(0, len(all_rows), batch_size):
+        rows = all_rows[start : start + batch_size]
         batch = PromptBatch.build(rows, tokenizer.pad_token_id, prefix_length(rows, header), device)
         new = batch.generate(model, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
         completions += tokenizer.batch_decode(new, skip_special_tokens=True)
-        truncated += cut
         if progress:
-            progress(min(start + batch_size, len(prompts)), len(prompts))
+            progress(min(start + batch_size, len(all_rows)), len(all_rows))
     return GenerationResult(completions, truncated)
+
+
+def _answer_rows(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, chat: bool):
+    """(rows, truncated, header, device): the formatted prompts' token ids, each cut from the left to leave room
+    for `max_new_tokens` in the model's context, the template header the rows may share, the model's device."""
+    if len(prompts) == 0:
+        raise SafesubError("prompt set: is empty")
+    prepare_tokenizer(tokenizer)
+    rows, truncated = encode_rows(tokenizer, [format_prompt(tokenizer, p, chat) for p in prompts],
+                                  max(1, context_length(model) - max_new_tokens))
+    header = template_header(tokenizer, chat) if supports_prefix(model) else []
+    return rows, truncated, header, next(model.parameters()).device
 
 
 @dataclass
@@ -165,16 +169,10 @@ def greedy_answers(
 ) -> GreedyAnswers:
     """Greedy answers of `max_new_tokens` tokens as the fixed point of one batched pass (see the module
     docstring): `draft` (n, T) is any guess (a previous point's `tokens`), None to decode one incrementally."""
-    if len(prompts) == 0:
-        raise SafesubError("prompt set: is empty")
-    prepare_tokenizer(tokenizer)
+    rows, _, header, device = _answer_rows(model, tokenizer, prompts, max_new_tokens, chat)
     T, n = max_new_tokens, len(prompts)
     pad_id = tokenizer.pad_token_id
     eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else -1  # -1: no row ever stops
-    device = next(model.parameters()).device
-    rows, _ = encode_rows(tokenizer, [format_prompt(tokenizer, p, chat) for p in prompts],
-                          max(1, context_length(model) - T))
-    header = template_header(tokenizer, chat) if supports_prefix(model) else []
     P = prefix_length(rows, header)
     if draft is None or tuple(draft.shape) != (n, T):
         y, drafted = _decode_from(model, rows, header, T, pad_id, eos_id), n

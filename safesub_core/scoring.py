@@ -551,16 +551,16 @@ def live_forward_scores(
     H, U, keep = len(h_rows), len(fitted), max(len(a) for a in answers) + 1
     batch = PromptBatch.build(rows, pad_id, prefix_length(rows, header, keep), device)
 
-    def last_logits(m):
-        res = batch.forward(m, use_cache=True, logits_to_keep=keep)
+    def last_logits(m, use_cache: bool):
+        res = batch.forward(m, use_cache=use_cache, logits_to_keep=keep)
         return res.logits[:, -keep:].float(), res.past_key_values
 
     with _eval_mode(model, ref_model):
-        logits, cache = last_logits(model)
+        logits, cache = last_logits(model, True)
         key = ("live", tuple(map(tuple, rows)))
         ref = None if ref_cache is None else ref_cache.get(key)
         if ref is None:
-            ref = last_logits(ref_model)[0][H + U:, -1].to(logits.device)
+            ref = last_logits(ref_model, False)[0][H + U:, -1].to(logits.device)
             if ref_cache is not None:
                 ref_cache[key] = ref
         cache.batch_select_indices(torch.arange(H, device=device))

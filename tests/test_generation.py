@@ -62,8 +62,9 @@ def test_rows_stop_at_their_first_eos_as_generate_does(tiny, plain):
     first = int((got.tokens[0] == stop).int().argmax())
     assert first <= 2 and (got.tokens[0, first + 1:] == tok.pad_token_id).all()  # padding after the stop
     drafted = got.tokens.clone()
-    drafted[0, first + 1:] = 5  # what follows a row's EOS is never checked
-    assert torch.equal(greedy_answers(model, tok, PROMPTS, T, draft=drafted).tokens, got.tokens)
+    drafted[0, first + 1:] = 5  # what follows a row's EOS is never checked: the draft holds at once
+    again = greedy_answers(model, tok, PROMPTS, T, draft=drafted)
+    assert torch.equal(again.tokens, got.tokens) and (again.passes, again.drafted) == (1, 0)
 
 
 def test_a_draft_of_the_wrong_shape_is_ignored(tiny, plain):
