@@ -274,16 +274,21 @@ def continuation_logprobs(
     if cut:
         _note(notes, f"{len(cut)} of {len(set(index))} prompts were longer than the context ({limit} tokens) "
                      "and were truncated")
-    order = sorted(range(n), key=lambda i: len(rows[i]))
     out: list[torch.Tensor | None] = [None] * n
     with _eval_mode(model):
-        for start in range(0, n, max(1, batch_size)):
-            idx = order[start : start + batch_size]
+        for idx in _by_length(rows, batch_size):
             longest = max(len(conts[i]) for i in idx)
             logits = _forward_tail(model, [rows[i] for i in idx], longest + 1, pad_id, header)
             for i, lp in zip(idx, _tail_logprobs(logits, [conts[i] for i in idx])):
                 out[i] = lp
     return out  # type: ignore[return-value]
+
+
+def _by_length(rows: Sequence[list[int]], batch_size: int) -> list[list[int]]:
+    """Row indices in batches of at most `batch_size`, shortest rows first (so a batch pads little)."""
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    step = max(1, batch_size)
+    return [order[i : i + step] for i in range(0, len(order), step)]
 
 
 def _tail_logprobs(logits: torch.Tensor, conts: Sequence[list[int]]) -> list[torch.Tensor]:
@@ -375,11 +380,9 @@ def shared_prefix_logprob_sums(
     device, pad_id, limit = _device(model), _pad_id(tokenizer), context_length(model)
     branches = _Branches.build(continuations, pad_id, device)
     rows_all = _clip_prompts(prompt_ids, max(1, limit - branches.width - 1), limit, notes)
-    order = sorted(range(len(rows_all)), key=lambda i: len(rows_all[i]))
     out = torch.empty((len(rows_all), len(continuations)))
     with _eval_mode(model):
-        for start in range(0, len(order), max(1, batch_size)):
-            idx = order[start : start + batch_size]
+        for idx in _by_length(rows_all, batch_size):
             rows = [rows_all[i] for i in idx]
             batch = PromptBatch.build(rows, pad_id, prefix_length(rows, header), device)
             res = batch.forward(model, use_cache=True, logits_to_keep=1)
