@@ -9,6 +9,7 @@
      AppTest   `slider.set_value(rho).run()`: a full rerun of the page script in-process (an upper bound: a real
                browser reruns only the page's fragment);
      browser   Chromium (Playwright, Debian's binary): one ArrowRight on the focused rank slider until the
+               new point's heading is on screen (the fragment's rerun has begun; nothing is scored yet), the
                forward read-outs of the new rank are on screen (the caption under them names it), until the exact
                match is (its own caption), and until the whole fragment run (charts too) is over.
 2. Time to the first page rendered after server start, the family already built: `streamlit run app.py` is
@@ -142,7 +143,8 @@ def bench_apptest(ranks: list[float]) -> list[float]:
 IDLE = '[data-testid="stApp"][data-test-script-state="notRunning"]'
 
 
-def bench_browser(ranks_needed: int, nice: int = 0) -> tuple[dict, list[float], list[float], list[float]]:
+def bench_browser(ranks_needed: int, nice: int = 0) -> tuple[dict, list[float], list[float], list[float],
+                                                                list[float]]:
     from playwright.sync_api import sync_playwright
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -154,7 +156,7 @@ def bench_browser(ranks_needed: int, nice: int = 0) -> tuple[dict, list[float], 
         wrapper.chmod(0o755)
         chromium = str(wrapper)
     first = {}
-    moves, decoded, complete = [], [], []
+    begun, moves, decoded, complete = [], [], [], []
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1500, "height": 1100})
@@ -187,6 +189,9 @@ def bench_browser(ranks_needed: int, nice: int = 0) -> tuple[dict, list[float], 
                 t = time.perf_counter()
                 for _ in range(steps):
                     page.keyboard.press("ArrowRight")
+                page.wait_for_selector(f'p:has-text("Read-outs at this point"):has-text("rho={rho:g} alpha=1")',
+                                       timeout=120_000)  # the rerun has begun: the point's heading, before scoring
+                begun.append(time.perf_counter() - t)
                 page.wait_for_selector(f'p:has-text("Live scores at topk parallel rho={rho:g} alpha=1:")',
                                        timeout=120_000)
                 moves.append(time.perf_counter() - t)
@@ -199,7 +204,7 @@ def bench_browser(ranks_needed: int, nice: int = 0) -> tuple[dict, list[float], 
         finally:
             stop_server(proc)
             browser.close()
-    return first, moves, decoded, complete
+    return first, begun, moves, decoded, complete
 
 
 def main() -> int:
@@ -232,9 +237,10 @@ def main() -> int:
     if not args.no_browser:
         if not args.cache:  # a cold cache again; with --cache, the same one (the browser's ranks are its own)
             os.environ["SAFESUB_CACHE"] = tempfile.mkdtemp(prefix="bench_app_browser_")
-        first, moves, decoded, complete = bench_browser(n, args.browser_nice)
+        first, begun, moves, decoded, complete = bench_browser(n, args.browser_nice)
         if args.browser_nice:
             print(f"Chromium ran at nice {args.browser_nice}")
+        print(f"slider, browser keypress -> the point's heading (rerun begun, nothing scored yet): {fmt(begun)}")
         print(f"slider, browser keypress -> forward read-outs (new point): {fmt(moves)}")
         print(f"slider, browser keypress -> exact match too (new point): {fmt(decoded)}")
         print(f"slider, browser keypress -> run complete (charts too): {fmt(complete)}")
