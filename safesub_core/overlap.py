@@ -84,7 +84,7 @@ class Basis:
         three matrices of X's size in float64 (X, LAPACK's copy, U).
         """
         d, n = X.shape
-        if n > d:
+        if 0 < d < n:
             cols = X.double() if isinstance(X, LazyRows) else X
             step = _block(d)
             R = _r_factor(cols[:, j:j + step].T.double() for j in range(0, n, step))
