@@ -229,9 +229,10 @@ def point_section():
 
     # ---------------------------------------------------------------------------------------- generation
     st.subheader("Generation scores at this point")
-    st.caption(f"Greedy completions ({C.GEN_TOKENS} new tokens) on the evaluation splits: refusal matching on harmful "
-               "prompts (attack success rate = 1 − refusal rate), final-number exact match on arithmetic, refusal "
-               "rate on edgy benign prompts. Cached on disk; shown on the chart once computed.")
+    st.caption(f"Greedy completions ({C.GEN_TOKENS} new tokens) on the evaluation splits, the live read-outs' "
+               f"sets ({len(ev.harmful)} harmful, {len(ev.utility)} arithmetic, {len(ev.edgy)} edgy prompts): refusal "
+               "matching on harmful prompts (attack success rate = 1 − refusal rate), final-number exact match on "
+               "arithmetic, refusal rate on edgy benign prompts. Cached on disk; shown on the chart once computed.")
     st.button("Run generation scores at this point", key="run_generation", type="primary",
               disabled=point_gen is not None and base_gen is not None)
     if point_gen is not None:

@@ -99,8 +99,8 @@ class EvalSets:
 def live_prompts(family: Family, device: str = "cpu") -> int:
     """Prompts per evaluation set for the live read-outs (what a slider move recomputes): SAFESUB_LIVE_PROMPTS
     when set; else 32 on a GPU or for a small model (<= 20M parameters), and on a CPU 8 up to 300M parameters,
-    4 beyond, so a move costs a few hundred forward tokens, not thousands. Generation scores and the findings use
-    their own, larger sets."""
+    4 beyond, so a move costs a few hundred forward tokens, not thousands. A session's generation scores run on
+    the same sets (the app's Subspaces page says how many); the findings command chooses its own."""
     if os.environ.get("SAFESUB_LIVE_PROMPTS", "").strip():
         n = int(os.environ["SAFESUB_LIVE_PROMPTS"])
         if n < 1:

@@ -273,7 +273,9 @@ def test_rank_grid_is_scored_on_request_where_read_outs_are_costly(app_env, monk
     at = open_page("subspaces")
     assert_clean(at)
     assert at.toggle(key="w_score_grid").value is False
-    assert "4 harmful prompts" in " ".join(c.value for c in at.caption)
+    captions = " ".join(c.value for c in at.caption)
+    assert "4 harmful prompts" in captions
+    assert "(4 harmful, 4 arithmetic, 4 edgy prompts)" in captions, "generation scores say their sets' size"
     chart = next(f for f in figures(at) if any(t.get("name") == "this point" for t in f["data"]))
     live_lines = [t for t in chart["data"] if t.get("mode") == "lines+markers"]
     assert all(len(values(t["x"])) <= 1 for t in live_lines), "only points already scored (none yet) are drawn"
