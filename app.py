@@ -79,7 +79,7 @@ if chosen and chosen != spec:
     else:
         v["family"] = spec = chosen
         for key in [k for k in st.session_state if k.startswith("w_") and k not in
-                    ("w_family_source", "w_family_file", "w_device", "w_dtype")]:
+                    ("w_family_source", "w_family_file", "w_device", "w_dtype", "w_live")]:
             del st.session_state[key]  # widgets of the old family (variant names...) start afresh
 
 # -------------------------------------------------------------------------------------------- checkpoints
@@ -91,21 +91,28 @@ from safesub_core.session import DTYPES, available_devices  # noqa: E402
 from safesub_core.subspace import ProjectionConfig  # noqa: E402
 
 # -------------------------------------------------------------------------------------------- device and precision
-with st.expander("Device and precision", icon=":material/memory:"):
+with st.expander("Device, precision and live read-outs", icon=":material/memory:"):
     try:
         v["device"], v["dtype"] = C.compute()  # from the link or SAFESUB_DEVICE / SAFESUB_DTYPE, else auto
     except SafesubError as err:
         st.error(str(err), icon="⚠️")
         v["device"] = v["dtype"] = "auto"  # (not the environment's either: it may be what failed)
         v["device"], v["dtype"] = C.compute()
-    c1, c2 = st.columns(2)
+    with C.shown_errors():
+        v["live"] = C.live_setting()  # from the link or SAFESUB_LIVE_PROMPTS, else auto
+    c1, c2, c3 = st.columns(3)
     C.bound("device", c1.selectbox, "Device", options=available_devices(),
             help="Where the models run and the SVDs are computed. The first CUDA device is the default when present.")
     C.bound("dtype", c2.selectbox, "Precision", options=list(DTYPES),
             help="Weights and activations of the loaded models (subspaces are always computed in float32). "
                  "bfloat16 is the default on a GPU; float32 on the CPU.")
+    C.bound("live", c3.selectbox, "Live prompts per set", options=C.LIVE_CHOICES,
+            help="Prompts of each evaluation set that a slider move scores (margin, NLL, exact match, KL) and that "
+                 "the generation scores run on. auto: SAFESUB_LIVE_PROMPTS when set, else 32 on a GPU or for a "
+                 "model of at most 20M parameters; on a CPU 8 up to 300M parameters, 4 beyond. Fewer make a move faster and its scores coarser: on the "
+                 "smol family with two CPU cores a move's first scores show after about 4 s at 8, 3 s at 6.")
     st.caption("One family on one device is resident per server: a change reloads the models for every open "
-               "session. Scores are cached per precision and device type.")
+               "session. Scores are cached per precision, device type and prompt sets.")
 
 with C.shown_errors(stop=True):
     fam = C.current_family(spec)

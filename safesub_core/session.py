@@ -96,21 +96,36 @@ class EvalSets:
         return {k: getattr(self, k).content_hash for k in ("harmful", "utility", "benign", "edgy")}
 
 
-def live_prompts(family: Family, device: str = "cpu") -> int:
-    """Prompts per evaluation set for the live read-outs (what a slider move recomputes): SAFESUB_LIVE_PROMPTS
-    when set; else 32 on a GPU or for a small model (<= 20M parameters), and on a CPU 8 up to 300M parameters,
-    4 beyond, so a move costs a few hundred forward tokens, not thousands. A session's generation scores run on
-    the same sets (the app's Subspaces page says how many); the findings command chooses its own."""
-    if os.environ.get("SAFESUB_LIVE_PROMPTS", "").strip():
-        n = int(os.environ["SAFESUB_LIVE_PROMPTS"])
-        if n < 1:
-            raise SafesubError(f"SAFESUB_LIVE_PROMPTS={n}: must be at least 1")
-        return n
+def live_prompts(family: Family, device: str = "cpu", requested: int | str | None = None) -> int:
+    """Prompts per evaluation set for the live read-outs (what a slider move recomputes): `requested` when given
+    (a whole number, or 'auto' / None for what follows), else SAFESUB_LIVE_PROMPTS when set; else 32 on a GPU or
+    for a small model (<= 20M parameters), and on a CPU 8 up to 300M parameters, 4 beyond, so a move costs a few
+    hundred forward tokens, not thousands. A session's generation scores run on the same sets (the app's
+    Subspaces page says how many); the findings command chooses its own. A bad count is a one-line SafesubError."""
+    for what, raw in (("live prompts", requested), ("SAFESUB_LIVE_PROMPTS", os.environ.get("SAFESUB_LIVE_PROMPTS"))):
+        n = parse_live_prompts(raw, what)
+        if n is not None:
+            return n
     if torch.device(device).type != "cpu":
         return FULL_LIVE_PROMPTS
     reader = family.reader(family.start)
     params = sum(math.prod(reader.shape(n)) for n in reader.names())
     return FULL_LIVE_PROMPTS if params <= 20_000_000 else 8 if params <= 300_000_000 else 4
+
+
+def parse_live_prompts(raw: int | str | None, what: str = "live prompts") -> int | None:
+    """A live prompt count from text: a whole number >= 1, or None for 'auto' / empty; else a one-line
+    SafesubError naming `what`."""
+    text = str(raw).strip() if raw is not None else ""
+    if not text or text.lower() == "auto":
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        raise SafesubError(f"{what} {text!r}: must be a whole number (or auto)") from None
+    if n < 1:
+        raise SafesubError(f"{what} {n}: must be at least 1")
+    return n
 
 
 def resident_budget(device: str = "cpu") -> int:

@@ -220,6 +220,28 @@ def test_device_and_precision_reach_the_resident_session(app_env):
     assert bf16 != f32 and abs(float(bf16) - float(f32)) < 0.5, "the same point, scored in bfloat16"
 
 
+def test_live_prompts_chosen_on_the_family_page_size_the_sets_every_page_scores(app_env):
+    at = open_page("family")
+    assert_clean(at)
+    assert at.selectbox(key="w_live").value == "auto"
+    at.selectbox(key="w_live").set_value("6").run()
+    assert_clean(at)
+    assert at.query_params.get("live") in (["6"], "6"), "the URL keeps the choice"
+    at.switch_page(PAGE_FILES["subspaces"]).run()
+    assert_clean(at)
+    captions = " ".join(c.value for c in at.caption)
+    assert "6 harmful prompts" in captions and "(6 harmful, 6 arithmetic, 6 edgy prompts)" in captions
+
+
+@pytest.mark.parametrize("live, message", [("0", "live prompts 0: must be at least 1"),
+                                           ("many", "live prompts 'many': must be a whole number")])
+def test_a_bad_live_prompt_count_in_a_link_is_one_error_line_and_auto_is_used(app_env, live, message):
+    at = open_page("family", {"live": live})
+    assert not at.exception
+    assert len(at.error) == 1 and message in at.error[0].value
+    assert at.selectbox(key="w_live").value == "auto" and at.table, "the family shows, with the default sets"
+
+
 def test_a_device_this_machine_lacks_is_one_error_line_and_the_page_still_works(app_env):
     at = open_page("family", {"device": "cuda:7"})
     assert not at.exception

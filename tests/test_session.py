@@ -7,7 +7,8 @@ import torch
 from safesub_core import scoring
 from safesub_core.cache import DiskCache
 from safesub_core.family import Family
-from safesub_core.session import EvalSets, FamilySession, resident_budget
+from safesub_core.errors import SafesubError
+from safesub_core.session import EvalSets, FamilySession, live_prompts, resident_budget
 from safesub_core.subspace import DEFAULT_RESIDENT_BYTES
 from safesub_core.subspace import ProjectionConfig
 
@@ -108,6 +109,22 @@ def test_resident_budget_is_the_env_var_else_half_the_free_gpu_memory_else_4_gib
     assert resident_budget("cuda:0") == 30 << 30 and asked == [torch.device("cuda:0")]
     monkeypatch.setenv("SAFESUB_RESIDENT_BYTES", str(1 << 20))
     assert resident_budget("cuda:0") == resident_budget("cpu") == 1 << 20
+
+
+def test_live_prompts_are_the_request_else_the_env_var_else_by_device_and_model_size(tiny_family, monkeypatch):
+    fam = Family.from_file(tiny_family)  # under 20M parameters: 32 anywhere by default
+    monkeypatch.delenv("SAFESUB_LIVE_PROMPTS", raising=False)
+    assert live_prompts(fam) == live_prompts(fam, "cpu", "auto") == 32
+    monkeypatch.setenv("SAFESUB_LIVE_PROMPTS", "6")
+    assert live_prompts(fam) == live_prompts(fam, "cpu", None) == 6
+    assert live_prompts(fam, "cpu", "4") == live_prompts(fam, "cpu", 4) == 4, "a request beats the variable"
+    for requested, message in (("0", "live prompts 0: must be at least 1"),
+                               ("a few", "live prompts 'a few': must be a whole number")):
+        with pytest.raises(SafesubError, match=message):
+            live_prompts(fam, "cpu", requested)
+    monkeypatch.setenv("SAFESUB_LIVE_PROMPTS", "lots")
+    with pytest.raises(SafesubError, match="SAFESUB_LIVE_PROMPTS 'lots': must be a whole number"):
+        live_prompts(fam)
 
 
 def test_forward_scores_show_first_and_the_full_read_out_adds_the_exact_match(session):

@@ -65,12 +65,12 @@ def _opt_int(x):
 VIEW_TYPES: dict[str, Callable[[str], Any]] = {
     "family": str, "variant": str, "subspace": str, "mode": str, "rank_by": str, "rank": _float, "alpha": _float,
     "layer": _opt_int, "method": str, "prompt": str, "prompt_set": str, "reference": str, "device": str,
-    "dtype": str,
+    "dtype": str, "live": str,
 }
 VIEW_DEFAULTS: dict[str, Any] = {
     "family": None, "variant": None, "subspace": "topk", "mode": "parallel", "rank_by": "fraction", "rank": 0.25,
     "alpha": 1.0, "layer": None, "method": "pca", "prompt": None, "prompt_set": None, "reference": "aligned",
-    "device": None, "dtype": None,
+    "device": None, "dtype": None, "live": None,
 }
 
 
@@ -383,14 +383,14 @@ def _release(res: Resident) -> None:
 
 @st.cache_resource(max_entries=1, show_spinner=False, on_release=_release)
 def _resident(spec: str, file: str | None, cache_root: str, device: str, dtype: str, live: str) -> Resident:
-    """`live` (SAFESUB_LIVE_PROMPTS as set) is part of the key only: `live_prompts` reads the variable itself."""
+    """`live`: the live prompts per set asked for (`live_setting`; 'auto' or '' for `live_prompts`' default)."""
     import torch
 
     from safesub_core.session import DTYPES, EvalSets, FamilySession, live_prompts
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1") or 1))
     family = _family(spec, file, cache_root)
-    sets = EvalSets.default(live_prompts(family, device))
+    sets = EvalSets.default(live_prompts(family, device, live or None))
     return Resident(family=family, session=FamilySession(family, device=device, dtype=DTYPES[dtype], sets=sets))
 
 
@@ -405,6 +405,21 @@ def compute() -> tuple[str, str]:
     return device, str(dtype).removeprefix("torch.")
 
 
+LIVE_CHOICES = ["auto", "4", "6", "8", "16", "32"]
+
+
+def live_setting() -> str:
+    """Live prompts per set asked for: the view's (the Family page or the link's `live`), else SAFESUB_LIVE_PROMPTS,
+    else 'auto'."""
+    from safesub_core.session import parse_live_prompts
+
+    v = view()
+    if v.get("live") not in (None, "", "auto"):
+        return str(parse_live_prompts(v["live"], "live prompts"))
+    env = os.environ.get("SAFESUB_LIVE_PROMPTS", "").strip()
+    return str(parse_live_prompts(env, "SAFESUB_LIVE_PROMPTS") or "auto")
+
+
 def resident(spec: str | None = None) -> Resident:
     """The resident session of the current family on the view's device and dtype (loaded once, with a status box
     the first time). One family on one device is resident per server: switching either releases the old."""
@@ -412,7 +427,7 @@ def resident(spec: str | None = None) -> Resident:
 
     spec = spec or family_spec()
     file = family_file_for(spec)
-    key = (spec, file, str(cache_root()), *compute(), os.environ.get("SAFESUB_LIVE_PROMPTS", ""))
+    key = (spec, file, str(cache_root()), *compute(), live_setting())
     loaded = st.session_state.get("_loaded_key") == key
     if loaded:
         res = _resident(*key)
