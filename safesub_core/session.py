@@ -102,15 +102,23 @@ def live_prompts(family: Family, device: str = "cpu", requested: int | str | Non
     for a small model (<= 20M parameters), and on a CPU 8 up to 300M parameters, 4 beyond, so a move costs a few
     hundred forward tokens, not thousands. A session's generation scores run on the same sets (the app's
     Subspaces page says how many); the findings command chooses its own. A bad count is a one-line SafesubError."""
-    for what, raw in (("live prompts", requested), ("SAFESUB_LIVE_PROMPTS", os.environ.get("SAFESUB_LIVE_PROMPTS"))):
-        n = parse_live_prompts(raw, what)
-        if n is not None:
-            return n
+    n = requested_live_prompts(requested)
+    if n is not None:
+        return n
     if torch.device(device).type != "cpu":
         return FULL_LIVE_PROMPTS
     reader = family.reader(family.start)
     params = sum(math.prod(reader.shape(n)) for n in reader.names())
     return FULL_LIVE_PROMPTS if params <= 20_000_000 else 8 if params <= 300_000_000 else 4
+
+
+def requested_live_prompts(requested: int | str | None = None) -> int | None:
+    """The live prompt count asked for: `requested`, else SAFESUB_LIVE_PROMPTS; None when neither asks (auto)."""
+    for what, raw in (("live prompts", requested), ("SAFESUB_LIVE_PROMPTS", os.environ.get("SAFESUB_LIVE_PROMPTS"))):
+        n = parse_live_prompts(raw, what)
+        if n is not None:
+            return n
+    return None
 
 
 def parse_live_prompts(raw: int | str | None, what: str = "live prompts") -> int | None:

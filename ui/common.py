@@ -383,14 +383,14 @@ def _release(res: Resident) -> None:
 
 @st.cache_resource(max_entries=1, show_spinner=False, on_release=_release)
 def _resident(spec: str, file: str | None, cache_root: str, device: str, dtype: str, live: str) -> Resident:
-    """`live`: the live prompts per set asked for (`live_setting`; 'auto' or '' for `live_prompts`' default)."""
+    """`live`: the live prompts per set asked for (`live_setting`: a count, or 'auto' for `live_prompts`' default)."""
     import torch
 
     from safesub_core.session import DTYPES, EvalSets, FamilySession, live_prompts
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1") or 1))
     family = _family(spec, file, cache_root)
-    sets = EvalSets.default(live_prompts(family, device, live or None))
+    sets = EvalSets.default(live_prompts(family, device, live))
     return Resident(family=family, session=FamilySession(family, device=device, dtype=DTYPES[dtype], sets=sets))
 
 
@@ -411,13 +411,10 @@ LIVE_CHOICES = ["auto", "4", "6", "8", "16", "32"]
 def live_setting() -> str:
     """Live prompts per set asked for: the view's (the Family page or the link's `live`), else SAFESUB_LIVE_PROMPTS,
     else 'auto'."""
-    from safesub_core.session import parse_live_prompts
+    from safesub_core.session import requested_live_prompts
 
-    v = view()
-    if v.get("live") not in (None, "", "auto"):
-        return str(parse_live_prompts(v["live"], "live prompts"))
-    env = os.environ.get("SAFESUB_LIVE_PROMPTS", "").strip()
-    return str(parse_live_prompts(env, "SAFESUB_LIVE_PROMPTS") or "auto")
+    n = requested_live_prompts(view().get("live"))
+    return "auto" if n is None else str(n)
 
 
 def resident(spec: str | None = None) -> Resident:
