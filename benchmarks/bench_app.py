@@ -101,24 +101,26 @@ def bench_core(family: str, ranks: list[float]) -> tuple[list[float], list[float
         return got
 
     session_module.greedy_answers = counted
-    torch.set_num_threads(int(THREADS))
-    fam = Family.from_file(family)
-    s = FamilySession(fam, sets=EvalSets.default(live_prompts(fam)),  # the app's live sets
-                      cache=DiskCache(os.environ["SAFESUB_CACHE"]))
-    print(f"live read-outs on {len(s.sets.harmful)} prompts a set", flush=True)
-    variant = next(iter(s.family.variants))
-    s.point_scores(variant, ProjectionConfig(rank_fraction=0.25))  # warm: engine, start scores
-    forward, full = [], []
-    for rho in ranks:
-        t = time.perf_counter()
-        s.point_scores(variant, ProjectionConfig(rank_fraction=rho), decoded=False)  # what shows first
-        forward.append(time.perf_counter() - t)
-        s.point_scores(variant, ProjectionConfig(rank_fraction=rho))  # + the decoded exact match
-        full.append(time.perf_counter() - t)
+    try:
+        torch.set_num_threads(int(THREADS))
+        fam = Family.from_file(family)
+        s = FamilySession(fam, sets=EvalSets.default(live_prompts(fam)),  # the app's live sets
+                          cache=DiskCache(os.environ["SAFESUB_CACHE"]))
+        print(f"live read-outs on {len(s.sets.harmful)} prompts a set", flush=True)
+        variant = next(iter(s.family.variants))
+        s.point_scores(variant, ProjectionConfig(rank_fraction=0.25))  # warm: engine, start scores
+        forward, full = [], []
+        for rho in ranks:
+            t = time.perf_counter()
+            s.point_scores(variant, ProjectionConfig(rank_fraction=rho), decoded=False)  # what shows first
+            forward.append(time.perf_counter() - t)
+            s.point_scores(variant, ProjectionConfig(rank_fraction=rho))  # + the decoded exact match
+            full.append(time.perf_counter() - t)
+    finally:
+        session_module.greedy_answers = greedy
     held = [c for c in checks[-len(ranks):] if c == (1, 0)]
     print(f"exact match: the previous answers held at {len(held)} of {len(ranks)} new points (one checking pass); "
           f"elsewhere (passes, rows decoded) = {[c for c in checks[-len(ranks):] if c != (1, 0)]}", flush=True)
-    session_module.greedy_answers = greedy
     return forward, full
 
 

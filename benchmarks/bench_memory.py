@@ -20,8 +20,8 @@ Families:
             safetensors (as the released model is), one shard per block: base = a random init (N(0, 0.02),
             norms 1), aligned = base + a rank-8 update, useful = aligned + a rank-4 update, written tensor by
             tensor so no full model is ever held. `--layers L` keeps the first L of the 16 blocks (at all 16, with
-            two threads, the cold engine took 35 min and the overlap 32 min); the embedding (128256 x 2048, the largest tensor) is
-            always there, so the workspace term is the full model's.
+            two threads, the cold engine took 35 min and the overlap 32 min); the embedding (128256 x 2048, the
+            largest tensor) is always there, so the workspace term is the full model's.
 Run: `python benchmarks/bench_memory.py [--families smol,llama1b] [--layers 1] [--workdir DIR]`.
 The llama1b checkpoints (about 0.7 GB + 0.12 GB per block, each of three) are built once in --workdir and reused.
 """

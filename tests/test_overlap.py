@@ -129,6 +129,7 @@ def test_a_wide_basis_by_the_qr_route_equals_the_svd(rank, monkeypatch):
 
     d, n = 24, 500
     X = rand(d, n) if rank is None else rand(d, rank) @ rand(rank, n, seed=1)
+    k = d if rank is None else rank  # the spanned directions, compared sign-free through their projectors
     monkeypatch.setattr(overlap, "_block", lambda width: 4 * width)  # 96 columns a block: several blocks
     U, s, _ = torch.linalg.svd(X, full_matrices=False)
     svd, shapes = torch.linalg.svd, []
@@ -137,10 +138,8 @@ def test_a_wide_basis_by_the_qr_route_equals_the_svd(rank, monkeypatch):
         assert basis.U.shape == (d, d) and basis.s.shape == (d,) and basis.U.dtype == torch.float64
         assert torch.allclose(basis.s, s, atol=1e-5 * float(s[0]))
         assert torch.allclose(basis.U.T @ basis.U, torch.eye(d, dtype=torch.float64), atol=1e-10)
-        k = d if rank is None else rank  # the spanned directions agree (sign-free: the projectors)
         assert torch.allclose(basis.U[:, :k] @ basis.U[:, :k].T, U[:, :k] @ U[:, :k].T, atol=1e-5)
     assert shapes == [(d, d)] * 3  # only R^T's SVD: X's right singular vectors are never formed
     exact = Basis.of(X)
     assert torch.allclose(exact.s, s, atol=1e-10 * float(s[0]))
-    k = d if rank is None else rank
     assert torch.allclose(exact.U[:, :k] @ exact.U[:, :k].T, U[:, :k] @ U[:, :k].T, atol=1e-9)
