@@ -21,6 +21,8 @@ Contract:
   Each round fixes at least one more token per row, so there are at most T + 1 passes, and the answer does not
   depend on the draft. A draft that holds (a slider's previous point) costs one pass instead of T sequential
   ones. Incremental decoding and F round differently, so the two agree except where two logits tie to rounding.
+  The first check may come from elsewhere (`checked=`): `scoring.live_forward_scores` runs the draft as a branch
+  of its arithmetic rows, so on a slider a draft that holds costs no pass of its own.
 """
 from __future__ import annotations
 
@@ -166,9 +168,12 @@ def greedy_answers(
     max_new_tokens: int,
     chat: bool = True,
     draft: torch.Tensor | None = None,
+    checked: torch.Tensor | None = None,
 ) -> GreedyAnswers:
     """Greedy answers of `max_new_tokens` tokens as the fixed point of one batched pass (see the module
-    docstring): `draft` (n, T) is any guess (a previous point's `tokens`), None to decode one incrementally."""
+    docstring): `draft` (n, T) is any guess (a previous point's `tokens`), None to decode one incrementally;
+    `checked` (n, T), the draft's first check F(draft) when a pass has already run it (`scoring.live_forward_scores`
+    does, beside the forward scores): then a draft that holds costs no pass here."""
     rows, _, header, device = _answer_rows(model, tokenizer, prompts, max_new_tokens, chat)
     T, n = max_new_tokens, len(prompts)
     pad_id = tokenizer.pad_token_id
@@ -178,10 +183,15 @@ def greedy_answers(
         y, drafted = _decode_from(model, rows, header, T, pad_id, eos_id), n
     else:
         y, drafted = _pad_after_eos(draft.to(torch.long).cpu(), eos_id, pad_id), 0
+    if drafted or checked is None or tuple(checked.shape) != (n, T):
+        checked = None
     for passes in range(1, T + 2):
-        checked = PromptBatch.build([r + t[: T - 1] for r, t in zip(rows, y.tolist())], pad_id, P, device)
-        kwargs = {"logits_to_keep": T} if prefix_accepts(model, "logits_to_keep") else {}
-        f = checked.forward(model, **kwargs).logits[:, -T:].argmax(-1).cpu()  # (n, T): F(y)
+        if passes == 1 and checked is not None:
+            f = checked.to(torch.long).cpu()
+        else:
+            batch = PromptBatch.build([r + t[: T - 1] for r, t in zip(rows, y.tolist())], pad_id, P, device)
+            kwargs = {"logits_to_keep": T} if prefix_accepts(model, "logits_to_keep") else {}
+            f = batch.forward(model, **kwargs).logits[:, -T:].argmax(-1).cpu()  # (n, T): F(y)
         t = torch.arange(T)[None, :]
         wrong = (f != y) & (t <= _first_eos(y, eos_id)[:, None])
         if not wrong.any():

@@ -19,6 +19,17 @@ halves the tokens of a live read-out.
 P = 0 gives the plain left-padded batch: for models whose forward lacks the cache arguments, and for prompts
 with no template (raw text shares no header). Outputs agree with the unshared batch to float rounding (4e-5 on
 smol's logits; greedy completions are identical in the tests).
+
+Branches: a row may carry continuations that each extend it on their own (a refusal and a compliance opening; a
+reference answer and a draft answer), laid out after it in the same row,
+
+    row i      pad ... pad | row's own tokens | branch 1 | branch 2 | ...
+
+with a 4-D additive attention mask in which the row's tokens see the prefix and the row causally, and a branch's
+tokens see those and the branch itself, never another branch; a branch's positions continue from the row's end.
+So one pass scores every continuation of every row, each as it would be scored appended to the row alone, and the
+logits that matter (the row's last position and the branches') are the last `tail` positions of each row. It
+needs an attention that takes a custom mask (`supports_branches`: eager and sdpa).
 """
 from __future__ import annotations
 
@@ -33,6 +44,7 @@ import torch
 
 MIN_PREFIX = 2  # a single shared token is not worth a cache
 _CACHE_ARGS = ("past_key_values", "position_ids", "use_cache")
+_MASKED_ATTENTION = ("eager", "sdpa")
 _memo: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, object]]" = weakref.WeakKeyDictionary()
 _memo_lock = threading.Lock()
 
@@ -48,6 +60,12 @@ def accepts(model, name: str) -> bool:
 def supports_prefix(model) -> bool:
     """A model whose forward takes a key/value cache and explicit position ids (every HF decoder here)."""
     return all(accepts(model, a) for a in _CACHE_ARGS)
+
+
+def supports_branches(model) -> bool:
+    """A model that can run rows with branches: a shared prefix, and an attention (eager or sdpa) that takes the
+    custom 4-D mask as given (flash attention takes none)."""
+    return supports_prefix(model) and getattr(model.config, "_attn_implementation", None) in _MASKED_ATTENTION
 
 
 def prefix_length(rows: Sequence[Sequence[int]], header: Sequence[int], keep: int = 1) -> int:
@@ -99,27 +117,76 @@ def prefix_cache(model, prefix: Sequence[int]):
 
 @dataclass
 class PromptBatch:
-    """Token rows laid out as a shared prefix plus left-padded suffixes (see the module docstring)."""
+    """Token rows laid out as a shared prefix plus left-padded suffixes, each row with optional branches (see the
+    module docstring)."""
 
     ids: torch.Tensor  # (B, P + W)
     mask: torch.Tensor  # (B, P + W)
     positions: torch.Tensor  # (B, P + W)
     prefix: tuple[int, ...]  # the shared prefix (P tokens; empty: none)
+    branch: torch.Tensor | None = None  # (B, P + W) 0 over the rows' tokens, j over branch j, -1 padding; None: none
+    branch_lengths: tuple[tuple[int, ...], ...] = ()  # per row, its branches' lengths
 
     @classmethod
-    def build(cls, rows: Sequence[Sequence[int]], pad_id: int, prefix_len: int = 0, device=None) -> "PromptBatch":
-        """Rows of token ids (each longer than `prefix_len`, all sharing their first `prefix_len` tokens)."""
+    def build(cls, rows: Sequence[Sequence[int]], pad_id: int, prefix_len: int = 0, device=None,
+              branches: Sequence[Sequence[Sequence[int]]] | None = None) -> "PromptBatch":
+        """Rows of token ids (each longer than `prefix_len`, all sharing their first `prefix_len` tokens); with
+        `branches`, per row a list of continuations (possibly empty lists) each run on the row alone."""
         P = prefix_len
-        width = max(len(r) for r in rows) - P
+        branches = [[list(b) for b in bs] for bs in branches] if branches is not None else None
+        tails = [[t for b in bs for t in b] for bs in branches] if branches is not None else [[] for _ in rows]
+        width = max(len(r) - P + len(t) for r, t in zip(rows, tails))
         ids = torch.full((len(rows), P + width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), P + width), dtype=torch.long)
-        for i, r in enumerate(rows):
+        for i, (r, t) in enumerate(zip(rows, tails)):
             ids[i, :P] = torch.tensor(r[:P], dtype=torch.long)
             mask[i, :P] = 1
-            ids[i, P + width - (len(r) - P):] = torch.tensor(r[P:], dtype=torch.long)
-            mask[i, P + width - (len(r) - P):] = 1
+            ids[i, P + width - (len(r) - P + len(t)):] = torch.tensor(list(r[P:]) + t, dtype=torch.long)
+            mask[i, P + width - (len(r) - P + len(t)):] = 1
         positions = (mask.cumsum(1) - 1).clamp_min(0)
-        return cls(ids.to(device), mask.to(device), positions.to(device), tuple(rows[0][:P]))
+        if branches is None:
+            return cls(ids.to(device), mask.to(device), positions.to(device), tuple(rows[0][:P]))
+        branch = mask - 1  # 0 over real tokens, -1 over padding
+        for i, (r, bs) in enumerate(zip(rows, branches)):
+            start = P + width - len(tails[i])
+            for j, b in enumerate(bs, 1):  # a branch's positions continue from the row's end
+                branch[i, start:start + len(b)] = j
+                positions[i, start:start + len(b)] = torch.arange(len(r), len(r) + len(b))
+                start += len(b)
+        return cls(ids.to(device), mask.to(device), positions.to(device), tuple(rows[0][:P]), branch.to(device),
+                   tuple(tuple(len(b) for b in bs) for bs in branches))
+
+    @property
+    def tail(self) -> int:
+        """The last positions of every row that hold its last own token and all its branches (logits to keep)."""
+        return max((1 + sum(lens) for lens in self.branch_lengths), default=1)
+
+    def branch_logits(self, logits: torch.Tensor) -> list[list[torch.Tensor]]:
+        """Per row, per branch: the logits (len + 1, V) predicting the branch's tokens and the token after it (the
+        row's last position, then the branch's own), from `logits` (B, T, V) of the rows' last T >= `tail`
+        positions."""
+        out = []
+        for b, lens in enumerate(self.branch_lengths):
+            row = logits[b, logits.shape[1] - 1 - sum(lens):]
+            start, spans = 1, []
+            for n in lens:
+                spans.append(torch.cat([row[:1], row[start:start + n]]))
+                start += n
+            out.append(spans)
+        return out
+
+    def attention(self, dtype) -> torch.Tensor:
+        """The additive 4-D attention mask (B, 1, W, P + W) of a batch with branches: the suffix positions' queries
+        over the prefix and the suffixes (0 where a position may look, the dtype's minimum where not)."""
+        P = len(self.prefix)
+        own = self.branch[:, P:]
+        W = own.shape[1]
+        key, query = own[:, None, :], own[:, :, None]
+        causal = torch.ones(W, W, dtype=torch.bool, device=own.device).tril()
+        seen = causal & (key >= 0) & ((key == 0) | (key == query))
+        seen |= torch.eye(W, dtype=torch.bool, device=own.device) & (query < 0)  # padding sees itself: no empty row
+        seen = torch.cat([seen.new_ones(len(self), W, P), seen], 2)
+        return torch.zeros(seen.shape, dtype=dtype, device=own.device).masked_fill(~seen, torch.finfo(dtype).min)[:, None]
 
     def __len__(self) -> int:
         return self.ids.shape[0]
@@ -139,9 +206,11 @@ class PromptBatch:
 
     def forward(self, model, use_cache: bool = False, **kwargs):
         """`model(...)` on the batch: the suffixes on top of the prefix's cache, or the whole rows when P = 0.
-        With `use_cache` the output's past_key_values hold every row's full sequence."""
+        With `use_cache` the output's past_key_values hold every row's full sequence. With branches, pass
+        logits_to_keep=`tail` and read them with `branch_logits`."""
         P = len(self.prefix)
-        kw = dict(input_ids=self.ids[:, P:], attention_mask=self.mask, **kwargs)
+        mask = self.mask if self.branch is None else self.attention(next(model.parameters()).dtype)
+        kw = dict(input_ids=self.ids[:, P:], attention_mask=mask, **kwargs)
         if accepts(model, "position_ids"):
             kw["position_ids"] = self.positions[:, P:]
         if P or use_cache:

@@ -166,6 +166,7 @@ class FamilySession:
         self._applied: tuple[str, ProjectionConfig] | None = None
         self._reference_logits: dict = {}  # the untouched start model's KL logits, computed once
         self._answers: dict[tuple, torch.Tensor] = {}  # greedy answer tokens per point: drafts for the next ones
+        self._checked: tuple | None = None  # (point, draft, F(draft)) from the latest forward scores' pass
         self.lock = threading.RLock()
 
     # ------------------------------------------------------------------------------------------------ models
@@ -224,24 +225,31 @@ class FamilySession:
                           point=cfg.__dict__, seed=self.seed)
         return parts
 
-    def forward_scores(self, model: torch.nn.Module) -> dict:
+    def forward_scores(self, model: torch.nn.Module, point: tuple | None = None) -> dict:
         """The live scores that need forward passes only (margin, NLL, KL), in two passes
-        (`scoring.live_forward_scores`): what a slider shows first."""
+        (`scoring.live_forward_scores`): what a slider shows first. The same passes check the greedy answers'
+        draft for `point` (`_draft`), kept for `decoded_scores` at that point."""
         s = self.sets
+        draft = self._draft(point)
         got = scoring.live_forward_scores(model, self.reference, self.tokenizer, s.harmful.prompts, s.utility.prompts,
                                           s.utility.references, s.benign.prompts, chat=self.chat,
-                                          ref_cache=self._reference_logits)
+                                          ref_cache=self._reference_logits, drafts=draft)
+        self._checked = (point, draft, got["checked"]) if "checked" in got else None
         margin = got["margin"]
         return dict(margin_mean=float(margin.mean()), share_margin_negative=float((margin < 0).float().mean()),
                     nll_mean=float(got["nll"].mean()), kl_to_start=float(got["kl"].mean()))
 
     def decoded_scores(self, model: torch.nn.Module, point: tuple | None = None) -> dict:
         """The live score that needs greedy answers (LIVE_ARITH_TOKENS tokens): arithmetic exact match. The answers
-        are checked in one pass against a draft, the answers of the nearest point scored before (`_draft`), and
-        decoded token by token only where it fails (`generation.greedy_answers`; the result is the same)."""
+        are checked against a draft, the answers of the nearest point scored before (`_draft`), in the forward
+        scores' pass when it ran at this point just before, else in a pass of their own, and decoded token by token
+        only where the draft fails (`generation.greedy_answers`; the result is the same)."""
         s = self.sets
+        draft, checked = self._draft(point), None
+        if self._checked is not None and self._checked[0] == point and self._checked[1] is draft:
+            checked = self._checked[2]  # the forward scores' pass checked this draft at this point
         answers = greedy_answers(model, self.tokenizer, s.utility.prompts, LIVE_ARITH_TOKENS, chat=self.chat,
-                                 draft=self._draft(point))
+                                 draft=draft, checked=checked)
         if point is not None:
             self._answers.pop(point, None)
             self._answers[point] = answers.tokens
@@ -270,7 +278,7 @@ class FamilySession:
 
     def live_scores(self, model: torch.nn.Module, point: tuple | None = None) -> dict:
         """The slider scores of a model as it stands (see the module docstring)."""
-        return self.forward_scores(model) | self.decoded_scores(model, point)
+        return self.forward_scores(model, point) | self.decoded_scores(model, point)
 
     def _live(self, parts: dict, model: Callable[[], torch.nn.Module], decoded: bool, compute: bool,
               point: tuple) -> dict | None:
@@ -282,7 +290,7 @@ class FamilySession:
         if not compute:
             return None if decoded else self.cache.get("live_forward", parts)
         with self.lock:
-            forward = self.cache.get_or_compute("live_forward", parts, lambda: self.forward_scores(model()))
+            forward = self.cache.get_or_compute("live_forward", parts, lambda: self.forward_scores(model(), point))
             if not decoded:
                 return forward
             return self.cache.get_or_compute("live_scores", parts,

@@ -36,6 +36,20 @@ def test_a_draft_that_holds_costs_one_pass_and_no_decoding(tiny, plain):
     assert torch.equal(again.tokens, plain.tokens) and again.passes == 1 and again.drafted == 0
 
 
+def test_a_check_run_elsewhere_replaces_the_first_pass(tiny, plain):
+    model, tok = tiny
+    calls = []
+    hook = model.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        again = greedy_answers(model, tok, PROMPTS, T, draft=plain.tokens, checked=plain.tokens)
+        assert not calls and again.passes == 1  # F(draft) = draft was given: the draft held, no pass ran
+        wrong = greedy_answers(model, tok, PROMPTS, T, draft=plain.tokens, checked=plain.tokens[:, :3])
+        assert len(calls) == 1 and wrong.passes == 1  # a check of the wrong shape is ignored: one pass of its own
+    finally:
+        hook.remove()
+    assert torch.equal(again.tokens, plain.tokens) and torch.equal(wrong.tokens, plain.tokens)
+
+
 @pytest.mark.parametrize("rows", [slice(1, None), slice(1, 2)])  # most rows wrong (decoded), one (F's tokens)
 @pytest.mark.parametrize("wrong_from", [0, 3, T - 1])
 def test_the_answers_do_not_depend_on_the_draft(tiny, plain, wrong_from, rows):

@@ -6,7 +6,7 @@ import torch
 
 import safesub_core.generation as G
 from safesub_core.generation import format_prompt, generate, template_header
-from safesub_core.prefix import MIN_PREFIX, PromptBatch, prefix_cache, prefix_length
+from safesub_core.prefix import MIN_PREFIX, PromptBatch, prefix_cache, prefix_length, supports_branches
 from test_scoring import CHAT, PROMPTS, make_model, make_tokenizer
 
 
@@ -40,6 +40,39 @@ def test_batch_layout_puts_the_prefix_once_then_left_padded_suffixes():
     assert b.mask.tolist() == [[1, 1, 1, 1], [1, 1, 0, 1]]
     assert b.positions[:, -1].tolist() == [3, 2]  # the last real token's position counts real tokens only
     assert b.lengths.tolist() == [4, 3]
+
+
+def test_branches_follow_their_row_with_positions_continuing_from_its_end():
+    b = PromptBatch.build([[5, 6, 7, 8], [5, 6, 9]], pad_id=0, prefix_len=2, branches=[[[1, 2], [3]], [[], [4]]])
+    assert b.ids.tolist() == [[5, 6, 7, 8, 1, 2, 3], [5, 6, 0, 0, 0, 9, 4]]
+    assert b.branch.tolist() == [[0, 0, 0, 0, 1, 1, 2], [0, 0, -1, -1, -1, 0, 2]]
+    assert b.positions.tolist()[0] == [0, 1, 2, 3, 4, 5, 4]  # both branches start at the row's end
+    assert b.positions.tolist()[1][-2:] == [2, 3]
+    assert b.tail == 4  # row 0: its last token and three branch tokens
+    seen = b.attention(torch.float32)[0, 0] == 0  # row 0's queries (its 5 suffix positions) over 7 keys
+    assert seen[2].tolist() == [True] * 4 + [True, False, False]  # branch 1's first token: prefix, row, itself
+    assert seen[4].tolist() == [True] * 4 + [False, False, True]  # branch 2 does not see branch 1
+    assert seen[1].tolist() == [True] * 4 + [False] * 3  # the row's last token sees no branch
+    pad = b.attention(torch.float32)[1, 0] == 0
+    assert pad[0].tolist() == [True, True, True, False, False, False, False]  # padding: the prefix and itself
+
+
+def test_each_branch_scores_as_it_would_appended_to_its_row_alone(tiny):
+    model, tok = tiny
+    rows = rows_of(tok)
+    assert supports_branches(model)
+    P = prefix_length(rows, template_header(tok))
+    branches = [[[11, 12, 13], [14]], [[], [15, 16]], [[17, 18]]]
+    batch = PromptBatch.build(rows, 0, P, branches=branches)
+    got = batch.branch_logits(batch.forward(model, logits_to_keep=batch.tail).logits)
+    for r, bs, spans in zip(rows, branches, got):
+        for b, logits in zip(bs, spans):
+            alone = PromptBatch.build([r + b], 0, 0).forward(model, logits_to_keep=len(b) + 1).logits[0]
+            assert logits.shape == alone.shape
+            assert torch.allclose(logits, alone, atol=1e-4)
+    monkey = copy.copy(model.config)
+    monkey._attn_implementation = "flash_attention_2"
+    assert not supports_branches(type("M", (), {"forward": model.forward, "config": monkey})())
 
 
 def test_prefix_forward_matches_the_plain_batch(tiny):

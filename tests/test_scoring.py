@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from safesub_core.errors import SafesubError
+from safesub_core.prefix import PromptBatch
 from safesub_core.prompts import PromptSet
 from safesub_core.scoring import (
     COMPLIANCE_OPENING,
@@ -324,6 +325,40 @@ def test_live_forward_scores_are_the_three_functions_in_two_passes(tiny, monkeyp
     assert all(torch.allclose(plain[k], got[k], atol=1e-4) for k in got)
     with pytest.raises(SafesubError, match="3 prompts but 2 references"):
         S.live_forward_scores(other, model, tok, harmful, utility, refs[:2], benign)
+
+
+def test_the_live_pass_checks_a_draft_of_the_greedy_answers(tiny):
+    """Given drafts, the same two passes return F(draft) as 'checked', the check `greedy_answers` runs (the model's
+    greedy token after each prefix of the draft), and the scores stay the three functions'."""
+    import safesub_core.scoring as S
+    from safesub_core.generation import format_prompt, greedy_answers
+
+    model, tok = tiny
+    other = make_model(tok, seed=1)
+    harmful, utility, refs, benign, T = PROMPTS[:2], PROMPTS, ["Bread.", "No.", "19"], PROMPTS[::-1], 5
+    answers = greedy_answers(other, tok, utility, T)
+    junk = torch.randint(0, len(tok), (len(utility), T), generator=torch.Generator().manual_seed(0))
+    calls = []
+    hook = other.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        held = S.live_forward_scores(other, model, tok, harmful, utility, refs, benign, drafts=answers.tokens)
+        wrong = S.live_forward_scores(other, model, tok, harmful, utility, refs, benign, drafts=junk)
+        assert len(calls) == 4  # two passes each, the check included
+        checked = greedy_answers(other, tok, utility, T, draft=answers.tokens, checked=held["checked"])
+        assert len(calls) == 4 and checked.passes == 1  # the draft held: no pass of greedy_answers' own
+    finally:
+        hook.remove()
+    assert torch.equal(checked.tokens, answers.tokens)
+    rows = [tok(format_prompt(tok, p), add_special_tokens=False)["input_ids"] + d[:T - 1]
+            for p, d in zip(utility, junk.tolist())]
+    expected = PromptBatch.build(rows, S._pad_id(tok), 0).forward(other, logits_to_keep=T).logits.argmax(-1)
+    assert torch.equal(wrong["checked"], expected)  # F(junk), as a plain pass over prompt + draft gives it
+    assert torch.equal(greedy_answers(other, tok, utility, T, draft=junk, checked=wrong["checked"]).tokens,
+                       answers.tokens)
+    plain = S.live_forward_scores(other, model, tok, harmful, utility, refs, benign)
+    assert "checked" not in plain and all(torch.allclose(plain[k], held[k], atol=1e-4) for k in plain)
+    short = S.live_forward_scores(other, model, tok, harmful, utility, refs, benign, drafts=junk[:2])
+    assert "checked" not in short  # a draft for other prompts is not checked
 
 
 def test_empty_prompts_are_refused(tiny):

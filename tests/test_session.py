@@ -1,4 +1,5 @@
 """The session on the trained tiny family: live scores follow the projection, and the study's starting behaviour."""
+import copy
 import math
 
 import pytest
@@ -149,9 +150,25 @@ def test_scores_after_a_new_projection_see_the_new_weights(session, monkeypatch)
     shared = scoring.logprob_margin(model, tok, prompts)
     monkeypatch.setattr(scoring, "supports_prefix", lambda m: False)
     monkeypatch.setattr(scoring, "_supports_shared_prefix", lambda m: False)
+    monkeypatch.setattr(scoring, "_supports_branch_rows", lambda m: False)
     plain = scoring.logprob_margin(model, tok, prompts)
     assert torch.allclose(shared, plain, atol=1e-4)
     assert not torch.allclose(shared, before, atol=1e-2)
+
+
+def test_the_exact_match_reuses_the_check_of_the_forward_pass_at_the_same_point(session, monkeypatch):
+    import safesub_core.session as module
+
+    seen, real = [], module.greedy_answers
+    monkeypatch.setattr(module, "greedy_answers", lambda *a, **kw: seen.append(kw["checked"]) or real(*a, **kw))
+    session.point_scores("useful", ProjectionConfig("topk", "parallel", 0.61))
+    cfg = ProjectionConfig("topk", "parallel", 0.62)
+    session.point_scores("useful", cfg, decoded=False)
+    session.point_scores("useful", cfg)
+    assert seen[-1] is not None and seen[-1].shape == (len(session.sets.utility), module.LIVE_ARITH_TOKENS)
+    session.decoded_scores(session.projected("useful", ProjectionConfig("topk", "parallel", 0.63)),
+                           ("useful", ProjectionConfig("topk", "parallel", 0.63)))
+    assert seen[-1] is None  # another point: its own check
 
 
 def test_exact_match_checks_the_nearest_points_answers_first_and_does_not_depend_on_them(session, tiny_family,
