@@ -45,6 +45,7 @@ from safesub_core.subspace import DEFAULT_RESIDENT_BYTES, ProjectionConfig, Subs
 
 LIVE_ARITH_TOKENS = 12
 MAX_DRAFTS = 256  # points whose greedy answers a session keeps as drafts (n x LIVE_ARITH_TOKENS ids each)
+MAX_MOVES = 16  # rank moves of the working model between fresh compositions (float rounding builds up over them)
 FULL_LIVE_PROMPTS = 32  # live sets this large mean read-outs are cheap here (a GPU or a small model)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -164,6 +165,7 @@ class FamilySession:
         self._models: dict[str, torch.nn.Module] = {family.start: self.reference}
         self._engines: dict[str, SubspaceEngine] = {}
         self._applied: tuple[str, ProjectionConfig] | None = None
+        self._moves = 0  # applies since the working model was last composed anew
         self._reference_logits: dict = {}  # the untouched start model's KL logits, computed once
         self._answers: dict[tuple, torch.Tensor] = {}  # greedy answer tokens per point: drafts for the next ones
         self._checked: tuple | None = None  # (point, draft, F(draft)) from the latest forward scores' pass
@@ -199,19 +201,23 @@ class FamilySession:
                                                               resident_bytes=self.resident_bytes)
             return self._engines[variant]
 
-    def projected(self, variant: str, cfg: ProjectionConfig) -> torch.nn.Module:
-        """The working model set to the point (variant, cfg), composed in memory (hold `lock` while using it)."""
+    def projected(self, variant: str, cfg: ProjectionConfig, exact: bool = False) -> torch.nn.Module:
+        """The working model set to the point (variant, cfg), composed in memory (hold `lock` while using it). From
+        the previous point of the same variant, subspace, mode and alpha it moves by the ranks between
+        (`SubspaceEngine.apply`), composing anew every MAX_MOVES moves and, with `exact`, now (an export)."""
         with self.lock:
-            if self._applied != (variant, cfg):
-                self._applied = None  # a failed apply leaves the working model unknown
-                self.engine(variant).apply(self.working, self.reference, cfg)
-                self._applied = (variant, cfg)
+            if self._applied != (variant, cfg) or (exact and self._moves):
+                applied, self._applied = self._applied, None  # a failed apply leaves the working model unknown
+                since = applied[1] if applied and applied[0] == variant and not exact and self._moves < MAX_MOVES \
+                    else None
+                self.engine(variant).apply(self.working, self.reference, cfg, applied=since)
+                self._applied, self._moves = (variant, cfg), 0 if since is None else self._moves + 1
             return self.working
 
     def export(self, variant: str, cfg: ProjectionConfig, out_dir) -> None:
         """Write the projected model as a Hugging Face directory (safetensors), on request only."""
         with self.lock:
-            self.projected(variant, cfg).save_pretrained(out_dir, safe_serialization=True)
+            self.projected(variant, cfg, exact=True).save_pretrained(out_dir, safe_serialization=True)
             self.tokenizer.save_pretrained(out_dir)
 
     # ------------------------------------------------------------------------------------------------ scores

@@ -16,7 +16,8 @@ Per tensor (a matrix M x N as stored; 3+-dim tensors reshaped to (shape[0], -1);
 
 Compute once, slide forever: keep U (M x r) and C = U^T dT (r x N). Then P_k dT = U[:, :k] C[:k] and
 ||P_k dT||^2 = sum_{i<=k} ||C_i||^2, so every diagnostic at every k is a cumulative sum and a new point costs one
-small matmul per tensor, never a new SVD. Diagnostics are global sums over tensors (not means of ratios):
+small matmul per tensor, never a new SVD. A move of the rank alone (same subspace, mode and alpha) from k0 to k is
+W += +-alpha U_{k0:k} C_{k0:k} (`TensorProjection.move`): |k - k0| columns per tensor instead of k. Diagnostics are global sums over tensors (not means of ratios):
   energy kept      E = sum ||X||^2 / sum ||dT||^2            (independent of alpha)
   cos(task, kept)    = sum <dT, X> / (sqrt(sum ||dT||^2) sqrt(sum ||X||^2))
   cos(task, align)   = sum <dT, dA> / (sqrt(sum ||dT||^2) sqrt(sum ||dA||^2))
@@ -226,6 +227,23 @@ class TensorProjection:
         else:
             W.copy_(as_matrix(w_start))
         W.addmm_(B, CB, alpha=b * cfg.alpha)
+
+
+    def move(self, out: torch.Tensor, cfg: ProjectionConfig, k0: int, k: int) -> bool:
+        """Move `out`, which holds W at rank k0 of `cfg`'s subspace, mode and alpha, to rank k in place:
+        W += s alpha U_{lo:hi} C_{lo:hi} (lo, hi = the two ranks in order; s = the mode's sign of P_k dT in X,
+        negated for a lower rank), the same W as `compose` to float rounding. False, and nothing written, where
+        that is not cheaper than `compose` (as many columns, or `out` not of the bases' dtype and device)."""
+        if out.dtype != self.U.dtype or out.device != self.U.device or not out.is_contiguous():
+            return False
+        fresh = min(k, self.r - k) if self.spans_rows(cfg) else k
+        if abs(k - k0) >= max(fresh, 1):
+            return False
+        if k != k0:
+            B, CB = self._basis(cfg, min(k, k0), max(k, k0))
+            sign = (1 if cfg.mode == "parallel" else -1) * (1 if k > k0 else -1)
+            as_matrix(out).addmm_(B, CB, alpha=sign * cfg.alpha)
+        return True
 
 
 @dataclass
@@ -466,18 +484,29 @@ class SubspaceEngine:
 
     # ---------------------------------------------------------------------------------------- composition
     @torch.no_grad()
-    def apply(self, model: torch.nn.Module, reference: torch.nn.Module, cfg: ProjectionConfig) -> torch.nn.Module:
+    def apply(self, model: torch.nn.Module, reference: torch.nn.Module, cfg: ProjectionConfig,
+              applied: ProjectionConfig | None = None) -> torch.nn.Module:
         """Write W = W_start + alpha * X into `model`'s parameters in place, with W_start read from `reference`.
 
         `model` and `reference` are two loaded copies of the start model (the reference stays untouched).
+        `applied`: the point `model` holds now, written by this engine; where it differs from `cfg` in the rank
+        alone, each tensor is moved from its rank there (`TensorProjection.move`, where cheaper) instead of
+        composed anew: the same weights to float rounding, which builds up over moves (a caller composes anew
+        now and then, and before an export).
         """
         params = dict(model.named_parameters())
         ref = dict(reference.named_parameters())
-        for i, k in enumerate(self.ranks(cfg).tolist()):
+        ranks = self.ranks(cfg).tolist()
+        same = applied is not None and (applied.subspace, applied.mode, applied.alpha) == (cfg.subspace, cfg.mode,
+                                                                                           cfg.alpha)
+        before = self.ranks(applied).tolist() if same else [None] * len(ranks)
+        for i, (k0, k) in enumerate(zip(before, ranks)):
             t = self.tensor(i)
             if t.name not in params:
                 raise SafesubError(f"model: has no parameter {t.name} (is it the family's start model?)")
-            t.compose(params[t.name], ref[t.name], cfg, k)  # the parameter itself: the write moves its version
+            # the parameter itself: the write moves its version
+            if k0 is None or not t.move(params[t.name], cfg, k0, k):
+                t.compose(params[t.name], ref[t.name], cfg, k)
         return model
 
 

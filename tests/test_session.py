@@ -156,6 +156,27 @@ def test_scores_after_a_new_projection_see_the_new_weights(session, monkeypatch)
     assert not torch.allclose(shared, before, atol=1e-2)
 
 
+def test_rank_moves_of_the_working_model_are_composed_anew_now_and_then_and_for_an_export(session, monkeypatch,
+                                                                                        tmp_path):
+    import safesub_core.session as module
+
+    applied = []
+    engine = session.engine("useful")
+    real = engine.apply
+    monkeypatch.setattr(engine, "apply", lambda *a, **kw: applied.append(kw.get("applied")) or real(*a, **kw))
+    monkeypatch.setattr(module, "MAX_MOVES", 2)
+    cfgs = [ProjectionConfig("topk", "parallel", rho) for rho in (0.3, 0.31, 0.32, 0.33, 0.34)]
+    session.projected("harmful", cfgs[0])  # another variant first: never moved from
+    for cfg in cfgs:
+        session.projected("useful", cfg)
+    assert applied == [None, cfgs[0], cfgs[1], None, cfgs[3]]  # the third move in a row is a fresh composition
+    session.export("useful", cfgs[-1], tmp_path / "point")
+    assert applied[-1] is None  # composed anew, exactly, before it is written
+    moved = dict(session.projected("useful", cfgs[-1]).named_parameters())
+    fresh = engine.apply(copy.deepcopy(session.reference), session.reference, cfgs[-1])
+    assert all(torch.equal(moved[n], p) for n, p in fresh.named_parameters())
+
+
 def test_the_exact_match_reuses_the_check_of_the_forward_pass_at_the_same_point(session, monkeypatch):
     import safesub_core.session as module
 

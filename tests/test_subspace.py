@@ -95,6 +95,30 @@ def test_compose_writes_start_plus_alpha_times_the_kept_update(subspace, mode, s
             assert not torch.allclose(low.double(), w_start, rtol=2e-2, atol=2e-2)  # the update did arrive
 
 
+@pytest.mark.parametrize("shape", [(16, 10), (12, 12)])
+@pytest.mark.parametrize("mode", ["parallel", "opposite", "orthogonal"])
+@pytest.mark.parametrize("subspace", ["topk", "randomk", "random"])
+def test_a_rank_move_lands_where_composing_anew_does(subspace, mode, shape):
+    """From rank k0 to k (same subspace, mode, alpha) the weights move by |k - k0| directions, up or down; a move
+    as costly as composing anew is declined and writes nothing."""
+    t = projection_of(rand(*shape), rand(*shape, seed=1))
+    w_start = rand(*shape, seed=2)
+    out = torch.empty_like(w_start)
+    cfg = ProjectionConfig(subspace, mode, 0.5, alpha=-1.5)
+    k0 = t.rank(cfg)
+    t.t.compose(out, w_start, cfg, k0)
+    for k in (k0 + 2, k0 + 1, k0 + 3, k0):  # up two, down one, up two, down three
+        assert t.t.move(out, cfg, k0, k)
+        fresh = torch.empty_like(w_start)
+        t.t.compose(fresh, w_start, cfg, k)
+        assert torch.allclose(out, fresh, atol=1e-10)
+        k0 = k
+    before = out.clone()
+    assert not t.t.move(out, cfg, k0, 1)  # more columns than composing rank 1 anew: declined
+    assert torch.equal(out, before)
+    assert not t.t.move(out.float(), cfg, k0, k0 + 1)  # not the bases' dtype: declined
+
+
 @pytest.mark.parametrize("subspace", ["topk", "randomk"])
 def test_a_zero_alignment_update_keeps_nothing_at_any_rank(subspace):
     """dA = 0 spans nothing: its zero basis must not be taken for a basis of R^M (the complement would keep dT)."""
@@ -262,6 +286,25 @@ def test_apply_composes_the_projected_model_in_memory(synthetic, engine):
     engine.apply(model, reference, ProjectionConfig("topk", "orthogonal", 1.0, alpha=0.0))
     assert all(torch.equal(p[n], r[n]) for n in r)
     assert engine.diagnostics(full).energy_kept > 0.5
+
+
+def test_apply_from_a_nearby_rank_moves_the_weights_to_the_same_model(synthetic, engine, monkeypatch):
+    model, reference = _load(synthetic, "aligned"), _load(synthetic, "aligned")
+    at = ProjectionConfig("randomk", "orthogonal", 0.3, alpha=0.7)
+    engine.apply(model, reference, at)
+    composed = []
+    monkeypatch.setattr(type(engine.tensors[0]), "compose",
+                        lambda self, *a, real=type(engine.tensors[0]).compose: composed.append(1) or real(self, *a))
+    to = ProjectionConfig("randomk", "orthogonal", 0.35, alpha=0.7)
+    engine.apply(model, reference, to, applied=at)
+    moved = len(engine.tensors) - len(composed)
+    assert moved > 0  # the matrices whose rank changed by fewer columns than composing costs were moved
+    fresh = engine.apply(_load(synthetic, "aligned"), reference, to)
+    for (n, p), q in zip(model.named_parameters(), fresh.parameters()):
+        assert torch.allclose(p, q, atol=1e-6), n
+    composed.clear()
+    engine.apply(model, reference, ProjectionConfig("randomk", "orthogonal", 0.35, alpha=0.2), applied=to)
+    assert len(composed) == len(engine.tensors)  # another alpha: composed anew
 
 
 def _load(family, name):
