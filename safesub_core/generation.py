@@ -19,7 +19,7 @@ Contract:
   arithmetic answer is usually followed by the same words); where a second check fails too, or the first one
   fails for most rows, the row is re-drafted after its difference by incremental decoding (`generate`'s path).
   Each round fixes at least one more token per row, so there are at most T + 1 passes, and the answer does not
-  depend on the draft. A draft that holds (a slider's previous point) costs one pass instead of T sequential
+  depend on the draft. A row that held is done (rows do not see each other): later checks run the others only. A draft that holds (a slider's previous point) costs one pass instead of T sequential
   ones. Incremental decoding and F round differently, so the two agree except where two logits tie to rounding.
   The first check may come from elsewhere (`checked=`): `scoring.live_forward_scores` runs the draft as a branch
   of its arithmetic rows, so on a slider a draft that holds costs no pass of its own.
@@ -185,18 +185,20 @@ def greedy_answers(
         y, drafted = _pad_after_eos(draft.to(torch.long).cpu(), eos_id, pad_id), 0
     if drafted or checked is None or tuple(checked.shape) != (n, T):
         checked = None
+    todo = list(range(n))  # rows not yet checked to hold (a row's check depends on its own tokens only)
     for passes in range(1, T + 2):
         if passes == 1 and checked is not None:
             f = checked.to(torch.long).cpu()
         else:
-            batch = PromptBatch.build([r + t[: T - 1] for r, t in zip(rows, y.tolist())], pad_id, P, device)
+            batch = PromptBatch.build([rows[i] + y[i, : T - 1].tolist() for i in todo], pad_id, P, device)
             kwargs = {"logits_to_keep": T} if prefix_accepts(model, "logits_to_keep") else {}
-            f = batch.forward(model, **kwargs).logits[:, -T:].argmax(-1).cpu()  # (n, T): F(y)
+            f = y.clone()
+            f[todo] = batch.forward(model, **kwargs).logits[:, -T:].argmax(-1).cpu()  # (n, T): F(y)
         t = torch.arange(T)[None, :]
         wrong = (f != y) & (t <= _first_eos(y, eos_id)[:, None])
         if not wrong.any():
             break
-        bad = wrong.any(1).nonzero()[:, 0].tolist()
+        todo = bad = wrong.any(1).nonzero()[:, 0].tolist()
         first = wrong.int().argmax(1)
         for i in bad:  # keep the agreed tokens and F's from the first difference on (F's first one is right)
             y[i, first[i]:] = f[i, first[i]:]

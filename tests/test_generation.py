@@ -65,6 +65,21 @@ def test_the_answers_do_not_depend_on_the_draft(tiny, plain, wrong_from, rows):
     assert torch.equal(greedy_answers(model, tok, PROMPTS, T, draft=junk).tokens, plain.tokens)
 
 
+def test_later_checks_run_only_the_rows_that_have_not_held(tiny, plain):
+    model, tok = tiny
+    draft = plain.tokens.clone()
+    draft[1, T - 1] = (draft[1, T - 1] + 7) % len(tok)  # row 1's last token is wrong
+    batches = []
+    hook = model.register_forward_hook(lambda m, args, kwargs, out: batches.append(kwargs["input_ids"].shape[0]),
+                                       with_kwargs=True)
+    try:
+        got = greedy_answers(model, tok, PROMPTS, T, draft=draft)
+    finally:
+        hook.remove()
+    assert torch.equal(got.tokens, plain.tokens) and (got.passes, got.drafted) == (2, 0)
+    assert batches[-2:] == [len(PROMPTS), 1]  # all rows, then row 1 alone (after the header's own pass, if any)
+
+
 def test_rows_stop_at_their_first_eos_as_generate_does(tiny, plain):
     model, tok = tiny
     tok = copy.deepcopy(tok)
