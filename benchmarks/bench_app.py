@@ -77,7 +77,8 @@ def family_path(args) -> str:
 
 
 def fmt(xs: list[float]) -> str:
-    return f"median {statistics.median(xs):.3f} s (min {min(xs):.3f}, max {max(xs):.3f}, n={len(xs)})"
+    return (f"median {statistics.median(xs):.3f} s (min {min(xs):.3f}, max {max(xs):.3f}, n={len(xs)}; in order: "
+            f"{' '.join(f'{x:.2f}' for x in xs)})")
 
 
 # ------------------------------------------------------------------------------------------------ 1. sliders
@@ -233,7 +234,7 @@ def main() -> int:
     forward, core = bench_core(fam, [round(r + 0.005, 3) for r in RANKS[:n]])  # not the AppTest's ranks
     print(f"slider, core point_scores, forward-pass scores (new point): {fmt(forward)}")
     print(f"slider, core point_scores, all scores (new point):          {fmt(core)}")
-    app = bench_apptest(RANKS[:n])
+    app = bench_apptest(RANKS[::-1][:n])  # from the top: the browser's moves climb from 0.25 one step at a time
     print(f"slider, AppTest full page rerun (new point):     {fmt(app)}")
     results = [("slider (AppTest)", statistics.median(app), args.slider_target)]
     if not args.no_browser:
