@@ -47,6 +47,7 @@ LIVE_ARITH_TOKENS = 12
 MAX_DRAFTS = 256  # points whose greedy answers a session keeps as drafts (n x LIVE_ARITH_TOKENS ids each)
 MAX_MOVES = 16  # rank moves of the working model between fresh compositions (float rounding builds up over them)
 FULL_LIVE_PROMPTS = 32  # live sets this large mean read-outs are cheap here (a GPU or a small model)
+CPU_LIVE_PROMPTS = 6  # live sets of a model of up to 300M parameters on a CPU
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -100,8 +101,9 @@ class EvalSets:
 def live_prompts(family: Family, device: str = "cpu", requested: int | str | None = None) -> int:
     """Prompts per evaluation set for the live read-outs (what a slider move recomputes): `requested` when given
     (a whole number, or 'auto' / None for what follows), else SAFESUB_LIVE_PROMPTS when set; else 32 on a GPU or
-    for a small model (<= 20M parameters), and on a CPU 8 up to 300M parameters, 4 beyond, so a move costs a few
-    hundred forward tokens, not thousands. A session's generation scores run on the same sets (the app's
+    for a small model (<= 20M parameters), and on a CPU 6 up to 300M parameters, 4 beyond, so a move costs a few
+    hundred forward tokens, not thousands (on smol with two cores, 6 reach a browser in under 3 s, 8 in about
+    3.3 s: benchmarks/README.md). A session's generation scores run on the same sets (the app's
     Subspaces page says how many); the findings command chooses its own. A bad count is a one-line SafesubError."""
     n = requested_live_prompts(requested)
     if n is not None:
@@ -110,7 +112,7 @@ def live_prompts(family: Family, device: str = "cpu", requested: int | str | Non
         return FULL_LIVE_PROMPTS
     reader = family.reader(family.start)
     params = sum(math.prod(reader.shape(n)) for n in reader.names())
-    return FULL_LIVE_PROMPTS if params <= 20_000_000 else 8 if params <= 300_000_000 else 4
+    return FULL_LIVE_PROMPTS if params <= 20_000_000 else CPU_LIVE_PROMPTS if params <= 300_000_000 else 4
 
 
 def requested_live_prompts(requested: int | str | None = None) -> int | None:

@@ -9,7 +9,7 @@ from safesub_core import scoring
 from safesub_core.cache import DiskCache
 from safesub_core.family import Family
 from safesub_core.errors import SafesubError
-from safesub_core.session import EvalSets, FamilySession, live_prompts, resident_budget
+from safesub_core.session import CPU_LIVE_PROMPTS, EvalSets, FamilySession, live_prompts, resident_budget
 from safesub_core.subspace import DEFAULT_RESIDENT_BYTES
 from safesub_core.subspace import ProjectionConfig
 
@@ -126,6 +126,14 @@ def test_live_prompts_are_the_request_else_the_env_var_else_by_device_and_model_
     monkeypatch.setenv("SAFESUB_LIVE_PROMPTS", "lots")
     with pytest.raises(SafesubError, match="SAFESUB_LIVE_PROMPTS 'lots': must be a whole number"):
         live_prompts(fam)
+    monkeypatch.delenv("SAFESUB_LIVE_PROMPTS")
+    for params, cpu in ((135_000_000, CPU_LIVE_PROMPTS), (1_200_000_000, 4)):  # smol's size, a 1B model's
+        class Reader:
+            names = staticmethod(lambda: ["w"])
+            shape = staticmethod(lambda name, n=params: (n,))
+        monkeypatch.setattr(fam, "reader", lambda name: Reader())
+        assert live_prompts(fam) == cpu and live_prompts(fam, "cuda:0") == 32
+    assert CPU_LIVE_PROMPTS == 6
 
 
 def test_forward_scores_show_first_and_the_full_read_out_adds_the_exact_match(session):
