@@ -17,7 +17,9 @@ Contract:
     kl_to_start                          KL(start || model) of the next token on benign prompts
 - Generation scores (`generation_scores`): refusal rate and attack success rate on harmful prompts, exact match on
   arithmetic, over-refusal on edgy prompts, with per-prompt tables.
-Every score is cached on disk, keyed by checkpoint fingerprints, the point and the sets' content hashes.
+Every score is cached on disk, keyed by checkpoint fingerprints, the point and the sets' content hashes. A point's
+scores are reproducible to float rounding (about 1e-6 relative), not bit for bit: a rank move writes the weights
+from the previous point's (`projected`), and the pass that scores them may also check a draft of the answers.
 A session may be shared by several app users at once: one lock serialises everything that sets or reads the
 working model, so concurrent sliders never score a half-written projection.
 """

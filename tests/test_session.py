@@ -212,5 +212,12 @@ def test_exact_match_checks_the_nearest_points_answers_first_and_does_not_depend
         session.point_scores("useful", cfg)
     assert torch.equal(drafts[-1], session._answers[("useful", near)])  # the nearest point's, not the latest
     fresh = FamilySession(Family.from_file(tiny_family), sets=EvalSets.default(16), cache=DiskCache(tmp_path))
-    assert fresh.point_scores("useful", new) == session.point_scores("useful", new)
+    got, seen = fresh.point_scores("useful", new), session.point_scores("useful", new)
     assert torch.equal(fresh._answers[("useful", new)], session._answers[("useful", new)])
+    assert got["arith_exact_match"] == seen["arith_exact_match"]
+    # the forward scores agree to float rounding: a session with a history moved its weights from a nearby rank
+    # and ran the draft's branch in the same pass; a fresh one composed them anew and had no draft to check
+    numbers = {k for k, v in seen.items() if isinstance(v, float)}
+    assert {"margin_mean", "nll_mean", "kl_to_start"} <= numbers and got.keys() == seen.keys()
+    assert {k: got[k] for k in numbers} == pytest.approx({k: seen[k] for k in numbers}, rel=1e-5, abs=1e-7)
+    assert all(got[k] == seen[k] for k in seen.keys() - numbers)
