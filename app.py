@@ -109,9 +109,9 @@ with st.expander("Device, precision and live read-outs", icon=":material/memory:
     C.bound("live", c3.selectbox, "Live prompts per set", options=C.LIVE_CHOICES,
             help="Prompts of each evaluation set that a slider move scores (margin, NLL, exact match, KL) and that "
                  "the generation scores run on. auto: SAFESUB_LIVE_PROMPTS when set, else 32 on a GPU or for a "
-                 "model of at most 20M parameters; on a CPU 8 up to 300M parameters, 4 beyond. Fewer make a move "
-                 "faster and its scores coarser: on the smol family with two CPU cores a move's first scores show "
-                 "after about 4 s at 8, 3 s at 6.")
+                 "model of at most 20M parameters; on a CPU 6 up to 300M parameters, 4 beyond. More make a move "
+                 "slower and its scores finer: on the smol family with two CPU cores a move's read-outs show after "
+                 "about 3 s at 6, 3.3 s at 8.")
     st.caption("One family on one device is resident per server: a change reloads the models for every open "
                "session. Scores are cached per precision, device type and prompt sets.")
 

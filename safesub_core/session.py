@@ -9,8 +9,8 @@ Contract:
 - Live scores (forward passes, plus a few greedy tokens for arithmetic; what sliders show), on fixed evaluation
   splits (`EvalSets`, never the training split); the forward-pass ones (`forward_scores`) are cached apart from
   the decoded one (`decoded_scores`), so a page can show them first. The forward-pass scores run in two batched
-  passes (`scoring.live_forward_scores`); the greedy answers are checked in one pass against the nearest scored
-  point's (`generation.greedy_answers`), so a move costs a few passes, not a dozen:
+  passes (`scoring.live_forward_scores`), which also check a draft of the greedy answers, the nearest scored point's
+  (`generation.greedy_answers` then needs no pass of its own where the draft holds), so a move costs two passes:
     margin_mean, share_margin_negative   log-prob margin on harmful prompts (refusal minus compliance opening)
     nll_mean                             NLL of reference answers on arithmetic prompts
     arith_exact_match                    exact match of greedy answers (12 new tokens) on arithmetic prompts
