@@ -19,8 +19,9 @@ Contract:
   arithmetic answer is usually followed by the same words); where a second check fails too, or the first one
   fails for most rows, the row is re-drafted after its difference by incremental decoding (`generate`'s path).
   Each round fixes at least one more token per row, so there are at most T + 1 passes, and the answer does not
-  depend on the draft. A row that held is done (rows do not see each other): later checks run the others only. A draft that holds (a slider's previous point) costs one pass instead of T sequential
-  ones. Incremental decoding and F round differently, so the two agree except where two logits tie to rounding.
+  depend on the draft. A row that held is done (rows do not see each other): later checks run the others only.
+  A draft that holds (a slider's previous point) costs one pass instead of T sequential ones. Incremental
+  decoding and F round differently, so the two agree except where two logits tie to rounding.
   The first check may come from elsewhere (`checked=`): `scoring.live_forward_scores` runs the draft as a branch
   of its arithmetic rows, so on a slider a draft that holds costs no pass of its own.
 """

@@ -186,7 +186,8 @@ class PromptBatch:
         seen = causal & (key >= 0) & ((key == 0) | (key == query))
         seen |= torch.eye(W, dtype=torch.bool, device=own.device) & (query < 0)  # padding sees itself: no empty row
         seen = torch.cat([seen.new_ones(len(self), W, P), seen], 2)
-        return torch.zeros(seen.shape, dtype=dtype, device=own.device).masked_fill(~seen, torch.finfo(dtype).min)[:, None]
+        additive = torch.zeros(seen.shape, dtype=dtype, device=own.device)
+        return additive.masked_fill(~seen, torch.finfo(dtype).min)[:, None]
 
     def __len__(self) -> int:
         return self.ids.shape[0]

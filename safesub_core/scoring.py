@@ -532,24 +532,25 @@ def live_forward_scores(
     if any(cut for *_, cut in fitted):
         _note(notes, f"{sum(cut for *_, cut in fitted)} of {len(fitted)} prompts were longer than the context "
                      f"({limit} tokens) and were truncated")
-    u_conts = [[a] for _, a, _ in fitted]
+    scored = [openings] * len(h_rows) + [[a] for _, a, _ in fitted]  # the continuations whose log-probs count
     T = 0 if drafts is None else drafts.shape[1]
     check = (drafts is not None and drafts.shape[0] == len(u_ids) and all(len(p) + T <= limit for p in u_ids)
              and not any(cut for *_, cut in fitted))
-    if check:  # the draft runs where `greedy_answers` would check it: after the whole prompt
-        u_conts = [c + [d] for c, d in zip(u_conts, drafts.to(torch.long).tolist())]
+    # the draft runs where `greedy_answers` would check it, after the whole prompt: a branch after the reference
+    conts = scored[:len(h_rows)] + [c + [d] for c, d in zip(scored[len(h_rows):], drafts.long().tolist())] if check \
+        else scored
     b_rows = _clip_prompts(_prompt_ids(tokenizer, benign, chat, notes), limit, limit, notes)
-    rows, conts = h_rows + [p for p, _, _ in fitted], [openings] * len(h_rows) + u_conts
+    rows = h_rows + [p for p, _, _ in fitted]
     batch = PromptBatch.build(rows, pad_id, prefix_length(rows, header), device,
                               branches=[[c[:-1] for c in cs] for cs in conts])
     b_batch = PromptBatch.build(b_rows, pad_id, prefix_length(b_rows, header), device)
     with _eval_mode(model, ref_model):
         logits = batch.forward(model, logits_to_keep=batch.tail).logits
-        lps = _branch_logprobs(batch, logits, conts)
         H = len(h_rows)
+        lps = _branch_logprobs(batch, logits, scored)  # (a row's draft, its last branch, is not scored)
         out = dict(margin=torch.stack([r.sum() - c.sum() for r, c in lps[:H]]),
                    nll=torch.stack([-row[0].mean() for row in lps[H:]]))
-        if check:
+        if check:  # the draft's branch: the greedy token after each of its prefixes, F(draft)
             out["checked"] = torch.stack([spans[1].argmax(-1) for spans in batch.branch_logits(logits)[H:]]).cpu()
         lm = b_batch.forward(model, logits_to_keep=1).logits[:, -1].float()
         key = ("live", tuple(map(tuple, b_rows)))

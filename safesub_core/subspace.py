@@ -17,7 +17,8 @@ Per tensor (a matrix M x N as stored; 3+-dim tensors reshaped to (shape[0], -1);
 Compute once, slide forever: keep U (M x r) and C = U^T dT (r x N). Then P_k dT = U[:, :k] C[:k] and
 ||P_k dT||^2 = sum_{i<=k} ||C_i||^2, so every diagnostic at every k is a cumulative sum and a new point costs one
 small matmul per tensor, never a new SVD. A move of the rank alone (same subspace, mode and alpha) from k0 to k is
-W += +-alpha U_{k0:k} C_{k0:k} (`TensorProjection.move`): |k - k0| columns per tensor instead of k. Diagnostics are global sums over tensors (not means of ratios):
+W += +-alpha U_{k0:k} C_{k0:k} (`TensorProjection.move`): |k - k0| columns per tensor instead of k.
+Diagnostics are global sums over tensors (not means of ratios):
   energy kept      E = sum ||X||^2 / sum ||dT||^2            (independent of alpha)
   cos(task, kept)    = sum <dT, X> / (sqrt(sum ||dT||^2) sqrt(sum ||X||^2))
   cos(task, align)   = sum <dT, dA> / (sqrt(sum ||dT||^2) sqrt(sum ||dA||^2))
@@ -227,7 +228,6 @@ class TensorProjection:
         else:
             W.copy_(as_matrix(w_start))
         W.addmm_(B, CB, alpha=b * cfg.alpha)
-
 
     def move(self, out: torch.Tensor, cfg: ProjectionConfig, k0: int, k: int) -> bool:
         """Move `out`, which holds W at rank k0 of `cfg`'s subspace, mode and alpha, to rank k in place:
