@@ -111,7 +111,7 @@ with st.expander("Device, precision and live read-outs", icon=":material/memory:
                  "the generation scores run on. auto: SAFESUB_LIVE_PROMPTS when set, else 32 on a GPU or for a "
                  "model of at most 20M parameters; on a CPU 6 up to 300M parameters, 4 beyond. More make a move "
                  "slower and its scores finer: on the smol family with two CPU cores a move's read-outs show after "
-                 "about 3 s at 6, 3.3 s at 8.")
+                 "about 2.5 s at 6, 3 s at 8.")
     st.caption("One family on one device is resident per server: a change reloads the models for every open "
                "session. Scores are cached per precision, device type and prompt sets.")
 

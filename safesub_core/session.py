@@ -104,8 +104,8 @@ def live_prompts(family: Family, device: str = "cpu", requested: int | str | Non
     """Prompts per evaluation set for the live read-outs (what a slider move recomputes): `requested` when given
     (a whole number, or 'auto' / None for what follows), else SAFESUB_LIVE_PROMPTS when set; else 32 on a GPU or
     for a small model (<= 20M parameters), and on a CPU 6 up to 300M parameters, 4 beyond, so a move costs a few
-    hundred forward tokens, not thousands (on smol with two cores, 6 reach a browser in under 3 s, 8 in about
-    3.3 s: benchmarks/README.md). A session's generation scores run on the same sets (the app's
+    hundred forward tokens, not thousands (on smol with two cores a move's read-outs reach a browser in 2.6 s at
+    6, 3.0 s at 8: benchmarks/README.md). A session's generation scores run on the same sets (the app's
     Subspaces page says how many); the findings command chooses its own. A bad count is a one-line SafesubError."""
     n = requested_live_prompts(requested)
     if n is not None:
