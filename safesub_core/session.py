@@ -255,9 +255,10 @@ class FamilySession:
         scores' pass when it ran at this point just before, else in a pass of their own, and decoded token by token
         only where the draft fails (`generation.greedy_answers`; the result is the same)."""
         s = self.sets
-        draft, checked = self._draft(point), None
-        if self._checked is not None and self._checked[0] == point and self._checked[1] is draft:
-            checked = self._checked[2]  # the forward scores' pass checked this draft at this point
+        draft, checked, kept = self._draft(point), None, self._checked
+        # the forward scores' pass checked this draft at this point (without a point the model could be any)
+        if point is not None and kept is not None and kept[0] == point and kept[1] is draft:
+            checked = kept[2]
         answers = greedy_answers(model, self.tokenizer, s.utility.prompts, LIVE_ARITH_TOKENS, chat=self.chat,
                                  draft=draft, checked=checked)
         if point is not None:
