@@ -198,23 +198,20 @@ class PromptBatch:
         return self.mask.sum(1)
 
     def cache(self, model):
-        """The prefix's key/value cache repeated over the batch (a fresh cache when there is no prefix)."""
-        if not self.prefix:
-            return new_cache(model)
+        """The prefix's key/value cache repeated over the batch (for a batch with a prefix)."""
         cache = prefix_cache(model, self.prefix)
         cache.batch_repeat_interleave(len(self))
         return cache
 
-    def forward(self, model, use_cache: bool = False, **kwargs):
+    def forward(self, model, **kwargs):
         """`model(...)` on the batch: the suffixes on top of the prefix's cache, or the whole rows when P = 0.
-        With `use_cache` the output's past_key_values hold every row's full sequence. With branches, pass
-        logits_to_keep=`tail` and read them with `branch_logits`."""
+        With branches, pass logits_to_keep=`tail` and read them with `branch_logits`."""
         P = len(self.prefix)
         mask = self.mask if self.branch is None else self.attention(next(model.parameters()).dtype)
         kw = dict(input_ids=self.ids[:, P:], attention_mask=mask, **kwargs)
         if accepts(model, "position_ids"):
             kw["position_ids"] = self.positions[:, P:]
-        if P or use_cache:
+        if P:
             kw |= dict(past_key_values=self.cache(model), use_cache=True)
         else:
             kw["use_cache"] = False

@@ -310,12 +310,12 @@ def _cont_ids(tokenizer, text: str, what: str) -> list[int]:
     return list(ids)
 
 
-def _branch_logprobs(batch: PromptBatch, logits: torch.Tensor,
+def _branch_logprobs(spans: list[list[torch.Tensor]],
                      continuations: Sequence[Sequence[list[int]]]) -> list[list[torch.Tensor]]:
     """Per row, per continuation c (run as the branch c[:-1] of its row): the log-probs of c's tokens (len(c),),
-    from the forward pass's `logits` of the rows' last `batch.tail` positions."""
+    from the rows' branch logits (`PromptBatch.branch_logits`; a row's later branches may go unscored)."""
     out = []
-    for spans, conts in zip(batch.branch_logits(logits), continuations):
+    for spans, conts in zip(spans, continuations):
         row = []
         for lg, c in zip(spans, conts):
             target = torch.tensor(c, dtype=torch.long, device=lg.device)
@@ -361,7 +361,8 @@ def shared_prefix_logprob_sums(
             rows = [rows_all[i] for i in idx]
             batch = PromptBatch.build(rows, pad_id, prefix_length(rows, header), device,
                                       branches=[[c[:-1] for c in conts]] * len(rows))
-            lps = _branch_logprobs(batch, batch.forward(model, logits_to_keep=batch.tail).logits, [conts] * len(rows))
+            spans = batch.branch_logits(batch.forward(model, logits_to_keep=batch.tail).logits)
+            lps = _branch_logprobs(spans, [conts] * len(rows))
             out[torch.tensor(idx)] = torch.stack([torch.stack([lp.sum() for lp in row]) for row in lps])
     return out
 
@@ -545,13 +546,13 @@ def live_forward_scores(
                               branches=[[c[:-1] for c in cs] for cs in conts])
     b_batch = PromptBatch.build(b_rows, pad_id, prefix_length(b_rows, header), device)
     with _eval_mode(model, ref_model):
-        logits = batch.forward(model, logits_to_keep=batch.tail).logits
+        spans = batch.branch_logits(batch.forward(model, logits_to_keep=batch.tail).logits)
         H = len(h_rows)
-        lps = _branch_logprobs(batch, logits, scored)  # (a row's draft, its last branch, is not scored)
+        lps = _branch_logprobs(spans, scored)  # (a row's draft, its last branch, is not scored)
         out = dict(margin=torch.stack([r.sum() - c.sum() for r, c in lps[:H]]),
                    nll=torch.stack([-row[0].mean() for row in lps[H:]]))
         if check:  # the draft's branch: the greedy token after each of its prefixes, F(draft)
-            out["checked"] = torch.stack([spans[1].argmax(-1) for spans in batch.branch_logits(logits)[H:]]).cpu()
+            out["checked"] = torch.stack([row[1].argmax(-1) for row in spans[H:]]).cpu()
         lm = b_batch.forward(model, logits_to_keep=1).logits[:, -1].float()
         key = ("live", tuple(map(tuple, b_rows)))
         ref = None if ref_cache is None else ref_cache.get(key)

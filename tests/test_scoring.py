@@ -214,9 +214,9 @@ def test_shared_prefix_and_full_row_paths_agree(tiny, monkeypatch):
     import safesub_core.scoring as S
 
     model, tok = tiny
-    assert S._supports_shared_prefix(model)  # a Llama takes the key/value-cache path
+    assert S._supports_branch_rows(model)  # a Llama takes the shared-prefix, branch-row path
     shared = logprob_margin(model, tok, PROMPTS, batch_size=2)
-    monkeypatch.setattr(S, "_supports_shared_prefix", lambda m: False)
+    monkeypatch.setattr(S, "_supports_branch_rows", lambda m: False)
     full = logprob_margin(model, tok, PROMPTS, batch_size=2)
     assert torch.allclose(shared, full, atol=1e-4)
 
