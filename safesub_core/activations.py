@@ -1,6 +1,6 @@
 """Last-real-token hidden states, activation MSO per layer, and 2-D maps of activations.
 
-Contract (DESIGN.md §2):
+Contract (docs/method.md, "Activations"):
 
 - States. For a prompt p formatted by `generation.format_prompt` (chat template or raw text), run the model on
   its tokens and keep, at every layer l = 0..L, the hidden state of the LAST REAL token:
@@ -19,7 +19,8 @@ Contract (DESIGN.md §2):
       MSO_l(eta) = ||Q_X^T Q_Y||_F^2 / min(k_X, k_Y)   in [0, 1],   random baseline max(k_X, k_Y) / D
 
   (`overlap.overlap_curve`). depth = l / L. The study's summary is the mean over layers whose depth lies in a
-  band, 0.65..0.90 by default, per energy (`depth_band_mean`). Where a set's (centred) states are all zero the
+  band, DEPTH_BAND = 0.65..0.90, per energy (`band_mean`; `depth_band_mean` for any band). Where a set's
+  (centred) states are all zero the
   overlap is undefined and reported as NaN: e.g. at layer 0 (embeddings) every chat-formatted prompt ends on
   the same template token, so its centred states vanish.
 
@@ -34,18 +35,23 @@ Every function here is pure: no file I/O (the disk cache is wired elsewhere).
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from typing import Callable, Hashable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
+from sklearn.decomposition import PCA
 
 from safesub_core.errors import SafesubError
 from safesub_core.generation import context_length, encode_batch, format_prompt, prepare_tokenizer
-from safesub_core.overlap import DEFAULT_ENERGIES, Basis, check_energy, overlap_curve
+from safesub_core.linalg import DEFAULT_ENERGIES, Basis, check_energy
+from safesub_core.overlap import overlap_curve
 from safesub_core.prefix import accepts
 
 METHODS = ("pca", "umap", "tsne")
+DEPTH_BAND = (0.65, 0.90)  # the study's depth band (layer / L) of the activation overlap's summary
+BAND_MIN_LAYERS = 2  # a band holding fewer transformer layers is widened to this many around its centre
 LABEL_SEP = " · "
 
 
@@ -205,7 +211,7 @@ def activation_overlap(
 _NUMERIC = ("layer", "depth", "k_x", "k_y", "mso", "random_baseline")
 
 
-def depth_band_mean(df: pd.DataFrame, lo: float = 0.65, hi: float = 0.90) -> pd.DataFrame:
+def depth_band_mean(df: pd.DataFrame, lo: float = DEPTH_BAND[0], hi: float = DEPTH_BAND[1]) -> pd.DataFrame:
     """Mean over the layers with lo <= depth <= hi (both ends included), per energy (the study's summary).
 
     Groups by `energy` and by any other non-numeric label column the frame carries (e.g. a pair name). Returns
@@ -227,6 +233,53 @@ def depth_band_mean(df: pd.DataFrame, lo: float = 0.65, hi: float = 0.90) -> pd.
     res = g[values].mean()
     res["n_layers"] = g["layer"].nunique() if "layer" in band.columns else g.size()
     return res.reset_index()
+
+
+@dataclass(frozen=True)
+class BandMean:
+    """The depth-band summary of an activation-overlap table: `table` (`depth_band_mean` over lo..hi), the band
+    used, and `note`: empty for the study's band, else one sentence saying how it was widened."""
+
+    table: pd.DataFrame
+    lo: float
+    hi: float
+    note: str
+
+
+def depth_band(depths: Sequence[float], band: tuple[float, float] = DEPTH_BAND,
+               min_layers: int = BAND_MIN_LAYERS) -> tuple[float, float, str]:
+    """(lo, hi, note): `band`, or, when it holds fewer than `min_layers` transformer layers (depth > 0; fewer only
+    when the model has fewer), the narrowest band around its centre that holds `min_layers` of them (the layers
+    nearest the centre, the shallower first on a tie); the note says what was widened."""
+    lo, hi = band
+    eps = 1e-9
+    ds = sorted({float(d) for d in depths if d > eps})
+    inside = [d for d in ds if lo - eps <= d <= hi + eps]
+    need = min(min_layers, len(ds))
+    if len(inside) >= need:
+        return lo, hi, ""
+    centre = (lo + hi) / 2
+    chosen = sorted(ds, key=lambda d: (abs(d - centre), d))[:need]
+    new_lo, new_hi = min(chosen), max(chosen)
+    note = (f"the study's depth band {lo:g}-{hi:g} holds {len(inside)} of this {len(ds)}-layer model's layers "
+            f"(depths {', '.join(f'{d:.3g}' for d in ds)}), so it is widened to {new_lo:.3g}-{new_hi:.3g} "
+            f"({len(chosen)} layers)")
+    return new_lo, new_hi, note
+
+
+def band_mean(table: pd.DataFrame, band: tuple[float, float] = DEPTH_BAND) -> BandMean:
+    """The mean of an activation-overlap table (`activation_overlap`, any extra label columns) over the layers
+    whose depth lies in `band`, per energy and label (`depth_band_mean`).
+
+    A model too shallow for the band to hold BAND_MIN_LAYERS transformer layers gets the band widened to the
+    layers nearest its centre (`depth_band`), and `note` says so: the findings report and the app's Overlap page
+    both show this, so they report the same band mean. (The page used to fall back to the single layer nearest
+    the band's middle, counting the embeddings as a layer; it now widens as the findings do.)
+    """
+    if "depth" not in table.columns:
+        raise SafesubError("overlap table: lacks column(s) depth")
+    lo, hi, note = depth_band(table["depth"].unique(), band)
+    return BandMean(depth_band_mean(table, lo, hi), lo, hi, note)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -252,18 +305,16 @@ def embed_2d(X, method: str = "pca", seed: int = 0) -> np.ndarray:
         raise SafesubError("2-D map input: contains non-finite values")
     seed = int(seed)
     if m == "pca":
-        from sklearn.decomposition import PCA
-
         k = min(2, n, d)
         Z = PCA(n_components=k, random_state=seed).fit_transform(X)
     elif m == "umap":
-        import umap
+        import umap  # heavy (numba compiles on import) and only for this method: imported when asked for
 
         Z = umap.UMAP(
             n_components=2, init="pca", random_state=seed, n_neighbors=min(15, n - 1), n_jobs=1
         ).fit_transform(X)
     else:
-        from sklearn.manifold import TSNE
+        from sklearn.manifold import TSNE  # heavy and only for this method: imported when asked for
 
         Z = TSNE(n_components=2, init="pca", random_state=seed, perplexity=min(30.0, (n - 1) / 3)).fit_transform(X)
     Z = np.asarray(Z, dtype=np.float64)

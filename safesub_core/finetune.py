@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import torch
+from peft import LoraConfig, get_peft_model
 from transformers import get_cosine_schedule_with_warmup
 
 from safesub_core.errors import SafesubError
@@ -158,8 +159,6 @@ def sft_lora(model, tokenizer, examples: Sequence[tuple[str, str]], cfg: Finetun
              progress: Progress | None = None, r: int = 8, alpha: int = 16,
              target_modules: Sequence[str] = LORA_TARGETS):
     """`sft` through a LoRA adapter on `target_modules`; returns the PeftModel (wraps `model`, base frozen)."""
-    from peft import LoraConfig, get_peft_model
-
     torch.manual_seed(cfg.seed)  # the adapter's A matrices are drawn at random
     lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(target_modules),
                       task_type="CAUSAL_LM")

@@ -60,7 +60,8 @@ def prepare_tokenizer(tokenizer):
     """Left padding and a pad token (the EOS token when the tokenizer has none) for batched decoding."""
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
-            raise SafesubError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r}: has neither a pad nor an EOS token")
+            name = getattr(tokenizer, "name_or_path", "")
+            raise SafesubError(f"tokenizer {name!r}: has neither a pad nor an EOS token")
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     return tokenizer

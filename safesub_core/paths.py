@@ -1,23 +1,21 @@
 """Where paths typed into the app may point: the allowed roots.
 
 Contract: `allowed_roots()` is the list of folders in the environment variable SAFESUB_ROOTS (separated by
-os.pathsep), or by default the cache root and the user's home. `confine(path, what)` resolves symbolic links and
-'..' first, then returns the real path when it lies inside one of the roots, and otherwise raises a one-line
-SafesubError naming the path; so a link inside a root that points outside it is refused too.
+os.pathsep), or by default the cache root and the user's home (`settings.roots()`). `confine(path, what)` resolves
+symbolic links and '..' first, then returns the real path when it lies inside one of the roots, and otherwise
+raises a one-line SafesubError naming the path; so a link inside a root that points outside it is refused too.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from safesub_core.cache import cache_root
+from safesub_core import settings
 from safesub_core.errors import SafesubError
 
 
 def allowed_roots() -> list[Path]:
-    env = os.environ.get("SAFESUB_ROOTS")
-    roots = [Path(p) for p in env.split(os.pathsep) if p.strip()] if env else [cache_root(), Path.home()]
-    return [r.expanduser().resolve() for r in roots]
+    return [r.expanduser().resolve() for r in settings.roots()]
 
 
 def confine(path: str | os.PathLike, what: str = "path") -> Path:

@@ -13,8 +13,8 @@ cache (batch 1) is computed once per (model, prefix, state of the weights) and r
 forward pass runs the suffixes only. The state of the weights is every parameter's storage and version counter;
 an in-place write to a parameter (a projection composed into the model, `load_state_dict`, an optimizer step)
 moves the counter, so a stale cache is never reused. A write through `param.data` does not move it: writers of
-weights here write to the parameters themselves. On a CPU, where a pass over a 135M-parameter model costs about 0.2 s whatever the batch, this
-halves the tokens of a live read-out.
+weights here write to the parameters themselves. On a CPU, where a pass costs about the same whatever the batch,
+this halves the tokens of a live read-out (benchmarks/README.md).
 
 P = 0 gives the plain left-padded batch: for models whose forward lacks the cache arguments, and for prompts
 with no template (raw text shares no header). Outputs agree with the unshared batch to float rounding (4e-5 on
@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+from transformers import DynamicCache
 
 MIN_PREFIX = 2  # a single shared token is not worth a cache
 _CACHE_ARGS = ("past_key_values", "position_ids", "use_cache")
@@ -83,8 +84,6 @@ def prefix_length(rows: Sequence[Sequence[int]], header: Sequence[int], keep: in
 
 def new_cache(model):
     """An empty key/value cache for `model` (transformers' DynamicCache)."""
-    from transformers import DynamicCache
-
     try:
         return DynamicCache(config=model.config)
     except TypeError:

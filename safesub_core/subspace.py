@@ -1,4 +1,5 @@
-"""Alignment subspaces and projections of the fine-tuning update (DESIGN.md §2).
+"""Alignment subspaces and projections of the fine-tuning update (docs/method.md, "Updates and subspaces",
+"Projection modes" and "Diagnostics").
 
 Per tensor (a matrix M x N as stored; 3+-dim tensors reshaped to (shape[0], -1); 1-D tensors as an M x 1 column):
   alignment update dA = W_start - W0,  task update dT = W_FT - W_start,  thin SVD dA = U S V^T, r = min(M, N).
@@ -28,7 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Callable
@@ -36,15 +36,19 @@ from typing import Callable
 import pandas as pd
 import torch
 
+from safesub_core import settings
+from safesub_core.cache import DiskCache
+from safesub_core.checkpoints import block_index, module_type
 from safesub_core.errors import SafesubError
-from safesub_core.family import Family, block_index, module_type, row_blocks
-from safesub_core.overlap import check_energy, release_freed_memory
+from safesub_core.family import Family
+from safesub_core.linalg import as_matrix, check_energy, cosine, release_freed_memory, row_blocks
 
 SUBSPACES = ("topk", "randomk", "random")
+SUBSPACE_LABELS = {"topk": "Top-K", "randomk": "Random-K", "random": "Random"}
+MODES = ("parallel", "opposite", "orthogonal")
 CHUNK_BYTES = 256 << 20  # tensors' bases and coordinates are cached in groups of at most this size
 DEFAULT_RESIDENT_BYTES = 4 << 30  # an engine keeps at most this many bytes of matrices resident by default,
 MIN_RESIDENT_BYTES = 64 << 20  # and a quarter of one float32 checkpoint, but at least this (groups: an eighth)
-MODES = ("parallel", "opposite", "orthogonal")
 
 
 @dataclass(frozen=True)
@@ -75,11 +79,6 @@ class ProjectionConfig:
     def label(self) -> str:
         rank = f"rho={self.rank_fraction:g}" if self.energy is None else f"eta={self.energy:g}"
         return f"{self.subspace} {self.mode} {rank} alpha={self.alpha:g}"
-
-
-def as_matrix(t: torch.Tensor) -> torch.Tensor:
-    """A tensor as the matrix the subspace lives in: 1-D -> (M, 1), 2-D as is, n-D -> (shape[0], -1)."""
-    return t.reshape(t.shape[0], -1) if t.dim() != 1 else t.reshape(-1, 1)
 
 
 def _seed_for(name: str, seed: int) -> int:
@@ -127,20 +126,13 @@ def _update_sums(ft, start, base, name: str, dT: torch.Tensor | None = None,
     task = align = dot = 0.0
     for i in range(0, numel, step):
         j = min(i + step, numel)
-        f, a, b = (_elements(reader, name, shape, i, j) for reader in (ft, start, base))
+        f, a, b = (reader.get_elements(name, i, j) for reader in (ft, start, base))
         x = f - a
         if flat is not None:
             flat[i:j] = x
         x, y = x.double(), (a - b).double()
         task, align, dot = task + float(x.pow(2).sum()), align + float(y.pow(2).sum()), dot + float((x * y).sum())
     return task, align, dot
-
-
-def _elements(reader, name: str, shape: tuple[int, ...], i: int, j: int) -> torch.Tensor:
-    """Elements i:j of the flattened tensor `name` (of `shape`), reading only the rows that hold them."""
-    row = math.prod(shape[1:])  # elements per row along the first dimension (1 for a vector)
-    r0, r1 = i // row, -(-j // row)
-    return reader.get_rows(name, r0, r1).reshape(-1)[i - r0 * row:j - r0 * row]
 
 
 @dataclass
@@ -340,7 +332,7 @@ class SubspaceEngine:
     ) -> "SubspaceEngine":
         """Stream the base, start and variant tensors one at a time; bases and coordinates go to the disk cache.
 
-        `resident_bytes` bounds what stays in memory (default: env SAFESUB_RESIDENT_BYTES, else a quarter of one
+        `resident_bytes` bounds what stays in memory (default: `settings.resident_bytes()`, else a quarter of one
         checkpoint in float32, at least 64 MiB and at most 4 GiB). Peak memory is then that, plus one cache group
         (at most CHUNK_BYTES or an eighth of a checkpoint), plus one tensor's working set: for the largest matrix
         (M x N, M >= N) four of its size, while its random basis is computed (U, the Gaussian, LAPACK's copy of it
@@ -354,17 +346,12 @@ class SubspaceEngine:
         base, start, ft = family.reader("base"), family.reader(family.start), family.reader(variant)
         start.check_compatible(base)
         start.check_compatible(ft)
-        from safesub_core.cache import DiskCache
-
         cache = cache or DiskCache()
         names = start.names()
         numel = {n: math.prod(start.shape(n)) for n in names}
         checkpoint_bytes = 4 * sum(numel.values())
-        if resident_bytes is not None:
-            budget = resident_bytes
-        elif "SAFESUB_RESIDENT_BYTES" in os.environ:
-            budget = int(os.environ["SAFESUB_RESIDENT_BYTES"])
-        else:
+        budget = resident_bytes if resident_bytes is not None else settings.resident_bytes()
+        if budget is None:
             budget = min(DEFAULT_RESIDENT_BYTES, max(MIN_RESIDENT_BYTES, checkpoint_bytes // 4))
         chunks = _chunks(names, start.shape, min(CHUNK_BYTES, max(MIN_RESIDENT_BYTES, checkpoint_bytes // 8)))
         basis_parts = dict(base=family.base.fingerprint(), start=family.start_checkpoint.fingerprint(), seed=seed)
@@ -394,7 +381,7 @@ class SubspaceEngine:
                         U, Ur = b[f"{n}::U"].to(device), b[f"{n}::Ur"].to(device)
                         M, N = U.shape[0], numel[n] // U.shape[0]
                         C, Cr = U.new_zeros(U.shape[1], N), Ur.new_zeros(Ur.shape[1], N)
-                        for rows in row_blocks((M, N), 1 << 22):  # dT a block of rows at a time, read from the checkpoints
+                        for rows in row_blocks((M, N)):  # dT a block of rows at a time, read from the checkpoints
                             i, j = rows.start, rows.stop
                             dT = (ft.get_rows(n, i, j) - start.get_rows(n, i, j)).reshape(j - i, N).to(device)
                             C += U[rows].T @ dT
@@ -425,10 +412,7 @@ class SubspaceEngine:
         for i, n in enumerate(names):
             if progress:
                 progress(i, len(names), f"alignment basis and task coordinates: {n}")
-            shape = start.shape(n)
-            M = shape[0] if len(shape) > 1 else numel[n]
-            N = numel[n] // M
-            r = min(M, N)
+            M, N, r = _dims(start.shape(n))
             need = 4 * (2 * M * r + 2 * r * N + M * N)  # U, Ur, C, Cr and dT in float32 (TensorProjection.nbytes)
             keep = used + need <= budget
             used += need if keep else 0
@@ -514,10 +498,7 @@ def _chunks(names: list[str], shape_of: Callable[[str], tuple], limit: int) -> l
     """Consecutive groups of tensor names whose bases and coordinates take at most `limit` bytes (or one tensor)."""
     out, size = [[]], 0
     for n in names:
-        shape = shape_of(n)
-        M = shape[0] if len(shape) > 1 else math.prod(shape)
-        N = math.prod(shape) // M
-        r = min(M, N)
+        M, N, r = _dims(shape_of(n))
         need = 4 * 2 * (M * r + r * N)  # U, Ur (M x r) and C, Cr (r x N) in float32
         if out[-1] and size + need > limit:
             out.append([])
@@ -527,12 +508,14 @@ def _chunks(names: list[str], shape_of: Callable[[str], tuple], limit: int) -> l
     return out
 
 
+def _dims(shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """(M, N, r = min(M, N)) of the matrix a tensor of `shape` is taken as (`linalg.as_matrix`)."""
+    M = shape[0] if len(shape) > 1 else math.prod(shape)
+    N = math.prod(shape) // M
+    return M, N, min(M, N)
+
+
 def _stack_padded(rows: list[torch.Tensor]) -> torch.Tensor:
     """Stack 1-D tensors of different lengths into (T, max_len), padding each with its last value."""
     width = max(len(r) for r in rows)
     return torch.stack([torch.cat([r, r[-1:].expand(width - len(r))]) for r in rows])
-
-
-def cosine(dot: float, a_sq: float, b_sq: float) -> float:
-    """dot / (sqrt(a_sq) sqrt(b_sq)), 0 when either norm is zero."""
-    return float(dot / math.sqrt(a_sq * b_sq)) if a_sq > 0 and b_sq > 0 else 0.0

@@ -9,16 +9,19 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from safesub_core.activations import (
+    DEPTH_BAND,
     TruncationWarning,
     activation_map,
     activation_overlap,
+    band_mean,
+    depth_band,
     depth_band_mean,
     embed_2d,
     last_token_states,
 )
 from safesub_core.errors import SafesubError
 from safesub_core.generation import format_prompt
-from safesub_core.overlap import DEFAULT_ENERGIES
+from safesub_core.linalg import DEFAULT_ENERGIES
 
 SENTENCES = [
     "how do i bake a cake for my friend",
@@ -268,6 +271,31 @@ def test_depth_band_mean_picks_the_band_layers():
         depth_band_mean(small)
     with pytest.raises(SafesubError, match="depth band"):
         depth_band_mean(df, lo=0.9, hi=0.1)
+
+
+def test_depth_band_keeps_the_study_band_when_it_holds_layers_and_widens_it_otherwise():
+    deep = [i / 10 for i in range(11)]
+    assert depth_band(deep) == (*DEPTH_BAND, "")
+    lo, hi, note = depth_band([0, 0.5, 1.0])  # 2 layers: the band holds none
+    assert (lo, hi) == (0.5, 1.0) and "widened" in note and "holds 0" in note
+    lo, hi, note = depth_band([0, 0.25, 0.5, 0.75, 1.0])  # 4 layers: the band holds one (0.75)
+    assert (lo, hi) == (0.75, 1.0) and "holds 1" in note
+    assert depth_band([0, 1.0])[:2] == (1.0, 1.0)  # one layer: as wide as the model allows
+
+
+def test_band_mean_is_the_depth_band_mean_over_the_band_it_reports():
+    A = _states(10, 8, 16, slice(0, 16), seed=10)
+    B = _states(10, 8, 16, slice(0, 16), seed=11)
+    deep = activation_overlap(A, B, energies=[0.5, 0.9]).assign(pair="x")
+    got = band_mean(deep)
+    assert (got.lo, got.hi, got.note) == (*DEPTH_BAND, "")
+    assert got.table.equals(depth_band_mean(deep))
+    shallow = activation_overlap(A[:3], B[:3], energies=[0.9])  # depths 0, 0.5, 1: the band holds no layer
+    got = band_mean(shallow)
+    assert (got.lo, got.hi) == (0.5, 1.0) and "widened" in got.note
+    assert got.table.equals(depth_band_mean(shallow, 0.5, 1.0)) and got.table["n_layers"].tolist() == [2]
+    with pytest.raises(SafesubError, match="lacks column"):
+        band_mean(shallow.drop(columns="depth"))
 
 
 def test_overlap_on_real_states(llama, tok):

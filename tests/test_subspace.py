@@ -6,14 +6,14 @@ import torch
 
 from factories import write_family
 from safesub_core.errors import SafesubError
-from safesub_core.family import Family, load_model
+from safesub_core.checkpoints import load_model
+from safesub_core.family import Family
+from safesub_core.linalg import as_matrix, cosine
 from safesub_core.subspace import (
     ProjectionConfig,
     SubspaceEngine,
     TensorProjection,
     alignment_basis,
-    as_matrix,
-    cosine,
 )
 
 
@@ -361,10 +361,10 @@ def test_checkpoints_are_read_in_blocks_of_rows_with_the_same_values(synthetic, 
     """Block reading (TensorReader.get, get_rows, difference; the engine's sums) gives exactly the whole-tensor values."""
     from safetensors import safe_open
 
-    import safesub_core.family as fam
+    import safesub_core.linalg as linalg
     from safesub_core.subspace import _update_sums
 
-    monkeypatch.setattr(fam, "READ_BLOCK", 50)  # several blocks per tensor, most of them not whole rows of a vector
+    monkeypatch.setattr(linalg, "READ_BLOCK", 50)  # several blocks per tensor, most of them not whole rows of a vector
     ft, start, base = synthetic.reader("harmful"), synthetic.reader("aligned"), synthetic.reader("base")
     with safe_open(synthetic.aligned.weight_files()[0], framework="pt") as fh:
         whole = {n: fh.get_tensor(n).float() for n in start.names()}
@@ -387,7 +387,7 @@ def test_checkpoints_are_read_in_blocks_of_rows_with_the_same_values(synthetic, 
 def test_the_build_never_reads_a_whole_tensor(synthetic, engine, tmp_path, monkeypatch):
     """Memory: the checkpoints are read a block of rows at a time, never as whole tensors, and the result is the same."""
     from safesub_core.cache import DiskCache
-    from safesub_core.family import TensorReader
+    from safesub_core.checkpoints import TensorReader
 
     monkeypatch.setattr(TensorReader, "get", lambda self, name: pytest.fail(f"read {name} whole"))
     again = SubspaceEngine.build(synthetic, "harmful", cache=DiskCache(tmp_path))

@@ -1,16 +1,11 @@
-"""Content-addressed disk cache for results: SVD bases, projections, overlaps, activations, scores.
+"""The disk cache store: a content-addressed folder of results (SVD bases, projections, overlaps, activations,
+scores).
 
 Contract:
 - Keys. `DiskCache.key(namespace, parts)` is the sha256 of the canonical JSON (sorted keys, no spaces) of
-  ``{"namespace": namespace, "parts": parts}``. Parts may hold str, int, float, bool, None, lists, tuples (hashed
-  as lists) and dicts with str keys; anything else (numpy scalars, paths, objects) raises `TypeError`, so two
-  spellings of one value never silently share or split a key. ``1`` and ``1.0`` and ``True`` are different keys.
-- Values. One of three kinds, each stored without pickle:
-  ``dict[str, torch.Tensor]`` (non-empty) as a safetensors file (tensors detached, moved to CPU, contiguous);
-  a ``pandas.DataFrame`` as JSON that round-trips dtypes exactly (numpy bool/int/uint/float, ``str``/``string``,
-  nullable ``Int*``/``Float*``/``boolean``, ``object`` columns of str/int/float/bool/None; range, plain or multi
-  indexes; floats via their shortest exact repr); any other dict or a list as JSON (NaN allowed). Other values or
-  column dtypes (category, datetime, ...) raise `TypeError` before anything is written.
+  ``{"namespace": namespace, "parts": parts}`` (`codec.canonical`: anything but str, int, float, bool, None,
+  lists, tuples and str-keyed dicts raises `TypeError`; ``1``, ``1.0`` and ``True`` are different keys).
+- Values. A dict of tensors, a pandas DataFrame, or a JSON dict or list (`codec`: each stored without pickle).
   `get_or_compute` and `put` return the value *as stored*, exactly what a later hit returns (CPU tensors, JSON
   tuples as lists), so hit and miss never differ.
 - Layout. ``<root>/<namespace>/<key[:2]>/<key>.<ext>`` (``.safetensors``, ``.frame.json`` or ``.value.json``) with
@@ -30,9 +25,9 @@ Contract:
 - Checksums. Every read verifies the payload's sha256 against the sidecar. A mismatch, a missing or unreadable
   payload or a broken sidecar logs a warning, deletes the entry (under its lock) and counts as a miss.
 - Size cap. After each write, if the cache holds more than ``max_bytes`` (payload + sidecar bytes; default
-  env SAFESUB_CACHE_MAX_BYTES or 20 GiB) the least recently used entries are deleted until it fits. A read
-  touches the sidecar's mtime (`os.utime`), which is the "last used" time. The entry just written is never
-  evicted, nor an entry whose lock another caller holds.
+  `settings.cache_max_bytes()`: SAFESUB_CACHE_MAX_BYTES or 20 GiB) the least recently used entries are deleted
+  until it fits. A read touches the sidecar's mtime (`os.utime`), which is the "last used" time. The entry just
+  written is never evicted, nor an entry whose lock another caller holds.
 - `clear` is meant for a cache no other process is writing to at that moment.
 """
 from __future__ import annotations
@@ -45,69 +40,34 @@ import json
 import logging
 import os
 import re
-import sys
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
+import pandas as pd
 from filelock import FileLock, Timeout
+from safetensors.torch import save_file
 
+from safesub_core import settings
+from safesub_core.cache.codec import (EXTENSIONS, as_tensors, canonical, decode, decode_frame, encode_frame,
+                                      encode_json, json_bytes, kind_of)
 from safesub_core.errors import SafesubError
+from safesub_core.settings import cache_root
 
 log = logging.getLogger(__name__)
 
 V = TypeVar("V")
-DEFAULT_MAX_BYTES = 20 * 1024**3
 FORMAT = 1
-_EXT = {"tensors": ".safetensors", "dataframe": ".frame.json", "json": ".value.json"}
 _NAMESPACE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _ENTRY_FILE = re.compile(r"^([0-9a-f]{64})(\..+)$")
-_MASKED = {"Int8", "Int16", "Int32", "Int64", "UInt8", "UInt16", "UInt32", "UInt64", "Float32", "Float64", "boolean"}
 _MISSING = object()  # no committed entry
 _BAD = object()  # a committed entry that fails its checksum or cannot be read
 
+__all__ = ["DiskCache", "cache_root"]
 
-def cache_root() -> Path:
-    """The cache folder: env SAFESUB_CACHE, else ``<repo root>/cache``."""
-    env = os.environ.get("SAFESUB_CACHE")
-    if env:
-        return Path(env).expanduser()
-    return Path(__file__).resolve().parent.parent / "cache"
-
-
-def _max_bytes_from_env() -> int:
-    raw = os.environ.get("SAFESUB_CACHE_MAX_BYTES")
-    if not raw:
-        return DEFAULT_MAX_BYTES
-    try:
-        return int(float(raw))
-    except ValueError:
-        raise SafesubError(f"SAFESUB_CACHE_MAX_BYTES={raw!r}: is not a number of bytes") from None
-
-
-# ---------------------------------------------------------------------------------------------------- keys
-
-
-def _canonical(x: Any, where: str) -> Any:
-    if x is None or type(x) in (str, bool, int, float):
-        return x
-    if isinstance(x, (list, tuple)):
-        return [_canonical(v, f"{where}[{i}]") for i, v in enumerate(x)]
-    if isinstance(x, dict):
-        out = {}
-        for k, v in x.items():
-            if not isinstance(k, str):
-                raise TypeError(f"cache key part {where}: dict key {k!r} is not a str")
-            out[k] = _canonical(v, f"{where}.{k}")
-        return out
-    raise TypeError(
-        f"cache key part {where}: {type(x).__name__} is not str, int, float, bool, None, list, tuple or dict"
-    )
-
-
-# ---------------------------------------------------------------------------------------------------- encoding
+# ---------------------------------------------------------------------------------------------------- files
 # Writers take a temporary path and write the payload there; tests monkeypatch them to simulate a full disk.
 
 
@@ -117,166 +77,7 @@ def _write_bytes(path: Path, data: bytes) -> None:
 
 
 def _write_tensors(path: Path, tensors: dict) -> None:
-    from safetensors.torch import save_file
-
     save_file(tensors, str(path))
-
-
-def _json_dumps(obj: Any) -> bytes:
-    return json.dumps(obj, ensure_ascii=False, allow_nan=True, separators=(",", ":")).encode("utf-8")
-
-
-def _is_scalar(v: Any) -> bool:
-    return v is None or isinstance(v, (str, bool, int, float))
-
-
-def _encode_values(values, dtype, what: str) -> dict:
-    import numpy as np
-
-    name = str(dtype)
-    if isinstance(dtype, np.dtype) and dtype.kind in "biuf":
-        return {"dtype": name, "values": values.tolist()}
-    if isinstance(dtype, np.dtype) and dtype.kind == "O":
-        out = []
-        for v in values.tolist():
-            v = v.item() if isinstance(v, np.generic) else v
-            if not _is_scalar(v):
-                raise TypeError(f"DataFrame {what}: object value {v!r} is not str, int, float, bool or None")
-            out.append(v)
-        return {"dtype": "object", "values": out}
-    if name in ("str", "string") or name in _MASKED:
-        import pandas as pd
-
-        out = [None if v is pd.NA or (name in ("str", "string") and not isinstance(v, str)) else v
-               for v in values.tolist()]
-        return {"dtype": name, "values": out}
-    raise TypeError(
-        f"DataFrame {what}: dtype {name} cannot be cached (use bool, int, float, str, nullable or object-of-scalars)"
-    )
-
-
-def _decode_values(enc: dict):
-    import numpy as np
-    import pandas as pd
-
-    dtype = pd.api.types.pandas_dtype(enc["dtype"])
-    values = enc["values"]
-    if isinstance(dtype, np.dtype):
-        if dtype.kind == "O":
-            arr = np.empty(len(values), dtype=object)
-            arr[:] = values
-            return arr, dtype
-        return np.array(values, dtype=dtype), dtype
-    return pd.array(values, dtype=dtype), dtype
-
-
-def _check_label(v: Any, what: str) -> Any:
-    np = sys.modules.get("numpy")
-    v = v.item() if np is not None and isinstance(v, np.generic) else v
-    if not _is_scalar(v):
-        raise TypeError(f"DataFrame {what}: name {v!r} is not str, int, float, bool or None")
-    return v
-
-
-def _encode_index(idx, what: str) -> dict:
-    import pandas as pd
-
-    if isinstance(idx, pd.MultiIndex):
-        levels = [_encode_values(idx.get_level_values(i), idx.levels[i].dtype, what) for i in range(idx.nlevels)]
-        return {"kind": "multi", "names": [_check_label(n, what) for n in idx.names], "levels": levels}
-    if isinstance(idx, pd.RangeIndex):
-        return {"kind": "range", "name": _check_label(idx.name, what),
-                "start": idx.start, "stop": idx.stop, "step": idx.step}
-    return {"kind": "index", "name": _check_label(idx.name, what), **_encode_values(idx, idx.dtype, what)}
-
-
-def _decode_index(enc: dict):
-    import pandas as pd
-
-    if enc["kind"] == "range":
-        return pd.RangeIndex(enc["start"], enc["stop"], enc["step"], name=enc["name"])
-    if enc["kind"] == "multi":
-        arrays = [pd.Index(arr, dtype=dtype) for arr, dtype in map(_decode_values, enc["levels"])]
-        return pd.MultiIndex.from_arrays(arrays, names=enc["names"])
-    arr, dtype = _decode_values(enc)
-    return pd.Index(arr, dtype=dtype, name=enc["name"])
-
-
-def _encode_frame(df) -> bytes:
-    doc = {
-        "format": "safesub-frame/1",
-        "columns": _encode_index(df.columns, "columns"),
-        "index": _encode_index(df.index, "index"),
-        "data": [_encode_values(df.iloc[:, i], df.dtypes.iloc[i], f"column {df.columns[i]!r}")
-                 for i in range(df.shape[1])],
-    }
-    return _json_dumps(doc)
-
-
-def _decode_frame(data: bytes):
-    import pandas as pd
-
-    doc = json.loads(data)
-    index = _decode_index(doc["index"])
-    columns = _decode_index(doc["columns"])
-    series = {}
-    for i, enc in enumerate(doc["data"]):
-        arr, dtype = _decode_values(enc)
-        series[i] = pd.Series(arr, dtype=dtype, index=index, copy=False)
-    df = pd.DataFrame(series, index=index)
-    df.columns = columns
-    return df
-
-
-def _as_tensors(value: dict) -> dict:
-    out, seen = {}, set()
-    for k, t in value.items():
-        if not isinstance(k, str):
-            raise TypeError(f"tensor dict key {k!r} is not a str")
-        t = t.detach().cpu().contiguous()
-        ptr = t.untyped_storage().data_ptr()
-        if ptr in seen:  # safetensors refuses tensors sharing memory
-            t = t.clone()
-        seen.add(t.untyped_storage().data_ptr())
-        out[k] = t
-    return out
-
-
-def _kind(value: Any) -> str:
-    torch, pd = sys.modules.get("torch"), sys.modules.get("pandas")
-    if pd is not None and isinstance(value, pd.DataFrame):
-        return "dataframe"
-    if isinstance(value, dict) and value and torch is not None:
-        n = sum(isinstance(v, torch.Tensor) for v in value.values())
-        if n == len(value):
-            return "tensors"
-        if n:
-            raise TypeError("cache value: a dict mixing tensors and other values cannot be cached")
-    if isinstance(value, (dict, list)):
-        return "json"
-    raise TypeError(
-        f"cache value: {type(value).__name__} is not a dict of tensors, a pandas DataFrame, or a JSON dict/list"
-    )
-
-
-def _json_default(o: Any) -> Any:
-    np = sys.modules.get("numpy")
-    if np is not None and isinstance(o, np.generic):
-        return o.item()
-    raise TypeError(f"cache value: {type(o).__name__} is not JSON-serialisable")
-
-
-def _decode(kind: str, path: Path) -> Any:
-    if kind == "tensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    data = path.read_bytes()
-    if kind == "dataframe":
-        return _decode_frame(data)
-    if kind == "json":
-        return json.loads(data)
-    raise ValueError(f"unknown cache value type {kind!r}")
 
 
 def _sha256(path: Path) -> tuple[str, int]:
@@ -338,7 +139,7 @@ class DiskCache:
 
     def __init__(self, root: Path | str | None = None, max_bytes: int | None = None):
         self.root = Path(root).expanduser() if root is not None else cache_root()
-        self.max_bytes = int(max_bytes) if max_bytes is not None else _max_bytes_from_env()
+        self.max_bytes = int(max_bytes) if max_bytes is not None else settings.cache_max_bytes()
         if self.max_bytes <= 0:
             raise SafesubError(f"cache size cap {self.max_bytes}: must be a positive number of bytes")
 
@@ -352,7 +153,7 @@ class DiskCache:
         """sha256 hex of the canonical JSON of namespace and parts; TypeError for parts JSON cannot hold exactly."""
         if not isinstance(namespace, str):
             raise TypeError(f"cache namespace {namespace!r} is not a str")
-        doc = {"namespace": namespace, "parts": _canonical(parts, "parts")}
+        doc = {"namespace": namespace, "parts": canonical(parts, "parts")}
         text = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=True)
         return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
@@ -400,8 +201,6 @@ class DiskCache:
 
     def info(self):
         """A DataFrame with one row per namespace: namespace, entries, bytes (payloads + sidecars)."""
-        import pandas as pd
-
         totals: dict[str, list[int]] = {}
         for e in self._entries():
             t = totals.setdefault(e.namespace, [0, 0])
@@ -486,12 +285,12 @@ class DiskCache:
         try:
             meta = json.loads(sidecar.read_bytes())
             kind = meta["type"]
-            payload = folder / f"{key}{_EXT[kind]}"
+            payload = folder / f"{key}{EXTENSIONS[kind]}"
             digest, _ = _sha256(payload)
             if digest != meta["sha256"]:
                 log.warning("cache entry %s/%s: payload checksum mismatch", namespace, key)
                 return _BAD
-            value = _decode(kind, payload)
+            value = decode(kind, payload)
         except (FileNotFoundError, NotADirectoryError) as err:
             if err.filename == str(sidecar):
                 return _MISSING
@@ -523,28 +322,25 @@ class DiskCache:
     @staticmethod
     def _remove_files(folder: Path, key: str) -> None:
         _unlink(folder / f"{key}.json")  # the sidecar first: the entry stops existing before its payload goes
-        for ext in _EXT.values():
+        for ext in EXTENSIONS.values():
             _unlink(folder / f"{key}{ext}")
 
     def _store(self, namespace: str, key: str, parts: dict, value: Any) -> Any:
         """Write payload then sidecar (caller holds the key's lock); returns the value as a later read returns it."""
-        kind = _kind(value)
+        kind = kind_of(value)
         if kind == "tensors":
-            stored = _as_tensors(value)
+            stored = as_tensors(value)
             writer = lambda p: _write_tensors(p, stored)  # noqa: E731
         elif kind == "dataframe":
-            data = _encode_frame(value)
-            stored = _decode_frame(data)
+            data = encode_frame(value)
+            stored = decode_frame(data)
             writer = lambda p: _write_bytes(p, data)  # noqa: E731
         else:
-            try:
-                data = json.dumps(value, ensure_ascii=False, allow_nan=True, default=_json_default).encode("utf-8")
-            except ValueError as err:  # circular references
-                raise TypeError(f"cache value: {err}") from None
+            data = encode_json(value)
             stored = json.loads(data)
             writer = lambda p: _write_bytes(p, data)  # noqa: E731
         folder = self._folder(namespace, key)
-        payload, sidecar = folder / f"{key}{_EXT[kind]}", folder / f"{key}.json"
+        payload, sidecar = folder / f"{key}{EXTENSIONS[kind]}", folder / f"{key}.json"
         try:
             folder.mkdir(parents=True, exist_ok=True)
             self._remove_files(folder, key)  # replacing an entry: uncommit the old one first
@@ -553,14 +349,14 @@ class DiskCache:
                 "format": FORMAT,
                 "namespace": namespace,
                 "key": key,
-                "parts": _canonical(parts, "parts"),
+                "parts": canonical(parts, "parts"),
                 "type": kind,
                 "payload": payload.name,
                 "size": size,
                 "sha256": digest,
                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             }
-            _atomic_write(sidecar, lambda p: _write_bytes(p, _json_dumps(meta)))
+            _atomic_write(sidecar, lambda p: _write_bytes(p, json_bytes(meta)))
             now = time.time_ns()
             os.utime(sidecar, ns=(now, now))
             _fsync_dir(folder)
