@@ -10,6 +10,7 @@ import torch
 from safesub_core.errors import SafesubError
 from safesub_core.prefix import PromptBatch
 from safesub_core.prompts import PromptSet
+from safesub_core.scoring import live, logprobs
 from safesub_core.scoring import (
     COMPLIANCE_OPENING,
     JUDGE_RUBRIC,
@@ -23,6 +24,7 @@ from safesub_core.scoring import (
     is_refusal,
     judge_scores,
     kl_to_reference,
+    live_forward_scores,
     logprob_margin,
     overrefusal_report,
     parse_score,
@@ -211,12 +213,11 @@ def test_margin_short_prompt_same_alone_and_in_batch(tiny):
 
 
 def test_shared_prefix_and_full_row_paths_agree(tiny, monkeypatch):
-    import safesub_core.scoring as S
-
     model, tok = tiny
-    assert S._supports_branch_rows(model)  # a Llama takes the shared-prefix, branch-row path
+    assert logprobs._supports_branch_rows(model)  # a Llama takes the shared-prefix, branch-row path
     shared = logprob_margin(model, tok, PROMPTS, batch_size=2)
-    monkeypatch.setattr(S, "_supports_branch_rows", lambda m: False)
+    monkeypatch.setattr(logprobs, "_supports_branch_rows", lambda m: False)  # where logprob_margin looks it up
+    monkeypatch.setattr(logprobs, "shared_prefix_logprob_sums", lambda *a, **k: pytest.fail("the branch path ran"))
     full = logprob_margin(model, tok, PROMPTS, batch_size=2)
     assert torch.allclose(shared, full, atol=1e-4)
 
@@ -296,7 +297,6 @@ def test_kl_reference_cache_runs_the_reference_once_with_the_same_result(tiny):
 def test_live_forward_scores_are_the_three_functions_in_two_passes(tiny, monkeypatch):
     """One batched pass over the three sets' rows, then the margin's continuations: the same numbers as
     logprob_margin, answer_nll and kl_to_reference, in two model calls (plus the reference's, once)."""
-    import safesub_core.scoring as S
 
     model, tok = tiny
     other = make_model(tok, seed=1)
@@ -306,9 +306,9 @@ def test_live_forward_scores_are_the_three_functions_in_two_passes(tiny, monkeyp
              for m, k in ((other, "model"), (model, "ref"))]
     try:
         ref_cache = {}
-        got = S.live_forward_scores(other, model, tok, harmful, utility, refs, benign, ref_cache=ref_cache)
+        got = live_forward_scores(other, model, tok, harmful, utility, refs, benign, ref_cache=ref_cache)
         assert calls == {"model": 2, "ref": 1}
-        again = S.live_forward_scores(other, model, tok, harmful, utility, refs, benign, ref_cache=ref_cache)
+        again = live_forward_scores(other, model, tok, harmful, utility, refs, benign, ref_cache=ref_cache)
         assert calls == {"model": 4, "ref": 1}  # the reference's logits came from the cache
     finally:
         for h in hooks:
@@ -318,19 +318,19 @@ def test_live_forward_scores_are_the_three_functions_in_two_passes(tiny, monkeyp
     assert torch.allclose(got["nll"], answer_nll(other, tok, utility, refs), atol=1e-4)
     assert torch.allclose(got["kl"], kl_to_reference(other, model, tok, benign), atol=1e-4)
     assert got["margin"].shape == (2,) and got["nll"].shape == (3,) and (got["kl"] > 1e-3).all()
-    same = S.live_forward_scores(model, model, tok, harmful, utility, refs, benign)
+    same = live_forward_scores(model, model, tok, harmful, utility, refs, benign)
     assert torch.equal(same["kl"], torch.zeros(3))  # the same weights in the same layout: exactly zero
-    monkeypatch.setattr(S, "_supports_shared_prefix", lambda m: False)  # no cache arguments: the three functions
-    plain = S.live_forward_scores(other, model, tok, harmful, utility, refs, benign)
+    monkeypatch.setattr(live, "_supports_shared_prefix", lambda m: False)  # no cache arguments: the three functions
+    monkeypatch.setattr(live, "_branch_logprobs", lambda *a: pytest.fail("the fast path ran"))
+    plain = live_forward_scores(other, model, tok, harmful, utility, refs, benign)
     assert all(torch.allclose(plain[k], got[k], atol=1e-4) for k in got)
     with pytest.raises(SafesubError, match="3 prompts but 2 references"):
-        S.live_forward_scores(other, model, tok, harmful, utility, refs[:2], benign)
+        live_forward_scores(other, model, tok, harmful, utility, refs[:2], benign)
 
 
 def test_the_live_pass_checks_a_draft_of_the_greedy_answers(tiny):
     """Given drafts, the same two passes return F(draft) as 'checked', the check `greedy_answers` runs (the model's
     greedy token after each prefix of the draft), and the scores stay the three functions'."""
-    import safesub_core.scoring as S
     from safesub_core.generation import format_prompt, greedy_answers
 
     model, tok = tiny
@@ -341,8 +341,8 @@ def test_the_live_pass_checks_a_draft_of_the_greedy_answers(tiny):
     calls = []
     hook = other.register_forward_hook(lambda *a: calls.append(1))
     try:
-        held = S.live_forward_scores(other, model, tok, harmful, utility, refs, benign, drafts=answers.tokens)
-        wrong = S.live_forward_scores(other, model, tok, harmful, utility, refs, benign, drafts=junk)
+        held = live_forward_scores(other, model, tok, harmful, utility, refs, benign, drafts=answers.tokens)
+        wrong = live_forward_scores(other, model, tok, harmful, utility, refs, benign, drafts=junk)
         assert len(calls) == 4  # two passes each, the check included
         checked = greedy_answers(other, tok, utility, T, draft=answers.tokens, checked=held["checked"])
         assert len(calls) == 4 and checked.passes == 1  # the draft held: no pass of greedy_answers' own
@@ -351,13 +351,13 @@ def test_the_live_pass_checks_a_draft_of_the_greedy_answers(tiny):
     assert torch.equal(checked.tokens, answers.tokens)
     rows = [tok(format_prompt(tok, p), add_special_tokens=False)["input_ids"] + d[:T - 1]
             for p, d in zip(utility, junk.tolist())]
-    expected = PromptBatch.build(rows, S._pad_id(tok), 0).forward(other, logits_to_keep=T).logits.argmax(-1)
+    expected = PromptBatch.build(rows, logprobs._pad_id(tok), 0).forward(other, logits_to_keep=T).logits.argmax(-1)
     assert torch.equal(wrong["checked"], expected)  # F(junk), as a plain pass over prompt + draft gives it
     assert torch.equal(greedy_answers(other, tok, utility, T, draft=junk, checked=wrong["checked"]).tokens,
                        answers.tokens)
-    plain = S.live_forward_scores(other, model, tok, harmful, utility, refs, benign)
+    plain = live_forward_scores(other, model, tok, harmful, utility, refs, benign)
     assert "checked" not in plain and all(torch.allclose(plain[k], held[k], atol=1e-4) for k in plain)
-    short = S.live_forward_scores(other, model, tok, harmful, utility, refs, benign, drafts=junk[:2])
+    short = live_forward_scores(other, model, tok, harmful, utility, refs, benign, drafts=junk[:2])
     assert "checked" not in short  # a draft for other prompts is not checked
 
 
