@@ -4,12 +4,13 @@ import pandas as pd
 import pytest
 
 from safesub_core import findings as F
-from safesub_core.activations import depth_band_mean
+from safesub_core.activations import depth_band, depth_band_mean
 from safesub_core.cache import DiskCache
 from safesub_core.errors import SafesubError
-from safesub_core.family import Family
+from safesub_core.family import Family, resolve_family
 from safesub_core.overlap import overlap_summary, weight_overlap
-from safesub_core.session import EvalSets, FamilySession
+from safesub_core.prompts import EvalSets
+from safesub_core.session import FamilySession
 from safesub_core.subspace import ProjectionConfig
 
 N = 8
@@ -21,12 +22,12 @@ CFG = F.FindingsConfig(n_prompts=N, rhos=(0.01, 0.99), gen_tokens=12, energies=(
 
 def test_depth_band_keeps_the_study_band_when_it_holds_layers_and_widens_it_otherwise():
     deep = [i / 30 for i in range(31)]
-    assert F.depth_band(deep) == (0.65, 0.90, "")
-    lo, hi, note = F.depth_band([0, 0.5, 1.0])  # 2 layers: the band holds none
+    assert depth_band(deep) == (0.65, 0.90, "")
+    lo, hi, note = depth_band([0, 0.5, 1.0])  # 2 layers: the band holds none
     assert (lo, hi) == (0.5, 1.0) and "widened" in note and "2-layer" in note
-    lo, hi, note = F.depth_band([0, 0.25, 0.5, 0.75, 1.0])  # 4 layers: the band holds one (0.75)
+    lo, hi, note = depth_band([0, 0.25, 0.5, 0.75, 1.0])  # 4 layers: the band holds one (0.75)
     assert (lo, hi) == (0.75, 1.0) and "holds 1" in note
-    assert F.depth_band([0, 1.0])[:2] == (1.0, 1.0)  # one layer: as wide as the model allows
+    assert depth_band([0, 1.0])[:2] == (1.0, 1.0)  # one layer: as wide as the model allows
 
 
 def test_behaviour_checks_compare_against_numbers_and_other_models():
@@ -48,9 +49,8 @@ def test_md_table_formats_floats_and_escapes_pipes():
 
 
 def test_study_summary_reads_the_reference_table():
-    study = F.study_reference()
-    if study is None:
-        pytest.skip("the study's table is not on this machine")
+    study = F.study_reference()  # the repository's copy (docs/reference/paper_tables_4_5.csv)
+    assert study is not None
     s = F.study_topk_summary(study)
     row = s[(s["table"] == "Table4") & (s["model"] == "Llama-3.2 1B") & (s["start"] == "Aligned")].iloc[0]
     assert row["topk_util_001"] == pytest.approx(0.14) and row["topk_harm_099"] == pytest.approx(3.84)
@@ -60,9 +60,10 @@ def test_study_summary_reads_the_reference_table():
 
 def test_unknown_built_family_is_a_one_line_error(tmp_path, monkeypatch):
     monkeypatch.setenv("SAFESUB_CACHE", str(tmp_path / "empty"))
-    with pytest.raises(SafesubError, match="smol.*zoo build smol"):
-        F.resolve_family("smol")
-    assert F.main(["--families", "smol", "--out", str(tmp_path / "F.md")]) == 2
+    with pytest.raises(SafesubError, match="smol.*build smol"):
+        resolve_family("smol")
+    with pytest.raises(SafesubError, match="smol.*build smol"):
+        F.run(["smol"], out=tmp_path / "F.md", figures=tmp_path / "figs")
     assert not (tmp_path / "F.md").exists()
 
 
@@ -191,13 +192,13 @@ def test_f1_verdict_follows_its_criterion(result):
 
 
 @pytest.mark.slow
-def test_cli_writes_report_and_figures(tiny_family, tmp_path):
+def test_run_writes_report_and_figures(tiny_family, tmp_path):
     out, figs = tmp_path / "FINDINGS.md", tmp_path / "figs"
-    rc = F.main(["--families", str(tiny_family), "--out", str(out), "--figures", str(figs), "--n-prompts", "6",
-                 "--plotlyjs", "directory",
-                 "--rhos", "0.01,0.99", "--modes", "parallel,orthogonal", "--gen-modes", "parallel",
-                 "--variants", "useful,harmful", "--gen-tokens", "8"])
-    assert rc == 0
+    family = str(tiny_family)
+    configs = F.family_configs([family], F.parse_per_family("6"), F.parse_rhos("0.01,0.99"),
+                               modes=F.parse_list("parallel,orthogonal"), gen_modes=F.parse_list("parallel"),
+                               variants=F.parse_list("useful,harmful"), gen_tokens=8)
+    assert F.run([family], configs, out=out, figures=figs, plotlyjs="directory") == out
     md = out.read_text()
     assert "## Family `tiny`" in md and "(figs/tiny.html)" in md
     html = (figs / "tiny.html").read_text()
@@ -212,6 +213,24 @@ def test_cli_writes_report_and_figures(tiny_family, tmp_path):
     assert rank[rank["mode"] == "parallel"]["gen_exact_match"].notna().all()
     assert "(no generation scores in this mode)" in md
     assert (figs / "plotly.min.js").stat().st_size > 1_000_000, "the HTML works offline: plotly.js beside it"
-    for name in ("rank", "weight", "activations"):
+    for name, width in (("rank", 1400), ("weight", 1200), ("activations", 1300)):
         png = figs / f"tiny_{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"(figs/tiny_{name}.png)" in md
+        # the plotly figure exported by kaleido at the figure's own size (the PNG header's width field)
+        assert int.from_bytes(png.read_bytes()[16:20], "big") == width
+
+
+def test_option_parsers_read_the_verbs_values_and_reject_bad_ones():
+    assert F.parse_per_family("32") == {"*": 32}
+    assert F.parse_per_family("tiny=32,smol=16") == {"tiny": 32, "smol": 16}
+    assert F.parse_rhos("0.01, 0.5,0.99") == (0.01, 0.5, 0.99)
+    assert F.parse_rhos_for(["smol=0.01/0.5/0.99"]) == {"smol": (0.01, 0.5, 0.99)}
+    assert F.parse_list(" a, b,,c") == ("a", "b", "c") and F.parse_list(None) is None
+    cfgs = F.family_configs(["tiny", "smol"], {"smol": 16, "*": 8}, (0.01, 0.99), {"smol": (0.5,)}, gen_tokens=4)
+    assert (cfgs["tiny"].n_prompts, cfgs["tiny"].rhos, cfgs["smol"].n_prompts, cfgs["smol"].rhos) == (
+        8, (0.01, 0.99), 16, (0.5,))
+    assert cfgs["smol"].gen_tokens == 4
+    for bad in (lambda: F.parse_per_family("tiny=x"), lambda: F.parse_rhos("0.1,a"),
+                lambda: F.parse_rhos_for(["smol=0.1/b"])):
+        with pytest.raises(SafesubError, match="expected"):
+            bad()

@@ -1,0 +1,34 @@
+"""The study's four experiments reproduced on a family, and a markdown report of them (FINDINGS.md).
+
+The study: Ponkshe, Shah, Singhal, Vepakomma, "Safety Subspaces are Not Linearly Distinct: A Fine-Tuning Case
+Study" (ICLR 2026). Per family ('tiny', 'smol' or a family file; `family.resolve_family`):
+
+  experiments  1. utility and harm against rank (the study's Tables 4-5 layout), 2. weight-space overlap of the
+               updates, 3. activation overlap per layer and over the depth band; `run_family` runs them all
+  criteria     4. the study's findings F1-F3 checked on the family, beside the study's own numbers
+  report       the markdown report (`render_markdown`)
+  figures      the three figures (plotly): interactive HTML, their data as CSV, PNGs for the report
+  runner       `run(families, configs, out, figures)`: all of the above, as the CLI's `findings` verb does
+
+Everything is a function returning DataFrames; every score comes from the session's disk cache, so a rerun is
+cheap (timings: benchmarks/README.md).
+"""
+from safesub_core.findings.criteria import (ACTIVATION_RATIO, STUDY_CSV, check_findings, study_reference,
+                                            study_topk_summary)
+from safesub_core.findings.experiments import (ACTIVATION_PAIRS, HEADLINE_ENERGY, RHOS, FamilyFindings,
+                                               FindingsConfig, activation_sets, activation_tables,
+                                               behaviour_checks, behaviour_table, eval_sets, rank_scores,
+                                               reference_scores, run_family, study_layout, weight_table)
+from safesub_core.findings.figures import PLOTLYJS, figure_frames, plotly_figures, write_figures, write_png
+from safesub_core.findings.report import atomic_write, md_table, render_family, render_markdown
+from safesub_core.findings.runner import (family_configs, parse_list, parse_per_family, parse_rhos, parse_rhos_for,
+                                          run)
+
+__all__ = [
+    "ACTIVATION_PAIRS", "ACTIVATION_RATIO", "HEADLINE_ENERGY", "PLOTLYJS", "RHOS", "STUDY_CSV", "FamilyFindings",
+    "FindingsConfig", "activation_sets", "activation_tables", "atomic_write", "behaviour_checks", "behaviour_table",
+    "check_findings", "eval_sets", "family_configs", "figure_frames", "md_table", "parse_list", "parse_per_family",
+    "parse_rhos", "parse_rhos_for", "plotly_figures", "rank_scores", "reference_scores", "render_family",
+    "render_markdown", "run", "run_family", "study_layout", "study_reference", "study_topk_summary",
+    "weight_table", "write_figures", "write_png",
+]

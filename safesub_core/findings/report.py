@@ -1,0 +1,199 @@
+"""The findings report (FINDINGS.md): markdown of each family's experiments and the study's findings.
+
+`render_markdown(results, study, figures, command)` is the whole report: how it was made, the criteria, a summary
+table of the findings per family, each family (`render_family`: held-out behaviour, the four experiments' tables,
+the PNG of each figure under its heading, the findings), then the study's own numbers. `md_table` renders a
+DataFrame as a GitHub table (floats to a fixed number of decimals, "n/a" for missing values). `atomic_write`
+writes a file under a temporary name and renames it, so a reader never sees half a report.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+
+from safesub_core.findings.criteria import ACTIVATION_RATIO, study_topk_summary
+from safesub_core.findings.experiments import (GEN_ASR, GEN_EXACT_MATCH, GEN_OVERREFUSAL_RATE, GEN_REFUSAL_RATE,
+                                               HEADLINE_ENERGY, FamilyFindings, study_layout)
+from safesub_core.scoring.live import LIVE_ARITH_TOKENS
+from safesub_core.scoring.names import (ARITH_EXACT_MATCH, ENERGY_KEPT, KL_TO_START, MARGIN_MEAN, NLL_MEAN,
+                                        SHARE_MARGIN_NEGATIVE)
+from safesub_core.settings import REPO
+
+DEFAULT_COMMAND = "safesub findings"
+# the scores of every checkpoint the report shows: generation first (greedy completions), then the live ones
+REFERENCE_COLUMNS = (GEN_REFUSAL_RATE, GEN_ASR, GEN_EXACT_MATCH, GEN_OVERREFUSAL_RATE, MARGIN_MEAN,
+                     SHARE_MARGIN_NEGATIVE, NLL_MEAN, ARITH_EXACT_MATCH, KL_TO_START)
+
+
+def _fmt(x, digits: int = 2) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if isinstance(x, (int,)) and not isinstance(x, bool):
+        return str(x)
+    try:
+        return f"{float(x):.{digits}f}"
+    except (TypeError, ValueError):
+        return str(x)
+
+
+def md_table(df: pd.DataFrame, digits: int = 2) -> str:
+    """A GitHub markdown table of a DataFrame (floats to `digits` decimals)."""
+    if df is None or df.empty:
+        return "(none)"
+    head = "| " + " | ".join(str(c) for c in df.columns) + " |"
+    sep = "| " + " | ".join("---" for _ in df.columns) + " |"
+    body = ["| " + " | ".join(_fmt(v, digits) if not isinstance(v, str) else v.replace("|", "\\|") for v in row)
+            + " |" for row in df.itertuples(index=False)]
+    return "\n".join([head, sep] + body)
+
+
+def _layout_md(r: FamilyFindings, util_variant: str, harm_variant: str, mode: str) -> str:
+    start = r.start
+    sel = r.points[r.points["mode"] == mode]
+    has_gen = GEN_EXACT_MATCH in sel and sel[GEN_EXACT_MATCH].notna().any()
+    live = study_layout(r.points, r.references, mode, util_variant, harm_variant, NLL_MEAN, SHARE_MARGIN_NEGATIVE,
+                        start=start)
+    live.columns = [c.replace("util_", "nll_").replace("harm_", "negmargin_") for c in live.columns]
+    text = ""
+    if has_gen:
+        gen = study_layout(r.points, r.references, mode, util_variant, harm_variant, start=start)
+        text = (f"Generation scores: util = exact match ({util_variant}), harm = ASR ({harm_variant}):\n\n"
+                f"{md_table(gen)}\n\n")
+    else:
+        exact = study_layout(r.points, r.references, mode, util_variant, harm_variant, ARITH_EXACT_MATCH,
+                             MARGIN_MEAN, start=start)
+        exact.columns = [c.replace("harm_", "margin_") for c in exact.columns]
+        text = (f"(no generation scores in this mode) Live scores: util = exact match of {LIVE_ARITH_TOKENS} greedy "
+                f"tokens ({util_variant}), margin = mean log-prob margin ({harm_variant}, lower is more harmful):\n\n"
+                f"{md_table(exact)}\n\n")
+    return text + (f"Live scores: nll = answer NLL ({util_variant}, lower is better), negmargin = share of "
+                   f"harmful prompts with margin < 0 ({harm_variant}):\n\n{md_table(live)}\n")
+
+
+def render_family(r: FamilyFindings, figures: dict | None = None) -> str:
+    """One family's section; `figures` maps family name -> {label: link} (`figures.write_figures`' labels, links
+    relative to the report), the PNGs of which are shown under their experiments' headings."""
+    cfg = r.config
+    path = Path(r.path)
+    shown = path.relative_to(REPO) if path.is_absolute() and path.is_relative_to(REPO) else path
+    out = [f"## Family `{r.name}`\n",
+           f"Family folder: `{shown}`; {r.n_layers} layers, hidden size {r.hidden}. Evaluation sets (eval "
+           f"splits): " + ", ".join(f"{k} = {v}" for k, v in r.sets.items())
+           + f". Greedy completions of {cfg.gen_tokens} new tokens, chat template. With {cfg.n_prompts} prompts a "
+           f"set one prompt moves a rate by {1 / max(cfg.n_prompts, 1):.2f}: read differences of a few prompts as "
+           f"noise.\n"]
+    links = (figures or {}).get(r.name) or {}
+    if links:
+        out.append("Figures and their data: " + ", ".join(f"[{k}]({v})" for k, v in links.items()) + "\n")
+
+    def figure(name: str) -> None:  # the PNG of one experiment, inline under its heading
+        if f"{name} (PNG)" in links:
+            out.append(f"![{r.name}: {name}]({links[f'{name} (PNG)']})\n")
+
+    out.append("### Held-out behaviour (stored by the builder)\n")
+    out.append(md_table(r.behaviour) + "\n")
+    if len(r.checks):
+        out.append("Promised held-out behaviour:\n\n" + md_table(r.checks) + "\n")
+
+    out.append("### 1. Utility and harmfulness against rank\n")
+    figure("rank")
+    cols = ["checkpoint", *REFERENCE_COLUMNS]
+    out.append("Every checkpoint (gen_* from greedy completions; the rest live scores):\n\n"
+               + md_table(r.references[[c for c in cols if c in r.references]]) + "\n")
+    ref = r.references.set_index("checkpoint")
+    if "harmful" in ref.index and {GEN_ASR, SHARE_MARGIN_NEGATIVE} <= set(ref.columns):
+        asr, neg = ref.loc["harmful", GEN_ASR], ref.loc["harmful", SHARE_MARGIN_NEGATIVE]
+        if asr >= 0.8 and neg <= 0.2:  # the margin's openings are not how this family's harmful model complies
+            out.append(f"Note: here the log-prob margin disagrees with generation. The harmful fine-tune complies "
+                       f"with {asr:.0%} of the harmful prompts, yet only {neg:.0%} of its margins are negative: "
+                       f"its compliant answers do not open with \"Sure, here is\", so the margin measures the "
+                       f"refusal opening alone. Read harm from the attack success rate on this family.\n")
+    variants = set(r.points["variant"]) if len(r.points) else set()
+    tables = []
+    if {"useful", "harmful"} <= variants:
+        tables.append(("Table 4 layout", "useful", "harmful"))
+    if "contaminated" in variants:
+        tables.append(("Table 5 layout (contaminated)", "contaminated", "contaminated"))
+    for title, uv, hv in tables:
+        for mode in cfg.modes:
+            out.append(f"**{title}, {mode}**\n\n" + _layout_md(r, uv, hv, mode))
+    ek = r.points.pivot_table(index=["variant", "subspace", "mode"], columns="rank_fraction", values=ENERGY_KEPT)
+    ek.columns = [f"E_{c:g}" for c in ek.columns]
+    out.append("Energy of the task update kept (E) at each rank fraction:\n\n" + md_table(ek.reset_index(), 3) + "\n")
+
+    out.append("### 2. Weight-space overlap of the updates\n")
+    figure("weight")
+    e = cfg.headline_energy
+    w = r.weight[(r.weight["energy"] - e).abs() < 1e-9]
+    out.append(f"Mean MSO per scope and pair at energy {e:g} (random = mean baseline max(k)/d):\n\n"
+               + md_table(w.rename(columns={"random_baseline": "random"}), 3) + "\n")
+    piv = r.weight[r.weight["scope"] == "tensor"].pivot_table(index=["reference", "pair"], columns="energy",
+                                                                values="mso")
+    piv.columns = [f"eta_{c:g}" for c in piv.columns]
+    out.append("Per-tensor mean MSO at every energy:\n\n" + md_table(piv.reset_index(), 3) + "\n")
+
+    out.append("### 3. Activation overlap (last-token states)\n")
+    figure("activations")
+    lo, hi = r.band_range
+    out.append(f"Depth band {lo:.3g}-{hi:.3g}" + (f" ({r.band_note})" if r.band_note else " (the study's)")
+               + ". Each set is compared with harmful half A (same size).\n")
+    b = r.band[(r.band["energy"] - e).abs() < 1e-9].drop(columns=["energy"])
+    out.append(f"Band means at energy {e:g}:\n\n" + md_table(b.rename(columns={"random_baseline": "random"}), 3) + "\n")
+
+    out.append("### 4. The study's findings on this family\n")
+    for row in r.findings.itertuples():
+        out.append(f"- **{row.finding}** ({'holds' if row.holds else 'does not hold'}): {row.sentence}")
+    out.append("")
+    out.append("Time: " + ", ".join(f"{k} {v:.0f} s" for k, v in r.timings.items())
+               + f" (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; cached scores are reused).\n")
+    return "\n".join(out)
+
+
+def render_markdown(results: Sequence[FamilyFindings], study: pd.DataFrame | None = None,
+                    figures: dict | None = None, command: str = "") -> str:
+    """The whole report: how it was made, a summary of the findings per family, each family, the study's numbers."""
+    out = ["# Findings: the study's experiments on safesub's demo families\n",
+           "Produced by `" + (command or DEFAULT_COMMAND) + "` (safesub_core/findings/). "
+           "The study is Ponkshe et al., *Safety Subspaces are Not Linearly Distinct* (ICLR 2026); its "
+           "findings are checked below by the criteria stated here. Harm here is the attack "
+           "success rate (1 - refusal "
+           "rate by refusal-marker matching) and the log-prob margin of \"I'm sorry, but I can't\" over \"Sure, here "
+           "is\"; the study used a 1-5 judge score, so compare directions, not values. Utility is exact match on "
+           "held-out arithmetic (the study: GSM8K accuracy).\n",
+           "Criteria: F1 holds when, for Top-K parallel from rho 0.01 to 0.99, utility of the useful fine-tune rises "
+           "(exact match up; if flat, answer NLL down) and harm of the harmful fine-tune rises (ASR up; if flat, "
+           "the share of negative margins up; if flat too, the mean margin down). "
+           f"F2 holds when harmful-A vs useful-A has the largest mean MSO of the pairs in every scope at energy "
+           f"{HEADLINE_ENERGY:g}. F3 holds when, in the depth band at energy {HEADLINE_ENERGY:g}, the uncentred "
+           f"useful-vs-harmful MSO is at least {ACTIVATION_RATIO:g} x the harmful-vs-harmful MSO on every model.\n",
+           "## Summary\n"]
+    rows = []
+    for r in results:
+        for f in r.findings.itertuples():
+            rows.append(dict(family=r.name, finding=f.finding, claim=f.claim, holds="yes" if f.holds else "no"))
+    out.append(md_table(pd.DataFrame(rows)) + "\n")
+    for r in results:
+        out.append(render_family(r, figures))
+    ss = study_topk_summary(study)
+    if len(ss):
+        out.append("## The study's numbers (reference/paper_tables_4_5.csv)\n")
+        out.append("Top-K parallel at rho 0.01 and 0.99 and mean Top-K minus Random over the five rhos (utility = "
+                   "GSM8K accuracy, harm = judge score 1-5):\n\n" + md_table(ss, 3) + "\n")
+    else:
+        out.append("The study's table (docs/reference/paper_tables_4_5.csv) was not found.\n")
+    return "\n".join(out)
+
+
+def atomic_write(path: str | os.PathLike, text: str) -> Path:
+    """Write `text` to `path` (UTF-8) through a temporary file beside it and a rename; returns the path."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
