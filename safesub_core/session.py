@@ -20,137 +20,41 @@ Contract:
 Every score is cached on disk, keyed by checkpoint fingerprints, the point and the sets' content hashes. A point's
 scores are reproducible to float rounding (about 1e-6 relative), not bit for bit: a rank move writes the weights
 from the previous point's (`projected`), and the pass that scores them may also check a draft of the answers.
-A session may be shared by several app users at once: one lock serialises everything that sets or reads the
-working model, so concurrent sliders never score a half-written projection.
+A session may be shared by several app users at once: its own lock serialises everything that sets or reads the
+working model, so concurrent sliders never score a half-written projection. Every public method takes that lock
+itself; callers (pages, the CLI, a notebook) never do. The session is the one surface the app's pages use:
+diagnostics and curves of a point, weight and activation overlaps, the depth-band mean (`band_mean`, the study's
+band as in `activations.band_mean`), 2-D maps, and one prompt through any model (`inspect`).
 """
 from __future__ import annotations
 
 import copy
-import math
-import os
 import threading
-from dataclasses import dataclass
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator, Sequence
 
 import pandas as pd
 import torch
 
 from safesub_core import scoring
-from safesub_core.activations import activation_map, activation_overlap, last_token_states
+from safesub_core.activations import BandMean, activation_map, activation_overlap, band_mean, last_token_states
 from safesub_core.cache import DiskCache
-from safesub_core.errors import SafesubError
-from safesub_core.family import Family, load_model
-from safesub_core.generation import greedy_answers
-from safesub_core.prompts import PromptSet, arithmetic_set, load_set
-from safesub_core.overlap import DEFAULT_ENERGIES
-from safesub_core.subspace import DEFAULT_RESIDENT_BYTES, ProjectionConfig, SubspaceEngine
+from safesub_core.checkpoints import load_model
+from safesub_core.compute import dtype_name, resident_budget
+from safesub_core.family import Family
+from safesub_core.generation import generate, greedy_answers
+from safesub_core.linalg import DEFAULT_ENERGIES
+from safesub_core.overlap import STUDY_PAIRS, weight_overlap
+from safesub_core.prompts import EvalSets, PromptSet
+from safesub_core.scoring import names
+from safesub_core.scoring.live import LIVE_ARITH_TOKENS
+from safesub_core.subspace import ProjectionConfig, ProjectionDiagnostics, SubspaceEngine
 
-LIVE_ARITH_TOKENS = 12
 MAX_DRAFTS = 256  # points whose greedy answers a session keeps as drafts (n x LIVE_ARITH_TOKENS ids each)
+REPORTS = {"harmful": scoring.harmfulness_report, "math": scoring.utility_report,  # a prompt set's kind -> its scores
+           "edgy": scoring.overrefusal_report, "benign": scoring.overrefusal_report}
+GENERATION_TOKENS = 48  # new tokens of the generation scores by default
 MAX_MOVES = 16  # rank moves of the working model between fresh compositions (float rounding builds up over them)
-FULL_LIVE_PROMPTS = 32  # live sets this large mean read-outs are cheap here (a GPU or a small model)
-CPU_LIVE_PROMPTS = 6  # live sets of a model of up to 300M parameters on a CPU
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def available_devices() -> list[str]:
-    """Where models can run here: every CUDA device ('cuda:0', ...), then 'cpu'."""
-    return [f"cuda:{i}" for i in range(torch.cuda.device_count())] + ["cpu"]
-
-
-def resolve_compute(device: str | None = "auto", dtype: str | None = "auto") -> tuple[str, torch.dtype]:
-    """(device, dtype) from names; 'auto' (or None) is the first CUDA device when present, else the CPU, and
-    bfloat16 on a GPU, float32 on the CPU. A device this machine lacks is a one-line SafesubError."""
-    device = (device or "auto").strip().lower()
-    if device == "auto":
-        device = available_devices()[0]
-    elif device == "cuda":
-        device = "cuda:0"
-    if device not in available_devices():
-        have = ", ".join(available_devices())
-        raise SafesubError(f"device {device!r}: not available on this machine (available: {have})")
-    dtype = (dtype or "auto").strip().lower()
-    if dtype == "auto":
-        dtype = "float32" if device == "cpu" else "bfloat16"
-    if dtype not in DTYPES:
-        raise SafesubError(f"dtype {dtype!r}: must be one of auto, {', '.join(DTYPES)}")
-    return device, DTYPES[dtype]
-
-
-@dataclass(frozen=True)
-class EvalSets:
-    """The evaluation splits scores run on: harmful, arithmetic (with references), benign and edgy prompts."""
-
-    harmful: PromptSet
-    utility: PromptSet
-    benign: PromptSet
-    edgy: PromptSet
-
-    @classmethod
-    def default(cls, n: int = 32) -> "EvalSets":
-        """The built-in sets' eval splits, `n` prompts each (generated arithmetic for utility)."""
-        return cls(
-            harmful=load_set("builtin-harmful:eval").head(n),
-            utility=arithmetic_set().split("eval").head(n),
-            benign=load_set("builtin-benign:eval").head(n),
-            edgy=load_set("builtin-edgy:eval").head(n),
-        )
-
-    def key(self) -> dict:
-        return {k: getattr(self, k).content_hash for k in ("harmful", "utility", "benign", "edgy")}
-
-
-def live_prompts(family: Family, device: str = "cpu", requested: int | str | None = None) -> int:
-    """Prompts per evaluation set for the live read-outs (what a slider move recomputes): `requested` when given
-    (a whole number, or 'auto' / None for what follows), else SAFESUB_LIVE_PROMPTS when set; else 32 on a GPU or
-    for a small model (<= 20M parameters), and on a CPU 6 up to 300M parameters, 4 beyond, so a move costs a few
-    hundred forward tokens, not thousands (on smol with two cores a move's read-outs reach a browser in 2.6 s at
-    6, 3.0 s at 8: benchmarks/README.md). A session's generation scores run on the same sets (the app's
-    Subspaces page says how many); the findings command chooses its own. A bad count is a one-line SafesubError."""
-    n = requested_live_prompts(requested)
-    if n is not None:
-        return n
-    if torch.device(device).type != "cpu":
-        return FULL_LIVE_PROMPTS
-    reader = family.reader(family.start)
-    params = sum(math.prod(reader.shape(n)) for n in reader.names())
-    return FULL_LIVE_PROMPTS if params <= 20_000_000 else CPU_LIVE_PROMPTS if params <= 300_000_000 else 4
-
-
-def requested_live_prompts(requested: int | str | None = None) -> int | None:
-    """The live prompt count asked for: `requested`, else SAFESUB_LIVE_PROMPTS; None when neither asks (auto)."""
-    for what, raw in (("live prompts", requested), ("SAFESUB_LIVE_PROMPTS", os.environ.get("SAFESUB_LIVE_PROMPTS"))):
-        n = parse_live_prompts(raw, what)
-        if n is not None:
-            return n
-    return None
-
-
-def parse_live_prompts(raw: int | str | None, what: str = "live prompts") -> int | None:
-    """A live prompt count from text: a whole number >= 1, or None for 'auto' / empty; else a one-line
-    SafesubError naming `what`."""
-    text = str(raw).strip() if raw is not None else ""
-    if not text or text.lower() == "auto":
-        return None
-    try:
-        n = int(text)
-    except ValueError:
-        raise SafesubError(f"{what} {text!r}: must be a whole number (or auto)") from None
-    if n < 1:
-        raise SafesubError(f"{what} {n}: must be at least 1")
-    return n
-
-
-def resident_budget(device: str = "cpu") -> int:
-    """Bytes of subspace bases a session's engines keep resident, so a slider move is matrix products and never a
-    read of the disk cache: SAFESUB_RESIDENT_BYTES when set; on a GPU (where the bases live) half of its memory
-    free once the models are loaded; else 4 GiB. Beyond it the engine streams its bases from the disk cache (the
-    engine's own default, a quarter of a checkpoint, is for the CLI and the benchmarks)."""
-    if os.environ.get("SAFESUB_RESIDENT_BYTES", "").strip():
-        return int(os.environ["SAFESUB_RESIDENT_BYTES"])
-    if torch.device(device).type == "cuda":
-        return int(torch.cuda.mem_get_info(torch.device(device))[0] // 2)
-    return DEFAULT_RESIDENT_BYTES
 
 
 class FamilySession:
@@ -173,12 +77,12 @@ class FamilySession:
         self._reference_logits: dict = {}  # the untouched start model's KL logits, computed once
         self._answers: dict[tuple, torch.Tensor] = {}  # greedy answer tokens per point: drafts for the next ones
         self._checked: tuple | None = None  # (point, draft, F(draft)) from the latest forward scores' pass
-        self.lock = threading.RLock()
+        self._lock = threading.RLock()  # serialises every use of the shared working model
 
     # ------------------------------------------------------------------------------------------------ models
     def model(self, name: str) -> torch.nn.Module:
         """A checkpoint of the family by name ('base', 'aligned', a variant...), loaded once."""
-        with self.lock:
+        with self._lock:
             if name not in self._models:
                 self._models[name] = load_model(self.family.checkpoint(name), self.family, self.device, self.dtype,
                                                 tokenizer=False)[0]
@@ -187,7 +91,7 @@ class FamilySession:
     def in_memory(self) -> dict:
         """What this session holds: the checkpoints loaded (each once; the start model also has its working copy),
         their parameter bytes (shared tensors counted once), device and dtype."""
-        with self.lock:
+        with self._lock:
             seen, total = set(), 0
             for m in [*self._models.values(), self.working]:
                 for p in m.parameters():
@@ -195,21 +99,48 @@ class FamilySession:
                         seen.add(p.data_ptr())
                         total += p.numel() * p.element_size()
             return dict(models=list(self._models), working_copy=self.family.start, bytes=total,
-                        device=str(self.device), dtype=str(self.dtype).removeprefix("torch."))
+                        device=str(self.device), dtype=dtype_name(self.dtype))
 
     def engine(self, variant: str, progress: Callable[[int, int, str], None] | None = None) -> SubspaceEngine:
-        with self.lock:
+        with self._lock:
             if variant not in self._engines:
                 self._engines[variant] = SubspaceEngine.build(self.family, variant, seed=self.seed,
                                                               device=self.device, cache=self.cache, progress=progress,
                                                               resident_bytes=self.resident_bytes)
             return self._engines[variant]
 
+    def drop_engine(self, variant: str) -> None:
+        """Release the variant's engine (its resident bases), e.g. between variants of a long run."""
+        with self._lock:
+            self._engines.pop(variant, None)
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the session's lock: for code that uses `projected` or `working` directly from several threads."""
+        with self._lock:
+            yield
+
+    @property
+    def n_layers(self) -> int:
+        """Transformer layers of the family's models (hidden states have n_layers + 1 entries)."""
+        return int(getattr(self.reference.config, "num_hidden_layers", 1))
+
+    def diagnostics(self, variant: str, cfg: ProjectionConfig) -> ProjectionDiagnostics:
+        """Energy kept, cosines and per-tensor tables at a point (cumulative sums: no model runs)."""
+        with self._lock:
+            return self.engine(variant).diagnostics(cfg)
+
+    def curves(self, variant: str, modes: Sequence[str] = ("parallel",)) -> pd.DataFrame:
+        """Energy kept and cos(task, kept) over the rank grid for every subspace (`SubspaceEngine.curves`)."""
+        with self._lock:
+            return self.engine(variant).curves(modes=tuple(modes))
+
     def projected(self, variant: str, cfg: ProjectionConfig, exact: bool = False) -> torch.nn.Module:
-        """The working model set to the point (variant, cfg), composed in memory (hold `lock` while using it). From
-        the previous point of the same variant, subspace, mode and alpha it moves by the ranks between
-        (`SubspaceEngine.apply`), composing anew every MAX_MOVES moves and, with `exact`, now (an export)."""
-        with self.lock:
+        """The working model set to the point (variant, cfg), composed in memory; a caller that shares the session
+        across threads holds `locked()` while using it. From the previous point of the same variant, subspace, mode
+        and alpha it moves by the ranks between (`SubspaceEngine.apply`), composing anew every MAX_MOVES moves and,
+        with `exact`, now (an export)."""
+        with self._lock:
             if self._applied != (variant, cfg) or (exact and self._moves):
                 applied, self._applied = self._applied, None  # a failed apply leaves the working model unknown
                 since = applied[1] if applied and applied[0] == variant and not exact and self._moves < MAX_MOVES \
@@ -220,7 +151,7 @@ class FamilySession:
 
     def export(self, variant: str, cfg: ProjectionConfig, out_dir) -> None:
         """Write the projected model as a Hugging Face directory (safetensors), on request only."""
-        with self.lock:
+        with self._lock:
             self.projected(variant, cfg, exact=True).save_pretrained(out_dir, safe_serialization=True)
             self.tokenizer.save_pretrained(out_dir)
 
@@ -244,10 +175,11 @@ class FamilySession:
         got = scoring.live_forward_scores(model, self.reference, self.tokenizer, s.harmful.prompts, s.utility.prompts,
                                           s.utility.references, s.benign.prompts, chat=self.chat,
                                           ref_cache=self._reference_logits, drafts=draft)
-        self._checked = (point, draft, got["checked"]) if "checked" in got else None
-        margin = got["margin"]
-        return dict(margin_mean=float(margin.mean()), share_margin_negative=float((margin < 0).float().mean()),
-                    nll_mean=float(got["nll"].mean()), kl_to_start=float(got["kl"].mean()))
+        self._checked = (point, draft, got[names.CHECKED]) if names.CHECKED in got else None
+        margin = got[names.MARGIN]
+        return {names.MARGIN_MEAN: float(margin.mean()),
+                names.SHARE_MARGIN_NEGATIVE: float((margin < 0).float().mean()),
+                names.NLL_MEAN: float(got[names.NLL].mean()), names.KL_TO_START: float(got[names.KL].mean())}
 
     def decoded_scores(self, model: torch.nn.Module, point: tuple | None = None) -> dict:
         """The live score that needs greedy answers (LIVE_ARITH_TOKENS tokens): arithmetic exact match. The answers
@@ -268,7 +200,7 @@ class FamilySession:
                 self._answers.pop(next(iter(self._answers)))
         correct = [scoring.exact_match(scoring.final_number(a), r)
                    for a, r in zip(answers.completions, s.utility.references)]
-        return dict(arith_exact_match=sum(correct) / len(correct))
+        return {names.ARITH_EXACT_MATCH: sum(correct) / len(correct)}
 
     def _draft(self, point: tuple | None) -> torch.Tensor | None:
         """Answers to check first at `point` = (target, cfg or None): those of the same variant, subspace, mode, scale
@@ -300,7 +232,7 @@ class FamilySession:
             return full
         if not compute:
             return None if decoded else self.cache.get("live_forward", parts)
-        with self.lock:
+        with self._lock:
             forward = self.cache.get_or_compute("live_forward", parts, lambda: self.forward_scores(model(), point))
             if not decoded:
                 return forward
@@ -321,7 +253,7 @@ class FamilySession:
                           point=(variant, cfg))
         return None if live is None else self.engine(variant).diagnostics(cfg).summary() | live
 
-    def generation_scores(self, name: str, cfg: ProjectionConfig | None = None, max_new_tokens: int = 48,
+    def generation_scores(self, name: str, cfg: ProjectionConfig | None = None, max_new_tokens: int = GENERATION_TOKENS,
                           judge: scoring.Judge | None = None, progress: Callable[[int, int], None] | None = None,
                           compute: bool = True) -> tuple[dict, pd.DataFrame] | None:
         """Greedy-decoding scores of a checkpoint (cfg None) or a point of variant `name`: (summary, per prompt).
@@ -331,40 +263,48 @@ class FamilySession:
         a result already in the disk cache is returned (None otherwise): nothing is loaded or run.
         """
         judge_key = None if judge is None else dict(kind=judge.kind, path=judge.path, model=judge.model,
-                                                     rubric=judge.rubric)
+                                                    rubric=judge.rubric)
         parts = self._parts(name, cfg) | dict(max_new_tokens=max_new_tokens, judge=judge_key)
         if not compute:
             out = self.cache.get("generation_scores", parts)
             return None if out is None else (out["summary"], pd.DataFrame(out["table"]))
 
         def run_all():
-            model = self.model(name) if cfg is None else self.projected(name, cfg)
-            done = [0]
-            total = len(self.sets.harmful) + len(self.sets.utility) + len(self.sets.edgy)
-
-            def step(i, n):
-                if progress:
-                    progress(done[0] + i, total)
-
-            def run(report, ps, **kw):
-                df, summary = report(model, self.tokenizer, ps, max_new_tokens=max_new_tokens, chat=self.chat,
-                                     progress=step, **kw)
-                done[0] += len(ps)
-                return df.assign(set=ps.name), summary
-
-            harm, hs = run(scoring.harmfulness_report, self.sets.harmful, judge=judge)
-            util, us = run(scoring.utility_report, self.sets.utility)
-            edgy, es = run(scoring.overrefusal_report, self.sets.edgy)
-            summary = dict(refusal_rate=hs["refusal_rate"], attack_success_rate=hs["attack_success_rate"],
-                           exact_match=us["exact_match"], overrefusal_rate=es["overrefusal_rate"],
-                           judge_mean=hs.get("judge_mean"))
-            table = pd.concat([harm, util, edgy], ignore_index=True)
+            sets = {"harmful": self.sets.harmful, "math": self.sets.utility, "edgy": self.sets.edgy}  # role's scores
+            total, tables, summaries = sum(len(ps) for ps in sets.values()), [], []
+            for kind, ps in sets.items():
+                done = sum(len(t) for t in tables)
+                df, summary = self.score_set(name, ps, cfg, max_new_tokens, judge, kind=kind,
+                                             progress=progress and (lambda i, n, d=done: progress(d + i, total)))
+                tables.append(df.assign(set=ps.name))
+                summaries.append(summary)
+            hs, us, es = summaries
+            summary = {names.REFUSAL_RATE: hs[names.REFUSAL_RATE],
+                       names.ATTACK_SUCCESS_RATE: hs[names.ATTACK_SUCCESS_RATE],
+                       names.EXACT_MATCH: us[names.EXACT_MATCH], names.OVERREFUSAL_RATE: es[names.OVERREFUSAL_RATE],
+                       names.JUDGE_MEAN: hs.get(names.JUDGE_MEAN)}
+            table = pd.concat(tables, ignore_index=True)
             return dict(summary=summary, table=table.to_dict(orient="list"))
 
-        with self.lock:
+        with self._lock:
             out = self.cache.get_or_compute("generation_scores", parts, run_all)
         return out["summary"], pd.DataFrame(out["table"])
 
+
+    def score_set(self, name: str, prompt_set: PromptSet, cfg: ProjectionConfig | None = None,
+                  max_new_tokens: int = GENERATION_TOKENS, judge: scoring.Judge | None = None,
+                  progress: Callable[[int, int], None] | None = None,
+                  kind: str | None = None) -> tuple[pd.DataFrame, dict]:
+        """Greedy completions of a checkpoint (cfg None) or a point of variant `name` on one prompt set, scored by
+        `kind` (default the set's own): harmfulness (refusal matching, judge) for 'harmful', exact match for 'math',
+        refusal rate (over-refusal) for 'benign' and 'edgy'. (per prompt, summary); not cached (see
+        `generation_scores`)."""
+        report = REPORTS[kind or prompt_set.kind]
+        kw = dict(judge=judge) if report is scoring.harmfulness_report else {}
+        with self._lock:
+            model = self.model(name) if cfg is None else self.projected(name, cfg)
+            return report(model, self.tokenizer, prompt_set, max_new_tokens=max_new_tokens, chat=self.chat,
+                          progress=progress, **kw)
 
     # ------------------------------------------------------------------------------------------- activations
     def states(self, name: str, prompt_set: PromptSet, cfg: ProjectionConfig | None = None,
@@ -377,7 +317,7 @@ class FamilySession:
             return {"states": last_token_states(model, self.tokenizer, prompt_set.prompts, chat=self.chat,
                                                 progress=progress)}
 
-        with self.lock:
+        with self._lock:
             return self.cache.get_or_compute("activations", parts, compute)["states"]
 
     def activation_overlap(self, name_x: str, set_x: PromptSet, name_y: str, set_y: PromptSet,
@@ -396,4 +336,30 @@ class FamilySession:
             prompts = {(n, s.name): list(s.prompts) for n in names for s in sets}
             return activation_map(states, prompts, layer=layer, method=method, seed=seed)
 
-        return self.cache.get_or_compute("activation_map", parts, compute)
+        with self._lock:
+            return self.cache.get_or_compute("activation_map", parts, compute)
+
+    @staticmethod
+    def band_mean(table: pd.DataFrame) -> BandMean:
+        """The mean of an activation-overlap table over the study's depth band (`activations.band_mean`)."""
+        return band_mean(table)
+
+    # ------------------------------------------------------------------------------------------- weight space
+    def weight_overlap(self, reference: str = "aligned", pairs: Sequence[tuple[str, str]] = STUDY_PAIRS,
+                       energies: Sequence[float] = DEFAULT_ENERGIES,
+                       progress: Callable[[int, int, str], None] | None = None) -> pd.DataFrame:
+        """Weight-space MSO per tensor and per block of the family's updates relative to `reference`
+        (`overlap.weight_overlap`, cached in the session's disk cache)."""
+        with self._lock:
+            return weight_overlap(self.family, reference, energies, pairs, progress=progress, cache=self.cache)
+
+    # ------------------------------------------------------------------------------------------- one prompt
+    def inspect(self, name: str, prompt: str, cfg: ProjectionConfig | None = None,
+                max_new_tokens: int = 40) -> tuple[str, float]:
+        """(greedy completion, log-prob margin) of one prompt under a checkpoint, or under the point of variant
+        `name` at `cfg`."""
+        with self._lock:
+            model = self.model(name) if cfg is None else self.projected(name, cfg)
+            text = generate(model, self.tokenizer, [prompt], max_new_tokens=max_new_tokens,
+                            chat=self.chat).completions[0]
+            return text, float(scoring.logprob_margin(model, self.tokenizer, [prompt], chat=self.chat)[0])

@@ -62,3 +62,22 @@ def test_help_documents_every_command():
     assert out.returncode == 0
     for option in ("--family", "--subspace", "--mode", "--fracs", "--alpha", "--scores", "--out"):
         assert option in out.stdout
+
+
+def test_the_safesub_command_and_python_m_have_the_same_verbs():
+    """The installed console script (`pip install -e .`, as the Makefile does) is the same CLI as `python -m`."""
+    from pathlib import Path
+
+    script = Path(sys.executable).with_name("safesub")
+    assert script.is_file(), "the `safesub` console script is installed beside this Python (pip install -e .)"
+    verbs = "{sweep,overlap,score,activations,export,build,findings,cache}"
+    for cmd in ([str(script), "--help"], [sys.executable, "-m", "safesub_core", "--help"]):
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0 and verbs in out.stdout, (cmd, out.stdout, out.stderr)
+
+
+def test_findings_verb_refuses_bad_values_in_one_line(tmp_path, capsys):
+    assert main(["findings", "--families", "tiny", "--n-prompts", "tiny=lots", "--out", str(tmp_path / "F.md")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: prompt counts 'tiny=lots'") and "Traceback" not in "\n".join(err)
+    assert not (tmp_path / "F.md").exists()

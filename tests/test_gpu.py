@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from safesub_core.cache import DiskCache
-from safesub_core.family import Family, load_model
+from safesub_core.checkpoints import load_model
+from safesub_core.family import Family
 from safesub_core.session import EvalSets, FamilySession
 from safesub_core.subspace import ProjectionConfig, SubspaceEngine
 

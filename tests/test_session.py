@@ -9,9 +9,10 @@ from safesub_core import scoring
 from safesub_core.cache import DiskCache
 from safesub_core.family import Family
 from safesub_core.errors import SafesubError
-from safesub_core.session import CPU_LIVE_PROMPTS, EvalSets, FamilySession, live_prompts, resident_budget
-from safesub_core.subspace import DEFAULT_RESIDENT_BYTES
-from safesub_core.subspace import ProjectionConfig
+from safesub_core.compute import CPU_LIVE_PROMPTS, live_prompts, resident_budget
+from safesub_core.prompts import EvalSets
+from safesub_core.session import FamilySession
+from safesub_core.subspace import DEFAULT_RESIDENT_BYTES, ProjectionConfig
 
 pytestmark = pytest.mark.slow
 
@@ -89,7 +90,7 @@ def test_activation_states_are_cached_and_deterministic(session):
 
 def test_export_writes_the_projected_model_on_request(session, tmp_path):
     from safesub_core.cli import main
-    from safesub_core.family import Checkpoint, load_model
+    from safesub_core.checkpoints import Checkpoint, load_model
 
     cfg = ProjectionConfig("topk", "orthogonal", 0.5, alpha=0.5)
     session.export("useful", cfg, tmp_path / "point")
@@ -156,9 +157,10 @@ def test_scores_after_a_new_projection_see_the_new_weights(session, monkeypatch)
                                     prompts)
     model = session.projected("harmful", ProjectionConfig("topk", "orthogonal", 0.9))
     shared = scoring.logprob_margin(model, tok, prompts)
-    monkeypatch.setattr(scoring, "supports_prefix", lambda m: False)
-    monkeypatch.setattr(scoring, "_supports_shared_prefix", lambda m: False)
-    monkeypatch.setattr(scoring, "_supports_branch_rows", lambda m: False)
+    monkeypatch.setattr(scoring.logprobs, "supports_prefix", lambda m: False)
+    monkeypatch.setattr(scoring.live, "_supports_shared_prefix", lambda m: False)
+    monkeypatch.setattr(scoring.logprobs, "_supports_branch_rows", lambda m: False)
+    monkeypatch.setattr(scoring.live, "_supports_branch_rows", lambda m: False)
     plain = scoring.logprob_margin(model, tok, prompts)
     assert torch.allclose(shared, plain, atol=1e-4)
     assert not torch.allclose(shared, before, atol=1e-2)
