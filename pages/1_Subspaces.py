@@ -4,36 +4,33 @@ import plotly.graph_objects as go
 import streamlit as st
 from plotly.subplots import make_subplots
 
-from ui import common as C
-from safesub_core.session import FULL_LIVE_PROMPTS, LIVE_ARITH_TOKENS
-from safesub_core.subspace import MODES, SUBSPACES, ProjectionConfig
+import ui
+from safesub_core.compute import FULL_LIVE_PROMPTS
+from safesub_core.scoring import names as N
+from safesub_core.scoring.live import LIVE_ARITH_TOKENS
+from safesub_core.session import GENERATION_TOKENS
+from safesub_core.subspace import MODES, SUBSPACE_LABELS, SUBSPACES, ProjectionConfig
 
-C.header("Subspaces", "W = W_start + α·X with X = P_k ΔT (parallel), −P_k ΔT (opposite) or ΔT − P_k ΔT (orthogonal), "
-         "P_k the projector on a rank-k subspace of the alignment update ΔA = W_start − W_base.")
-fam, res = C.require_family()
-C.family_caption(fam)
+ui.header("Subspaces",
+          "W = W_start + α·X with X = P_k ΔT (parallel), −P_k ΔT (opposite) or ΔT − P_k ΔT "
+          "(orthogonal), P_k the projector on a rank-k subspace of the alignment update ΔA = W_start −"
+          " W_base.")
+fam, res = ui.require_family()  # and its caption
 S = res.session
+SCORE_GRID = (0.01, 0.1, 0.25, 0.5, 0.75, 1.0)  # rank fractions of the chart's grid
 
-# label, key in the scores, delta colour (is up good?), value of the start model and of the fine-tuned model
-READOUTS = [
-    ("energy kept E", "energy_kept", "off", 0.0, 1.0),
-    ("cos(task, kept)", "cos_task_kept", "off", None, 1.0),
-    ("cos(task, align)", "cos_task_align", "off", None, None),
-    ("margin mean", "margin_mean", "normal", "live", "live"),
-    ("share margin < 0", "share_margin_negative", "inverse", "live", "live"),
-    ("NLL (arithmetic)", "nll_mean", "inverse", "live", "live"),
-    ("arithmetic exact match", "arith_exact_match", "normal", "live", "live"),
-    ("KL to start", "kl_to_start", "off", "live", "live"),
-]
-PANELS = ["energy_kept", "cos_task_kept", "margin_mean", "share_margin_negative", "nll_mean", "arith_exact_match",
-          "kl_to_start", "generation"]
-TITLES = {k: label for label, k, *_ in READOUTS} | {"generation": "generation: ASR ● / exact match ◆"}
+# each read-out: its score key and the values of the start and of the fine-tuned model ("live": their own scores)
+READOUTS = [(N.ENERGY_KEPT, 0.0, 1.0), (N.COS_TASK_KEPT, None, 1.0), (N.COS_TASK_ALIGN, None, None)] + [
+    (key, "live", "live") for key in N.LIVE]
+DELTA_COLOR = {"higher": "normal", "lower": "inverse", None: "off"}  # st.metric's colour: is up good?
+PANELS = [N.ENERGY_KEPT, N.COS_TASK_KEPT, *N.LIVE, "generation"]
+TITLES = {k: N.label(k) for k in PANELS[:-1]} | {"generation": "generation: ASR ● / exact match ◆"}
 
 
 def grid_scores(variant: str, mode: str, alpha: float, score: bool) -> pd.DataFrame:
     """Live scores over SCORE_GRID for the three subspaces: computed when `score` (disk-cached points; a progress
     bar meanwhile), else only the points already on disk."""
-    points = [(sub, rho) for sub in SUBSPACES for rho in C.SCORE_GRID]
+    points = [(sub, rho) for sub in SUBSPACES for rho in SCORE_GRID]
     if not score:
         got = [S.point_scores(variant, ProjectionConfig(sub, mode, rank_fraction=rho, alpha=alpha), compute=False)
                for sub, rho in points]
@@ -44,7 +41,7 @@ def grid_scores(variant: str, mode: str, alpha: float, score: bool) -> pd.DataFr
         for i, (sub, rho) in enumerate(points):
             cfg = ProjectionConfig(sub, mode, rank_fraction=rho, alpha=alpha)
             rows.append(S.point_scores(variant, cfg))
-            bar.progress((i + 1) / len(points), text=f"Scores over the rank grid: {C.SUBSPACE_LABELS[sub]} ρ={rho}")
+            bar.progress((i + 1) / len(points), text=f"Scores over the rank grid: {SUBSPACE_LABELS[sub]} ρ={rho}")
         bar.empty()
         return pd.DataFrame(rows)
 
@@ -55,9 +52,9 @@ def grid_generation(variant: str, mode: str, alpha: float) -> pd.DataFrame:
     """Generation summaries already on disk for the grid points (never computed here)."""
     rows = []
     for sub in SUBSPACES:
-        for rho in C.SCORE_GRID:
+        for rho in SCORE_GRID:
             got = S.generation_scores(variant, ProjectionConfig(sub, mode, rank_fraction=rho, alpha=alpha),
-                                      C.GEN_TOKENS, compute=False)
+                                      GENERATION_TOKENS, compute=False)
             if got is not None:
                 rows.append(dict(subspace=sub, rank_fraction=rho, **got[0]))
     return pd.DataFrame(rows)
@@ -71,18 +68,18 @@ def score_figure(variant, cfg, point, start, ft, grid, curves, gen, point_gen) -
     for i, key in enumerate(PANELS):
         r, c = i // 4 + 1, i % 4 + 1
         for sub in SUBSPACES:
-            color, name = C.SUBSPACE_COLORS[sub], C.SUBSPACE_LABELS[sub]
-            if key in ("energy_kept", "cos_task_kept"):
+            color, name = ui.SUBSPACE_COLORS[sub], SUBSPACE_LABELS[sub]
+            if key in (N.ENERGY_KEPT, N.COS_TASK_KEPT):
                 d = curves[curves["subspace"] == sub]
                 fig.add_scatter(x=d["rank_fraction"], y=d[key], mode="lines", line_color=color, name=name,
                                 legendgroup=sub, showlegend=(i == 0), row=r, col=c)
             elif key == "generation":
                 d = gen[gen["subspace"] == sub] if len(gen) else gen
                 if len(d):
-                    fig.add_scatter(x=d["rank_fraction"], y=d["attack_success_rate"], mode="markers",
+                    fig.add_scatter(x=d["rank_fraction"], y=d[N.ATTACK_SUCCESS_RATE], mode="markers",
                                     marker=dict(color=color, symbol="circle", size=8), name=f"{name} ASR",
                                     legendgroup=sub, showlegend=False, row=r, col=c)
-                    fig.add_scatter(x=d["rank_fraction"], y=d["exact_match"], mode="markers",
+                    fig.add_scatter(x=d["rank_fraction"], y=d[N.EXACT_MATCH], mode="markers",
                                     marker=dict(color=color, symbol="diamond", size=8), name=f"{name} EM",
                                     legendgroup=sub, showlegend=False, row=r, col=c)
             elif key in grid.columns:  # the live scores of the grid points scored so far
@@ -95,7 +92,7 @@ def score_figure(variant, cfg, point, start, ft, grid, curves, gen, point_gen) -
                 fig.add_annotation(text="run the generation scores<br>to fill this panel", showarrow=False,
                                    x=0.5, y=0.5, row=r, col=c, font_color="#888")
             if point_gen is not None:
-                for metric, symbol in (("attack_success_rate", "circle"), ("exact_match", "diamond")):
+                for metric, symbol in ((N.ATTACK_SUCCESS_RATE, "circle"), (N.EXACT_MATCH, "diamond")):
                     fig.add_scatter(x=[x_now], y=[point_gen[metric]], mode="markers", name="this point",
                                     marker=dict(color="black", symbol=f"{symbol}-open", size=13, line_width=2),
                                     showlegend=False, row=r, col=c)
@@ -120,29 +117,28 @@ def score_figure(variant, cfg, point, start, ft, grid, curves, gen, point_gen) -
 def point_section():
     variant_names = list(fam.variants)
     c = st.columns([1.2, 1.6, 1.6, 1.0])
-    variant = C.bound("variant", c[0].selectbox, "Fine-tuned variant", options=variant_names)
-    C.bound("subspace", c[1].radio, "Subspace", options=list(SUBSPACES), horizontal=True,
-            format_func=C.SUBSPACE_LABELS.get)
-    mode = C.bound("mode", c[2].radio, "Mode", options=list(MODES), horizontal=True)
-    rank_by = C.bound("rank_by", c[3].radio, "Rank as", options=["fraction", "energy"], horizontal=True)
+    variant = ui.bound("variant", c[0].selectbox, "Fine-tuned variant", options=variant_names)
+    ui.bound("subspace", c[1].radio, "Subspace", options=list(SUBSPACES), horizontal=True,
+             format_func=SUBSPACE_LABELS.get)
+    mode = ui.bound("mode", c[2].radio, "Mode", options=list(MODES), horizontal=True)
+    rank_by = ui.bound("rank_by", c[3].radio, "Rank as", options=["fraction", "energy"], horizontal=True)
     c = st.columns([3, 2])
     if st.session_state.get("w_rank") is not None and not 0.01 <= float(st.session_state["w_rank"]) <= 1.0:
         st.session_state["w_rank"] = 0.25
-    C.bound("rank", c[0].slider, "rank fraction ρ" if rank_by == "fraction" else "energy fraction η",
-            min_value=0.01, max_value=1.0, step=0.01,
-            help="ρ: k = max(1, round(ρ·min(M, N))) per tensor; η: the smallest k whose singular values "
-                 "hold η of ΔA's energy.")
-    alpha = C.bound("alpha", c[1].slider, "scale α", min_value=-1.0, max_value=3.0, step=0.05,
-                    help="W = W_start + α·X; α = 1 is the study's setting.")
-    C.publish_view()
+    ui.bound("rank", c[0].slider, "rank fraction ρ" if rank_by == "fraction" else "energy fraction η",
+             min_value=0.01, max_value=1.0, step=0.01,
+             help="ρ: k = max(1, round(ρ·min(M, N))) per tensor; η: the smallest k whose singular values "
+                  "hold η of ΔA's energy.")
+    alpha = ui.bound("alpha", c[1].slider, "scale α", min_value=-1.0, max_value=3.0, step=0.05,
+                     help="W = W_start + α·X; α = 1 is the study's setting.")
+    ui.publish_view()
 
-    with C.shown_errors(stop=True):
-        cfg = C.current_config()
-        C.engine(res, variant)
-        with res.lock:
-            diag = S.engine(variant).diagnostics(cfg)  # cumulative sums: instant
-            start = S.checkpoint_scores(fam.start)  # cached after the first visit
-            ft = S.checkpoint_scores(variant)
+    with ui.shown_errors(stop=True):
+        cfg = ui.current_config()
+        ui.engine(res, variant)
+        diag = S.diagnostics(variant, cfg)  # cumulative sums: instant
+        start = S.checkpoint_scores(fam.start)  # cached after the first visit
+        ft = S.checkpoint_scores(variant)
 
     # ---------------------------------------------------------------------------------------- read-outs
     st.markdown(f"**Read-outs at this point** · {variant}: {cfg.label} · mean rank fraction "
@@ -150,7 +146,8 @@ def point_section():
     cols = st.columns(4)
 
     def readout(i: int, point: dict) -> None:
-        label, key, color, s_val, f_val = READOUTS[i]
+        key, s_val, f_val = READOUTS[i]
+        label, color = N.label(key), DELTA_COLOR[N.score(key).better]
         s_val = start[key] if s_val == "live" else s_val
         f_val = ft[key] if f_val == "live" else f_val
         value = point[key]
@@ -166,12 +163,12 @@ def point_section():
 
     # three waves, each on screen before the next is computed: the diagnostics (cumulative sums), the scores that
     # need forward passes of the projected model, then the one that needs greedy decoding
-    decoded = [i for i, r in enumerate(READOUTS) if r[1] == "arith_exact_match"]
-    forward = [i for i, r in enumerate(READOUTS) if r[3] == "live" and i not in decoded]
+    decoded = [i for i, r in enumerate(READOUTS) if r[0] in N.LIVE_DECODED]
+    forward = [i for i, r in enumerate(READOUTS) if r[0] in N.LIVE_FORWARD]
     for i in range(len(READOUTS)):
         if i not in forward + decoded:
             readout(i, diag.summary())
-    with C.shown_errors(stop=True):
+    with ui.shown_errors(stop=True):
         point = S.point_scores(variant, cfg, decoded=False)
     for i in forward:
         readout(i, point)
@@ -179,7 +176,7 @@ def point_section():
     st.caption(f"Live scores at {cfg.label}: log-prob margin on {len(ev.harmful)} harmful prompts, NLL on "
                f"{len(ev.utility)} arithmetic prompts, KL to the start model on {len(ev.benign)} benign prompts "
                "(evaluation splits).")
-    with C.shown_errors(stop=True):
+    with ui.shown_errors(stop=True):
         point = S.point_scores(variant, cfg)
     for i in decoded:
         readout(i, point)
@@ -188,29 +185,28 @@ def point_section():
 
     # ---------------------------------------------------------------------------------------- charts
     if st.session_state.get("run_generation"):  # the button below was clicked: score first, so the chart shows it
-        with C.shown_errors():
+        with ui.shown_errors():
             bar = st.progress(0.0, text="Generation scores")
-            with res.lock:
-                S.generation_scores(fam.start, None, C.GEN_TOKENS, progress=C.progress_callback(bar, fam.start))
-                S.generation_scores(variant, cfg, C.GEN_TOKENS, progress=C.progress_callback(bar, "this point"))
+            S.generation_scores(fam.start, None, GENERATION_TOKENS, progress=ui.progress_callback(bar, fam.start))
+            S.generation_scores(variant, cfg, GENERATION_TOKENS, progress=ui.progress_callback(bar, "this point"))
             bar.empty()
-    base_gen = S.generation_scores(fam.start, None, C.GEN_TOKENS, compute=False)
+    base_gen = S.generation_scores(fam.start, None, GENERATION_TOKENS, compute=False)
     point_gen = None
-    with C.shown_errors():
+    with ui.shown_errors():
         cheap = len(S.sets.harmful) >= FULL_LIVE_PROMPTS  # a GPU or a small model (session.live_prompts)
         score_grid = st.toggle("Score the whole rank grid for the chart", value=cheap, key="w_score_grid",
-                               help=f"{len(SUBSPACES) * len(C.SCORE_GRID)} points (3 subspaces x ρ in "
-                                    f"{', '.join(map(str, C.SCORE_GRID))}), each a read-out like the one above; on "
+                               help=f"{len(SUBSPACES) * len(SCORE_GRID)} points (3 subspaces x ρ in "
+                                    f"{', '.join(map(str, SCORE_GRID))}), each a read-out like the one above; on "
                                     "by default where read-outs are cheap. Off: the chart shows the points already "
                                     "scored.")
         grid = grid_scores(variant, mode, float(alpha), score_grid)
-        curves = res.memoised(("curves", variant, mode), lambda: S.engine(variant).curves(modes=(mode,)))
+        curves = res.memoised(("curves", variant, mode), lambda: S.curves(variant, modes=(mode,)))
         gen = grid_generation(variant, mode, float(alpha))
-        point_gen = S.generation_scores(variant, cfg, C.GEN_TOKENS, compute=False)
+        point_gen = S.generation_scores(variant, cfg, GENERATION_TOKENS, compute=False)
         fig = score_figure(variant, cfg, point, start, ft, grid, curves, gen,
                            None if point_gen is None else point_gen[0])
-        C.chart(fig, f"{fam.name}_{variant}_{mode}_scores", key="scores_chart")
-        C.csv_download(grid, f"{fam.name}_{variant}_{mode}_grid_scores", label="Download grid scores (CSV)")
+        ui.chart(fig, f"{fam.name}_{variant}_{mode}_scores", key="scores_chart")
+        ui.csv_download(grid, f"{fam.name}_{variant}_{mode}_grid_scores", label="Download grid scores (CSV)")
 
     left, right = st.columns(2)
     blocks = diag.grouped("block")
@@ -224,12 +220,12 @@ def point_section():
             f.update_layout(barmode="stack", title=f"Task-update energy removed and kept per {by}", height=340,
                             xaxis_title=by, xaxis_type="category", yaxis_title="‖·‖² (sum of squares)",
                             margin=dict(t=40, b=40), legend_orientation="h")
-            C.chart(f, f"{fam.name}_{variant}_energy_per_{by}", key=f"energy_{by}")
-    C.csv_download(diag.per_tensor, f"{fam.name}_{variant}_per_tensor", label="Download per-tensor diagnostics (CSV)")
+            ui.chart(f, f"{fam.name}_{variant}_energy_per_{by}", key=f"energy_{by}")
+    ui.csv_download(diag.per_tensor, f"{fam.name}_{variant}_per_tensor", label="Download per-tensor diagnostics (CSV)")
 
     # ---------------------------------------------------------------------------------------- generation
     st.subheader("Generation scores at this point")
-    st.caption(f"Greedy completions ({C.GEN_TOKENS} new tokens) on the evaluation splits, the live read-outs' "
+    st.caption(f"Greedy completions ({GENERATION_TOKENS} new tokens) on the evaluation splits, the live read-outs' "
                f"sets ({len(ev.harmful)} harmful, {len(ev.utility)} arithmetic, {len(ev.edgy)} edgy prompts): refusal "
                "matching on harmful prompts (attack success rate = 1 − refusal rate), final-number exact match on "
                "arithmetic, refusal rate on edgy benign prompts. Cached on disk; shown on the chart once computed.")
@@ -238,15 +234,13 @@ def point_section():
     if point_gen is not None:
         summary, table = point_gen
         cols = st.columns(4)
-        for col, (label, key, color) in zip(cols, (("refusal rate", "refusal_rate", "normal"),
-                                                   ("attack success rate", "attack_success_rate", "inverse"),
-                                                   ("exact match", "exact_match", "normal"),
-                                                   ("over-refusal", "overrefusal_rate", "inverse"))):
+        for col, key in zip(cols, N.GENERATION[:4]):
+            label, color = N.label(key), DELTA_COLOR[N.score(key).better]
             ref = None if base_gen is None else base_gen[0][key]
             col.metric(label, f"{summary[key]:.3f}", delta=None if ref is None else round(summary[key] - ref, 3),
                        delta_color=color, delta_description="vs start", border=True)
         st.dataframe(table, hide_index=True, width="stretch", height=320)
-        C.csv_download(table, f"{fam.name}_{variant}_generation_{cfg.subspace}_{cfg.mode}", key="csv_generation")
+        ui.csv_download(table, f"{fam.name}_{variant}_generation_{cfg.subspace}_{cfg.mode}", key="csv_generation")
     else:
         st.info("Not computed yet for this point.", icon="ℹ️")
 

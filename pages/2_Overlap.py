@@ -6,24 +6,23 @@ import plotly.graph_objects as go
 import streamlit as st
 from plotly.subplots import make_subplots
 
-from ui import common as C
-from safesub_core.activations import depth_band_mean
-from safesub_core.overlap import DEFAULT_ENERGIES, STUDY_PAIRS, overlap_summary, weight_overlap
+import ui
+from safesub_core.activations import DEPTH_BAND
+from safesub_core.linalg import DEFAULT_ENERGIES
+from safesub_core.overlap import STUDY_PAIRS, overlap_summary
 
-C.header("Overlap", "MSO = ‖Q_Xᵀ Q_Y‖²_F / min(k_X, k_Y) of the top singular subspaces holding an energy fraction "
-         "η of each update; two random subspaces give max(k_X, k_Y) / d (dotted).")
-fam, res = C.require_family()
-C.family_caption(fam)
-S = res.session
-v = C.view()
-PALETTE = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
+ui.header("Overlap",
+          "MSO = ‖Q_Xᵀ Q_Y‖²_F / min(k_X, k_Y) of the top singular subspaces holding an energy "
+          "fraction η of each update; two random subspaces give max(k_X, k_Y) / d (dotted).")
+fam, res = ui.require_family()  # and its caption
+S, v = res.session, ui.view()
 
 # -------------------------------------------------------------------------------------------- weight space
 st.subheader("Weight space: updates relative to A (or S)")
 refs = ["aligned"] + (["safety_tuned"] if fam.safety_tuned is not None else [])
 c1, c2, c3 = st.columns([1, 3, 1.2])
-reference = C.bound("reference", c1.radio, "Reference", options=refs,
-                    format_func=lambda r: {"aligned": "A (aligned)", "safety_tuned": "S (safety-tuned)"}[r])
+reference = ui.bound("reference", c1.radio, "Reference", options=refs,
+                     format_func=lambda r: {"aligned": "A (aligned)", "safety_tuned": "S (safety-tuned)"}[r])
 sides = list(fam.variants) + ["base"]
 study = [f"{x} vs {y}" for x, y in STUDY_PAIRS if x in sides and y in sides]
 all_pairs = study + [f"{x} vs {y}" for x, y in itertools.combinations(sides, 2)
@@ -33,16 +32,15 @@ pairs_txt = c2.multiselect("Pairs of updates (X − ref vs Y − ref)", all_pair
 scope = c3.radio("Block space", ["block-write", "block-read"], key="w_overlap_scope",
                  help="write: left singular vectors of [ΔO | ΔDown]; read: right singular vectors of "
                       "[ΔQ; ΔK; ΔV; ΔGate; ΔUp] (both in the residual stream)")
-C.publish_view()
+ui.publish_view()
 
 table = None
 if pairs_txt:
     pairs = [tuple(p.split(" vs ")) for p in pairs_txt]
-    with C.shown_errors():
+    with ui.shown_errors():
         bar = st.progress(0.0, text="Weight-space overlap")
-        with res.lock:
-            table = weight_overlap(fam, reference, DEFAULT_ENERGIES, pairs,
-                                   progress=C.progress_callback(bar, "Weight-space overlap"), cache=S.cache)
+        table = S.weight_overlap(reference, pairs, DEFAULT_ENERGIES,
+                                 progress=ui.progress_callback(bar, "Weight-space overlap"))
         bar.empty()
 else:
     st.info("Choose at least one pair.", icon="ℹ️")
@@ -62,13 +60,13 @@ if table is not None:
     fig.update_yaxes(autorange="reversed")
     fig.update_layout(height=170 + 40 * blk["unit"].nunique(), margin=dict(t=70, b=40),
                       title=dict(text=f"Per-block {scope} MSO (reference {reference})", font_size=13))
-    C.chart(fig, f"{fam.name}_weight_mso_{scope}_{reference}", key="weight_heatmap")
+    ui.chart(fig, f"{fam.name}_weight_mso_{scope}_{reference}", key="weight_heatmap")
 
     summ = overlap_summary(table)
     summ = summ[summ["scope"].isin(["tensor", scope])]
     fig2 = go.Figure()
     for i, ((sc, pair), d) in enumerate(summ.groupby(["scope", "pair"], sort=False)):
-        color = PALETTE[i % len(PALETTE)]
+        color = ui.PALETTE[i % len(ui.PALETTE)]
         label = f"{pair} ({'per tensor' if sc == 'tensor' else sc})"
         fig2.add_scatter(x=d["energy"], y=d["mso"], mode="lines+markers", name=label, line_color=color,
                          line_dash="solid" if sc == "tensor" else "dash")
@@ -77,15 +75,15 @@ if table is not None:
     fig2.update_layout(title=dict(text="Mean MSO against η (dotted: random baseline)", font_size=13),
                        xaxis_title="energy η", yaxis_title="MSO", yaxis_range=[0, 1.02], height=400,
                        margin=dict(t=50, b=40), legend=dict(font_size=11))
-    C.chart(fig2, f"{fam.name}_weight_mso_curves_{reference}", key="weight_curves")
-    C.csv_download(table, f"{fam.name}_weight_overlap_{reference}", label="Download the overlap table (CSV)")
+    ui.chart(fig2, f"{fam.name}_weight_mso_curves_{reference}", key="weight_curves")
+    ui.csv_download(table, f"{fam.name}_weight_overlap_{reference}", label="Download the overlap table (CSV)")
 
 # -------------------------------------------------------------------------------------------- activation space
 st.subheader("Activation space: prompt sets per layer")
 st.caption("Last-real-token hidden states of each prompt at every layer; MSO of the two sets' state subspaces. "
            "The study averages layers at 65–90% depth (shaded). Uncentred states share their mean direction, "
            "so at low η the MSO is close to 1 for any two sets; centre them to compare how the prompts spread.")
-options = C.set_options()
+options = ui.set_options()
 c1, c2, c3 = st.columns([1.3, 2, 1])
 ref_set = c1.selectbox("Set X", options, index=options.index("builtin-harmful:eval")
                        if "builtin-harmful:eval" in options else 0, key="w_act_ref")
@@ -95,20 +93,19 @@ cmp_sets = c2.multiselect("Compared with sets Y", others, default=defaults, key=
 n_prompts = c3.slider("Prompts per set", 4, 64, 24, step=4, key="w_act_n")
 c1, c2, c3 = st.columns([2, 1.3, 1])
 names = list(fam.checkpoints())
-models = c1.multiselect("Models", names, default=[fam.start, C.default_harmful_variant(fam)], key="w_act_models")
+models = c1.multiselect("Models", names, default=[fam.start, ui.default_harmful_variant(fam)], key="w_act_models")
 energy = c2.select_slider("Energy η", options=list(DEFAULT_ENERGIES), value=0.9, key="w_act_energy")
 center = c3.checkbox("Centre states", value=False, key="w_act_center")
 
 if models and cmp_sets:
     frames = []
-    with C.shown_errors():
-        X = C.prompt_set(ref_set, n_prompts)
+    with ui.shown_errors():
+        X = ui.prompt_set(ref_set, n_prompts)
         jobs = [(m, y) for m in models for y in cmp_sets]
         bar = st.progress(0.0, text="Activation overlap")
         for i, (m, y) in enumerate(jobs):
-            Y = C.prompt_set(y, n_prompts)
-            with res.lock:
-                df = S.activation_overlap(m, X, m, Y, energies=DEFAULT_ENERGIES, center=center)
+            Y = ui.prompt_set(y, n_prompts)
+            df = S.activation_overlap(m, X, m, Y, energies=DEFAULT_ENERGIES, center=center)
             frames.append(df.assign(model=m, pair=f"{ref_set} vs {y}"))
             bar.progress((i + 1) / len(jobs), text=f"Activation overlap: {m}, {y}")
         bar.empty()
@@ -116,13 +113,14 @@ if models and cmp_sets:
         act = pd.concat(frames, ignore_index=True)
         d = act[act["energy"] == energy]
         fig3 = go.Figure()
-        fig3.add_vrect(x0=0.65, x1=0.90, fillcolor="#ffbf00", opacity=0.18, line_width=0,
-                       annotation_text="65–90% depth", annotation_position="bottom left")
+        fig3.add_vrect(x0=DEPTH_BAND[0], x1=DEPTH_BAND[1], fillcolor="#ffbf00", opacity=0.18, line_width=0,
+                       annotation_text=f"{DEPTH_BAND[0]:.0%}–{DEPTH_BAND[1]:.0%} depth",
+                       annotation_position="bottom left")
         dashes = ["solid", "dash", "dashdot", "longdash"]
         for i, m in enumerate(models):
             for j, y in enumerate(cmp_sets):
                 g = d[(d["model"] == m) & (d["pair"] == f"{ref_set} vs {y}")]
-                color = PALETTE[i % len(PALETTE)]
+                color = ui.PALETTE[i % len(ui.PALETTE)]
                 fig3.add_scatter(x=g["depth"], y=g["mso"], mode="lines+markers", name=f"{m}: {ref_set} vs {y}",
                                  line=dict(color=color, dash=dashes[j % len(dashes)]),
                                  customdata=g[["layer"]], hovertemplate="layer %{customdata[0]}: MSO %{y:.3f}")
@@ -131,17 +129,11 @@ if models and cmp_sets:
         fig3.update_layout(title=dict(text=f"Activation MSO per layer at η={energy:g} (dotted: random baseline)",
                                       font_size=13), xaxis_title="depth (layer / L)", yaxis_title="MSO",
                            yaxis_range=[0, 1.02], height=420, margin=dict(t=50, b=40))
-        C.chart(fig3, f"{fam.name}_activation_mso", key="activation_curves")
-        depths = sorted(act["depth"].unique())
-        if any(0.65 - 1e-9 <= x <= 0.90 + 1e-9 for x in depths):
-            lo, hi, what = 0.65, 0.90, "Mean over the 65–90% depth band"
-        else:  # a shallow model: no layer in the band, so the layer nearest to its middle
-            lo = hi = min(depths, key=lambda x: abs(x - 0.775))
-            what = f"No layer lies at 65–90% depth in this model; the layer nearest to it (depth {lo:.2f})"
-        with C.shown_errors():
-            band = depth_band_mean(act, lo, hi)
-            st.markdown(f"**{what}**")
-            st.dataframe(band[band["energy"] == energy], hide_index=True, width="stretch")
-        C.csv_download(act, f"{fam.name}_activation_overlap", label="Download activation overlap (CSV)")
+        ui.chart(fig3, f"{fam.name}_activation_mso", key="activation_curves")
+        with ui.shown_errors():
+            band = S.band_mean(act)
+            st.markdown(f"**{band.note}**")
+            st.dataframe(band.table[band.table["energy"] == energy], hide_index=True, width="stretch")
+        ui.csv_download(act, f"{fam.name}_activation_overlap", label="Download activation overlap (CSV)")
 else:
     st.info("Choose at least one model and one compared set.", icon="ℹ️")

@@ -3,20 +3,19 @@ import re
 
 import streamlit as st
 
-from ui import common as C
+import ui
 from safesub_core import scoring
-from safesub_core.generation import generate
+from safesub_core.session import GENERATION_TOKENS
 
-C.header("Prompt inspector", "Greedy completions of one prompt by every model of the family and by the projected "
-         "model of the Subspaces page, with refusal verdicts, log-prob margins and arithmetic correctness.")
-fam, res = C.require_family()
-C.family_caption(fam)
-S = res.session
-v = C.view()
+ui.header("Prompt inspector",
+          "Greedy completions of one prompt by every model of the family and by the projected model of"
+          " the Subspaces page, with refusal verdicts, log-prob margins and arithmetic correctness.")
+fam, res = ui.require_family()  # and its caption
+S, v = res.session, ui.view()
 
-with C.shown_errors(stop=True):
-    cfg = C.current_config()
-variant = C.current_variant(fam)
+with ui.shown_errors(stop=True):
+    cfg = ui.current_config()
+variant = ui.current_variant(fam)
 POINT = "current point"
 st.caption(f"Current point (from the Subspaces page): **{variant}**, {cfg.label}")
 
@@ -31,7 +30,7 @@ with st.expander("Refusal markers in use (editable)"):
 markers = tuple(m.strip() for m in text.splitlines() if m.strip()) or scoring.REFUSAL_MARKERS
 
 # -------------------------------------------------------------------------------------------- the prompt
-options = C.set_options()
+options = ui.set_options()
 set_from_view = re.sub(r"\[:\d+\]$", "", v.get("prompt_set") or "")
 SOURCES = ("From a prompt set", "Type a prompt")
 if "w_insp_source" not in st.session_state:
@@ -44,8 +43,8 @@ if source == SOURCES[0]:
         st.session_state["w_insp_set"] = set_from_view if set_from_view in options else (
             "builtin-harmful:eval" if "builtin-harmful:eval" in options else options[0])
     set_name = c1.selectbox("Prompt set", options, key="w_insp_set")
-    with C.shown_errors():
-        ps = C.prompt_set(set_name)
+    with ui.shown_errors():
+        ps = ui.prompt_set(set_name)
         prompts = list(ps.prompts)
         if "w_insp_pick" not in st.session_state or st.session_state["w_insp_pick"] not in range(len(prompts)):
             st.session_state["w_insp_pick"] = prompts.index(v["prompt"]) if v.get("prompt") in prompts else 0
@@ -64,29 +63,27 @@ if prompt:
     v["prompt"] = prompt
     if source == SOURCES[0]:
         v["prompt_set"] = set_name
-C.publish_view()
+ui.publish_view()
 
 # -------------------------------------------------------------------------------------------- side by side
 targets = list(fam.checkpoints()) + [POINT]
 
 
+def spec(name):
+    return (variant, cfg) if name == POINT else (name, None)
+
+
 def complete(name: str) -> tuple[str, float]:
     """(greedy completion, log-prob margin) of the prompt under a model, memoised per session."""
-    key = ("inspect", name, None if name != POINT else (variant, cfg), prompt, max_new)
-
-    def compute():
-        model = S.projected(variant, cfg) if name == POINT else S.model(name)
-        out = generate(model, S.tokenizer, [prompt], max_new_tokens=max_new, chat=S.chat).completions[0]
-        margin = float(scoring.logprob_margin(model, S.tokenizer, [prompt], chat=S.chat)[0])
-        return out, margin
-
-    return res.memoised(key, compute)
+    target, point = spec(name)
+    return res.memoised(("inspect", target, point, prompt, max_new),
+                        lambda: S.inspect(target, prompt, cfg=point, max_new_tokens=max_new))
 
 
 if prompt:
     st.markdown(f"**Prompt:** {prompt}")
     results = {}
-    with C.shown_errors():
+    with ui.shown_errors():
         bar = st.progress(0.0, text="Greedy completions")
         for i, name in enumerate(targets):
             bar.progress(i / len(targets), text=f"Greedy completions: {name}")
@@ -115,26 +112,21 @@ else:
 
 # -------------------------------------------------------------------------------------------- per-prompt table
 st.subheader("Per-prompt table over the evaluation sets")
-st.caption(f"From the generation scores ({C.GEN_TOKENS} new tokens) of two targets on the harmful, arithmetic and "
+st.caption(f"From the generation scores ({GENERATION_TOKENS} new tokens) of two targets on the harmful, arithmetic and "
            "edgy evaluation splits; refusal verdicts recomputed with the markers above.")
 c1, c2 = st.columns(2)
 target_a = c1.selectbox("Target A", targets, index=targets.index(fam.start), key="w_tab_a")
 target_b = c2.selectbox("Target B", targets, index=len(targets) - 1, key="w_tab_b")
 
 
-def spec(name):
-    return (variant, cfg) if name == POINT else (name, None)
-
-
-cached = {t: S.generation_scores(*spec(t), C.GEN_TOKENS, compute=False) for t in (target_a, target_b)}
+cached = {t: S.generation_scores(*spec(t), GENERATION_TOKENS, compute=False) for t in (target_a, target_b)}
 missing = [t for t, got in cached.items() if got is None]
 if missing and st.button(f"Compute generation scores for {', '.join(missing)}", key="compute_tables",
                          type="primary"):
-    with C.shown_errors():
+    with ui.shown_errors():
         bar = st.progress(0.0, text="Generation scores")
         for t in missing:
-            with res.lock:
-                cached[t] = S.generation_scores(*spec(t), C.GEN_TOKENS, progress=C.progress_callback(bar, t))
+            cached[t] = S.generation_scores(*spec(t), GENERATION_TOKENS, progress=ui.progress_callback(bar, t))
         bar.empty()
 if all(got is not None for got in cached.values()):
     a, b = cached[target_a][1], cached[target_b][1]
@@ -163,6 +155,6 @@ if all(got is not None for got in cached.values()):
                + (f" ({variant}, {cfg.label})" if POINT in (target_a, target_b) else "")
                + " · click a column header to sort")
     st.dataframe(shown, hide_index=True, width="stretch", height=380)
-    C.csv_download(shown, f"{fam.name}_per_prompt_{target_a}_vs_{target_b}".replace(" ", "_"))
+    ui.csv_download(shown, f"{fam.name}_per_prompt_{target_a}_vs_{target_b}".replace(" ", "_"))
 else:
     st.info(f"Not computed yet for: {', '.join(missing)}.", icon="ℹ️")

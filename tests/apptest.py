@@ -6,10 +6,10 @@ TIMEOUT = 300  # the first run of a page imports torch/transformers and loads mo
 
 
 def open_app_page(page: str = "family", query: dict | None = None):
-    """An AppTest of the app opened on `page` (a key of ui.common.PAGE_FILES) with `query` in the URL."""
+    """An AppTest of the app opened on `page` (a key of ui.PAGE_FILES) with `query` in the URL."""
     from streamlit.testing.v1 import AppTest
 
-    from ui.common import PAGE_FILES
+    from ui import PAGE_FILES
 
     at = AppTest.from_file(APP, default_timeout=TIMEOUT)
     if query:

@@ -22,9 +22,9 @@ def _isolated_cache(tmp_path, monkeypatch):
 @pytest.fixture(scope="session")
 def tiny_family(tmp_path_factory):
     """The test-size built-in tiny family, built once per test session; returns its family.yaml Path."""
-    from safesub_core.zoo import build_tiny
+    from safesub_core.demo import build_tiny
 
-    return build_tiny(tmp_path_factory.mktemp("zoo") / "tiny", size="test", seed=0)
+    return build_tiny(tmp_path_factory.mktemp("demo") / "tiny", size="test", seed=0)
 
 
 # ------------------------------------------------------------------------------------------------ the app (AppTest)

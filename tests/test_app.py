@@ -14,7 +14,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from apptest import open_app_page
-from ui.common import PAGE_FILES
+from ui import PAGE_FILES
 
 pytestmark = pytest.mark.slow
 
@@ -180,12 +180,13 @@ def test_the_builtin_family_is_built_on_first_run_with_a_progress_bar(tiny_famil
     family, reporting progress) and opens it."""
     import shutil
 
-    from safesub_core import zoo
+    from safesub_core import demo
 
     calls = []
 
-    def fake_build(out_dir=None, size="full", seed=0, progress=None):
-        out = Path(out_dir) if out_dir is not None else zoo.default_out_dir(size)
+    def fake_build(name, out_dir=None, size="full", seed=0, progress=None, log=None):
+        assert name == "tiny"
+        out = Path(out_dir) if out_dir is not None else demo.family_dir(name, size)
         for i in range(3):
             progress(i, 3, f"stage {i}")
             calls.append(i)
@@ -194,7 +195,7 @@ def test_the_builtin_family_is_built_on_first_run_with_a_progress_bar(tiny_famil
 
     monkeypatch.delenv("SAFESUB_FAMILY", raising=False)
     monkeypatch.setenv("SAFESUB_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(zoo, "build_tiny", fake_build)
+    monkeypatch.setattr(demo, "build", fake_build)
     at = open_page("family")
     assert_clean(at)
     assert calls == [0, 1, 2]
@@ -250,18 +251,19 @@ def test_a_device_this_machine_lacks_is_one_error_line_and_the_page_still_works(
 
 
 def test_smol_build_button_runs_in_the_background_and_then_shows_the_family(app_env, monkeypatch, tmp_path):
-    """The build itself is tested in test_zoo.py; here a stand-in build (a copy of the tiny family, with progress
+    """The build itself is tested in test_demo.py; here a stand-in build (a copy of the tiny family, with progress
     steps) checks the page: the button starts a server-side job, and the family shows once it has finished."""
     import shutil
     import threading
 
-    from safesub_core import zoo
-    from ui import common as C
+    import ui
+    from safesub_core import demo
 
     release = threading.Event()
 
-    def fake_build(size="full", progress=None, **kw):
-        out = zoo.smol_out_dir(size)
+    def fake_build(name, size="full", progress=None, **kw):
+        assert name == "smol"
+        out = demo.family_dir(name, size)
         for i in range(3):
             progress(i, 3, f"stage {i}")
             release.wait(30)
@@ -269,7 +271,7 @@ def test_smol_build_button_runs_in_the_background_and_then_shows_the_family(app_
         (out / "family.yaml").write_text((Path(app_env)).read_text().replace("name: tiny", "name: smol-standin"))
         return out / "family.yaml"
 
-    monkeypatch.setattr(zoo, "build_smol", fake_build)
+    monkeypatch.setattr(demo, "build", fake_build)
     monkeypatch.setenv("SAFESUB_SMOL_SIZE", "test")
     monkeypatch.setenv("SAFESUB_CACHE", str(tmp_path / "cache"))
     at = open_page("family")
@@ -278,7 +280,7 @@ def test_smol_build_button_runs_in_the_background_and_then_shows_the_family(app_
     build = next(b for b in at.button if "Build the smol family" in b.label)
     build.click().run()
     assert_clean(at)
-    job = C.build_job("smol")
+    job = ui.build_job("smol")
     assert job.running and any("Building the smol family" in p.proto.text for p in at.get("progress"))
     release.set()
     job.thread.join(60)

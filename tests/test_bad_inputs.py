@@ -2,7 +2,7 @@
 that names the thing and the problem, leave nothing partial behind (no output file or folder, no temporary or
 half-written cache entry, no half-built family), and succeed on a rerun once the cause is fixed.
 
-CLI cases run `safesub_core.cli.main(argv)` (or `safesub_core.zoo.main`) in-process: exit status 2 (130 for an
+CLI cases run `safesub_core.cli.main(argv)` in-process: exit status 2 (130 for an
 interrupt), the last stderr line starts with "error: ", no traceback. Each case is one row of a table: how to
 break the input, the command, the words the message must hold, and how to fix it (None where a fix is out of
 reach of a test). App cases (marked slow) drive the Family and Subspaces pages through AppTest.
@@ -23,7 +23,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from factories import random_model, write_family
-from safesub_core import cache as cache_mod
+from safesub_core.cache import store as cache_mod
 from safesub_core.cli import main
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -228,7 +228,7 @@ def _judge_served(ctx):
     from safesub_core import scoring
 
     ctx.mp.setenv("SAFESUB_JUDGE_URL", "http://127.0.0.1:9/v1")
-    ctx.mp.setattr(scoring, "_ask_endpoint", lambda url, key, judge, prompt, completion: 1.0)
+    ctx.mp.setattr(scoring.judges, "_ask_endpoint", lambda url, key, judge, prompt, completion: 1.0)
 
 
 def _judge_model(ctx):
@@ -482,7 +482,8 @@ def _interrupt_stage(stage_no: int, exc: BaseException):
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["interrupt", "disk-full", "folder-not-a-family"])
 def test_family_build_failure_leaves_nothing_and_rerun_completes(how, tmp_path, monkeypatch, capsys):
-    from safesub_core import finetune, zoo
+    from safesub_core import cli, finetune
+    from safesub_core.demo import tiny
     from safesub_core.family import Family
 
     out = tmp_path / "fam" / "tiny"
@@ -492,7 +493,7 @@ def test_family_build_failure_leaves_nothing_and_rerun_completes(how, tmp_path, 
             m.setattr(finetune, "sft", _interrupt_stage(4, KeyboardInterrupt()))
             words, status = ("tiny family", "interrupted", "nothing was kept"), 130
         elif how == "disk-full":  # the disk fills while the stages are saved
-            real, saved = zoo._save, []
+            real, saved = tiny.save, []
 
             def save(model, tokenizer, folder):
                 saved.append(folder)
@@ -502,20 +503,20 @@ def test_family_build_failure_leaves_nothing_and_rerun_completes(how, tmp_path, 
                     raise OSError(errno.ENOSPC, "No space left on device")
                 return real(model, tokenizer, folder)
 
-            m.setattr(zoo, "_save", save)
+            m.setattr(tiny, "save", save)
             words, status = (f"family folder {out}", "No space left on device"), 2
         else:  # someone else's files in the chosen folder
             out.mkdir(parents=True)
             (out / "notes.txt").write_text("not a family")
             words, status = (f"family folder {out}", "not empty and holds no family.yaml"), 2
-        code, _, err = run(argv, capsys, entry=zoo.main)
+        code, _, err = run(argv, capsys, entry=cli.main)
     assert_one_line(code, err, words, status)
     if how == "folder-not-a-family":
         assert (out / "notes.txt").read_text() == "not a family", "someone else's files are never touched"
         shutil.rmtree(out)
     _no_build_leftovers(out)
 
-    code, stdout, err = run(argv, capsys, entry=zoo.main)  # the cause is gone: the rerun builds the whole family
+    code, stdout, err = run(argv, capsys, entry=cli.main)  # the cause is gone: the rerun builds the whole family
     assert code == 0, err
     family = Family.from_file(out / "family.yaml")
     family.validate()
@@ -621,7 +622,7 @@ def test_app_malformed_family_file_is_one_error_line_and_works_once_fixed(app_en
 @pytest.mark.slow
 @pytest.mark.parametrize("query, name", [({"rank": "abc"}, "rank"), ({"alpha": "nan"}, "alpha")])
 def test_app_malformed_link_parameter_is_one_error_line(app_env, query, name):
-    from ui.common import PAGE_FILES
+    from ui import PAGE_FILES
 
     at = _open("family", query)  # the first page the link opens says so, once
     _one_error(at, f"link parameter {name}=", "default is used")
