@@ -44,8 +44,9 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
+# ui/ is the checkout's app package (not installed, like app.py beside it): run from the repository root with
+# PYTHONPATH=. (as `make bench` does).
 from ui.server import CHROMIUM_ARGS, free_port, start_server, stop_server, wait_healthy  # noqa: E402
 
 SLIDER_TARGET_S = 1.0
@@ -70,9 +71,9 @@ def machine() -> str:
 def family_path(args) -> str:
     if args.family:
         return args.family
-    from safesub_core.zoo import build_tiny, default_out_dir
+    from safesub_core.demo import build_tiny, family_file
 
-    path = default_out_dir(args.size) / "family.yaml"
+    path = family_file("tiny", args.size)
     if not path.is_file():
         print(f"building the tiny family ({args.size}) once: {path.parent}", flush=True)
         build_tiny(size=args.size)
@@ -91,7 +92,9 @@ def bench_core(family: str, ranks: list[float]) -> tuple[list[float], list[float
 
     from safesub_core.cache import DiskCache
     from safesub_core.family import Family
-    from safesub_core.session import EvalSets, FamilySession, live_prompts
+    from safesub_core.compute import live_prompts
+    from safesub_core.prompts import EvalSets
+    from safesub_core.session import FamilySession
     from safesub_core.subspace import ProjectionConfig
 
     import safesub_core.session as session_module

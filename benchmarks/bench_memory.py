@@ -53,13 +53,13 @@ def peak_rss() -> int:
 
 
 def child(task: str, family_file: str, cache_dir: str) -> None:
-    sys.path.insert(0, str(HERE))
     from common import machine  # noqa: F401  (sets threads the same way as every benchmark)
 
     import transformers  # noqa: F401
 
     from safesub_core.cache import DiskCache
-    from safesub_core.family import Family, load_model
+    from safesub_core.checkpoints import load_model
+    from safesub_core.family import Family
     from safesub_core.overlap import weight_overlap
     from safesub_core.subspace import ProjectionConfig, SubspaceEngine
 
@@ -177,8 +177,7 @@ def build_llama(workdir: Path, layers: int) -> Path:
 
 
 def run_child(task: str, family_file: Path, cache_dir: Path) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.run([sys.executable, __file__, "--child", task, str(family_file), str(cache_dir)], env=env,
+    proc = subprocess.run([sys.executable, __file__, "--child", task, str(family_file), str(cache_dir)],
                           capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
@@ -232,7 +231,6 @@ def main():
                                                     "(default: a temporary folder, deleted at the end)")
     ap.add_argument("--tasks", default="import,load,engine-cold,engine-warm,overlap")
     args = ap.parse_args()
-    sys.path.insert(0, str(HERE))
     from common import machine
 
     print(machine())

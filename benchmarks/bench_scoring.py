@@ -14,9 +14,11 @@ from common import machine, tiny_family_path
 import torch
 
 from safesub_core import scoring
-from safesub_core.family import Family, load_model
+from safesub_core.checkpoints import load_model
+from safesub_core.family import Family
 from safesub_core.generation import encode_batch, format_prompt
-from safesub_core.session import EvalSets, FamilySession
+from safesub_core.prompts import EvalSets
+from safesub_core.session import FamilySession
 
 
 def median_time(fn, repeats=7):

@@ -5,12 +5,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import platform  # noqa: E402
-import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
@@ -21,9 +19,9 @@ def machine() -> str:
 
 def tiny_family_path(size: str = "full") -> Path:
     """The built-in tiny family (built once if missing; the build is not part of any timing)."""
-    from safesub_core import zoo
+    from safesub_core import demo
 
-    path = zoo.default_out_dir(size) / "family.yaml"
+    path = demo.family_file("tiny", size)
     if not path.exists():
-        zoo.build_tiny(size=size)
+        demo.build_tiny(size=size)
     return path
