@@ -13,28 +13,198 @@ API, the findings and the app all call it):
   "paths:{json}"  checkpoint paths as the app's Family page enters them: {"base", "aligned", "safety_tuned",
                   "start", "variants": {name: path}};
   anything else   the path of a family file.
-With `confined`, a family file and every entered path must resolve inside the allowed roots (`paths.confine`); the
-built-in families are trusted (the person who started safesub built them) and never confined.
+With `confined`, a family file and every path it names (checkpoints, card, behaviour), or every entered path, must
+resolve inside the allowed roots (`paths.confine`); the built-in families are trusted (the person who started
+safesub built them) and never confined.
+
+Validation happens at the boundary, before any checkpoint is opened (`check_family_file`, `check_entered_paths`):
+a family file holds only the keys of FILE_KEYS (an unknown key is an error naming it and the nearest known key);
+name is text; base and aligned are required non-empty paths (text), safety_tuned an optional one; start is
+'aligned' or 'safety_tuned' (safety_tuned only when that checkpoint is given); variants is a required, non-empty
+mapping name -> non-empty path whose names are not role names; card and behaviour are optional paths of files
+beside it (relative paths are relative to the family file), the card UTF-8 text, the behaviour a JSON object
+(its "models", when present, a mapping of mappings; its "metrics" a mapping). An optional key given as null is
+absent. Entered paths ("paths:" JSON) are checked the same way against PATHS_KEYS (an empty safety_tuned, a blank
+form field, is absent). Every problem is ONE SafesubError line; from a family file it names the file
+("family file <path>: ..."), including the problems of the checkpoints it names.
 """
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import yaml
 
 from safesub_core import demo, settings
 from safesub_core.checkpoints import Checkpoint, TensorReader
 from safesub_core.errors import SafesubError
-from safesub_core.paths import confine
+from safesub_core.paths import confine, expanded, read_utf8, real_path
 
 ROLES = ("base", "aligned", "safety_tuned")
+STARTS = ("aligned", "safety_tuned")
+FILE_KEYS = ("name", "base", "aligned", "safety_tuned", "start", "variants", "card", "behaviour")
+PATHS_KEYS = ("base", "aligned", "safety_tuned", "start", "variants")
 PATHS_PREFIX = "paths:"
 _BUILD_LOCK = threading.Lock()  # one build of the tiny family at a time in this process (the app's sessions)
+_KINDS = {"list": "a list", "dict": "a mapping", "int": "a number", "float": "a number", "bool": "true/false",
+          "NoneType": "empty", "str": "text", "date": "a date", "datetime": "a date", "bytes": "binary data"}
+
+
+def _kind(value: Any) -> str:
+    """How a value read from YAML/JSON is named in an error: its kind, and a short scalar shown as written."""
+    kind = _KINDS.get(type(value).__name__, type(value).__name__)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        shown = repr(value)
+        return f"{kind} ({shown if len(shown) <= 24 else shown[:21] + '...'})"
+    return kind
+
+
+def _unknown_key(key: Any, known: tuple[str, ...], where: str) -> SafesubError:
+    near = difflib.get_close_matches(str(key), known, n=1)
+    hint = f"did you mean {near[0]!r}?" if near else f"known keys: {', '.join(known)}"
+    shown = repr(key) if len(repr(key)) <= 40 else repr(key)[:37] + "..."
+    return SafesubError(f"{where}: unknown key {shown} ({hint})")
+
+
+def _path_text(value: Any, what: str, where: str) -> str:
+    """A path given as text: not empty, no NUL character; else one SafesubError line."""
+    if not isinstance(value, str):
+        raise SafesubError(f"{where}: {what} must be a path (text), not {_kind(value)}")
+    if not value.strip():
+        raise SafesubError(f"{where}: {what} is an empty path")
+    if "\x00" in value:
+        raise SafesubError(f"{where}: {what} contains a NUL character")
+    return value
+
+
+def _check_start(who: str, start: str, has_safety: bool) -> None:
+    """start names a role that is given (`who` opens the error line)."""
+    if start not in STARTS:
+        raise SafesubError(f"{who}: start must be 'aligned' or 'safety_tuned', not {start!r}")
+    if start == "safety_tuned" and not has_safety:
+        raise SafesubError(f"{who}: start is safety_tuned but no safety_tuned checkpoint is given")
+
+
+def _check_variant_names(who: str, variants) -> None:
+    """No variant takes a role's name."""
+    clash = set(variants) & set(ROLES)
+    if clash:
+        raise SafesubError(f"{who}: variant name {sorted(clash)[0]!r} is reserved for a role")
+
+
+def check_family_file(doc: Any, where: str, default_name: str) -> dict[str, Any]:
+    """A parsed family file's content, checked (the module docstring lists the rules): name, base, aligned,
+    safety_tuned, start, variants, card and behaviour as given (None when absent); or one SafesubError line
+    opening with `where`."""
+    if not isinstance(doc, dict):
+        raise SafesubError(f"{where}: must be a mapping with base, aligned and variants, not {_kind(doc)}")
+    for key in doc:
+        if key not in FILE_KEYS:
+            raise _unknown_key(key, FILE_KEYS, where)
+    spec = {k: v for k, v in doc.items() if v is not None}  # an optional key given as null is absent
+    name = spec.get("name", default_name)
+    if not isinstance(name, str):
+        raise SafesubError(f"{where}: name must be text, not {_kind(name)}")
+    if not name.strip():
+        raise SafesubError(f"{where}: name is empty")
+    for key in ("base", "aligned"):
+        if key not in spec:
+            raise SafesubError(f"{where}: missing required key {key!r}")
+    paths = {k: _path_text(spec[k], k, where) for k in ("base", "aligned", "safety_tuned", "card", "behaviour")
+             if k in spec}
+    start = spec.get("start", "aligned")
+    if not isinstance(start, str):
+        raise SafesubError(f"{where}: start must be 'aligned' or 'safety_tuned', not {_kind(start)}")
+    who = f"{where}: family '{name}'"
+    _check_start(who, start, "safety_tuned" in paths)
+    if "variants" not in spec:
+        raise SafesubError(f"{where}: missing required key 'variants' (the fine-tuned variants, name: path)")
+    variants = spec["variants"]
+    if not isinstance(variants, dict):
+        raise SafesubError(f"{where}: variants must be a mapping of name: path, not {_kind(variants)}")
+    if not variants:
+        raise SafesubError(f"{where}: variants is empty (give at least one fine-tuned variant, name: path)")
+    for v, path in variants.items():
+        if not isinstance(v, str) or not v.strip():
+            raise SafesubError(f"{where}: variant name {v!r} must be non-empty text")
+        if path is None:
+            raise SafesubError(f"{where}: variant {v!r} has no path (give name: path)")
+        _path_text(path, f"variant {v!r}", where)
+    _check_variant_names(who, variants)
+    return dict(name=name, **{k: paths.get(k) for k in ("base", "aligned", "safety_tuned", "card", "behaviour")},
+                start=start, variants=dict(variants))
+
+
+def check_entered_paths(doc: Any) -> dict[str, Any]:
+    """The JSON of a "paths:" spec (entered on the Family page or carried by a link), checked: the arguments of
+    `Family.from_paths` (name 'entered', base, aligned, safety_tuned or None, start, variants)."""
+    where = "family paths"
+    if not isinstance(doc, dict):
+        raise SafesubError(f"{where}: the link's family parameter is malformed")
+    for key in doc:
+        if key not in PATHS_KEYS:
+            raise _unknown_key(key, PATHS_KEYS, where)
+    given = {role: doc.get(role) for role in ROLES if doc.get(role) not in (None, "")}  # a blank field: not given
+    for role in ("base", "aligned"):
+        if role not in given:
+            raise SafesubError(f"checkpoint '{role}': no path given")
+    paths = {k: _path_text(v, f"checkpoint {k!r}", where) for k, v in given.items()}
+    start = doc.get("start") or "aligned"
+    if not isinstance(start, str):
+        raise SafesubError(f"{where}: start must be 'aligned' or 'safety_tuned', not {_kind(start)}")
+    _check_start("family 'entered'", start, "safety_tuned" in paths)
+    variants = doc.get("variants")
+    if not variants or not isinstance(variants, dict):
+        raise SafesubError("family: give at least one fine-tuned variant (name = path)")
+    for v, path in variants.items():
+        if not v.strip():
+            raise SafesubError(f"{where}: a variant has an empty name (give name = path)")
+        _path_text(path, f"variant {v!r}", where)
+    _check_variant_names("family 'entered'", variants)
+    return dict(name="entered", base=paths["base"], aligned=paths["aligned"], safety_tuned=paths.get("safety_tuned"),
+                start=start, variants=dict(variants))
+
+
+def _text_file(path: Path, label: str) -> str:
+    """The UTF-8 text of the file at `path`, or one SafesubError line opening with `label`."""
+    try:
+        if not path.exists():
+            raise SafesubError(f"{label}: does not exist")
+        if not path.is_file():
+            raise SafesubError(f"{label}: is not a file")
+    except OSError as err:  # a name too long
+        raise SafesubError(f"{label}: cannot be read ({err.strerror or err})") from None
+    return read_utf8(path, label)
+
+
+def _read_beside(root: Path, rel: str, what: str, where: str, confined: bool) -> str:
+    """The text of the file `rel` (relative to `root`) a family file names, confined like its checkpoints."""
+    label = f"{where}: {what}"
+    return _text_file(confine(root / rel, label) if confined else real_path(root / rel, label), f"{label} {rel}")
+
+
+def _behaviour(text: str, rel: str, where: str) -> dict:
+    """A behaviour file's JSON object (what the Family page and the findings read from it), checked."""
+    label = f"{where}: behaviour {rel}"
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise SafesubError(f"{label}: is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from None
+    except RecursionError:
+        raise SafesubError(f"{label}: is not valid JSON (nested too deeply)") from None
+    if not isinstance(doc, dict):
+        raise SafesubError(f"{label}: must be a JSON object, not {_kind(doc)}")
+    models = doc.get("models", {})
+    if not isinstance(models, dict) or not all(isinstance(v, dict) for v in models.values()):
+        raise SafesubError(f"{label}: 'models' must map each model's name to its numbers")
+    if not isinstance(doc.get("metrics", {}), dict):
+        raise SafesubError(f"{label}: 'metrics' must map each metric's name to its description")
+    return doc
 
 
 @dataclass
@@ -52,54 +222,36 @@ class Family:
     behaviour: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        if self.start not in ("aligned", "safety_tuned"):
-            raise SafesubError(f"family '{self.name}': start must be 'aligned' or 'safety_tuned', not {self.start!r}")
-        if self.start == "safety_tuned" and self.safety_tuned is None:
-            raise SafesubError(f"family '{self.name}': start is safety_tuned but no safety_tuned checkpoint is given")
-        clash = set(self.variants) & set(ROLES)
-        if clash:
-            raise SafesubError(f"family '{self.name}': variant name {sorted(clash)[0]!r} is reserved for a role")
+        _check_start(f"family '{self.name}'", self.start, self.safety_tuned is not None)
+        _check_variant_names(f"family '{self.name}'", self.variants)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, allow_pickle: bool = False, confined: bool = False) -> "Family":
-        """Read a family file (YAML or JSON); relative checkpoint paths are relative to the file.
+        """Read a family file (YAML or JSON; checked by `check_family_file`); relative paths are relative to it.
 
-        With `confined`, the file and every checkpoint must resolve inside the allowed roots (safesub_core.paths).
+        With `confined`, the file and every path it names (checkpoints, card, behaviour) must resolve inside the
+        allowed roots (safesub_core.paths). Every problem is one SafesubError line naming the file.
         """
-        p = confine(path, "family file") if confined else Path(path).expanduser()
-        if not p.is_file():
-            raise SafesubError(f"family file {p}: does not exist")
+        p = confine(path, "family file") if confined else expanded(path, "family file")
+        where = f"family file {p}"
+        text = _text_file(p, where)
         try:
-            spec = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except (yaml.YAMLError, UnicodeDecodeError) as err:
-            raise SafesubError(f"family file {p}: is not valid YAML/JSON ({type(err).__name__})") from None
-        if not isinstance(spec, dict):
-            raise SafesubError(f"family file {p}: must be a mapping with base, aligned and variants")
+            doc = yaml.safe_load(text)
+        except (yaml.YAMLError, ValueError, OverflowError, RecursionError) as err:  # ValueError: a date like 2024-13-01
+            raise SafesubError(f"{where}: is not valid YAML/JSON ({type(err).__name__})") from None
+        spec = check_family_file(doc, where, p.stem)
         root = p.resolve().parent
-        missing = [k for k in ("base", "aligned") if not spec.get(k)]
-        if missing:
-            raise SafesubError(f"family file {p}: missing required key {missing[0]!r}")
-
-        def at(x):
-            return root / x
-
-        behaviour = {}
-        if spec.get("behaviour") and at(spec["behaviour"]).is_file():
-            behaviour = json.loads(at(spec["behaviour"]).read_text())
-        card = at(spec["card"]).read_text() if spec.get("card") and at(spec["card"]).is_file() else ""
-        return cls.from_paths(
-            name=str(spec.get("name", p.stem)),
-            base=at(spec["base"]),
-            aligned=at(spec["aligned"]),
-            safety_tuned=at(spec["safety_tuned"]) if spec.get("safety_tuned") else None,
-            variants={k: at(v) for k, v in (spec.get("variants") or {}).items()},
-            start=spec.get("start", "aligned"),
-            allow_pickle=allow_pickle,
-            confined=confined,
-            root=root,
-            card=card,
-            behaviour=behaviour,
-        )
+        card, behaviour = spec.pop("card"), spec.pop("behaviour")
+        card = _read_beside(root, card, "card", where, confined) if card else ""
+        behaviour = _behaviour(_read_beside(root, behaviour, "behaviour", where, confined), behaviour, where) \
+            if behaviour else {}
+        rooted = {role: root / spec[role] for role in ROLES if spec[role]}
+        rooted["variants"] = {k: root / v for k, v in spec["variants"].items()}
+        try:
+            return cls.from_paths(**(spec | rooted), allow_pickle=allow_pickle, confined=confined, root=root, card=card,
+                                  behaviour=behaviour)
+        except SafesubError as err:  # a checkpoint's problem, said as the family file's
+            raise SafesubError(f"{where}: {err}") from None
 
     @classmethod
     def from_paths(cls, name, base, aligned, variants, safety_tuned=None, start="aligned", allow_pickle=False,
@@ -107,7 +259,12 @@ class Family:
         """A family from paths; each is resolved and its kind detected (and confined to the roots if asked)."""
 
         def ck(role, path):
-            return Checkpoint.resolve(role, confine(path, f"checkpoint '{role}'") if confined else path, allow_pickle)
+            what = f"checkpoint '{role}'"
+            path = confine(path, what) if confined else expanded(path, what)
+            try:
+                return Checkpoint.resolve(role, path, allow_pickle)
+            except OSError as err:  # a name too long, a folder that cannot be listed
+                raise SafesubError(f"{what}: {path} cannot be read ({err.strerror or err})") from None
 
         return cls(
             name=name,
@@ -179,18 +336,9 @@ def paths_spec(base: str, aligned: str, safety_tuned: str | None, start: str, va
 
 
 def _from_entered_paths(text: str, confined: bool) -> Family:
-    """The family 'entered' from the JSON of a "paths:" spec."""
+    """The family 'entered' from the JSON of a "paths:" spec (checked by `check_entered_paths`)."""
     try:
-        d = json.loads(text)
-    except json.JSONDecodeError:
+        doc = json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
         raise SafesubError("family paths: the link's family parameter is malformed") from None
-    if not isinstance(d, dict):
-        raise SafesubError("family paths: the link's family parameter is malformed")
-    for role in ("base", "aligned"):
-        if not d.get(role):
-            raise SafesubError(f"checkpoint '{role}': no path given")
-    if not d.get("variants") or not isinstance(d["variants"], dict):
-        raise SafesubError("family: give at least one fine-tuned variant (name = path)")
-    return Family.from_paths(name="entered", base=d["base"], aligned=d["aligned"], variants=d["variants"],
-                             safety_tuned=d.get("safety_tuned"), start=d.get("start") or "aligned",
-                             confined=confined)
+    return Family.from_paths(**check_entered_paths(doc), confined=confined)

@@ -16,6 +16,13 @@ Weight space (docs/method.md, "Mode subspace overlap"): per tensor, the study's 
                block writes to;
   read space:  right singular vectors of [dQ; dK; dV; dGate; dUp] (all N = hidden), the residual-stream
                directions the block reads from.
+
+Zero updates: a zero matrix spans nothing, so the MSO with it is undefined: `overlap_curve` leaves it NaN (k and
+the baseline are still given). In `weight_overlap`, a pair side whose update is zero everywhere (the reference
+itself, a checkpoint with the reference's files, or one equal to it in every tensor) is a one-line SafesubError;
+a side whose update is zero in some units only (a LoRA variant's untouched tensors, a frozen layer) leaves those
+rows' MSO NaN (out of `overlap_summary`'s means), and `overlap_warnings(table)` says so in one line per pair for
+the CLI and the pages to show.
 """
 from __future__ import annotations
 
@@ -32,13 +39,18 @@ from safesub_core.family import Family
 from safesub_core.linalg import (DEFAULT_ENERGIES, Basis, LazyRows, as_matrix, check_energy, energy_rank,
                                  release_freed_memory, row_blocks)
 
+OVERLAP_VERSION = 2  # in the cache key: bump when the table computed from the same inputs changes (2: NaN MSO)
+
+
 def overlap_curve(a: Basis, b: Basis, energies: Sequence[float] = DEFAULT_ENERGIES) -> pd.DataFrame:
     """MSO of two bases of R^d at each energy fraction, with k_X, k_Y and the random baseline max(k)/d.
 
-    Returns columns: energy, k_x, k_y, mso, random_baseline.
+    Returns columns: energy, k_x, k_y, mso, random_baseline; mso is NaN when either matrix is zero (it spans
+    nothing).
     """
     if a.dim != b.dim:
         raise SafesubError(f"subspace overlap: bases live in R^{a.dim} and R^{b.dim}, not the same space")
+    spans_nothing = _is_zero(a) or _is_zero(b)
     G2 = (a.U.T @ b.U).pow(2)
     cum = G2.cumsum(0).cumsum(1)
     rows = []
@@ -49,11 +61,16 @@ def overlap_curve(a: Basis, b: Basis, energies: Sequence[float] = DEFAULT_ENERGI
                 energy=float(eta),
                 k_x=kx,
                 k_y=ky,
-                mso=float(cum[kx - 1, ky - 1]) / min(kx, ky),
+                mso=math.nan if spans_nothing else float(cum[kx - 1, ky - 1]) / min(kx, ky),
                 random_baseline=max(kx, ky) / a.dim,
             )
         )
     return pd.DataFrame(rows)
+
+
+def _is_zero(basis: Basis) -> bool:
+    """The basis of a zero matrix (no singular value above zero)."""
+    return basis.s.numel() == 0 or float(basis.s.max()) <= 0.0
 
 
 def subspace_overlap(X: torch.Tensor, Y: torch.Tensor, energy: float = 0.9) -> float:
@@ -96,10 +113,22 @@ def weight_overlap(
     for e in energies:
         check_energy(e)
     names = sorted({reference} | {x for p in pairs for x in p})
-    parts = dict(checkpoints={n: family.checkpoint(n).fingerprint() for n in names}, reference=reference,
-                 energies=[float(e) for e in energies], pairs=[list(p) for p in pairs])
+    prints = {n: family.checkpoint(n).fingerprint(family) for n in names}
+    for x, y in pairs:
+        for side in (x, y):
+            if side == reference or prints[side] == prints[reference]:
+                why = "it is the reference" if side == reference else f"it has the same files as {reference}"
+                raise _zero_side(x, y, side, reference, why)
+    parts = dict(checkpoints=prints, reference=reference, energies=[float(e) for e in energies],
+                 pairs=[list(p) for p in pairs], version=OVERLAP_VERSION)
     compute = lambda: _weight_overlap(family, reference, energies, pairs, progress)  # noqa: E731
     return (cache or DiskCache()).get_or_compute("weight_overlap", parts, compute)
+
+
+def _zero_side(x: str, y: str, side: str, reference: str, why: str) -> SafesubError:
+    return SafesubError(f"overlap pair {x}:{y} relative to {reference}: the update {side} - {reference} is zero "
+                        f"({why}), so its overlap would be measured against nothing; pair checkpoints that differ "
+                        f"from {reference}")
 
 
 def _weight_overlap(family: Family, reference, energies, pairs, progress) -> pd.DataFrame:
@@ -113,6 +142,7 @@ def _weight_overlap(family: Family, reference, energies, pairs, progress) -> pd.
     for n in names:
         groups.setdefault(block_index(n), []).append(n)
     short = {"aligned": "A", "safety_tuned": "S"}.get(reference, reference)
+    moved = dict.fromkeys(sides, False)  # whether the side's update is nonzero in some tensor
     frames = []
     for i, (block, members) in enumerate(groups.items()):
         if progress:
@@ -138,8 +168,9 @@ def _weight_overlap(family: Family, reference, energies, pairs, progress) -> pd.
                 bases.setdefault((unit, scope), {})[s] = Basis.of(matrix(updates))
             for n in members:
                 X = updates.pop(n) if n in updates else _update_rows(readers[s], ref, n)
-                bases.setdefault((n, "tensor"), {})[s] = Basis.of(X)
-                del X
+                basis = bases.setdefault((n, "tensor"), {})[s] = Basis.of(X)
+                moved[s] = moved[s] or not _is_zero(basis)
+                del X, basis
             del updates
         order = [(n, "tensor") for n in members] + [(unit, scope) for unit, scope, _ in spaces]
         for unit, scope in order:
@@ -152,6 +183,10 @@ def _weight_overlap(family: Family, reference, energies, pairs, progress) -> pd.
                 frames.append(curve)
             del bases[unit, scope]
         release_freed_memory()
+    for x, y in pairs:
+        for side in (x, y):
+            if not moved[side]:
+                raise _zero_side(x, y, side, reference, f"{side} equals {reference} in every tensor")
     if progress:
         progress(len(groups), len(groups), "done")
     return pd.concat(frames, ignore_index=True)
@@ -171,6 +206,21 @@ def _update_rows(side, ref, name: str) -> LazyRows:
         return out
 
     return LazyRows((d, width), rows)
+
+
+def overlap_warnings(table: pd.DataFrame) -> list[str]:
+    """One line per (reference, pair) of a `weight_overlap` table whose MSO is NaN in some units because a side's
+    update is zero there: how many units, and one of them."""
+    out = []
+    for (reference, pair), rows in table.groupby(["reference", "pair"], sort=False):
+        empty = rows.loc[rows["mso"].isna(), ["scope", "unit"]].drop_duplicates()
+        if len(empty):
+            units = rows[["scope", "unit"]].drop_duplicates()
+            first = empty.iloc[0]
+            out.append(f"overlap vs {reference}, pair {pair}: a side's update is zero in {len(empty)} of {len(units)} "
+                       f"units (e.g. {first['scope']} {first['unit']}), where the MSO is empty (NaN) and left out of "
+                       "the means")
+    return out
 
 
 def overlap_summary(table: pd.DataFrame) -> pd.DataFrame:

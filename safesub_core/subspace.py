@@ -24,6 +24,12 @@ Diagnostics are global sums over tensors (not means of ratios):
   cos(task, kept)    = sum <dT, X> / (sqrt(sum ||dT||^2) sqrt(sum ||X||^2))
   cos(task, align)   = sum <dT, dA> / (sqrt(sum ||dT||^2) sqrt(sum ||dA||^2))
 For a tall matrix (M > N) even U at full rank does not span R^M, so E at rho = 1 can stay well below 1.
+
+Zero updates are never computed on silently: a variant whose task update is zero, or a family whose alignment
+update is zero in every tensor (the start model identical to base, by file content or by value), is a one-line
+SafesubError from `SubspaceEngine.build` (every number would be measured against nothing). An alignment update
+that is zero in only some tensors where the task update is not (e.g. an alignment that froze a layer) is allowed,
+and the engine says so in `SubspaceEngine.warnings` (one line each) for the CLI and the pages to show.
 """
 from __future__ import annotations
 
@@ -299,6 +305,14 @@ class SubspaceEngine:
         self.task_sq = float(self.task.sum())
         if self.task_sq == 0:
             raise SafesubError(f"variant '{variant}': its task update is zero (identical to the start model)")
+        unaligned = [t.name for t in tensors if t.align_sq == 0 and t.task_sq > 0]
+        self.warnings: list[str] = []  # one line each, for the CLI and the pages to show beside the numbers
+        if unaligned:
+            self.warnings.append(
+                f"variant '{variant}': the alignment update is zero in {len(unaligned)} of {len(tensors)} tensors "
+                f"where the task update is not (e.g. {unaligned[0]}): there the alignment subspace is empty, so "
+                "Top-K and Random-K keep none of the task update in parallel and opposite modes and all of it in "
+                "orthogonal mode")
         self.r = torch.tensor([t.r for t in tensors])
         self.cum = {sub: _stack_padded([t.cumulative_energy(sub) for t in tensors]) for sub in SUBSPACES}
         spectrum = _stack_padded([t.s.double().pow(2).cumsum(0).cpu() for t in tensors])
@@ -355,6 +369,8 @@ class SubspaceEngine:
             budget = min(DEFAULT_RESIDENT_BYTES, max(MIN_RESIDENT_BYTES, checkpoint_bytes // 4))
         chunks = _chunks(names, start.shape, min(CHUNK_BYTES, max(MIN_RESIDENT_BYTES, checkpoint_bytes // 8)))
         basis_parts = dict(base=family.base.fingerprint(), start=family.start_checkpoint.fingerprint(), seed=seed)
+        if basis_parts["base"] == basis_parts["start"]:
+            raise _zero_alignment(family, f"{family.start} has the same files as base")
         coord_parts = basis_parts | dict(variant=family.checkpoint(variant).fingerprint())
         where = {n: c for c, chunk in enumerate(chunks) for n in chunk}
         memo: dict[int, tuple[dict, dict]] = {}
@@ -418,6 +434,8 @@ class SubspaceEngine:
             used += need if keep else 0
             tensors.append(load(i, keep))  # not kept: the numbers stay, the matrices stream from the cache
         memo.clear()
+        if not any(t.align_sq > 0 for t in tensors):
+            raise _zero_alignment(family, f"{family.start} equals base in every tensor")
         if progress:
             progress(len(names), len(names), "done")
         return cls(family.name, variant, tensors, seed, loader=load)
@@ -492,6 +510,12 @@ class SubspaceEngine:
             if k0 is None or not t.move(params[t.name], cfg, k0, k):
                 t.compose(params[t.name], ref[t.name], cfg, k)
         return model
+
+
+def _zero_alignment(family: Family, why: str) -> SafesubError:
+    """The error for a family whose alignment update W_start - W0 is zero: nothing to project onto."""
+    return SafesubError(f"family '{family.name}': the alignment update is zero ({why}), so there is no alignment "
+                        f"subspace to project onto; check the paths of base and {family.start}")
 
 
 def _chunks(names: list[str], shape_of: Callable[[str], tuple], limit: int) -> list[list[str]]:

@@ -15,7 +15,9 @@ Contract:
 - Atomicity. Every file is written to a temporary name in its own folder, fsynced, then `os.replace`d: payload
   first, sidecar last, so the sidecar's presence commits the entry. A failure (an exception in ``compute``, or an
   OSError such as ENOSPC) leaves no file of the entry behind. OSErrors while writing are raised as
-  `SafesubError` naming the cache folder and the problem.
+  `SafesubError` naming the cache folder and the problem; so is a `safetensors.SafetensorError` (its Rust writer
+  reports a full disk or another I/O failure as one, not as an OSError), read as the OSError its text names
+  ("code: 28" or "No space left on device" is ENOSPC).
 - Read-only caches. Reads (`get`, hits of `get_or_compute`) work on a read-only cache; the first write (`put`, or
   a miss of `get_or_compute`, checked *before* ``compute`` runs) raises `SafesubError`
   ``"cache folder <root>: is read-only (set SAFESUB_CACHE to a writable folder)"``. There is no silent
@@ -48,6 +50,7 @@ from typing import Any, Callable, Iterator, TypeVar
 
 import pandas as pd
 from filelock import FileLock, Timeout
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from safesub_core import settings
@@ -62,6 +65,7 @@ V = TypeVar("V")
 FORMAT = 1
 _NAMESPACE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _ENTRY_FILE = re.compile(r"^([0-9a-f]{64})(\..+)$")
+_OS_CODE = re.compile(r"\bcode:\s*(\d+)")  # safetensors' text of an I/O error: IoError(Os { code: 28, ... })
 _MISSING = object()  # no committed entry
 _BAD = object()  # a committed entry that fails its checksum or cannot be read
 
@@ -92,6 +96,19 @@ def _sha256(path: Path) -> tuple[str, int]:
 def _unlink(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
+
+
+def _os_error(err: BaseException) -> OSError | None:
+    """The OSError behind a failed write: `err` itself, or the one a SafetensorError names in its text; else None."""
+    if isinstance(err, OSError):
+        return err
+    if not isinstance(err, SafetensorError):
+        return None
+    text = " ".join(str(err).split())
+    code = _OS_CODE.search(text)
+    if code:
+        return OSError(int(code.group(1)), text)
+    return OSError(errno.ENOSPC, text) if "no space left" in text.lower() else OSError(text)
 
 
 def _atomic_write(path: Path, writer: Callable[[Path], None]) -> tuple[str, int]:
@@ -362,8 +379,9 @@ class DiskCache:
             _fsync_dir(folder)
         except BaseException as err:
             self._remove_files(folder, key)
-            if isinstance(err, OSError):
-                raise self._error(err) from err
+            os_err = _os_error(err)
+            if os_err is not None:
+                raise self._error(os_err) from err
             raise
         return stored
 

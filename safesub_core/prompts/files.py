@@ -4,6 +4,13 @@ Contract: `load_file(path, column=None, field=None, name=None, kind="benign", re
 a line, blank lines skipped), CSV (`column`), JSON (a list of strings, or of objects with `field`), JSONL (one
 string or object a line, `field`), and YAML seed files (``seeds[].value`` as pyrit writes them, or a list).
 `reference` names the column/field holding reference answers, if any. Every problem is one SafesubError line.
+
+CSV headers: the first row of a CSV file is always its header, and no prompt is ever silently taken for one. With
+several columns the header names them (`column`, else the first usual name: prompt, text, value, question, ...;
+else an error listing them, which shows the row taken as the header). With ONE column the header cannot always be
+told from the data, so its first row is taken as the header only when it is a usual name (case and surrounding
+spaces ignored) or the `column` asked for; any other first row is an error that quotes it and asks to name the
+column (to take that row as the header) or to add a header row such as 'prompt' (a TXT file has no header at all).
 """
 from __future__ import annotations
 
@@ -15,6 +22,7 @@ import pandas as pd
 import yaml
 
 from safesub_core.errors import SafesubError
+from safesub_core.paths import read_utf8
 from safesub_core.prompts.sets import PromptSet
 
 _FIELD_GUESSES = ("prompt", "text", "value", "question", "instruction", "goal", "behavior", "behaviour", "query")
@@ -26,14 +34,7 @@ def _read_text(path: Path) -> str:
         raise SafesubError(f"{path}: file not found")
     if path.is_dir():
         raise SafesubError(f"{path}: is a folder, not a prompt file")
-    try:
-        data = path.read_bytes()
-    except OSError as err:
-        raise SafesubError(f"{path}: cannot be read ({err.strerror or err})") from None
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise SafesubError(f"{path}: is not UTF-8 text (bad byte at offset {err.start})") from None
+    return read_utf8(path, str(path), "utf-8-sig")
 
 
 def _scalar(value, path: Path, where: str) -> str:
@@ -99,7 +100,7 @@ def _load_csv(text: str, column: str | None, reference: str | None, path: Path):
     cols = [str(c) for c in df.columns]
     if column is None:
         if len(cols) == 1:
-            column = cols[0]
+            column = _one_column_header(cols[0], path)
         else:
             column = next((g for g in _FIELD_GUESSES if g in cols), None)
             if column is None:
@@ -116,6 +117,17 @@ def _load_csv(text: str, column: str | None, reference: str | None, path: Path):
         if refs is not None:
             refs.append(str(df[reference].iloc[i]).strip())
     return prompts, refs
+
+
+def _one_column_header(first: str, path: Path) -> str:
+    """The header of a one-column CSV whose column was not named: its first row, when that is a usual name."""
+    if first.strip().lower() in _FIELD_GUESSES:
+        return first
+    shown = first if len(first) <= 60 else first[:57] + "..."
+    raise SafesubError(
+        f"{path}: one column, whose first row {shown!r} may be a header or a prompt: name the column to take that "
+        f"row as the header, or add a header row such as 'prompt' (or use a .txt file, one prompt a line)"
+    )
 
 
 def _load_json(text: str, field: str | None, reference: str | None, path: Path):
