@@ -7,30 +7,59 @@ A checkpoint is one of
   gguf  a .gguf file (or a directory holding exactly one), dequantized by transformers on load.
 
 `TensorReader` yields one float32 tensor (or a block of its rows) at a time (safetensors' safe_open), so the
-subspace and overlap computations never hold whole models; `Checkpoint.fingerprint` hashes a checkpoint's files so
-a changed file never serves a stale cached result. Models and tokenizers are read from local files only
+subspace and overlap computations never hold whole models. Models and tokenizers are read from local files only
 (local_files_only=True) and remote code is never run. `load_model` refuses, before loading, an architecture
-transformers does not know and a model that does not fit in the device's free memory.
+transformers does not know, a config.json whose shapes the weights do not have, and a model that does not fit in
+the device's free memory; a broken adapter or tokenizer is one line naming the checkpoint and the file.
+
+Fingerprints: content hashes of the files that decide what a loaded checkpoint computes, so a changed file never
+serves a stale cached result. Each covers the files a loader reads, and nothing else (a README, a touch):
+  `Checkpoint.fingerprint(owner)`  the tensors: weights (and their index), config.json, adapter_config.json; a LoRA
+                                   adapter with its family (`owner`) also its start model's (the tensors it is
+                                   merged onto). What weight-space results (subspaces, overlaps) are keyed by.
+  `model_fingerprint(ckpt, owner)` what `load_model` returns: the tensors plus generation_config.json (greedy
+                                   decoding reads it), and a LoRA adapter's start model's.
+  `tokenizer_fingerprint(ckpt, owner)`  the files `load_tokenizer` reads (TOKENIZER_FILES: tokenizer, special
+                                   tokens, chat templates in chat_template.jinja/.json or tokenizer_config.json,
+                                   config.json), from the folder `tokenizer_source` picks, as `load_tokenizer` does.
+A file's hash is memoised by its path, size, mtime, ctime and inode; a file changed within RACY_NS is hashed
+afresh every time (its timestamp may not yet tell a second change apart, as in git's "racy" files). Within
+`snapshot()` each fingerprint is worked out once (a cache key asks for the start model's several times).
 """
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import math
 import os
 import re
+import time
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Callable, Iterator, Protocol
 
 import torch
 from peft import LoraConfig, PeftModel
 from safetensors import safe_open
-from transformers import CONFIG_MAPPING, AutoModelForCausalLM, AutoTokenizer
+from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from safesub_core.errors import SafesubError
 from safesub_core.linalg import row_blocks
+
+GENERATION_FILES = ("generation_config.json",)
+# what AutoTokenizer reads from a folder: the tokenizer itself (fast or slow: vocabularies, merges, sentencepiece
+# models), its special and added tokens, the chat templates, and config.json (where the tokenizer class may be named)
+TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
+                   "chat_template.json", "additional_chat_templates/*", "vocab*", "merges.txt", "*.model",
+                   "*.tiktoken", "config.json")
+TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                  "chat_template.json")  # checked for being JSON before a tokenizer is loaded
+RACY_NS = 2_000_000_000  # a file changed this recently (ns) is hashed afresh on every fingerprint
+_SNAPSHOT: ContextVar[dict | None] = ContextVar("fingerprint_snapshot", default=None)
 
 
 class Owner(Protocol):
@@ -83,29 +112,148 @@ class Checkpoint:
     def weight_files(self) -> list[Path]:
         if self.kind == "gguf":
             return [self.path / self.gguf_file]
-        if self.kind == "lora":
-            return sorted(self.path.glob("adapter_model.safetensors")) or sorted(self.path.glob("adapter_model.bin"))
-        return sorted(self.path.glob("*.safetensors")) or sorted(self.path.glob("*.bin"))
+        stem = "adapter_model" if self.kind == "lora" else "*"
+        return self.files((f"{stem}.safetensors",)) or self.files((f"{stem}.bin",))
 
-    def fingerprint(self) -> str:
-        """Content hash of the weights and config files (memoised by path, size and mtime)."""
-        configs = [self.path / f for f in ("config.json", "adapter_config.json") if (self.path / f).exists()]
-        files = self.weight_files() + configs
+    def files(self, patterns: tuple[str, ...]) -> list[Path]:
+        """The checkpoint's files matching any of `patterns` (a name pattern, or 'folder/pattern' one folder down),
+        sorted by their path in the checkpoint's folder (each folder listed once per `snapshot`)."""
+        found = []
+        for pat in patterns:
+            sub, _, name = pat.rpartition("/")
+            folder = self.path / sub if sub else self.path
+            found += [folder / n for n in _file_names(folder) if fnmatch.fnmatchcase(n, name)]
+        return sorted(set(found), key=lambda f: f.relative_to(self.path).as_posix())
+
+    def fingerprint(self, owner: Owner | None = None) -> str:
+        """Content hash of the tensors this checkpoint stands for (see the module docstring): its weights and config
+        files; a LoRA adapter given its family also folds in the start model's fingerprint. Without an index or a
+        start model the digest is the one earlier versions wrote, so their subspace and overlap entries stay valid."""
+        return _memo("tensors", self, owner, lambda: self._fingerprint(owner))
+
+    def _fingerprint(self, owner: Owner | None) -> str:
+        named = {f.name: f for f in self.files(("*.safetensors.index.json", "config.json", "adapter_config.json"))}
+        configs = [named[n] for n in ("config.json", "adapter_config.json") if n in named]
+        index = [f for n, f in sorted(named.items()) if n.endswith(".index.json")]
         h = hashlib.sha256(self.kind.encode())
-        for f in files:
-            st = f.stat()
+        for f in self.weight_files() + index + configs:
             h.update(f.name.encode())
-            h.update(_file_sha256(str(f), st.st_size, st.st_mtime_ns).encode())
+            h.update(file_sha256(f).encode())
+        if self.kind == "lora" and owner is not None and owner.start_checkpoint != self:
+            h.update(b"start:" + owner.start_checkpoint.fingerprint(owner).encode())
         return h.hexdigest()[:16]
+
+    def tokenizer_files(self) -> list[Path]:
+        """The files a tokenizer loaded from this checkpoint's folder is read from (a GGUF's own file included)."""
+        files = self.files(TOKENIZER_FILES)
+        return files + self.weight_files() if self.kind == "gguf" else files
+
+
+@contextmanager
+def snapshot() -> Iterator[None]:
+    """Fingerprints asked for within it are worked out once each (files listed and stat'ed once): for a caller that
+    needs several of the same checkpoints at one moment. Nested snapshots share the outer one; per thread."""
+    token = _SNAPSHOT.set({}) if _SNAPSHOT.get() is None else None
+    try:
+        yield
+    finally:
+        if token is not None:
+            _SNAPSHOT.reset(token)
+
+
+def _memo(kind: str, ckpt: Checkpoint, owner: Owner | None, compute: Callable[[], str]) -> str:
+    """compute(), remembered for the current `snapshot` (if any) by kind, checkpoint and the owner's roles."""
+    memo = _SNAPSHOT.get()
+    if memo is None:
+        return compute()
+    key = (kind, ckpt) + ((owner.start_checkpoint, owner.base) if owner is not None else ())
+    if key not in memo:
+        memo[key] = compute()
+    return memo[key]
+
+
+def _file_names(folder: Path) -> tuple[str, ...]:
+    """Names of the regular files (or links to them) in `folder`; none when it is not a folder."""
+    def compute() -> tuple[str, ...]:
+        try:
+            with os.scandir(folder) as entries:
+                return tuple(e.name for e in entries if e.is_file())
+        except (FileNotFoundError, NotADirectoryError):
+            return ()
+
+    memo = _SNAPSHOT.get()
+    if memo is None:
+        return compute()
+    key = ("listing", str(folder))
+    if key not in memo:
+        memo[key] = compute()
+    return memo[key]
+
+
+def _digest(root: Path, files: list[Path], parts: list[str]) -> str:
+    """16 hex digits of the files' names (relative to `root`) and contents, after `parts`."""
+    h = hashlib.sha256(json.dumps(parts).encode())
+    for f in files:
+        h.update(f.relative_to(root).as_posix().encode() + b"\0")
+        h.update(file_sha256(f).encode())
+    return h.hexdigest()[:16]
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's content, memoised by path, size, mtime, ctime and inode (afresh within RACY_NS of its
+    last change)."""
+    try:
+        st = path.stat()
+    except OSError as err:  # e.g. removed between the folder's listing and now
+        raise SafesubError(f"file {path}: cannot be read ({err.strerror or type(err).__name__})") from None
+    if time.time_ns() - st.st_mtime_ns < RACY_NS:
+        return _hash_file(str(path))
+    return _memo_sha256(str(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
 
 
 @lru_cache(maxsize=4096)
-def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+def _memo_sha256(path: str, size: int, mtime_ns: int, ctime_ns: int, inode: int) -> str:
+    return _hash_file(path)
+
+
+def _hash_file(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 22), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def model_fingerprint(ckpt: Checkpoint, owner: Owner | None = None) -> str:
+    """Content hash of what `load_model(ckpt, owner)` returns (see the module docstring): the tensors, the
+    generation config, and for a LoRA adapter its start model's (whose generation config the merged model keeps)."""
+    def compute() -> str:
+        parts = [ckpt.fingerprint(owner)]
+        if ckpt.kind == "lora" and owner is not None and owner.start_checkpoint != ckpt:
+            parts.append(model_fingerprint(owner.start_checkpoint, owner))
+        return _digest(ckpt.path, ckpt.files(GENERATION_FILES), parts)
+
+    return _memo("model", ckpt, owner, compute)
+
+
+def tokenizer_source(ckpt: Checkpoint, owner: Owner | None = None) -> Checkpoint | None:
+    """The checkpoint whose folder `load_tokenizer(ckpt, owner)` reads: the checkpoint's own, else the start
+    model's, else the base's (a GGUF file holds its tokenizer); None where none has tokenizer files."""
+    candidates = [ckpt] + ([owner.start_checkpoint, owner.base] if owner else [])
+    for c in candidates:
+        if c.kind == "gguf" or any((c.path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json",
+                                                                     "tokenizer.model")):
+            return c
+    return None
+
+
+def tokenizer_fingerprint(ckpt: Checkpoint, owner: Owner | None = None) -> str:
+    """Content hash of the files `load_tokenizer(ckpt, owner)` reads (the folder `tokenizer_source` picks)."""
+    def compute() -> str:
+        src = tokenizer_source(ckpt, owner)
+        return "none" if src is None else _digest(src.path, src.tokenizer_files(), ["tokenizer", src.kind])
+
+    return _memo("tokenizer", ckpt, owner, compute)
 
 
 _LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(.*)\.lora_([AB])(?:\.[^.]+)?\.weight$")
@@ -159,19 +307,36 @@ class TensorReader:
 
     # -- lora
     def _index_lora(self):
-        cfg = LoraConfig.from_pretrained(str(self.ckpt.path), local_files_only=True)
+        cfg = lora_config(self.ckpt)
         if getattr(cfg, "use_dora", False):
             raise SafesubError(f"adapter '{self.ckpt.name}': DoRA adapters are not supported (merge it first)")
         files = self.ckpt.weight_files()
         if not files or files[0].suffix != ".safetensors":
             raise SafesubError(f"adapter '{self.ckpt.name}': no adapter_model.safetensors in {self.ckpt.path}")
         pairs: dict[str, dict[str, torch.Tensor]] = {}
-        with safe_open(files[0], framework="pt") as fh:
-            for k in fh.keys():
-                m = _LORA_KEY.match(k)
-                if not m:
-                    raise SafesubError(f"adapter '{self.ckpt.name}': unsupported adapter tensor {k}")
-                pairs.setdefault(m.group(1), {})[m.group(2)] = fh.get_tensor(k).float()
+        try:
+            with safe_open(files[0], framework="pt") as fh:
+                keys = list(fh.keys())
+                for k in keys:
+                    m = _LORA_KEY.match(k)
+                    if m:
+                        pairs.setdefault(m.group(1), {})[m.group(2)] = fh.get_tensor(k).float()
+        except Exception as err:  # safetensors raises several error types for damaged files
+            raise SafesubError(
+                f"adapter '{self.ckpt.name}': weights file {files[0].name} is truncated or corrupted ({err})"
+            ) from None
+        odd = next((k for k in keys if not _LORA_KEY.match(k)), None)
+        if odd is not None:
+            raise SafesubError(f"adapter '{self.ckpt.name}': unsupported adapter tensor {odd}")
+        for module, ab in sorted(pairs.items()):
+            if set(ab) != {"A", "B"}:
+                has, lacks = ("A", "B") if "A" in ab else ("B", "A")
+                raise SafesubError(f"adapter '{self.ckpt.name}': {module} has lora_{has} but no lora_{lacks} in "
+                                   f"{files[0].name} (an incomplete adapter)")
+            A, B = ab["A"], ab["B"]
+            if A.dim() != 2 or B.dim() != 2 or B.shape[1] != A.shape[0]:
+                raise SafesubError(f"adapter '{self.ckpt.name}': {module} has lora_A of shape {tuple(A.shape)} and "
+                                   f"lora_B of shape {tuple(B.shape)}, which do not multiply (B @ A)")
         base_names = set(self.base.names())
         for module, ab in pairs.items():
             target = module + ".weight"
@@ -304,6 +469,40 @@ def _read_config(ckpt: Checkpoint) -> dict:
         raise SafesubError(f"checkpoint '{ckpt.name}': config.json is unreadable ({type(err).__name__})") from None
 
 
+def _read_json(ckpt: Checkpoint, name: str, what: str) -> dict:
+    """The JSON object in the checkpoint's file `name`, or a one-line SafesubError naming `what` (checkpoint or
+    adapter), the checkpoint and the file."""
+    f = ckpt.path / name
+    try:
+        value = json.loads(f.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise SafesubError(f"{what} '{ckpt.name}': {name} is not valid JSON ({err.msg} at line {err.lineno} column "
+                           f"{err.colno})") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise SafesubError(f"{what} '{ckpt.name}': {name} is unreadable ({type(err).__name__})") from None
+    if not isinstance(value, dict):
+        raise SafesubError(f"{what} '{ckpt.name}': {name} must hold a JSON object, not {type(value).__name__}")
+    return value
+
+
+def lora_config(ckpt: Checkpoint) -> LoraConfig:
+    """The adapter's LoraConfig, or a one-line SafesubError when adapter_config.json is not JSON or not a LoRA
+    adapter's config."""
+    cfg = _read_json(ckpt, "adapter_config.json", "adapter")
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise SafesubError(f"adapter '{ckpt.name}': adapter_config.json is a {cfg['peft_type']} adapter, not LoRA")
+    try:
+        return LoraConfig.from_pretrained(str(ckpt.path), local_files_only=True)
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        raise SafesubError(f"adapter '{ckpt.name}': adapter_config.json is not a LoRA config ({_first_line(err)})"
+                           ) from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return (text.splitlines()[0] if text else type(err).__name__)[:200]
+
+
 # ------------------------------------------------------------------------------------------- model loading
 
 
@@ -311,18 +510,24 @@ def load_model(ckpt: Checkpoint, family: Owner | None = None, device: str = "cpu
                tokenizer: bool = True):
     """(model, tokenizer) for a checkpoint, in eval mode; LoRA adapters are merged onto the family's start model.
 
-    The tokenizer comes from the checkpoint's own folder, else from the start model's, else the base's.
+    The tokenizer is `load_tokenizer`'s: from the checkpoint's own folder, else the start model's, else the base's.
     """
     if ckpt.kind == "hf":
         check_architecture(ckpt)
+        check_shapes(ckpt)
+    if ckpt.kind == "lora":
+        if family is None:
+            raise SafesubError(f"adapter '{ckpt.name}': loading an adapter needs its family (for the base)")
+        if family.start_checkpoint.kind == "gguf":  # its reader would load the whole model
+            lora_config(ckpt)
+        else:
+            TensorReader(ckpt, TensorReader(family.start_checkpoint))  # the adapter's config, pairs and shapes
     check_fits(ckpt, family, device, dtype)
     kw = dict(dtype=dtype, trust_remote_code=False, local_files_only=True)
     try:
         if ckpt.kind == "gguf":
             model = AutoModelForCausalLM.from_pretrained(str(ckpt.path), gguf_file=ckpt.gguf_file, **kw)
         elif ckpt.kind == "lora":
-            if family is None:
-                raise SafesubError(f"adapter '{ckpt.name}': loading an adapter needs its family (for the base)")
             base, _ = load_model(family.start_checkpoint, family, device, dtype, tokenizer=False)
             model = PeftModel.from_pretrained(base, str(ckpt.path), local_files_only=True).merge_and_unload()
         else:
@@ -332,8 +537,7 @@ def load_model(ckpt: Checkpoint, family: Owner | None = None, device: str = "cpu
     except SafesubError:
         raise
     except (OSError, ValueError, KeyError, RuntimeError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise SafesubError(f"checkpoint '{ckpt.name}': cannot be loaded ({first[:200]})") from None
+        raise SafesubError(f"checkpoint '{ckpt.name}': cannot be loaded ({_first_line(err)})") from None
     model.to(device).eval()
     return model, (load_tokenizer(ckpt, family) if tokenizer else None)
 
@@ -354,6 +558,29 @@ def check_architecture(ckpt: Checkpoint) -> None:
         f"checkpoint '{ckpt.name}': model type {model_type!r} in config.json is not supported by the installed "
         "transformers"
     )
+
+
+def check_shapes(ckpt: Checkpoint) -> None:
+    """Refuse, before loading, weights whose shapes config.json does not give (e.g. its hidden size is another
+    checkpoint's): one line naming the first mismatching tensors and both shapes, where transformers would print a
+    table and raise. The model is built on the meta device (no memory); pickle weights are not checked, nor a
+    config the meta device cannot build (loading it then says what is wrong)."""
+    if not list(ckpt.path.glob("*.safetensors")):
+        return
+    try:
+        config = AutoConfig.from_pretrained(str(ckpt.path), local_files_only=True, trust_remote_code=False)
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()}
+    except Exception:  # a check ahead of loading, not a gate: from_pretrained reports its own errors
+        return
+    reader = TensorReader(ckpt)
+    bad = [(n, reader.shape(n), expected[n]) for n in sorted(reader._index)
+           if n in expected and tuple(reader.shape(n)) != expected[n]]
+    if bad:
+        shown = "; ".join(f"{n} is {tuple(got)} in the weights, {want} by config.json" for n, got, want in bad[:2])
+        more = f" (and {len(bad) - 2} more)" if len(bad) > 2 else ""
+        raise SafesubError(f"checkpoint '{ckpt.name}': config.json does not match its weights (hidden size "
+                           f"{getattr(config, 'hidden_size', '?')} there, another checkpoint's?): {shown}{more}")
 
 
 def estimate_bytes(ckpt: Checkpoint, family: Owner | None = None, dtype=torch.float32) -> int:
@@ -392,20 +619,27 @@ def check_fits(ckpt: Checkpoint, family: Owner | None, device: str, dtype) -> No
 
 
 def load_tokenizer(ckpt: Checkpoint, family: Owner | None = None):
-    candidates = [ckpt] + ([family.start_checkpoint, family.base] if family else [])
-    for c in candidates:
-        has_files = any((c.path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+    """The tokenizer of `tokenizer_source(ckpt, family)`; a damaged tokenizer is a one-line SafesubError naming
+    the checkpoint it comes from and the file."""
+    c = tokenizer_source(ckpt, family)
+    if c is None:
+        raise SafesubError(f"checkpoint '{ckpt.name}': no tokenizer found beside it or in its family")
+    for name in TOKENIZER_JSON:
+        if (c.path / name).is_file():
+            _read_json(c, name, "checkpoint")
+    try:
         if c.kind == "gguf":
             return AutoTokenizer.from_pretrained(str(c.path), gguf_file=c.gguf_file, local_files_only=True)
-        if has_files:
-            return AutoTokenizer.from_pretrained(str(c.path), local_files_only=True)
-    raise SafesubError(f"checkpoint '{ckpt.name}': no tokenizer found beside it or in its family")
+        return AutoTokenizer.from_pretrained(str(c.path), local_files_only=True)
+    except Exception as err:  # the tokenizers library raises a bare Exception for a file it cannot parse
+        raise SafesubError(f"checkpoint '{c.name}': its tokenizer cannot be loaded from {c.path.name} "
+                           f"({_first_line(err)})") from None
 
 
 def describe(ckpt: Checkpoint) -> dict:
     """Architecture, parameter count and dtype from the config and safetensors headers (nothing loaded)."""
     if ckpt.kind == "lora":
-        cfg = json.loads((ckpt.path / "adapter_config.json").read_text())
+        cfg = _read_json(ckpt, "adapter_config.json", "adapter")
         return dict(name=ckpt.name, kind="lora", architecture=f"LoRA r={cfg.get('r')}", parameters=None,
                     dtype=None, fingerprint=ckpt.fingerprint())
     if ckpt.kind == "gguf":

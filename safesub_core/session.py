@@ -17,9 +17,18 @@ Contract:
     kl_to_start                          KL(start || model) of the next token on benign prompts
 - Generation scores (`generation_scores`): refusal rate and attack success rate on harmful prompts, exact match on
   arithmetic, over-refusal on edgy prompts, with per-prompt tables.
-Every score is cached on disk, keyed by checkpoint fingerprints, the point and the sets' content hashes. A point's
-scores are reproducible to float rounding (about 1e-6 relative), not bit for bit: a rank move writes the weights
-from the previous point's (`projected`), and the pass that scores them may also check a draft of the answers.
+Every score, state and map is cached on disk under ONE kind of key (`_key`): everything that decides what it means.
+That is the code's SCORE_VERSION and `definitions()` (refusal markers, the margin's openings, live answer tokens),
+the tokenizer's files (`checkpoints.tokenizer_fingerprint` of the start model's: tokenizer, special tokens, chat
+template), chat on or off, dtype and device type; the model's files (`checkpoints.model_fingerprint`: weights,
+config, generation config, and a LoRA adapter's start model); for a projected point also the start and base models,
+the point and the seed; where a score compares with the start model (kl_to_start), the start model; then what the
+entry itself needs: the prompt sets' content, max new tokens, the judge (its kind, rubric and local model files).
+A session notices files changed on disk since it loaded them (`_sync`, on every key): it reloads the changed
+models and tokenizer, rebuilds the engines that read them and forgets what was derived from them, so a resident
+session never scores stale models under fresh keys. A point's scores are reproducible to float rounding (about 1e-6
+relative), not bit for bit: a rank move writes the weights from the previous point's (`projected`), and the pass
+that scores them may also check a draft of the answers.
 A session may be shared by several app users at once: its own lock serialises everything that sets or reads the
 working model, so concurrent sliders never score a half-written projection. Every public method takes that lock
 itself; callers (pages, the CLI, a notebook) never do. The session is the one surface the app's pages use:
@@ -29,6 +38,8 @@ band as in `activations.band_mean`), 2-D maps, and one prompt through any model 
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import threading
 from contextlib import contextmanager
 from typing import Callable, Iterator, Sequence
@@ -39,7 +50,7 @@ import torch
 from safesub_core import scoring
 from safesub_core.activations import BandMean, activation_map, activation_overlap, band_mean, last_token_states
 from safesub_core.cache import DiskCache
-from safesub_core.checkpoints import load_model
+from safesub_core.checkpoints import Checkpoint, load_model, model_fingerprint, snapshot, tokenizer_fingerprint
 from safesub_core.compute import dtype_name, resident_budget
 from safesub_core.family import Family
 from safesub_core.generation import generate, greedy_answers
@@ -55,6 +66,30 @@ REPORTS = {"harmful": scoring.harmfulness_report, "math": scoring.utility_report
            "edgy": scoring.overrefusal_report, "benign": scoring.overrefusal_report}
 GENERATION_TOKENS = 48  # new tokens of the generation scores by default
 MAX_MOVES = 16  # rank moves of the working model between fresh compositions (float rounding builds up over them)
+# Bump when what a cached score, state or map means changes in code (a definition, the prompt formatting, a
+# decoding rule) in a way `definitions()` does not see: every entry the session wrote before is then recomputed.
+SCORE_VERSION = 1
+
+
+def definitions() -> str:
+    """A digest of the constants that define the scores (refusal markers, the margin's refusal and compliance
+    openings, the live answer's token count): part of every key, so editing one never serves an old score."""
+    payload = [list(scoring.REFUSAL_MARKERS), scoring.REFUSAL_OPENING, scoring.COMPLIANCE_OPENING, LIVE_ARITH_TOKENS]
+    return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:16]
+
+
+def judge_key(judge: scoring.Judge | None) -> dict | None:
+    """What decides a judge's verdicts: its kind, model name, rubric and answer length, and a local judge model's
+    files (weights, config, generation config and tokenizer); None for no judge. An endpoint's URL is not part of
+    it (it is never stored): name its model."""
+    if judge is None or judge.kind == "off":
+        return None
+    key = dict(kind=judge.kind, model=judge.model, rubric=judge.rubric, max_new_tokens=judge.max_new_tokens)
+    if judge.kind in ("hf-chat", "hf-classifier"):
+        judge.check()
+        ck = Checkpoint.resolve("judge", judge.path, allow_pickle=True)  # read for its hash only
+        key["files"] = [model_fingerprint(ck), tokenizer_fingerprint(ck)]
+    return key
 
 
 class FamilySession:
@@ -67,25 +102,76 @@ class FamilySession:
         self.family, self.device, self.dtype, self.chat, self.seed = family, device, dtype, chat, seed
         self.sets = sets or EvalSets.default()
         self.cache = cache or DiskCache()
-        self.reference, self.tokenizer = load_model(family.start_checkpoint, family, device, dtype)
-        self.working = copy.deepcopy(self.reference)
         self.resident_bytes = resident_bytes if resident_bytes is not None else resident_budget(device)
+        self._lock = threading.RLock()  # serialises every use of the shared working model
+        self._load_start()
+
+    def _load_start(self) -> None:
+        """(Re)load the start model (the reference and its working copy) and the tokenizer, and forget everything
+        derived from earlier ones: other models, engines, the working model's point, drafts, the reference's
+        logits. What is loaded is fingerprinted first (`_loaded`); a failed load changes nothing."""
+        family = self.family
+        ck = family.start_checkpoint
+        model_print, tokenizer_print = model_fingerprint(ck, family), tokenizer_fingerprint(ck, family)
+        reference, tokenizer = load_model(ck, family, self.device, self.dtype)
+        self.reference, self.tokenizer, self.working = reference, tokenizer, copy.deepcopy(reference)
         self._models: dict[str, torch.nn.Module] = {family.start: self.reference}
+        self._loaded: dict[str, str] = {family.start: model_print}  # resident model -> its model fingerprint
+        self._tokenizer_print = tokenizer_print
         self._engines: dict[str, SubspaceEngine] = {}
+        self._engine_prints: dict[str, tuple[str, ...]] = {}  # variant -> `_engine_print` when it was built
         self._applied: tuple[str, ProjectionConfig] | None = None
         self._moves = 0  # applies since the working model was last composed anew
         self._reference_logits: dict = {}  # the untouched start model's KL logits, computed once
         self._answers: dict[tuple, torch.Tensor] = {}  # greedy answer tokens per point: drafts for the next ones
         self._checked: tuple | None = None  # (point, draft, F(draft)) from the latest forward scores' pass
-        self._lock = threading.RLock()  # serialises every use of the shared working model
+
+    def _engine_print(self, variant: str) -> tuple[str, ...]:
+        """The tensors a variant's engine reads: base, start and variant (`SubspaceEngine.build` keys by them)."""
+        f = self.family
+        return f.base.fingerprint(), f.start_checkpoint.fingerprint(f), f.checkpoint(variant).fingerprint(f)
+
+    def _sync(self) -> None:
+        """Reload what changed on disk since this session loaded it: a changed start model or tokenizer reloads
+        everything (`_load_start`); another changed resident model is dropped (loaded again on use), an engine
+        whose checkpoints changed is rebuilt on use, and the drafts are forgotten. The family is validated again
+        first. Cheap when nothing changed (fingerprints are memoised by file stats)."""
+        f = self.family
+        start = f.start_checkpoint
+        with snapshot():
+            start_changed = (model_fingerprint(start, f) != self._loaded.get(f.start)
+                             or tokenizer_fingerprint(start, f) != self._tokenizer_print)
+            models = [n for n in list(self._loaded) if n != f.start
+                      and model_fingerprint(f.checkpoint(n), f) != self._loaded.get(n)]
+            engines = [v for v, p in list(self._engine_prints.items()) if p != self._engine_print(v)]
+        if not (start_changed or models or engines):
+            return
+        with self._lock:
+            f.validate()
+            if start_changed:
+                self._load_start()
+                return
+            for n in models:
+                self._models.pop(n, None)
+                self._loaded.pop(n, None)
+            for v in engines:
+                self._engines.pop(v, None)
+                self._engine_prints.pop(v, None)
+                if self._applied is not None and self._applied[0] == v:
+                    self._applied = None  # the working model holds the old engine's point: compose anew
+            self._answers.clear()
+            self._checked = None
 
     # ------------------------------------------------------------------------------------------------ models
     def model(self, name: str) -> torch.nn.Module:
         """A checkpoint of the family by name ('base', 'aligned', a variant...), loaded once."""
         with self._lock:
+            self._sync()
             if name not in self._models:
-                self._models[name] = load_model(self.family.checkpoint(name), self.family, self.device, self.dtype,
-                                                tokenizer=False)[0]
+                ck = self.family.checkpoint(name)
+                model_print = model_fingerprint(ck, self.family)
+                self._models[name] = load_model(ck, self.family, self.device, self.dtype, tokenizer=False)[0]
+                self._loaded[name] = model_print
             return self._models[name]
 
     def in_memory(self) -> dict:
@@ -103,16 +189,20 @@ class FamilySession:
 
     def engine(self, variant: str, progress: Callable[[int, int, str], None] | None = None) -> SubspaceEngine:
         with self._lock:
+            self._sync()
             if variant not in self._engines:
+                engine_print = self._engine_print(variant)
                 self._engines[variant] = SubspaceEngine.build(self.family, variant, seed=self.seed,
                                                               device=self.device, cache=self.cache, progress=progress,
                                                               resident_bytes=self.resident_bytes)
+                self._engine_prints[variant] = engine_print
             return self._engines[variant]
 
     def drop_engine(self, variant: str) -> None:
         """Release the variant's engine (its resident bases), e.g. between variants of a long run."""
         with self._lock:
             self._engines.pop(variant, None)
+            self._engine_prints.pop(variant, None)
 
     @contextmanager
     def locked(self) -> Iterator[None]:
@@ -141,6 +231,7 @@ class FamilySession:
         and alpha it moves by the ranks between (`SubspaceEngine.apply`), composing anew every MAX_MOVES moves and,
         with `exact`, now (an export)."""
         with self._lock:
+            self._sync()
             if self._applied != (variant, cfg) or (exact and self._moves):
                 applied, self._applied = self._applied, None  # a failed apply leaves the working model unknown
                 since = applied[1] if applied and applied[0] == variant and not exact and self._moves < MAX_MOVES \
@@ -156,15 +247,26 @@ class FamilySession:
             self.tokenizer.save_pretrained(out_dir)
 
     # ------------------------------------------------------------------------------------------------ scores
-    def _parts(self, target: str, cfg: ProjectionConfig | None) -> dict:
-        fp = self.family.checkpoint(target).fingerprint()
-        parts = dict(target=target, fingerprint=fp, sets=self.sets.key(), chat=self.chat, dtype=str(self.dtype))
-        if torch.device(self.device).type != "cpu":
-            parts["device"] = torch.device(self.device).type  # GPU kernels round differently from the CPU's
-        if cfg is not None:
-            parts |= dict(start=self.family.start_checkpoint.fingerprint(), base=self.family.base.fingerprint(),
-                          point=cfg.__dict__, seed=self.seed)
-        return parts
+    def _key(self, target: str | None = None, cfg: ProjectionConfig | None = None, reference: bool = False,
+             **entry) -> dict:
+        """THE cache key of every entry this session writes (see the module docstring): what all of them mean
+        (score version, definitions, tokenizer, chat, dtype, device type), the model of `target` (a checkpoint, or
+        with `cfg` the point of variant `target`: also the start and base models, the point and the seed), the start
+        model where the entry compares with it (`reference`), then the entry's own parts. Files changed since they
+        were loaded are reloaded first (`_sync`), so the key names what computes the entry."""
+        f = self.family
+        with snapshot():
+            self._sync()
+            parts = dict(version=SCORE_VERSION, definitions=definitions(), tokenizer=self._tokenizer_print,
+                         chat=self.chat, dtype=dtype_name(self.dtype), device=torch.device(self.device).type)
+            if target is not None:
+                parts |= dict(target=target, model=model_fingerprint(f.checkpoint(target), f))
+            if cfg is not None:
+                parts |= dict(start=model_fingerprint(f.start_checkpoint, f), base=f.base.fingerprint(),
+                              point=cfg.__dict__, seed=self.seed)
+            if reference:
+                parts["reference"] = model_fingerprint(f.start_checkpoint, f)
+        return parts | entry
 
     def forward_scores(self, model: torch.nn.Module, point: tuple | None = None) -> dict:
         """The live scores that need forward passes only (margin, NLL, KL), in two passes
@@ -241,16 +343,16 @@ class FamilySession:
 
     def checkpoint_scores(self, name: str) -> dict:
         """Live scores of a checkpoint of the family (cached)."""
-        return self._live(self._parts(name, None), lambda: self.model(name), decoded=True, compute=True,
-                          point=(name, None))
+        return self._live(self._key(name, None, reference=True, sets=self.sets.key()), lambda: self.model(name),
+                          decoded=True, compute=True, point=(name, None))
 
     def point_scores(self, variant: str, cfg: ProjectionConfig, compute: bool = True,
                      decoded: bool = True) -> dict | None:
         """Diagnostics and live scores at a point (scores cached; diagnostics are cumulative sums). With
         `decoded=False` the greedy exact match is left out (forward passes only: what a page shows first); with
         `compute=False` only scores already in the disk cache are returned (None otherwise)."""
-        live = self._live(self._parts(variant, cfg), lambda: self.projected(variant, cfg), decoded, compute,
-                          point=(variant, cfg))
+        live = self._live(self._key(variant, cfg, reference=True, sets=self.sets.key()),
+                          lambda: self.projected(variant, cfg), decoded, compute, point=(variant, cfg))
         return None if live is None else self.engine(variant).diagnostics(cfg).summary() | live
 
     def generation_scores(self, name: str, cfg: ProjectionConfig | None = None, max_new_tokens: int = GENERATION_TOKENS,
@@ -262,15 +364,14 @@ class FamilySession:
         the completion, the refusal verdict, the margin and (arithmetic) correctness. With `compute=False` only
         a result already in the disk cache is returned (None otherwise): nothing is loaded or run.
         """
-        judge_key = None if judge is None else dict(kind=judge.kind, path=judge.path, model=judge.model,
-                                                    rubric=judge.rubric)
-        parts = self._parts(name, cfg) | dict(max_new_tokens=max_new_tokens, judge=judge_key)
+        sets = {"harmful": self.sets.harmful, "math": self.sets.utility, "edgy": self.sets.edgy}  # role's scores
+        parts = self._key(name, cfg, sets={k: ps.content_hash for k, ps in sets.items()},
+                          max_new_tokens=max_new_tokens, judge=judge_key(judge))
         if not compute:
             out = self.cache.get("generation_scores", parts)
             return None if out is None else (out["summary"], pd.DataFrame(out["table"]))
 
         def run_all():
-            sets = {"harmful": self.sets.harmful, "math": self.sets.utility, "edgy": self.sets.edgy}  # role's scores
             total, tables, summaries = sum(len(ps) for ps in sets.values()), [], []
             for kind, ps in sets.items():
                 done = sum(len(t) for t in tables)
@@ -310,7 +411,7 @@ class FamilySession:
     def states(self, name: str, prompt_set: PromptSet, cfg: ProjectionConfig | None = None,
                progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
         """Last-real-token hidden states (L+1, n, D) of a checkpoint, or of a point of variant `name` (cached)."""
-        parts = self._parts(name, cfg) | dict(prompts=prompt_set.content_hash)
+        parts = self._key(name, cfg, prompts=prompt_set.content_hash)
 
         def compute():
             model = self.model(name) if cfg is None else self.projected(name, cfg)
@@ -328,8 +429,8 @@ class FamilySession:
     def activation_map(self, names: list[str], sets: list[PromptSet], layer: int, method: str = "pca",
                        seed: int = 0) -> pd.DataFrame:
         """Joint 2-D map of every (model, set) pair's states at `layer` (cached)."""
-        parts = dict(models={n: self.family.checkpoint(n).fingerprint() for n in names},
-                     sets=[s.content_hash for s in sets], layer=layer, method=method, seed=seed, chat=self.chat)
+        parts = self._key(models={n: model_fingerprint(self.family.checkpoint(n), self.family) for n in names},
+                          sets=[s.content_hash for s in sets], layer=layer, method=method, seed=seed)
 
         def compute():
             states = {(n, s.name): self.states(n, s) for n in names for s in sets}

@@ -9,7 +9,8 @@ import torch
 from safesub_core.cache import DiskCache
 from safesub_core.checkpoints import load_model
 from safesub_core.family import Family
-from safesub_core.session import EvalSets, FamilySession
+from safesub_core.prompts import EvalSets
+from safesub_core.session import FamilySession
 from safesub_core.subspace import ProjectionConfig, SubspaceEngine
 
 pytestmark = [pytest.mark.gpu,
