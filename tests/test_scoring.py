@@ -1,8 +1,6 @@
-"""Scores: refusal matching, number extraction, forward-pass scores on a tiny random Llama, reports and judges."""
-import http.server
-import json
+"""Scores: refusal matching, number extraction, forward-pass scores on a tiny random Llama and reports (judges:
+test_judges.py)."""
 import math
-import threading
 
 import pytest
 import torch
@@ -13,21 +11,17 @@ from safesub_core.prompts import PromptSet
 from safesub_core.scoring import live, logprobs
 from safesub_core.scoring import (
     COMPLIANCE_OPENING,
-    JUDGE_RUBRIC,
     REFUSAL_MARKERS,
     REFUSAL_OPENING,
-    Judge,
     answer_nll,
     exact_match,
     final_number,
     harmfulness_report,
     is_refusal,
-    judge_scores,
     kl_to_reference,
     live_forward_scores,
     logprob_margin,
     overrefusal_report,
-    parse_score,
     refusal_verdicts,
     utility_report,
 )
@@ -425,118 +419,3 @@ def test_utility_report(tiny):
     assert math.isfinite(s["nll_mean"])
     with pytest.raises(SafesubError, match="no reference answers"):
         utility_report(model, tok, PromptSet("x", ("q",), None, "benign", "t"))
-
-
-# ---- judge -----------------------------------------------------------------------------------------------------
-
-
-def test_parse_score_and_rubric():
-    assert parse_score("Score: 4") == 4.0
-    assert parse_score("  1") == 1.0
-    assert math.isnan(parse_score("nine"))
-    assert math.isnan(parse_score("0 or 7"))
-    assert "1" in JUDGE_RUBRIC and "5" in JUDGE_RUBRIC and "refuses" in JUDGE_RUBRIC
-
-
-def test_judge_config_validation():
-    with pytest.raises(SafesubError, match="unknown"):
-        Judge(kind="magic")
-    with pytest.raises(SafesubError, match="needs the path"):
-        Judge(kind="hf-chat")
-    res = judge_scores(["p"], ["c"], Judge())
-    assert math.isnan(res.scores[0]) and res.scored == 0
-
-
-class _Handler(http.server.BaseHTTPRequestHandler):
-    answers = []  # per request: a score string, or None to fail with HTTP 500
-    seen = []
-
-    def do_POST(self):  # noqa: N802
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        type(self).seen.append((self.path, self.headers.get("Authorization"), body))
-        answer = type(self).answers.pop(0) if type(self).answers else None
-        if answer is None:
-            self.send_response(500)
-            self.end_headers()
-            return
-        payload = json.dumps({"choices": [{"message": {"content": answer}}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def endpoint(monkeypatch):
-    server = http.server.HTTPServer(("127.0.0.1", 0), _Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    _Handler.answers, _Handler.seen = [], []
-    monkeypatch.setenv("SAFESUB_JUDGE_URL", f"http://127.0.0.1:{server.server_port}/v1")
-    monkeypatch.setenv("SAFESUB_JUDGE_KEY", "secret-key-123")
-    yield _Handler
-    server.shutdown()
-    server.server_close()
-
-
-def test_endpoint_judge_scores_all(endpoint):
-    endpoint.answers = ["5", "Score: 1", "3"]
-    res = judge_scores(["a", "b", "c"], ["x", "y", "z"], Judge(kind="endpoint", model="judge-m"))
-    assert res.scores == [5.0, 1.0, 3.0] and res.message is None and res.scored == 3
-    path, auth, body = endpoint.seen[0]
-    assert path == "/v1/chat/completions" and auth == "Bearer secret-key-123"
-    assert body["model"] == "judge-m" and body["messages"][0]["content"] == JUDGE_RUBRIC
-    assert "a" in body["messages"][1]["content"] and "x" in body["messages"][1]["content"]
-
-
-def test_endpoint_judge_keeps_partial_scores(endpoint):
-    endpoint.answers = ["2", "4", None]
-    res = judge_scores(["a", "b", "c", "d"], ["w", "x", "y", "z"], Judge(kind="endpoint"))
-    assert res.scores[:2] == [2.0, 4.0] and all(math.isnan(s) for s in res.scores[2:])
-    assert res.scored == 2 and "HTTP 500" in res.message and "2 of 4" in res.message
-    assert "secret-key-123" not in res.message and "127.0.0.1" not in res.message
-
-
-def test_unreachable_endpoint_is_one_line_error(monkeypatch):
-    import socket
-
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()  # nothing listens there now
-    monkeypatch.setenv("SAFESUB_JUDGE_URL", f"http://127.0.0.1:{port}")
-    monkeypatch.setenv("SAFESUB_JUDGE_KEY", "secret-key-123")
-    with pytest.raises(SafesubError) as err:
-        judge_scores(["a"], ["b"], Judge(kind="endpoint", timeout_s=5))
-    msg = str(err.value)
-    assert "unreachable" in msg and "\n" not in msg and "secret-key-123" not in msg and str(port) not in msg
-    monkeypatch.delenv("SAFESUB_JUDGE_URL")
-    with pytest.raises(SafesubError, match="set SAFESUB_JUDGE_URL"):
-        judge_scores(["a"], ["b"], Judge(kind="endpoint"))
-
-
-def test_local_judges(tmp_path, tiny):
-    from transformers import LlamaConfig, LlamaForSequenceClassification
-
-    model, tok = tiny
-    chat_dir = tmp_path / "chat"
-    model.save_pretrained(chat_dir)
-    tok.save_pretrained(chat_dir)
-    res = judge_scores(["a", "b"], ["x", "y"], Judge(kind="hf-chat", path=str(chat_dir), max_new_tokens=3))
-    assert len(res.scores) == 2
-    assert all(math.isnan(s) or s in (1.0, 2.0, 3.0, 4.0, 5.0) for s in res.scores)
-
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=4, num_key_value_heads=2, num_labels=2,
-                      id2label={0: "safe", 1: "unsafe"}, label2id={"safe": 0, "unsafe": 1})
-    cls_dir = tmp_path / "cls"
-    LlamaForSequenceClassification(cfg).save_pretrained(cls_dir)
-    tok.save_pretrained(cls_dir)
-    res = judge_scores(["a", "a longer prompt here"], ["x", "y"], Judge(kind="hf-classifier", path=str(cls_dir)))
-    assert res.scored == 2 and all(1.0 <= s <= 5.0 for s in res.scores)
-    with pytest.raises(SafesubError, match="not a local model directory"):
-        judge_scores(["a"], ["b"], Judge(kind="hf-chat", path=str(tmp_path / "nope")))

@@ -8,7 +8,8 @@
 - `live`: the fast path a slider move takes, `live_forward_scores` (the three reference metrics in two passes, to
   float rounding), and `LIVE_ARITH_TOKENS`.
 - `reports`: generation-based reports (greedy completions scored per prompt, summarised).
-- `judges`: optional 1-5 judges (a local chat model, a local classifier or an OpenAI-compatible endpoint).
+- `judges`: optional 1-5 judges (a local chat model, a local classifier, a Llama-Guard model, a HarmBench-style
+  classifier or an OpenAI-compatible endpoint), each prompt not judged reported with its reason.
 
 The public names of those modules are re-exported here (`scoring.logprob_margin`, ...). A test that patches a
 private name patches it in the module that looks it up (e.g. ``safesub_core.scoring.logprobs._supports_branch_rows``),
@@ -17,7 +18,17 @@ never here.
 from __future__ import annotations
 
 from safesub_core.scoring import names
-from safesub_core.scoring.judges import JUDGE_KINDS, JUDGE_RUBRIC, Judge, JudgeResult, judge_scores, parse_score
+from safesub_core.scoring.judges import (
+    HARMBENCH_PROMPT,
+    JUDGE_KINDS,
+    JUDGE_RUBRIC,
+    NOT_JUDGED_REASONS,
+    Judge,
+    JudgeResult,
+    NotJudged,
+    judge_scores,
+    parse_score,
+)
 from safesub_core.scoring.live import LIVE_ARITH_TOKENS, live_forward_scores
 from safesub_core.scoring.logprobs import (
     COMPLIANCE_OPENING,
@@ -32,9 +43,9 @@ from safesub_core.scoring.reports import harmfulness_report, overrefusal_report,
 from safesub_core.scoring.text import REFUSAL_MARKERS, exact_match, final_number, is_refusal, refusal_verdicts
 
 __all__ = [
-    "COMPLIANCE_OPENING", "JUDGE_KINDS", "JUDGE_RUBRIC", "LIVE_ARITH_TOKENS", "REFUSAL_MARKERS", "REFUSAL_OPENING",
-    "Judge", "JudgeResult", "answer_nll", "continuation_logprobs", "exact_match", "final_number",
-    "harmfulness_report", "is_refusal", "judge_scores", "kl_to_reference", "live_forward_scores", "logprob_margin",
-    "names", "overrefusal_report", "parse_score", "refusal_verdicts", "shared_prefix_logprob_sums",
-    "utility_report",
+    "COMPLIANCE_OPENING", "HARMBENCH_PROMPT", "JUDGE_KINDS", "JUDGE_RUBRIC", "LIVE_ARITH_TOKENS", "NOT_JUDGED_REASONS",
+    "REFUSAL_MARKERS", "REFUSAL_OPENING", "Judge", "JudgeResult", "NotJudged", "answer_nll", "continuation_logprobs",
+    "exact_match", "final_number", "harmfulness_report", "is_refusal", "judge_scores", "kl_to_reference",
+    "live_forward_scores", "logprob_margin", "names", "overrefusal_report", "parse_score", "refusal_verdicts",
+    "shared_prefix_logprob_sums", "utility_report",
 ]
