@@ -22,33 +22,64 @@ serves a stale cached result. Each covers the files a loader reads, and nothing 
   `tokenizer_fingerprint(ckpt, owner)`  the files `load_tokenizer` reads (TOKENIZER_FILES: tokenizer, special
                                    tokens, chat templates in chat_template.jinja/.json or tokenizer_config.json,
                                    config.json), from the folder `tokenizer_source` picks, as `load_tokenizer` does.
-A file's hash is memoised by its path, size, mtime, ctime and inode; a file changed within RACY_NS is hashed
-afresh every time (its timestamp may not yet tell a second change apart, as in git's "racy" files). Within
-`snapshot()` each fingerprint is worked out once (a cache key asks for the start model's several times).
+A file's SHA-256 is kept, in this process and on disk (HASH_INDEX under `settings.cache_root()`, one JSON file
+shared by every process on that cache), by the file's real path, size, mtime, ctime and inode, and computed again
+only when one of them changes: a restart hashes no unchanged weight file. A file changed within RACY_NS is hashed
+afresh every time and never stored (its timestamp may not yet tell a second change apart, as in git's "racy"
+files). The index is written atomically (a temporary file, then `os.replace`) under a file lock, merged with what
+other processes stored; a missing, corrupt or foreign index reads as empty and is rebuilt by the next write; a
+read-only or full cache only stops hashes being stored (one warning), never a fingerprint. `hash_counts()` counts
+the files and bytes this process hashed; `clear_hash_memo()` forgets what it remembers in memory (as a restart
+does). Hashing that must happen can be followed: `Checkpoint.fingerprint(owner, progress=...)` and
+`fingerprint_all(family, progress)` call `progress(done_bytes, total_bytes, what)` (what: "<checkpoint>: <file>")
+from (0, total) to (total, total), at most every PROGRESS_S seconds in between, and not at all when every file's
+hash is known. Within `snapshot()` each fingerprint is worked out once (a cache key asks for the start model's
+several times).
+
+Hub names: a checkpoint may be named as a Hugging Face hub model, `org/name` or `org/name@revision` (a branch,
+tag or commit). `hub_name(text)` says whether text reads as one; `hub_snapshot(role, text)` finds its snapshot
+folder in the local hub cache only (`settings.hub_cache()`: HF_HUB_CACHE, HF_HOME, ...; huggingface_hub's
+snapshot_download with local_files_only=True, never the network); a model not there (or only partly, an
+interrupted download) is one line naming the model and the cache folder searched. Callers try a path on disk first
+(`family.Family.from_paths`): a path that exists always wins over a hub name. A hub snapshot is not confined to
+the allowed roots (the user named a model, not a path), but it and every file in it must resolve inside the hub
+cache: a link out of it is refused.
 """
 from __future__ import annotations
 
 import fnmatch
 import hashlib
 import json
+import logging
 import math
 import os
 import re
+import threading
 import time
+import uuid
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Iterator, Protocol
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Protocol
 
 import torch
+from filelock import FileLock
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+from huggingface_hub.utils import validate_repo_id
 from peft import LoraConfig, PeftModel
 from safetensors import safe_open
 from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from safesub_core import settings
 from safesub_core.errors import SafesubError
 from safesub_core.linalg import row_blocks
+
+if TYPE_CHECKING:  # family imports this module
+    from safesub_core.family import Family
+
+log = logging.getLogger(__name__)
 
 GENERATION_FILES = ("generation_config.json",)
 # what AutoTokenizer reads from a folder: the tokenizer itself (fast or slow: vocabularies, merges, sentencepiece
@@ -59,6 +90,11 @@ TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json",
 TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                   "chat_template.json")  # checked for being JSON before a tokenizer is loaded
 RACY_NS = 2_000_000_000  # a file changed this recently (ns) is hashed afresh on every fingerprint
+HASH_INDEX = Path(".fingerprints") / "files.json"  # under the cache folder; a dot folder, so DiskCache leaves it be
+HASH_INDEX_FORMAT = "safesub file sha256 index v1"
+HASH_INDEX_PRUNE = 4096  # past this many entries, a write drops those whose file is gone
+PROGRESS_S = 0.2  # the least time between two progress calls while hashing
+Progress = Callable[[int, int, str], None]  # progress(done_bytes, total_bytes, what)
 _SNAPSHOT: ContextVar[dict | None] = ContextVar("fingerprint_snapshot", default=None)
 
 
@@ -125,18 +161,29 @@ class Checkpoint:
             found += [folder / n for n in _file_names(folder) if fnmatch.fnmatchcase(n, name)]
         return sorted(set(found), key=lambda f: f.relative_to(self.path).as_posix())
 
-    def fingerprint(self, owner: Owner | None = None) -> str:
+    def fingerprint(self, owner: Owner | None = None, progress: Progress | None = None) -> str:
         """Content hash of the tensors this checkpoint stands for (see the module docstring): its weights and config
         files; a LoRA adapter given its family also folds in the start model's fingerprint. Without an index or a
-        start model the digest is the one earlier versions wrote, so their subspace and overlap entries stay valid."""
+        start model the digest is the one earlier versions wrote, so their subspace and overlap entries stay valid.
+        `progress(done_bytes, total_bytes, what)` follows the hashing of files whose hash is not known yet."""
+        if progress is not None:
+            files = [(self, f) for f in self._tensor_files()]
+            if self.kind == "lora" and owner is not None and owner.start_checkpoint != self:
+                files += [(owner.start_checkpoint, f) for f in owner.start_checkpoint._tensor_files()]
+            prehash(files, progress)
         return _memo("tensors", self, owner, lambda: self._fingerprint(owner))
 
-    def _fingerprint(self, owner: Owner | None) -> str:
+    def _tensor_files(self) -> list[Path]:
+        """The files the tensor fingerprint reads, in its order: weights, their index, config.json and
+        adapter_config.json."""
         named = {f.name: f for f in self.files(("*.safetensors.index.json", "config.json", "adapter_config.json"))}
         configs = [named[n] for n in ("config.json", "adapter_config.json") if n in named]
         index = [f for n, f in sorted(named.items()) if n.endswith(".index.json")]
+        return self.weight_files() + index + configs
+
+    def _fingerprint(self, owner: Owner | None) -> str:
         h = hashlib.sha256(self.kind.encode())
-        for f in self.weight_files() + index + configs:
+        for f in self._tensor_files():
             h.update(f.name.encode())
             h.update(file_sha256(f).encode())
         if self.kind == "lora" and owner is not None and owner.start_checkpoint != self:
@@ -199,29 +246,217 @@ def _digest(root: Path, files: list[Path], parts: list[str]) -> str:
     return h.hexdigest()[:16]
 
 
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file's content, memoised by path, size, mtime, ctime and inode (afresh within RACY_NS of its
-    last change)."""
+def file_sha256(path: Path, meter: "_Meter | None" = None) -> str:
+    """SHA-256 of a file's content, kept in memory and in the cache folder's index by its real path, size, mtime,
+    ctime and inode (hashed afresh, and not stored, within RACY_NS of its last change); `meter` counts the bytes
+    read when it must be hashed."""
+    real = os.path.realpath(path)
     try:
-        st = path.stat()
+        stamp = _stamp(real)
     except OSError as err:  # e.g. removed between the folder's listing and now
         raise SafesubError(f"file {path}: cannot be read ({err.strerror or type(err).__name__})") from None
-    if time.time_ns() - st.st_mtime_ns < RACY_NS:
-        return _hash_file(str(path))
-    return _memo_sha256(str(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+    racy = time.time_ns() - stamp[1] < RACY_NS
+    known = None if racy else _known_sha256(real, stamp)
+    if known is not None:
+        return known
+    try:
+        digest = _hash_file(real, meter)
+        unchanged = _stamp(real) == stamp  # not rewritten while it was read
+    except OSError as err:
+        raise SafesubError(f"file {path}: cannot be read ({err.strerror or type(err).__name__})") from None
+    if not racy and unchanged:
+        _store_sha256(real, stamp, digest)
+    return digest
 
 
-@lru_cache(maxsize=4096)
-def _memo_sha256(path: str, size: int, mtime_ns: int, ctime_ns: int, inode: int) -> str:
-    return _hash_file(path)
+Stamp = tuple[int, int, int, int]  # size, mtime_ns, ctime_ns, inode
+_HASH_LOCK = threading.Lock()  # guards the in-process memo, the loaded indexes and the counters
+_KNOWN: dict[str, tuple[Stamp, str]] = {}  # real path -> (stamp, sha256), this process's memo
+_INDEXES: dict[str, tuple[tuple[int, int, int], dict[str, tuple[Stamp, str]]]] = {}  # index file -> (its stat, entries)
+_COUNTS = {"files": 0, "bytes": 0}
+_WARNED: set[str] = set()
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_MEMO_MAX = 65536
 
 
-def _hash_file(path: str) -> str:
-    h = hashlib.sha256()
+def _stamp(real: str) -> Stamp:
+    st = os.stat(real)
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
+
+
+def _hash_file(path: str, meter: "_Meter | None" = None) -> str:
+    h, n = hashlib.sha256(), 0
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 22), b""):
             h.update(chunk)
+            n += len(chunk)
+            if meter is not None:
+                meter.add(len(chunk))
+    with _HASH_LOCK:
+        _COUNTS["files"] += 1
+        _COUNTS["bytes"] += n
     return h.hexdigest()
+
+
+def hash_counts() -> dict[str, int]:
+    """How many files (and bytes) this process has hashed so far: {"files": n, "bytes": b}."""
+    with _HASH_LOCK:
+        return dict(_COUNTS)
+
+
+def clear_hash_memo() -> None:
+    """Forget the file hashes this process holds in memory (what a restart forgets); the index on disk stays."""
+    with _HASH_LOCK:
+        _KNOWN.clear()
+        _INDEXES.clear()
+
+
+def _index_file() -> Path:
+    return settings.cache_root() / HASH_INDEX
+
+
+def _known_sha256(real: str, stamp: Stamp) -> str | None:
+    """The stored hash of the file at `real` if it was taken at this very stamp: from memory, else from the index."""
+    with _HASH_LOCK:
+        hit = _KNOWN.get(real)
+    if hit is None or hit[0] != stamp:
+        hit = _read_index(_index_file()).get(real)
+        if hit is None or hit[0] != stamp:
+            return None
+        _remember(real, *hit)
+    return hit[1]
+
+
+def _remember(real: str, stamp: Stamp, digest: str) -> None:
+    with _HASH_LOCK:
+        _KNOWN.pop(real, None)
+        _KNOWN[real] = (stamp, digest)
+        if len(_KNOWN) > _MEMO_MAX:
+            del _KNOWN[next(iter(_KNOWN))]
+
+
+def _read_index(index: Path) -> dict[str, tuple[Stamp, str]]:
+    """The index file's entries (real path -> (stamp, sha256)), re-read only when the file changed; an absent,
+    unreadable, corrupt or foreign file reads as no entries (and a bad entry as absent)."""
+    try:
+        st = index.stat()
+    except OSError:
+        return {}
+    sig = (st.st_size, st.st_mtime_ns, st.st_ino)
+    with _HASH_LOCK:
+        loaded = _INDEXES.get(str(index))
+    if loaded is not None and loaded[0] == sig:
+        return loaded[1]
+    try:
+        doc = json.loads(index.read_bytes())
+    except (OSError, ValueError, RecursionError):
+        doc = None
+    files = doc.get("files") if isinstance(doc, dict) and doc.get("format") == HASH_INDEX_FORMAT else None
+    entries = {}
+    for real, entry in (files.items() if isinstance(files, dict) else ()):
+        if (isinstance(entry, list) and len(entry) == 5 and all(type(v) is int for v in entry[:4])
+                and isinstance(entry[4], str) and _SHA256.match(entry[4])):
+            entries[real] = (tuple(entry[:4]), entry[4])
+    with _HASH_LOCK:
+        _INDEXES[str(index)] = (sig, entries)
+    return entries
+
+
+def _store_sha256(real: str, stamp: Stamp, digest: str) -> None:
+    """Remember a file's hash, and add it to the cache folder's index: under the index's lock, merged with the
+    entries other processes wrote, atomically. A cache that cannot be written only warns (once per index)."""
+    _remember(real, stamp, digest)
+    index = _index_file()
+    lock = settings.cache_root() / ".locks" / "fingerprints.lock"
+    try:
+        index.parent.mkdir(parents=True, exist_ok=True)
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(lock), timeout=30):
+            entries = dict(_read_index(index))
+            entries[real] = (stamp, digest)
+            if len(entries) > HASH_INDEX_PRUNE:
+                entries = {p: e for p, e in entries.items() if os.path.exists(p)}
+            doc = {"format": HASH_INDEX_FORMAT, "files": {p: [*e[0], e[1]] for p, e in sorted(entries.items())}}
+            tmp = index.with_name(f".{index.name}.{uuid.uuid4().hex[:12]}.tmp")
+            try:
+                tmp.write_text(json.dumps(doc, separators=(",", ":")), encoding="utf-8")
+                os.replace(tmp, index)
+            finally:
+                tmp.unlink(missing_ok=True)
+            st = index.stat()
+            with _HASH_LOCK:
+                _INDEXES[str(index)] = ((st.st_size, st.st_mtime_ns, st.st_ino), entries)
+    except OSError as err:  # read-only or full cache, a lock not got in time (filelock.Timeout is an OSError)
+        if str(index) not in _WARNED:
+            _WARNED.add(str(index))
+            log.warning("file hashes are not stored in %s (%s): they are computed again at the next start",
+                        index, err.strerror or type(err).__name__)
+
+
+class _Meter:
+    """Bytes hashed out of `total`, told to `progress(done, total, what)`: at the start of each file, at most every
+    PROGRESS_S seconds within one, and at the end."""
+
+    def __init__(self, progress: Progress, total: int):
+        self.progress, self.total, self.done, self.what, self._told = progress, total, 0, "", 0.0
+
+    def start(self, what: str) -> None:
+        self.what = what
+        self._tell()
+
+    def add(self, n: int) -> None:
+        self.done = min(self.done + n, self.total)
+        if time.monotonic() - self._told >= PROGRESS_S:
+            self._tell()
+
+    def finish(self) -> None:
+        self.done = self.total
+        self._tell()
+
+    def _tell(self) -> None:
+        self._told = time.monotonic()
+        self.progress(self.done, self.total, self.what)
+
+
+def prehash(files: Iterable[tuple["Checkpoint", Path]], progress: Progress | None) -> int:
+    """Hash (and store) each (checkpoint, file) whose hash is not known, telling `progress` the bytes done (what:
+    "<checkpoint>: <file>"); returns the bytes hashed. Files are counted once (by real path); a file that cannot
+    be read is left to the fingerprint that reads it (its one-line error)."""
+    pending, seen = [], set()
+    for ckpt, f in files:
+        real = os.path.realpath(f)
+        if real in seen:
+            continue
+        seen.add(real)
+        try:
+            stamp = _stamp(real)
+        except OSError:
+            continue
+        if time.time_ns() - stamp[1] < RACY_NS or _known_sha256(real, stamp) is None:
+            pending.append((f"{ckpt.name}: {f.relative_to(ckpt.path).as_posix()}", f, stamp[0]))
+    if not pending:
+        return 0
+    meter = _Meter(progress or (lambda done, total, what: None), sum(size for _, _, size in pending))
+    for what, f, _ in pending:
+        meter.start(what)
+        file_sha256(f, meter)
+    meter.finish()
+    return meter.total
+
+
+def fingerprint_all(family: "Family", progress: Progress | None = None) -> dict[str, str]:
+    """Each checkpoint's tensor fingerprint, by role, with every file its fingerprints read (tensors, generation
+    config, tokenizer) hashed first where its hash is not known, `progress(done_bytes, total_bytes, what)`
+    following that hashing (a family.Family; what a server or CLI start calls before opening a session)."""
+    checkpoints = family.checkpoints()
+    files = []
+    for ckpt in checkpoints.values():
+        src = tokenizer_source(ckpt, family)
+        files += [(ckpt, f) for f in ckpt._tensor_files() + ckpt.files(GENERATION_FILES)]
+        files += [(src, f) for f in (src.tokenizer_files() if src is not None else [])]
+    prehash(files, progress)
+    with snapshot():
+        return {role: ckpt.fingerprint(family) for role, ckpt in checkpoints.items()}
 
 
 def model_fingerprint(ckpt: Checkpoint, owner: Owner | None = None) -> str:
@@ -501,6 +736,60 @@ def lora_config(ckpt: Checkpoint) -> LoraConfig:
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return (text.splitlines()[0] if text else type(err).__name__)[:200]
+
+
+# ------------------------------------------------------------------------------------------- hub names
+
+_HUB_NAME = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<revision>[\w.-][\w./-]*))?$")
+
+
+def hub_name(text: str | os.PathLike) -> tuple[str, str | None] | None:
+    """(repo id, revision or None) when `text` reads as a hub model name, `org/name` or `org/name@revision`; else
+    None (a Path, an absolute or '~' or './' path, a name with more than one '/', an invalid repo id)."""
+    if not isinstance(text, str):
+        return None
+    m = _HUB_NAME.match(text.strip())
+    if m is None or ".." in (m.group("revision") or ""):
+        return None
+    try:
+        validate_repo_id(m.group("repo"))
+    except HFValidationError:
+        return None
+    return m.group("repo"), m.group("revision")
+
+
+def hub_snapshot(role: str, text: str) -> Path:
+    """The snapshot folder of the hub model `text` (`hub_name`) in the local Hugging Face cache, never the
+    network; its files must all resolve inside the cache. Else one SafesubError line naming the checkpoint, the
+    model and the cache folder searched."""
+    parsed = hub_name(text)
+    cache = settings.hub_cache().expanduser()
+    what = f"checkpoint '{role}': hub model {text.strip()}"
+    if parsed is None:
+        raise SafesubError(f"{what}: is not a hub model name (org/name or org/name@revision)")
+    repo, revision = parsed
+    try:
+        folder = Path(snapshot_download(repo, revision=revision, cache_dir=cache, local_files_only=True))
+    except LocalEntryNotFoundError as err:
+        partly = type(err).__name__ == "IncompleteSnapshotError"  # huggingface_hub >= 1.x: an interrupted download
+        raise SafesubError(f"{what}: is {'only partly' if partly else 'not'} in the local Hugging Face cache {cache} "
+                           f"(download it with `hf download {repo}`, or set HF_HUB_CACHE)") from None
+    except (OSError, ValueError) as err:
+        raise SafesubError(f"{what}: cannot be read from the local Hugging Face cache {cache} "
+                           f"({_first_line(err)})") from None
+    _check_inside(folder, cache.resolve(), what)
+    return folder
+
+
+def _check_inside(folder: Path, cache: Path, what: str) -> None:
+    """Every file and folder under a hub snapshot (links followed to their targets) lies inside the hub cache."""
+    for top, dirs, names in os.walk(folder):
+        for name in [""] + dirs + names:
+            p = Path(top, name)
+            real = Path(os.path.realpath(p))
+            if not real.is_relative_to(cache):
+                raise SafesubError(f"{what}: {p.relative_to(folder).as_posix() or 'its snapshot folder'} links to "
+                                   f"{real}, outside the Hugging Face cache {cache}")
 
 
 # ------------------------------------------------------------------------------------------- model loading

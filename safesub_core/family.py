@@ -17,6 +17,14 @@ With `confined`, a family file and every path it names (checkpoints, card, behav
 resolve inside the allowed roots (`paths.confine`); the built-in families are trusted (the person who started
 safesub built them) and never confined.
 
+A checkpoint (in a family file, an entered path, a "paths:" spec) may name a Hugging Face hub model instead,
+`org/name` or `org/name@revision` (`checkpoints.hub_name`): when no path of that name exists (beside the family
+file for a family file's, from the working folder for an entered one; a path on disk always wins), it is the
+model's snapshot folder in the local hub cache (`checkpoints.hub_snapshot`: local files only, never the network;
+absent, one line naming the model and the cache folder searched). Confinement: a hub snapshot is allowed outside
+the allowed roots (the user named a model, not a path), but it and every file in it must resolve inside the hub
+cache (`settings.hub_cache()`), so a link out of the cache is refused.
+
 Validation happens at the boundary, before any checkpoint is opened (`check_family_file`, `check_entered_paths`):
 a family file holds only the keys of FILE_KEYS (an unknown key is an error naming it and the nearest known key);
 name is text; base and aligned are required non-empty paths (text), safety_tuned an optional one; start is
@@ -41,7 +49,7 @@ from typing import Any, Callable
 import yaml
 
 from safesub_core import demo, settings
-from safesub_core.checkpoints import Checkpoint, TensorReader
+from safesub_core.checkpoints import Checkpoint, TensorReader, hub_name, hub_snapshot
 from safesub_core.errors import SafesubError
 from safesub_core.paths import confine, expanded, read_utf8, real_path
 
@@ -207,6 +215,24 @@ def _behaviour(text: str, rel: str, where: str) -> dict:
     return doc
 
 
+class HubName(str):
+    """A family file's checkpoint that names a hub model (no path of that name lies beside the file)."""
+
+
+def _rooted(root: Path, text: str) -> Path | HubName:
+    """A family file's checkpoint path, relative to the file's folder, or the hub model it names when no path of
+    that name lies there (a path on disk always wins)."""
+    path = root / text
+    return HubName(text) if hub_name(text) and not _exists(path) else path
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:  # a name too long: not a path on disk
+        return False
+
+
 @dataclass
 class Family:
     """A base, an aligned model, an optional safety-tuned model, and fine-tuned variants of `start`."""
@@ -245,8 +271,8 @@ class Family:
         card = _read_beside(root, card, "card", where, confined) if card else ""
         behaviour = _behaviour(_read_beside(root, behaviour, "behaviour", where, confined), behaviour, where) \
             if behaviour else {}
-        rooted = {role: root / spec[role] for role in ROLES if spec[role]}
-        rooted["variants"] = {k: root / v for k, v in spec["variants"].items()}
+        rooted = {role: _rooted(root, spec[role]) for role in ROLES if spec[role]}
+        rooted["variants"] = {k: _rooted(root, v) for k, v in spec["variants"].items()}
         try:
             return cls.from_paths(**(spec | rooted), allow_pickle=allow_pickle, confined=confined, root=root, card=card,
                                   behaviour=behaviour)
@@ -260,7 +286,10 @@ class Family:
 
         def ck(role, path):
             what = f"checkpoint '{role}'"
-            path = confine(path, what) if confined else expanded(path, what)
+            if isinstance(path, HubName) or (hub_name(path) and not _exists(expanded(path, what))):
+                path = hub_snapshot(role, path)  # a hub model, never confined (see the module docstring)
+            else:
+                path = confine(path, what) if confined else expanded(path, what)
             try:
                 return Checkpoint.resolve(role, path, allow_pickle)
             except OSError as err:  # a name too long, a folder that cannot be listed
@@ -297,6 +326,21 @@ class Family:
     def reader(self, name: str) -> TensorReader:
         ck = self.checkpoint(name)
         return TensorReader(ck, TensorReader(self.start_checkpoint) if ck.kind == "lora" else None)
+
+    def check_variant(self, variant: str) -> str:
+        """`variant` if it is one of the family's fine-tuned variants, else a one-line SafesubError listing them."""
+        if variant not in self.variants:
+            raise SafesubError(f"family '{self.name}': has no fine-tuned variant {variant!r} "
+                               f"(has {', '.join(self.variants)})")
+        return variant
+
+    def update_readers(self, variant: str) -> tuple[TensorReader, TensorReader, TensorReader]:
+        """(base, start, variant) readers, from which the alignment update (start - base) and the variant's task
+        update (variant - start) are read; checked to hold the same tensors."""
+        base, start, ft = self.reader("base"), self.reader(self.start), self.reader(self.check_variant(variant))
+        start.check_compatible(base)
+        start.check_compatible(ft)
+        return base, start, ft
 
     def validate(self) -> None:
         """Every checkpoint has the same tensor names and shapes as the start model (one-line error otherwise)."""

@@ -68,7 +68,6 @@ range, an unsupported architecture) raises a one-line SafesubError. Nothing here
 from __future__ import annotations
 
 import copy
-import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Mapping, Sequence
@@ -77,7 +76,7 @@ import pandas as pd
 import torch
 
 from safesub_core.checkpoints import block_index, module_type
-from safesub_core.errors import SafesubError
+from safesub_core.errors import SafesubError, finite_number
 from safesub_core.generation import context_length, encode_rows, format_prompt, prepare_tokenizer, template_header
 from safesub_core.prefix import PromptBatch, accepts, prefix_length, supports_prefix
 from safesub_core.scoring.text import REFUSAL_MARKERS
@@ -151,16 +150,6 @@ def _unit(direction, size: int, what: str = "refusal direction") -> torch.Tensor
     return r / norm
 
 
-def _number(value, what: str) -> float:
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        raise SafesubError(f"{what} {value!r}: not a number") from None
-    if not math.isfinite(x):
-        raise SafesubError(f"{what} {value}: must be a finite number")
-    return x
-
-
 def _touch(model) -> None:
     """Move the weights' version counter without changing a value (the smallest parameter multiplied in place by
     1), so `prefix.prefix_cache`'s memo, keyed by the state of the weights, is not reused across a change of hooks."""
@@ -183,7 +172,7 @@ def directional_ablation(model, direction: torch.Tensor, strength: float = 1.0) 
     """Within the block, `model` computes with x <- x - s r r^T x on everything written into the residual stream
     (embeddings, every o_proj and down_proj output), r = direction / ||direction||, s = `strength`."""
     r = _unit(direction, _hidden_size(model))
-    s = _number(strength, "ablation strength")
+    s = finite_number(strength, "ablation strength")
     writers = residual_writers(model)
     local: dict[tuple, torch.Tensor] = {}
 
@@ -215,7 +204,7 @@ def activation_addition(model, direction: torch.Tensor, layer: int, alpha: float
     layer `layer`, or for L the last block's output), at every position; r = `direction` as given (not normalised)."""
     layers = decoder_layers(model)
     r = _direction(direction, _hidden_size(model))
-    a = _number(alpha, "addition scale alpha")
+    a = finite_number(alpha, "addition scale alpha")
     L = len(layers)
     if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer <= L:
         raise SafesubError(f"layer {layer!r}: must be a stream point 0..{L}")
@@ -261,7 +250,7 @@ def orthogonalized_weights(model, direction: torch.Tensor, strength: float = 1.0
     float32. With tied embeddings it also holds the output head's weight, the ORIGINAL embedding, for an untied
     model (see the module docstring)."""
     r = _unit(direction, _hidden_size(model))
-    s = _number(strength, "orthogonalisation strength")
+    s = finite_number(strength, "orthogonalisation strength")
     embedding = model.get_input_embeddings()
     out: dict[str, torch.Tensor] = {}
     for name, module in residual_writers(model):
@@ -639,7 +628,7 @@ def select_direction(candidates: Candidates, model, tokenizer, val_harmful, val_
     paper's procedure); `tokens`: the refusal tokens (default `refusal_token_ids`). `progress(done, total)` after
     the screen and after each candidate."""
     L = candidates.n_layers
-    frac = _number(max_layer_frac, "max layer fraction")
+    frac = finite_number(max_layer_frac, "max layer fraction")
     if _hidden_size(model) != candidates.directions.shape[-1]:
         raise SafesubError(f"candidates: have hidden size {candidates.directions.shape[-1]}, the model "
                            f"{_hidden_size(model)}")

@@ -45,7 +45,7 @@ import pandas as pd
 import torch
 
 from safesub_core.checkpoints import TensorReader, block_index, module_type
-from safesub_core.errors import SafesubError
+from safesub_core.errors import SafesubError, finite_number
 from safesub_core.family import Family
 from safesub_core.linalg import as_matrix, cosine
 
@@ -112,18 +112,6 @@ def _check_modules(modules: Sequence[str] | None) -> tuple[str, ...] | None:
     return mods
 
 
-def _readers(family: Family, variant: str) -> tuple[TensorReader, TensorReader, TensorReader]:
-    """(base, start, variant) readers, checked to hold the same tensors."""
-    if variant not in family.variants:
-        raise SafesubError(
-            f"family '{family.name}': has no fine-tuned variant {variant!r} (has {', '.join(family.variants)})"
-        )
-    base, start, ft = family.reader("base"), family.reader(family.start), family.reader(variant)
-    start.check_compatible(base)
-    start.check_compatible(ft)
-    return base, start, ft
-
-
 def safelora_similarities(family: Family, variant: str, modules: Sequence[str] | None = None,
                           progress: Callable[[int, int, str], None] | None = None) -> pd.DataFrame:
     """One row per floating-point tensor of the start model: tensor, module, block, rows, cols, in_plan (a matrix
@@ -131,7 +119,7 @@ def safelora_similarities(family: Family, variant: str, modules: Sequence[str] |
     <dW, C dW>, similarity (NaN outside the plan and where dW = 0). Streams one tensor at a time; independent of
     tau (cache it by the three checkpoints' fingerprints and `modules`)."""
     mods = _check_modules(modules)
-    base, start, ft = _readers(family, variant)
+    base, start, ft = family.update_readers(variant)
     names = start.names()
     rows = []
     for i, name in enumerate(names):
@@ -165,7 +153,7 @@ class SafeLoraPlan:
 
     def at(self, tau: float) -> "SafeLoraPlan":
         """The same plan at another threshold (no tensor is read)."""
-        return replace(self, tau=_tau(tau))
+        return replace(self, tau=finite_number(tau, "SafeLoRA threshold tau"))
 
     def frame(self) -> pd.DataFrame:
         """The table with `projected`, `applied_norm` ||update|| and `dot_applied` <dW, update> at this tau: the
@@ -206,28 +194,16 @@ class SafeLoraPlan:
         return projected_update(start.difference(self._reader("base"), name), dW)
 
 
-def _tau(tau) -> float:
-    try:
-        t = float(tau)
-    except (TypeError, ValueError):
-        raise SafesubError(f"SafeLoRA threshold tau {tau!r}: not a number") from None
-    if not math.isfinite(t):
-        raise SafesubError(f"SafeLoRA threshold tau {tau}: must be a finite number")
-    return t
-
-
 def safelora_plan(family: Family, variant: str, tau: float, modules: Sequence[str] | None = None,
                   similarities: pd.DataFrame | None = None,
                   progress: Callable[[int, int, str], None] | None = None) -> SafeLoraPlan:
     """SafeLoRA of `variant` at threshold `tau` (similarity < tau: projected). `similarities`: a table from
     `safelora_similarities` (e.g. from the disk cache) to reuse instead of streaming the checkpoints again."""
-    tau = _tau(tau)
+    tau = finite_number(tau, "SafeLoRA threshold tau")
     if similarities is None:
         similarities = safelora_similarities(family, variant, modules, progress)
-    elif variant not in family.variants:
-        raise SafesubError(
-            f"family '{family.name}': has no fine-tuned variant {variant!r} (has {', '.join(family.variants)})"
-        )
+    else:
+        family.check_variant(variant)
     return SafeLoraPlan(family, variant, similarities, tau)
 
 

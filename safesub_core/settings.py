@@ -14,16 +14,20 @@
 | SAFESUB_JUDGE_URL       | `judge_url()`       | None: the judge endpoint (OpenAI-compatible) |
 | SAFESUB_JUDGE_KEY       | `judge_key()`       | None: the judge endpoint's API key          |
 | OMP_NUM_THREADS         | `threads()`         | 1: torch's CPU threads in the app            |
+| HF_HUB_CACHE, HF_HOME   | `hub_cache()`       | ~/.cache/huggingface/hub: where hub names (org/name) are looked up |
 
 Each function reads the environment when called (so a test's monkeypatch.setenv is seen). An empty value counts
-as unset. A value that cannot be parsed is a one-line SafesubError naming the variable. `go_offline()` makes the
-process offline for the Hugging Face hub (HF_HUB_OFFLINE, TRANSFORMERS_OFFLINE, unless set) and quiets the
-tokenizers' fork warning; the CLI's main and app.py call it, importing safesub_core does not.
+as unset. A value that cannot be parsed is a one-line SafesubError naming the variable. The Hugging Face
+variables are read as huggingface_hub reads them (`hub_cache()`), never set. `go_offline()` makes the process
+offline for the Hugging Face hub (HF_HUB_OFFLINE, TRANSFORMERS_OFFLINE, unless set) and quiets the tokenizers'
+fork warning; the CLI's main and app.py call it, importing safesub_core does not.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+from huggingface_hub import constants as hf_constants
 
 from safesub_core.errors import SafesubError
 
@@ -147,3 +151,15 @@ def threads() -> int:
 def judge_key() -> str | None:
     """SAFESUB_JUDGE_KEY: the judge endpoint's API key, or None."""
     return _raw("SAFESUB_JUDGE_KEY")
+
+
+def hub_cache() -> Path:
+    """The local Hugging Face hub cache, found as huggingface_hub finds it but read when called (so a changed
+    environment is seen): HF_HUB_CACHE, else HUGGINGFACE_HUB_CACHE, else $HF_HOME/hub, else
+    $XDG_CACHE_HOME/huggingface/hub, else huggingface_hub's own default (`constants.HF_HUB_CACHE`)."""
+    for name, below in (("HF_HUB_CACHE", ()), ("HUGGINGFACE_HUB_CACHE", ()), ("HF_HOME", ("hub",)),
+                        ("XDG_CACHE_HOME", ("huggingface", "hub"))):
+        raw = _raw(name)
+        if raw:
+            return Path(os.path.expandvars(os.path.expanduser(raw)), *below)
+    return Path(hf_constants.HF_HUB_CACHE)
