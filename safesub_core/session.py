@@ -59,7 +59,7 @@ from safesub_core.overlap import STUDY_PAIRS, weight_overlap
 from safesub_core.prompts import EvalSets, PromptSet
 from safesub_core.scoring import names
 from safesub_core.scoring.live import LIVE_ARITH_TOKENS
-from safesub_core.subspace import ProjectionConfig, ProjectionDiagnostics, SubspaceEngine
+from safesub_core.subspace import ProjectionConfig, ProjectionDiagnostics, SubspaceEngine, composed_state_dict
 
 MAX_DRAFTS = 256  # points whose greedy answers a session keeps as drafts (n x LIVE_ARITH_TOKENS ids each)
 REPORTS = {"harmful": scoring.harmfulness_report, "math": scoring.utility_report,  # a prompt set's kind -> its scores
@@ -241,9 +241,12 @@ class FamilySession:
             return self.working
 
     def export(self, variant: str, cfg: ProjectionConfig, out_dir) -> None:
-        """Write the projected model as a Hugging Face directory (safetensors), on request only."""
+        """Write the projected model as a Hugging Face directory (safetensors), on request only. The weights are
+        W_start + alpha X composed in float32 (`subspace.composed_state_dict`): in bfloat16 or float16 the update
+        would be rounded away again."""
         with self._lock:
-            self.projected(variant, cfg, exact=True).save_pretrained(out_dir, safe_serialization=True)
+            model = self.projected(variant, cfg, exact=True)
+            model.save_pretrained(out_dir, state_dict=composed_state_dict(model), safe_serialization=True)
             self.tokenizer.save_pretrained(out_dir)
 
     # ------------------------------------------------------------------------------------------------ scores
