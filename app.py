@@ -164,7 +164,8 @@ frames = []
 bar = st.progress(0.0, text="Per-block update sizes")
 with ui.shown_errors():
     for i, variant in enumerate(fam.variants):
-        ui.engine(res, variant)  # built once, with a progress bar
+        for warning in ui.engine(res, variant).warnings:  # built once, with a progress bar
+            st.warning(warning, icon="⚠️")
         pt = res.session.diagnostics(variant, ProjectionConfig()).per_tensor
         g = pt.groupby("block", dropna=False)[["task_energy", "align_energy"]].sum().reset_index()
         g["variant"] = variant

@@ -10,6 +10,7 @@ from safesub_core.scoring import names as N
 from safesub_core.scoring.live import LIVE_ARITH_TOKENS
 from safesub_core.session import GENERATION_TOKENS
 from safesub_core.subspace import MODES, SUBSPACE_LABELS, SUBSPACES, ProjectionConfig
+from ui.link import PARAMS
 
 ui.header("Subspaces",
           "W = W_start + α·X with X = P_k ΔT (parallel), −P_k ΔT (opposite) or ΔT − P_k ΔT "
@@ -123,22 +124,24 @@ def point_section():
     mode = ui.bound("mode", c[2].radio, "Mode", options=list(MODES), horizontal=True)
     rank_by = ui.bound("rank_by", c[3].radio, "Rank as", options=["fraction", "energy"], horizontal=True)
     c = st.columns([3, 2])
-    if st.session_state.get("w_rank") is not None and not 0.01 <= float(st.session_state["w_rank"]) <= 1.0:
-        st.session_state["w_rank"] = 0.25
+    rank, scale = PARAMS["rank"], PARAMS["alpha"]  # the ranges a link's values were checked against
     ui.bound("rank", c[0].slider, "rank fraction ρ" if rank_by == "fraction" else "energy fraction η",
-             min_value=0.01, max_value=1.0, step=0.01,
+             min_value=rank.lo, max_value=rank.hi, step=0.01,
              help="ρ: k = max(1, round(ρ·min(M, N))) per tensor; η: the smallest k whose singular values "
                   "hold η of ΔA's energy.")
-    alpha = ui.bound("alpha", c[1].slider, "scale α", min_value=-1.0, max_value=3.0, step=0.05,
+    alpha = ui.bound("alpha", c[1].slider, "scale α", min_value=scale.lo, max_value=scale.hi, step=0.05,
                      help="W = W_start + α·X; α = 1 is the study's setting.")
     ui.publish_view()
 
     with ui.shown_errors(stop=True):
         cfg = ui.current_config()
-        ui.engine(res, variant)
+        warnings = ui.engine(res, variant).warnings  # e.g. tensors whose alignment update is zero
         diag = S.diagnostics(variant, cfg)  # cumulative sums: instant
         start = S.checkpoint_scores(fam.start)  # cached after the first visit
         ft = S.checkpoint_scores(variant)
+
+    for warning in warnings:
+        st.warning(warning, icon="⚠️")
 
     # ---------------------------------------------------------------------------------------- read-outs
     st.markdown(f"**Read-outs at this point** · {variant}: {cfg.label} · mean rank fraction "

@@ -9,7 +9,7 @@ from plotly.subplots import make_subplots
 import ui
 from safesub_core.activations import DEPTH_BAND
 from safesub_core.linalg import DEFAULT_ENERGIES
-from safesub_core.overlap import STUDY_PAIRS, overlap_summary
+from safesub_core.overlap import STUDY_PAIRS, overlap_summary, overlap_warnings
 
 ui.header("Overlap",
           "MSO = ‖Q_Xᵀ Q_Y‖²_F / min(k_X, k_Y) of the top singular subspaces holding an energy "
@@ -42,6 +42,8 @@ if pairs_txt:
         table = S.weight_overlap(reference, pairs, DEFAULT_ENERGIES,
                                  progress=ui.progress_callback(bar, "Weight-space overlap"))
         bar.empty()
+        for warning in overlap_warnings(table):
+            st.warning(warning, icon="⚠️")
 else:
     st.info("Choose at least one pair.", icon="ℹ️")
 
@@ -132,7 +134,7 @@ if models and cmp_sets:
         ui.chart(fig3, f"{fam.name}_activation_mso", key="activation_curves")
         with ui.shown_errors():
             band = S.band_mean(act)
-            st.markdown(f"**{band.note}**")
+            st.markdown(f"**{band.title}**")
             st.dataframe(band.table[band.table["energy"] == energy], hide_index=True, width="stretch")
         ui.csv_download(act, f"{fam.name}_activation_overlap", label="Download activation overlap (CSV)")
 else:

@@ -4,6 +4,7 @@ import streamlit as st
 
 import ui
 from safesub_core.activations import METHODS
+from ui.link import bounded
 
 ui.header("Activation map",
           "Last-real-token hidden states of each prompt at one layer, embedded jointly in 2-D. Only "
@@ -12,8 +13,7 @@ fam, res = ui.require_family()  # and its caption
 S, v = res.session, ui.view()
 
 n_layers = S.n_layers
-if v.get("layer") is None or not 0 <= int(v["layer"]) <= n_layers:
-    v["layer"] = max(0, round(0.75 * n_layers))
+bounded("layer", n_layers, max(0, round(0.75 * n_layers)))  # a link's layer beyond the model is reported
 options = ui.set_options()
 c1, c2 = st.columns([3, 1.2])
 layer = ui.bound("layer", c1.slider, "Layer (0 = embeddings)", min_value=0, max_value=n_layers, step=1)

@@ -245,6 +245,11 @@ class BandMean:
     hi: float
     note: str
 
+    @property
+    def title(self) -> str:
+        """What the table is, in one line: the note when the band was widened, else the band itself."""
+        return self.note or f"Mean over the study's depth band {self.lo:g}-{self.hi:g}"
+
 
 def depth_band(depths: Sequence[float], band: tuple[float, float] = DEPTH_BAND,
                min_layers: int = BAND_MIN_LAYERS) -> tuple[float, float, str]:

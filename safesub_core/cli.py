@@ -7,6 +7,16 @@ on first use), writes CSV files, shows tqdm progress bars on long work, and turn
 and output paths are checked before any model loads, every output is computed before the first is written, and
 each is written to a temporary file and renamed). A bad option is reported the same way (argparse, status 2);
 Ctrl-C ends with one ``error: interrupted`` line and status 130.
+
+Output paths: `guard_outputs(args)` runs for every verb before any work and refuses (one line, status 2, nothing
+written, no input touched) an output path that is an input of the command (the family file, a path it names, any
+checkpoint of the family or a file inside one, the folder of a built-in family, a prompt file, a judge model
+folder, the study's tables), another output of the same command (`--out` equal to `--summary` or `--map`, after
+resolving links and relative paths), or an existing path of the wrong kind (for a file: a folder, a FIFO, a device
+such as /dev/null, a socket; for a folder: anything but a folder). Absent paths and regular files are fine.
+List options (`--variant`, `--subspace`, `--mode`, `--fracs`, `--energies`, `--reference`, `--pairs`,
+`--models`) must name at least one value; `--n-prompts N` cuts every prompt set the command reads to its first N
+prompts (default: 32 for the evaluation sets, every prompt of a set named by --prompts, --set-x or --set-y).
 """
 from __future__ import annotations
 
@@ -16,23 +26,26 @@ import math
 import os
 import shutil
 import signal
+import stat
 import sys
 import threading
 import time
 from pathlib import Path
 
 import pandas as pd
+import yaml
 from tqdm import tqdm
 from transformers.utils import logging as hf_logging
 
 from safesub_core import demo, findings, scoring, settings
 from safesub_core.cache import DiskCache
+from safesub_core.checkpoints import fingerprint_all
 from safesub_core.compute import DTYPES, resolve_compute
 from safesub_core.errors import SafesubError
-from safesub_core.family import resolve_family
+from safesub_core.family import PATHS_PREFIX, Family, resolve_family
 from safesub_core.linalg import DEFAULT_ENERGIES, check_energy
-from safesub_core.overlap import overlap_summary, weight_overlap
-from safesub_core.prompts import EvalSets, resolve
+from safesub_core.overlap import overlap_summary, overlap_warnings, weight_overlap
+from safesub_core.prompts import EvalSets, PromptSet, resolve
 from safesub_core.session import FamilySession
 from safesub_core.subspace import MODES, SUBSPACES, ProjectionConfig
 from safesub_core.sweeps import DEFAULT_FRACS, DEFAULT_MODES, SCORES, grid, sweep
@@ -78,12 +91,23 @@ def _positive(text: str) -> int:
 
 
 def _names(text: str) -> list[str]:
-    return [x.strip() for x in text.split(",") if x.strip()]
+    values = [x.strip() for x in text.split(",") if x.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    return values
 
 
 def load_family(spec: str):
     """A family by name or file (`family.resolve_family`), building 'tiny' on first use with a progress bar."""
     return resolve_family(spec, progress=_bar(f"building the {spec} family"))
+
+
+def _family(args) -> Family:
+    """The command's family: the one the output guard opened already, else `load_family`."""
+    if getattr(args, "opened_family", None) is None:
+        args.opened_family = load_family(args.family)
+    fingerprint_all(args.opened_family, progress=_bar("hashing the checkpoints' files (once: stored)"))
+    return args.opened_family
 
 
 def _bar(desc: str):
@@ -100,14 +124,168 @@ def _bar(desc: str):
 
 
 def check_output(path: str | os.PathLike, what: str = "output file") -> Path:
-    """Refuse, before any work, an output path that cannot be a file (a folder, or under a file)."""
+    """Refuse an output file path that cannot be a regular file: an existing folder, FIFO, device or socket, or a
+    path under a file."""
     path = Path(path)
-    if path.is_dir():
-        raise SafesubError(f"{what} {path}: is a folder; give a file name")
+    problem = _kind_problem(path, "file")
+    if problem:
+        raise SafesubError(f"{what} {path}: {problem}")
     parent = next((p for p in path.parents if p.exists()), None)
     if parent is not None and not parent.is_dir():
         raise SafesubError(f"{what} {path}: {parent} is a file, not a folder")
     return path
+
+
+def _kind_problem(path: Path, kind: str) -> str | None:
+    """Why an existing `path` cannot be written as a `kind` ('file' or 'folder'); None when absent or fine."""
+    try:
+        mode = os.stat(path).st_mode  # follows links: a link to a FIFO is a FIFO
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as err:
+        return f"cannot be checked ({err.strerror or type(err).__name__})"
+    if stat.S_ISDIR(mode):
+        return None if kind == "folder" else "is a folder; give a file name"
+    if kind == "folder":
+        return "exists and is not a folder"
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISFIFO(mode):
+        return "is a FIFO (named pipe), not a regular file"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "is a device, not a regular file"
+    if stat.S_ISSOCK(mode):
+        return "is a socket, not a regular file"
+    return "is not a regular file"
+
+
+def _real(path: Path) -> Path:
+    """`path` made absolute with its links resolved (as far as it exists)."""
+    try:
+        return Path(path).expanduser().resolve()
+    except (OSError, RuntimeError):
+        return Path(os.path.abspath(Path(path).expanduser()))
+
+
+def _same(a: Path, b: Path) -> bool:
+    """The same file: equal after resolving links and relative paths, or one inode (a hard link)."""
+    if _real(a) == _real(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, ValueError):
+        return False
+
+
+# An input of a command: (path, what it is, whether every path inside it is an input too)
+Input = tuple[Path, str, bool]
+
+
+def _family_inputs(spec: str) -> tuple[list[Input], Family | None]:
+    """The paths a family spec reads, found without building anything: a built-in family's whole folder; a family
+    file, every existing path it names and every checkpoint (a folder with everything in it, or a .gguf file).
+    Returns the Family when it was opened (a family file or entered paths), to be reused by the command."""
+    spec = str(spec).strip()
+    if spec in demo.BUILT_IN:
+        size = settings.smol_size() if spec == "smol" else "full"
+        return [(demo.family_dir(spec, size), f"the built-in {spec} family's folder", True)], None
+    family = resolve_family(spec)
+    inputs: list[Input] = []
+    for name, ck in family.checkpoints().items():
+        if ck.kind == "gguf":
+            inputs.append((ck.path / ck.gguf_file, f"checkpoint {name!r} of the family", False))
+        else:
+            inputs.append((ck.path, f"checkpoint {name!r} of the family", True))
+    if not spec.startswith(PATHS_PREFIX):
+        file = Path(spec).expanduser()
+        inputs.insert(0, (file, "the family file of this command", False))
+        with contextlib.suppress(OSError, UnicodeDecodeError, yaml.YAMLError):
+            named = yaml.safe_load(file.read_text(encoding="utf-8"))
+            for key, value in _strings(named):  # card, behaviour, ...: every path the file names
+                target = (family.root or file.parent) / value
+                if target.exists():
+                    inputs.append((target, f"the {key!r} path of the family file", target.is_dir()))
+    return inputs, family
+
+
+def _strings(tree, key: str = "") -> list[tuple[str, str]]:
+    """Every (key path, string) leaf of a parsed family file."""
+    if isinstance(tree, dict):
+        return [x for k, v in tree.items() for x in _strings(v, f"{key}.{k}" if key else str(k))]
+    if isinstance(tree, list):
+        return [x for i, v in enumerate(tree) for x in _strings(v, f"{key}[{i}]")]
+    return [(key, tree)] if isinstance(tree, str) and tree.strip() else []
+
+
+def _prompt_inputs(args, *flags: str) -> list[Input]:
+    """The prompt files a command reads (a named set is no file of the user's)."""
+    out = []
+    for flag in flags:
+        spec = getattr(args, flag.lstrip("-").replace("-", "_"), None)
+        if spec and Path(spec).expanduser().exists():
+            out.append((Path(spec).expanduser(), f"the prompt file of this command ({flag})", False))
+    return out
+
+
+def _io(args) -> tuple[list[tuple[str, Path, str]], list[Input]]:
+    """The command's outputs [(label, path, 'file' | 'folder')] and inputs [(path, what, whole folder)]."""
+    outs: list[tuple[str, Path, str]] = []
+    ins: list[Input] = []
+    command = args.command
+    if command == "cache":
+        return outs, ins
+    if command == "build":
+        if args.out:
+            outs.append(("--out folder", Path(args.out), "folder"))
+        return outs, ins
+    if command == "findings":
+        outs.append(("--out file", Path(args.out), "file"))
+        if not args.no_figures and args.figures:
+            outs.append(("--figures folder", Path(args.figures), "folder"))
+        for spec in findings.parse_list(args.families) or ():
+            ins += _family_inputs(spec)[0]
+        study = Path(args.study).expanduser() if args.study else findings.STUDY_CSV
+        ins.append((study, "the study's tables file of this command (--study)", False))
+        return outs, ins
+    family_ins, args.opened_family = _family_inputs(args.family)
+    ins += family_ins
+    if command == "export":
+        outs.append(("--out folder", Path(args.out), "folder"))
+        return outs, ins
+    for name in ("out", "summary", "map"):
+        if getattr(args, name, None):
+            outs.append((f"--{name} file", Path(getattr(args, name)), "file"))
+    if command == "score":
+        if not args.summary:
+            outs.append(("summary file", _summary_path(args), "file"))
+        ins += _prompt_inputs(args, "--prompts")
+        if args.judge_path:
+            ins.append((Path(args.judge_path).expanduser(), "the judge model folder of this command (--judge-path)",
+                        True))
+    if command == "activations":
+        ins += _prompt_inputs(args, "--set-x", "--set-y")
+    return outs, ins
+
+
+def guard_outputs(args) -> None:
+    """THE output-path guard, run for every verb before any work (see the module docstring); a refused path is a
+    one-line SafesubError "<option> <path>: <why>"."""
+    outs, ins = _io(args)
+    seen: list[tuple[str, Path]] = []
+    for label, path, kind in outs:
+        if kind == "file":
+            check_output(path, label)
+        elif problem := _kind_problem(path, kind):
+            raise SafesubError(f"{label} {path}: {problem}")
+        for other_label, other in seen:
+            if _same(path, other):
+                raise SafesubError(f"{label} {path}: is also the {other_label} of this command")
+        for src, what, whole in ins:
+            if _same(path, src):
+                raise SafesubError(f"{label} {path}: is {what}")
+            if whole and _real(path).is_relative_to(_real(src)):
+                raise SafesubError(f"{label} {path}: is inside {what}")
+        seen.append((label, path))
 
 
 def write_csv(df: pd.DataFrame, path: str | os.PathLike, what: str = "output file") -> Path:
@@ -145,8 +323,13 @@ def write_all(tables: list[tuple[pd.DataFrame, str | os.PathLike | None]]) -> No
 
 def _session(args):
     device, dtype = resolve_compute(args.device, args.dtype)
-    return FamilySession(load_family(args.family), device=device, dtype=dtype,
-                         sets=EvalSets.default(args.n_prompts), chat=not args.raw)
+    sets = EvalSets.default(args.n_prompts) if args.n_prompts else EvalSets.default()
+    return FamilySession(_family(args), device=device, dtype=dtype, sets=sets, chat=not args.raw)
+
+
+def _first(prompt_set: PromptSet, args) -> PromptSet:
+    """A prompt set the command reads, cut to --n-prompts when given."""
+    return prompt_set.head(args.n_prompts) if args.n_prompts else prompt_set
 
 
 # ---------------------------------------------------------------------------------------------- commands
@@ -154,10 +337,18 @@ def _session(args):
 
 def cmd_sweep(args) -> None:
     grid(args.subspace, args.mode, args.fracs, args.alpha)  # bad settings fail before any model loads
-    target = _session(args) if args.scores != "none" else load_family(args.family)
+    target = _session(args) if args.scores != "none" else _family(args)
     table = sweep(target, args.variant, args.subspace, args.mode, args.fracs, alpha=args.alpha, scores=args.scores,
                   progress=_bar("sweep"))
+    _warn(table.attrs["warnings"])
     write_all([(table, args.out)])
+
+
+def _warn(lines) -> None:
+    """Warnings beside a result (it is still written): one `warning:` line each on stderr."""
+    _close_bars()
+    for line in lines:
+        print(f"warning: {line}", file=sys.stderr)
 
 
 def _pairs(specs: list[str] | None) -> list[tuple[str, str]] | None:
@@ -176,7 +367,7 @@ def cmd_overlap(args) -> None:
     pairs = _pairs(args.pairs)
     for e in args.energies:
         check_energy(e)
-    family = load_family(args.family)
+    family = _family(args)
     for name in list(args.reference) + [x for p in pairs or [] for x in p]:
         family.checkpoint(name)
     tables = []
@@ -184,6 +375,7 @@ def cmd_overlap(args) -> None:
         kw = dict(pairs=pairs) if pairs else {}
         tables.append(weight_overlap(family, reference, args.energies, progress=_bar(f"overlap vs {reference}"), **kw))
     table = pd.concat(tables, ignore_index=True)
+    _warn(overlap_warnings(table))
     write_all([(table, args.out), (overlap_summary(table) if args.summary else None, args.summary)])
 
 
@@ -199,7 +391,7 @@ def cmd_score(args) -> None:
     cfg = None
     if args.subspace:
         cfg = ProjectionConfig(args.subspace, args.mode, args.frac, alpha=args.alpha)
-    prompt_set = resolve(args.prompts, kind=args.kind)  # bad prompts, point or judge fail before models load
+    prompt_set = _first(resolve(args.prompts, kind=args.kind), args)  # bad prompts, point, judge: before models load
     judge = _judge(args)
     session = _session(args)
     session.family.checkpoint(args.model)
@@ -218,17 +410,17 @@ def _summary_path(args) -> Path:
 def cmd_activations(args) -> None:
     for e in args.energies:
         check_energy(e)
-    sx, sy = resolve(args.set_x), resolve(args.set_y)
+    sx, sy = _first(resolve(args.set_x), args), _first(resolve(args.set_y), args)
     session = _session(args)
-    for name in [args.model_x, args.model_y] + (_names(args.models) if args.map else []):
+    for name in [args.model_x, args.model_y] + (args.models if args.map else []):
         session.family.checkpoint(name)
     table = session.activation_overlap(args.model_x, sx, args.model_y, sy, args.energies, center=args.center)
     band = session.band_mean(table)
     coords = None
     if args.map:
-        coords = session.activation_map(_names(args.models), [sx, sy], layer=args.layer, method=args.method)
+        coords = session.activation_map(args.models, [sx, sy], layer=args.layer, method=args.method)
     write_all([(table, args.out), (coords, args.map)])  # all computed first: a failure leaves no file
-    print(band.note)
+    print(band.title)
     print(band.table.to_string(index=False))
 
 
@@ -238,9 +430,7 @@ def cmd_export(args) -> None:
         raise SafesubError(f"export folder {out}: exists and is not empty")
     cfg = ProjectionConfig(args.subspace, args.mode, args.frac, alpha=args.alpha)
     session = _session(args)
-    if args.variant not in session.family.variants:
-        raise SafesubError(f"family '{session.family.name}': has no fine-tuned variant {args.variant!r} "
-                           f"(has {', '.join(session.family.variants)})")
+    session.family.check_variant(args.variant)
     tmp = out.with_name(f".{out.name}.tmp")
     try:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -287,6 +477,11 @@ def cmd_build(args) -> None:
 
 
 def cmd_findings(args) -> None:
+    for flag in ("families", "modes", "variants", "gen_modes"):  # an empty list is an error, not an empty study
+        text = getattr(args, flag)
+        if text is not None and not findings.parse_list(text):
+            raise SafesubError(f"findings: argument --{flag.replace('_', '-')}: expected comma-separated names, "
+                               f"got {text!r}")
     families = findings.parse_list(args.families)
     configs = findings.family_configs(
         families, findings.parse_per_family(args.n_prompts), findings.parse_rhos(args.rhos),
@@ -320,7 +515,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="auto (the first CUDA device when present, else cpu), cpu, cuda or cuda:N")
             q.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                            help="auto: bfloat16 on a GPU, float32 on the CPU")
-            q.add_argument("--n-prompts", type=_positive, default=32, help="prompts per evaluation set (default 32)")
+            q.add_argument("--n-prompts", type=_positive, default=None,
+                           help="use the first N prompts of every prompt set (default: 32 of each evaluation set, "
+                                "every prompt of a set named by --prompts, --set-x or --set-y)")
             q.add_argument("--raw", action="store_true", help="raw prompts instead of the chat template")
 
     q = sub.add_parser("sweep", help="diagnostics (and scores) over subspaces x modes x rank fractions")
@@ -372,7 +569,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--center", action="store_true", help="mean-centre each set's states per layer")
     q.add_argument("--out", required=True, help="CSV of MSO per layer and energy")
     q.add_argument("--map", help="also write 2-D coordinates of both sets here")
-    q.add_argument("--models", default="aligned", help="models for the map, comma-separated")
+    q.add_argument("--models", type=_names, default=["aligned"], help="models for the map, comma-separated")
     q.add_argument("--layer", type=int, default=-1)
     q.add_argument("--method", default="pca", choices=["pca", "umap", "tsne"])
     q.set_defaults(run=cmd_activations)
@@ -449,9 +646,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as stop:  # --help (0) or a bad option (2, already reported as one line)
         return stop.code if isinstance(stop.code, int) else 2
     try:
-        for name in ("out", "summary", "map"):
-            if getattr(args, name, None) and args.command not in ("export", "build"):  # those two write folders
-                check_output(getattr(args, name), f"--{name} file")
+        guard_outputs(args)  # before any work: no output may be an input, another output or not a regular file
         args.run(args)
     except SafesubError as err:
         _close_bars()

@@ -3,13 +3,14 @@
 Contract: `sweep(family_or_session, variants=None, subspaces=..., modes=..., fracs=..., alpha=1.0,
 scores="live", progress=None) -> DataFrame` returns one row per (variant, subspace, mode, rank fraction): the
 family and variant names, the point's `ProjectionDiagnostics.summary()` (energy kept, cosines, mean rank
-fraction...) and, by `scores`:
+fraction...) and, by `scores` (the engines' warnings, e.g. a tensor whose alignment update is zero, are in
+`table.attrs["warnings"]`, one line each):
 - "none": diagnostics only; a `Family` is enough and no model is loaded (one SVD per tensor, cached);
 - "live": plus the live read-outs of `FamilySession.point_scores` (margin, NLL, arithmetic exact match, KL);
 - "generate": plus the generation scores (`FamilySession.generation_scores`), prefixed `gen_`.
 Scores need a `FamilySession` (its evaluation sets, device and dtype). Every setting is checked before any work:
-a bad point or an unknown variant is a one-line SafesubError. Every score comes from the session's disk cache
-when present.
+a bad point, an unknown variant or an empty list (of variants, subspaces, modes or fractions; `variants=None` is
+every variant) is a one-line SafesubError. Every score comes from the session's disk cache when present.
 """
 from __future__ import annotations
 
@@ -49,11 +50,11 @@ def sweep(target: Family | FamilySession, variants: Sequence[str] | None = None,
     family = session.family if session else target
     if scores != "none" and session is None:
         raise SafesubError(f"sweep scores {scores!r}: need a session (open one with safesub_core.open_session)")
-    variants = list(variants) if variants else list(family.variants)
+    if variants is not None and not list(variants):
+        raise SafesubError("sweep variants: the list is empty (None: every variant)")
+    variants = list(variants) if variants is not None else list(family.variants)
     for v in variants:
-        if v not in family.variants:
-            raise SafesubError(
-                f"family '{family.name}': has no fine-tuned variant {v!r} (has {', '.join(family.variants)})")
+        family.check_variant(v)
     points = [(v, key) for v in variants for key in configs]
     engines: dict[str, SubspaceEngine] = {}
     rows = []
@@ -61,9 +62,9 @@ def sweep(target: Family | FamilySession, variants: Sequence[str] | None = None,
         if progress:
             progress(i, len(points), f"{v} {configs[key].label}")
         cfg = configs[key]
+        if v not in engines:
+            engines[v] = SubspaceEngine.build(family, v) if session is None else session.engine(v)
         if session is None:
-            if v not in engines:
-                engines[v] = SubspaceEngine.build(family, v)
             row = engines[v].diagnostics(cfg).summary()
         else:
             row = session.point_scores(v, cfg) if scores != "none" else session.diagnostics(v, cfg).summary()
@@ -72,4 +73,6 @@ def sweep(target: Family | FamilySession, variants: Sequence[str] | None = None,
         rows.append({"family": family.name, "variant": v} | row)
     if progress:
         progress(len(points), len(points), "done")
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    table.attrs["warnings"] = list(dict.fromkeys(w for e in engines.values() for w in e.warnings))
+    return table

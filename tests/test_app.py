@@ -133,9 +133,15 @@ def test_bad_paths_entered_one_by_one_show_one_error_line(app_env, tmp_path):
 
 
 def test_bad_link_shows_an_error_not_a_traceback(app_env):
-    at = open_page("subspaces", {"family": "/nonexistent/family.yaml"})
+    """A link's family outside the allowed folders is named once, on the page it opens, and the server's family is
+    shown instead; the next page shows that family, not the error again."""
+    at = open_page("family", {"family": "/nonexistent/family.yaml"})
     assert not at.exception
-    assert at.error and "outside the allowed" in at.error[0].value
+    assert len(at.error) == 1 and "outside the allowed" in at.error[0].value
+    assert at.table, "the server's own family shows"
+    at.switch_page(PAGE_FILES["subspaces"]).run()
+    assert_clean(at)
+    assert not at.error
 
 
 def test_inspector_opens_the_prompt_of_a_link(app_env):

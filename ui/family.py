@@ -21,15 +21,16 @@ import streamlit as st
 import torch
 
 from safesub_core import settings
-from safesub_core.errors import SafesubError
+from safesub_core.checkpoints import fingerprint_all
 from safesub_core.compute import DTYPES, dtype_name, live_prompts, requested_live_prompts, resolve_compute
 from safesub_core.demo import BUILT_IN
+from safesub_core.errors import SafesubError
 from safesub_core.family import PATHS_PREFIX, Family, resolve_family
 from safesub_core.prompts import EvalSets
 from safesub_core.session import FamilySession
 from safesub_core.subspace import ProjectionConfig, SubspaceEngine
 from ui.builds import ensure_tiny
-from ui.link import family_spec, view
+from ui.link import check_deferred, family_spec, view
 from ui.widgets import progress_callback, shown_errors
 
 
@@ -118,6 +119,7 @@ def _resident(spec: str, cache_root: str, device: str, dtype: str, live: str) ->
 def compute() -> tuple[str, str]:
     """(device, dtype name) of the view: set on the Family page, else SAFESUB_DEVICE / SAFESUB_DTYPE, else auto.
     SafesubError when unavailable."""
+    check_deferred()
     v = view()
     device, dtype = resolve_compute(v.get("device") or settings.device(), v.get("dtype") or settings.dtype())
     return device, dtype_name(dtype)
@@ -126,6 +128,7 @@ def compute() -> tuple[str, str]:
 def live_setting() -> str:
     """Live prompts per set asked for: the view's (the Family page or the link's `live`), else SAFESUB_LIVE_PROMPTS,
     else 'auto'."""
+    check_deferred()
     n = requested_live_prompts(view().get("live"))
     return "auto" if n is None else str(n)
 
@@ -134,11 +137,14 @@ def resident(spec: str | None = None) -> Resident:
     """The resident session of the current family on the view's device and dtype (loaded once, with a status box
     the first time)."""
     spec = spec or family_spec()
-    current_family(spec)  # builds the tiny family first when needed
+    family = current_family(spec)  # builds the tiny family first when needed
     key = (spec, str(settings.cache_root()), *compute(), live_setting())
     if st.session_state.get("_loaded_key") == key:
         return _resident(*key)
     with st.status("Loading the family's models…", expanded=False) as box:
+        bar = st.empty()  # a bar only when some weight file's hash is not stored yet (a new or edited file)
+        fingerprint_all(family, progress=progress_callback(bar, "Hashing the checkpoints' files"))
+        bar.empty()
         res = _resident(*key)
         box.update(label="Models loaded", state="complete")
     st.session_state["_loaded_key"] = key
@@ -158,7 +164,8 @@ def engine(res: Resident, variant: str) -> SubspaceEngine:
 
 def require_family() -> tuple[Family, Resident]:
     """(family, resident) for a page that needs them, with the family's caption drawn; a bad family shows one error
-    line and ends the page."""
+    line and ends the page. The link's values that need the core are checked first (`ui.link.check_deferred`)."""
+    check_deferred()
     with shown_errors(stop=True):
         fam, res = current_family(), resident()
     family_caption(fam)
@@ -167,6 +174,7 @@ def require_family() -> tuple[Family, Resident]:
 
 def current_config() -> ProjectionConfig:
     """The ProjectionConfig of the Subspaces page's current view (raises SafesubError when invalid)."""
+    check_deferred()
     v = view()
     rank = float(v["rank"])
     if v["rank_by"] == "energy":

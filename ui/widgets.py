@@ -2,9 +2,10 @@
 pickers, charts with their downloads.
 
 Contract: every page opens with `header()` (it imports nothing heavy, so on a cold server the title shows before
-torch loads); `shown_errors()` turns a `SafesubError` into one `st.error` line, never
-a traceback; `progress_callback(bar, label)` adapts the core's progress hooks to an `st.progress` bar; `chart()`
-draws a plotly figure with an HTML download (plotly.js embedded, so it opens offline), `csv_download()` a table.
+torch loads; below the title it reserves the one line where bad link values are reported, `ui.link.report`);
+`shown_errors()` turns a `SafesubError` into one `st.error` line, never a traceback; `progress_callback(bar,
+label)` adapts the core's progress hooks to an `st.progress` bar; `chart()` draws a plotly figure with an HTML
+download (plotly.js embedded, so it opens offline), `csv_download()` a table.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import streamlit as st
 
 from safesub_core.errors import SafesubError
 from safesub_core.prompts import PromptSet, available_sets, is_installed, resolve
-from ui.link import view
+from ui.link import error_line, view
 
 PAGE_FILES = {  # Streamlit's pages/ layout: app.py is the first page, pages/ holds the others in order
     "family": "app.py",
@@ -48,13 +49,11 @@ def header(title: str, caption: str | None = None) -> None:
         st.divider()
         st.caption("safesub: is there a safety subspace? Slide the rank, mode and scale of a projection of the "
                    "fine-tuning update and watch harmfulness and utility move.")
-    view()  # read the view from the link once per browser session
     st.title(title)
     if caption:
         st.caption(caption)
-    bad = st.session_state.pop("_link_errors", None)
-    if bad:
-        st.error(f"link parameter {', '.join(bad)}: not a valid value; the default is used instead", icon="⚠️")
+    error_line(st.empty())  # the link's one error line, filled by ui.link.report in this run
+    view()  # read the view from the link once per browser session (a bad value is reported on that line)
 
 
 @contextmanager
