@@ -84,9 +84,9 @@ if chosen and chosen != spec:
 import pandas as pd  # noqa: E402  (here, not above: the selector shows before torch is imported)
 import plotly.graph_objects as go  # noqa: E402
 
-from safesub_core.checkpoints import describe  # noqa: E402
+from safesub_core.loading import describe  # noqa: E402
 from safesub_core.compute import DTYPES, LIVE_CHOICES, available_devices  # noqa: E402
-from safesub_core.subspace import ProjectionConfig  # noqa: E402
+from safesub_core.projection import ProjectionConfig  # noqa: E402
 
 # -------------------------------------------------------------------------------------------- device and precision
 with st.expander("Device, precision and live read-outs", icon=":material/memory:"):

@@ -95,7 +95,7 @@ def bench_core(family: str, ranks: list[float]) -> tuple[list[float], list[float
     from safesub_core.compute import live_prompts
     from safesub_core.prompts import EvalSets
     from safesub_core.session import FamilySession
-    from safesub_core.subspace import ProjectionConfig
+    from safesub_core.projection import ProjectionConfig
 
     import safesub_core.session as session_module
 

@@ -19,8 +19,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from safesub_core.linalg import as_matrix
-from safesub_core.subspace import (ExactUpdates, ProjectionConfig, SubspaceEngine, TensorProjection,
-                                   alignment_basis, composed_state_dict)
+from safesub_core.precision import ExactUpdates, composed_state_dict
+from safesub_core.projection import ProjectionConfig
+from safesub_core.subspace import SubspaceEngine, TensorProjection, alignment_basis
 
 
 def smol_config(layers: int) -> LlamaConfig:

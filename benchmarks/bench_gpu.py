@@ -107,7 +107,8 @@ def make_family(root: Path, shape: str, tokenizer: Path) -> Path:
 def bench_sweep(family, variant: str, cache_dir: Path, baseline_fracs=(0.01, 0.25, 0.5, 0.75, 0.99)) -> dict:
     from safesub_core.cache import DiskCache
     from safesub_core.linalg import as_matrix
-    from safesub_core.subspace import ProjectionConfig, SubspaceEngine
+    from safesub_core.projection import ProjectionConfig
+    from safesub_core.subspace import SubspaceEngine
 
     points = [ProjectionConfig(s, m, f) for s in ("topk", "randomk", "random") for m in ("parallel", "orthogonal")
               for f in (0.01, 0.25, 0.5, 0.75, 0.99)]
@@ -172,7 +173,7 @@ def bench_scores(family, variant: str, cache_dir: Path, n: int, dtypes=tuple(DTY
     from safesub_core.cache import DiskCache
     from safesub_core.prompts import EvalSets
     from safesub_core.session import FamilySession
-    from safesub_core.subspace import ProjectionConfig
+    from safesub_core.projection import ProjectionConfig
 
     sets = EvalSets.default(n)
     out, margins = {}, {}

@@ -58,10 +58,11 @@ def child(task: str, family_file: str, cache_dir: str) -> None:
     import transformers  # noqa: F401
 
     from safesub_core.cache import DiskCache
-    from safesub_core.checkpoints import load_model
+    from safesub_core.loading import load_model
     from safesub_core.family import Family
     from safesub_core.overlap import weight_overlap
-    from safesub_core.subspace import ProjectionConfig, SubspaceEngine
+    from safesub_core.projection import ProjectionConfig
+    from safesub_core.subspace import SubspaceEngine
 
     family = Family.from_file(family_file)
     extra = {}

@@ -14,7 +14,7 @@ from common import machine, tiny_family_path
 import torch
 
 from safesub_core import scoring
-from safesub_core.checkpoints import load_model
+from safesub_core.loading import load_model
 from safesub_core.family import Family
 from safesub_core.generation import encode_batch, format_prompt
 from safesub_core.prompts import EvalSets

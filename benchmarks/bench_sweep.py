@@ -18,7 +18,8 @@ import torch
 from safesub_core.cache import DiskCache
 from safesub_core.family import Family
 from safesub_core.linalg import as_matrix
-from safesub_core.subspace import ProjectionConfig, SubspaceEngine
+from safesub_core.projection import ProjectionConfig
+from safesub_core.subspace import SubspaceEngine
 
 SUBSPACES, MODES, FRACS = ("topk", "randomk", "random"), ("parallel", "orthogonal"), (0.01, 0.25, 0.5, 0.75, 0.99)
 

@@ -9,7 +9,7 @@ from safesub_core.compute import FULL_LIVE_PROMPTS
 from safesub_core.scoring import names as N
 from safesub_core.scoring.live import LIVE_ARITH_TOKENS
 from safesub_core.session import GENERATION_TOKENS
-from safesub_core.subspace import MODES, SUBSPACE_LABELS, SUBSPACES, ProjectionConfig
+from safesub_core.projection import MODES, SUBSPACE_LABELS, SUBSPACES, ProjectionConfig
 from ui.link import PARAMS
 
 ui.header("Subspaces",

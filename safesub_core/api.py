@@ -19,9 +19,9 @@ import os
 from safesub_core.cache import DiskCache
 from safesub_core.compute import resolve_compute
 from safesub_core.family import Family, resolve_family
+from safesub_core.projection import ProjectionConfig
 from safesub_core.prompts import EvalSets, PromptSet, resolve
 from safesub_core.session import FamilySession
-from safesub_core.subspace import ProjectionConfig
 from safesub_core.sweeps import sweep
 
 __all__ = ["open_family", "open_session", "prompt_set", "sweep", "Family", "FamilySession", "EvalSets",

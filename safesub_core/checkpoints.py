@@ -1,101 +1,52 @@
-"""Checkpoints: what kind of model sits at a path, its fingerprint, its tensors read one at a time, and loading it.
+"""Checkpoints: what kind of model sits at a path, and its tensors read one at a time.
 
 A checkpoint is one of
   hf    a Hugging Face directory: config.json + *.safetensors (pickle *.bin only with allow_pickle=True);
   lora  a peft adapter directory (adapter_config.json), merged onto the family's start model on load:
         W = W_start + scale * B @ A with scale = lora_alpha / r (lora_alpha / sqrt(r) with rsLoRA);
   gguf  a .gguf file (or a directory holding exactly one), dequantized by transformers on load.
+`Checkpoint.resolve` detects the kind, or raises one line naming the checkpoint; `Owner` is what a checkpoint needs
+of its family (`family.Family` is one). A broken adapter_config.json or config.json is one line naming the
+checkpoint and the file (`lora_config`).
 
 `TensorReader` yields one float32 tensor (or a block of its rows) at a time (safetensors' safe_open), so the
-subspace and overlap computations never hold whole models. Models and tokenizers are read from local files only
-(local_files_only=True) and remote code is never run. `load_model` refuses, before loading, an architecture
-transformers does not know, a config.json whose shapes the weights do not have, and a model that does not fit in
-the device's free memory; a broken adapter or tokenizer is one line naming the checkpoint and the file.
+subspace and overlap computations never hold whole models; a LoRA reader forms W_start + scale * B @ A from its
+base's reader. A GGUF's tensors are read from its model, dequantized by transformers (`load_gguf`, which
+`loading.load_model` uses too).
 
-Fingerprints: content hashes of the files that decide what a loaded checkpoint computes, so a changed file never
-serves a stale cached result. Each covers the files a loader reads, and nothing else (a README, a touch):
-  `Checkpoint.fingerprint(owner)`  the tensors: weights (and their index), config.json, adapter_config.json; a LoRA
-                                   adapter with its family (`owner`) also its start model's (the tensors it is
-                                   merged onto). What weight-space results (subspaces, overlaps) are keyed by.
-  `model_fingerprint(ckpt, owner)` what `load_model` returns: the tensors plus generation_config.json (greedy
-                                   decoding reads it), and a LoRA adapter's start model's.
-  `tokenizer_fingerprint(ckpt, owner)`  the files `load_tokenizer` reads (TOKENIZER_FILES: tokenizer, special
-                                   tokens, chat templates in chat_template.jinja/.json or tokenizer_config.json,
-                                   config.json), from the folder `tokenizer_source` picks, as `load_tokenizer` does.
-A file's SHA-256 is kept, in this process and on disk (HASH_INDEX under `settings.cache_root()`, one JSON file
-shared by every process on that cache), by the file's real path, size, mtime, ctime and inode, and computed again
-only when one of them changes: a restart hashes no unchanged weight file. A file changed within RACY_NS is hashed
-afresh every time and never stored (its timestamp may not yet tell a second change apart, as in git's "racy"
-files). The index is written atomically (a temporary file, then `os.replace`) under a file lock, merged with what
-other processes stored; a missing, corrupt or foreign index reads as empty and is rebuilt by the next write; a
-read-only or full cache only stops hashes being stored (one warning), never a fingerprint. `hash_counts()` counts
-the files and bytes this process hashed; `clear_hash_memo()` forgets what it remembers in memory (as a restart
-does). Hashing that must happen can be followed: `Checkpoint.fingerprint(owner, progress=...)` and
-`fingerprint_all(family, progress)` call `progress(done_bytes, total_bytes, what)` (what: "<checkpoint>: <file>")
-from (0, total) to (total, total), at most every PROGRESS_S seconds in between, and not at all when every file's
-hash is known. Within `snapshot()` each fingerprint is worked out once (a cache key asks for the start model's
-several times).
+`Checkpoint.fingerprint(owner)` is the content hash of the tensors: weights (and their index), config.json,
+adapter_config.json; a LoRA adapter with its family (`owner`) also its start model's (the tensors it is merged
+onto). What weight-space results (subspaces, overlaps) are keyed by. Files are hashed by `hashing` (kept by their
+stamp, in memory and on disk); the fingerprints of a loaded model and of a tokenizer are `fingerprints`'.
 
-Hub names: a checkpoint may be named as a Hugging Face hub model, `org/name` or `org/name@revision` (a branch,
-tag or commit). `hub_name(text)` says whether text reads as one; `hub_snapshot(role, text)` finds its snapshot
-folder in the local hub cache only (`settings.hub_cache()`: HF_HUB_CACHE, HF_HOME, ...; huggingface_hub's
-snapshot_download with local_files_only=True, never the network); a model not there (or only partly, an
-interrupted download) is one line naming the model and the cache folder searched. Callers try a path on disk first
-(`family.Family.from_paths`): a path that exists always wins over a hub name. A hub snapshot is not confined to
-the allowed roots (the user named a model, not a path), but it and every file in it must resolve inside the hub
-cache: a link out of it is refused.
+`module_type` and `block_index` group a tensor by its name (docs/method.md, "Diagnostics", Grouping).
 """
 from __future__ import annotations
 
 import fnmatch
 import hashlib
 import json
-import logging
 import math
 import os
 import re
-import threading
-import time
-import uuid
-from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Protocol
+from typing import Callable, Iterator, Protocol
 
 import torch
-from filelock import FileLock
-from huggingface_hub import snapshot_download
-from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
-from huggingface_hub.utils import validate_repo_id
-from peft import LoraConfig, PeftModel
+from peft import LoraConfig
 from safetensors import safe_open
-from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
-from safesub_core import settings
 from safesub_core.errors import SafesubError
+from safesub_core.hashing import _SNAPSHOT, Progress, _memo, file_sha256, prehash
 from safesub_core.linalg import row_blocks
 
-if TYPE_CHECKING:  # family imports this module
-    from safesub_core.family import Family
-
-log = logging.getLogger(__name__)
-
-GENERATION_FILES = ("generation_config.json",)
 # what AutoTokenizer reads from a folder: the tokenizer itself (fast or slow: vocabularies, merges, sentencepiece
 # models), its special and added tokens, the chat templates, and config.json (where the tokenizer class may be named)
 TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
                    "chat_template.json", "additional_chat_templates/*", "vocab*", "merges.txt", "*.model",
                    "*.tiktoken", "config.json")
-TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                  "chat_template.json")  # checked for being JSON before a tokenizer is loaded
-RACY_NS = 2_000_000_000  # a file changed this recently (ns) is hashed afresh on every fingerprint
-HASH_INDEX = Path(".fingerprints") / "files.json"  # under the cache folder; a dot folder, so DiskCache leaves it be
-HASH_INDEX_FORMAT = "safesub file sha256 index v1"
-HASH_INDEX_PRUNE = 4096  # past this many entries, a write drops those whose file is gone
-PROGRESS_S = 0.2  # the least time between two progress calls while hashing
-Progress = Callable[[int, int, str], None]  # progress(done_bytes, total_bytes, what)
-_SNAPSHOT: ContextVar[dict | None] = ContextVar("fingerprint_snapshot", default=None)
 
 
 class Owner(Protocol):
@@ -196,29 +147,6 @@ class Checkpoint:
         return files + self.weight_files() if self.kind == "gguf" else files
 
 
-@contextmanager
-def snapshot() -> Iterator[None]:
-    """Fingerprints asked for within it are worked out once each (files listed and stat'ed once): for a caller that
-    needs several of the same checkpoints at one moment. Nested snapshots share the outer one; per thread."""
-    token = _SNAPSHOT.set({}) if _SNAPSHOT.get() is None else None
-    try:
-        yield
-    finally:
-        if token is not None:
-            _SNAPSHOT.reset(token)
-
-
-def _memo(kind: str, ckpt: Checkpoint, owner: Owner | None, compute: Callable[[], str]) -> str:
-    """compute(), remembered for the current `snapshot` (if any) by kind, checkpoint and the owner's roles."""
-    memo = _SNAPSHOT.get()
-    if memo is None:
-        return compute()
-    key = (kind, ckpt) + ((owner.start_checkpoint, owner.base) if owner is not None else ())
-    if key not in memo:
-        memo[key] = compute()
-    return memo[key]
-
-
 def _file_names(folder: Path) -> tuple[str, ...]:
     """Names of the regular files (or links to them) in `folder`; none when it is not a folder."""
     def compute() -> tuple[str, ...]:
@@ -237,258 +165,14 @@ def _file_names(folder: Path) -> tuple[str, ...]:
     return memo[key]
 
 
-def _digest(root: Path, files: list[Path], parts: list[str]) -> str:
-    """16 hex digits of the files' names (relative to `root`) and contents, after `parts`."""
-    h = hashlib.sha256(json.dumps(parts).encode())
-    for f in files:
-        h.update(f.relative_to(root).as_posix().encode() + b"\0")
-        h.update(file_sha256(f).encode())
-    return h.hexdigest()[:16]
-
-
-def file_sha256(path: Path, meter: "_Meter | None" = None) -> str:
-    """SHA-256 of a file's content, kept in memory and in the cache folder's index by its real path, size, mtime,
-    ctime and inode (hashed afresh, and not stored, within RACY_NS of its last change); `meter` counts the bytes
-    read when it must be hashed."""
-    real = os.path.realpath(path)
+def load_gguf(ckpt: Checkpoint, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """The model of a GGUF checkpoint, dequantized by transformers (needs the gguf package); local files only, no
+    remote code. A GGUF's tensors are read from this model (`TensorReader`), and `loading.load_model` loads it."""
     try:
-        stamp = _stamp(real)
-    except OSError as err:  # e.g. removed between the folder's listing and now
-        raise SafesubError(f"file {path}: cannot be read ({err.strerror or type(err).__name__})") from None
-    racy = time.time_ns() - stamp[1] < RACY_NS
-    known = None if racy else _known_sha256(real, stamp)
-    if known is not None:
-        return known
-    try:
-        digest = _hash_file(real, meter)
-        unchanged = _stamp(real) == stamp  # not rewritten while it was read
-    except OSError as err:
-        raise SafesubError(f"file {path}: cannot be read ({err.strerror or type(err).__name__})") from None
-    if not racy and unchanged:
-        _store_sha256(real, stamp, digest)
-    return digest
-
-
-Stamp = tuple[int, int, int, int]  # size, mtime_ns, ctime_ns, inode
-_HASH_LOCK = threading.Lock()  # guards the in-process memo, the loaded indexes and the counters
-_KNOWN: dict[str, tuple[Stamp, str]] = {}  # real path -> (stamp, sha256), this process's memo
-_INDEXES: dict[str, tuple[tuple[int, int, int], dict[str, tuple[Stamp, str]]]] = {}  # index file -> (its stat, entries)
-_COUNTS = {"files": 0, "bytes": 0}
-_WARNED: set[str] = set()
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_MEMO_MAX = 65536
-
-
-def _stamp(real: str) -> Stamp:
-    st = os.stat(real)
-    return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
-
-
-def _hash_file(path: str, meter: "_Meter | None" = None) -> str:
-    h, n = hashlib.sha256(), 0
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-            n += len(chunk)
-            if meter is not None:
-                meter.add(len(chunk))
-    with _HASH_LOCK:
-        _COUNTS["files"] += 1
-        _COUNTS["bytes"] += n
-    return h.hexdigest()
-
-
-def hash_counts() -> dict[str, int]:
-    """How many files (and bytes) this process has hashed so far: {"files": n, "bytes": b}."""
-    with _HASH_LOCK:
-        return dict(_COUNTS)
-
-
-def clear_hash_memo() -> None:
-    """Forget the file hashes this process holds in memory (what a restart forgets); the index on disk stays."""
-    with _HASH_LOCK:
-        _KNOWN.clear()
-        _INDEXES.clear()
-
-
-def _index_file() -> Path:
-    return settings.cache_root() / HASH_INDEX
-
-
-def _known_sha256(real: str, stamp: Stamp) -> str | None:
-    """The stored hash of the file at `real` if it was taken at this very stamp: from memory, else from the index."""
-    with _HASH_LOCK:
-        hit = _KNOWN.get(real)
-    if hit is None or hit[0] != stamp:
-        hit = _read_index(_index_file()).get(real)
-        if hit is None or hit[0] != stamp:
-            return None
-        _remember(real, *hit)
-    return hit[1]
-
-
-def _remember(real: str, stamp: Stamp, digest: str) -> None:
-    with _HASH_LOCK:
-        _KNOWN.pop(real, None)
-        _KNOWN[real] = (stamp, digest)
-        if len(_KNOWN) > _MEMO_MAX:
-            del _KNOWN[next(iter(_KNOWN))]
-
-
-def _read_index(index: Path) -> dict[str, tuple[Stamp, str]]:
-    """The index file's entries (real path -> (stamp, sha256)), re-read only when the file changed; an absent,
-    unreadable, corrupt or foreign file reads as no entries (and a bad entry as absent)."""
-    try:
-        st = index.stat()
-    except OSError:
-        return {}
-    sig = (st.st_size, st.st_mtime_ns, st.st_ino)
-    with _HASH_LOCK:
-        loaded = _INDEXES.get(str(index))
-    if loaded is not None and loaded[0] == sig:
-        return loaded[1]
-    try:
-        doc = json.loads(index.read_bytes())
-    except (OSError, ValueError, RecursionError):
-        doc = None
-    files = doc.get("files") if isinstance(doc, dict) and doc.get("format") == HASH_INDEX_FORMAT else None
-    entries = {}
-    for real, entry in (files.items() if isinstance(files, dict) else ()):
-        if (isinstance(entry, list) and len(entry) == 5 and all(type(v) is int for v in entry[:4])
-                and isinstance(entry[4], str) and _SHA256.match(entry[4])):
-            entries[real] = (tuple(entry[:4]), entry[4])
-    with _HASH_LOCK:
-        _INDEXES[str(index)] = (sig, entries)
-    return entries
-
-
-def _store_sha256(real: str, stamp: Stamp, digest: str) -> None:
-    """Remember a file's hash, and add it to the cache folder's index: under the index's lock, merged with the
-    entries other processes wrote, atomically. A cache that cannot be written only warns (once per index)."""
-    _remember(real, stamp, digest)
-    index = _index_file()
-    lock = settings.cache_root() / ".locks" / "fingerprints.lock"
-    try:
-        index.parent.mkdir(parents=True, exist_ok=True)
-        lock.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(lock), timeout=30):
-            entries = dict(_read_index(index))
-            entries[real] = (stamp, digest)
-            if len(entries) > HASH_INDEX_PRUNE:
-                entries = {p: e for p, e in entries.items() if os.path.exists(p)}
-            doc = {"format": HASH_INDEX_FORMAT, "files": {p: [*e[0], e[1]] for p, e in sorted(entries.items())}}
-            tmp = index.with_name(f".{index.name}.{uuid.uuid4().hex[:12]}.tmp")
-            try:
-                tmp.write_text(json.dumps(doc, separators=(",", ":")), encoding="utf-8")
-                os.replace(tmp, index)
-            finally:
-                tmp.unlink(missing_ok=True)
-            st = index.stat()
-            with _HASH_LOCK:
-                _INDEXES[str(index)] = ((st.st_size, st.st_mtime_ns, st.st_ino), entries)
-    except OSError as err:  # read-only or full cache, a lock not got in time (filelock.Timeout is an OSError)
-        if str(index) not in _WARNED:
-            _WARNED.add(str(index))
-            log.warning("file hashes are not stored in %s (%s): they are computed again at the next start",
-                        index, err.strerror or type(err).__name__)
-
-
-class _Meter:
-    """Bytes hashed out of `total`, told to `progress(done, total, what)`: at the start of each file, at most every
-    PROGRESS_S seconds within one, and at the end."""
-
-    def __init__(self, progress: Progress, total: int):
-        self.progress, self.total, self.done, self.what, self._told = progress, total, 0, "", 0.0
-
-    def start(self, what: str) -> None:
-        self.what = what
-        self._tell()
-
-    def add(self, n: int) -> None:
-        self.done = min(self.done + n, self.total)
-        if time.monotonic() - self._told >= PROGRESS_S:
-            self._tell()
-
-    def finish(self) -> None:
-        self.done = self.total
-        self._tell()
-
-    def _tell(self) -> None:
-        self._told = time.monotonic()
-        self.progress(self.done, self.total, self.what)
-
-
-def prehash(files: Iterable[tuple["Checkpoint", Path]], progress: Progress | None) -> int:
-    """Hash (and store) each (checkpoint, file) whose hash is not known, telling `progress` the bytes done (what:
-    "<checkpoint>: <file>"); returns the bytes hashed. Files are counted once (by real path); a file that cannot
-    be read is left to the fingerprint that reads it (its one-line error)."""
-    pending, seen = [], set()
-    for ckpt, f in files:
-        real = os.path.realpath(f)
-        if real in seen:
-            continue
-        seen.add(real)
-        try:
-            stamp = _stamp(real)
-        except OSError:
-            continue
-        if time.time_ns() - stamp[1] < RACY_NS or _known_sha256(real, stamp) is None:
-            pending.append((f"{ckpt.name}: {f.relative_to(ckpt.path).as_posix()}", f, stamp[0]))
-    if not pending:
-        return 0
-    meter = _Meter(progress or (lambda done, total, what: None), sum(size for _, _, size in pending))
-    for what, f, _ in pending:
-        meter.start(what)
-        file_sha256(f, meter)
-    meter.finish()
-    return meter.total
-
-
-def fingerprint_all(family: "Family", progress: Progress | None = None) -> dict[str, str]:
-    """Each checkpoint's tensor fingerprint, by role, with every file its fingerprints read (tensors, generation
-    config, tokenizer) hashed first where its hash is not known, `progress(done_bytes, total_bytes, what)`
-    following that hashing (a family.Family; what a server or CLI start calls before opening a session)."""
-    checkpoints = family.checkpoints()
-    files = []
-    for ckpt in checkpoints.values():
-        src = tokenizer_source(ckpt, family)
-        files += [(ckpt, f) for f in ckpt._tensor_files() + ckpt.files(GENERATION_FILES)]
-        files += [(src, f) for f in (src.tokenizer_files() if src is not None else [])]
-    prehash(files, progress)
-    with snapshot():
-        return {role: ckpt.fingerprint(family) for role, ckpt in checkpoints.items()}
-
-
-def model_fingerprint(ckpt: Checkpoint, owner: Owner | None = None) -> str:
-    """Content hash of what `load_model(ckpt, owner)` returns (see the module docstring): the tensors, the
-    generation config, and for a LoRA adapter its start model's (whose generation config the merged model keeps)."""
-    def compute() -> str:
-        parts = [ckpt.fingerprint(owner)]
-        if ckpt.kind == "lora" and owner is not None and owner.start_checkpoint != ckpt:
-            parts.append(model_fingerprint(owner.start_checkpoint, owner))
-        return _digest(ckpt.path, ckpt.files(GENERATION_FILES), parts)
-
-    return _memo("model", ckpt, owner, compute)
-
-
-def tokenizer_source(ckpt: Checkpoint, owner: Owner | None = None) -> Checkpoint | None:
-    """The checkpoint whose folder `load_tokenizer(ckpt, owner)` reads: the checkpoint's own, else the start
-    model's, else the base's (a GGUF file holds its tokenizer); None where none has tokenizer files."""
-    candidates = [ckpt] + ([owner.start_checkpoint, owner.base] if owner else [])
-    for c in candidates:
-        if c.kind == "gguf" or any((c.path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json",
-                                                                     "tokenizer.model")):
-            return c
-    return None
-
-
-def tokenizer_fingerprint(ckpt: Checkpoint, owner: Owner | None = None) -> str:
-    """Content hash of the files `load_tokenizer(ckpt, owner)` reads (the folder `tokenizer_source` picks)."""
-    def compute() -> str:
-        src = tokenizer_source(ckpt, owner)
-        return "none" if src is None else _digest(src.path, src.tokenizer_files(), ["tokenizer", src.kind])
-
-    return _memo("tokenizer", ckpt, owner, compute)
+        return AutoModelForCausalLM.from_pretrained(str(ckpt.path), gguf_file=ckpt.gguf_file, dtype=dtype,
+                                                    trust_remote_code=False, local_files_only=True)
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        raise SafesubError(f"checkpoint '{ckpt.name}': cannot be loaded ({_first_line(err)})") from None
 
 
 _LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(.*)\.lora_([AB])(?:\.[^.]+)?\.weight$")
@@ -510,7 +194,7 @@ class TensorReader:
         if ckpt.kind == "hf":
             self._index_hf()
         elif ckpt.kind == "gguf":
-            model = load_model(ckpt)[0]
+            model = load_gguf(ckpt)
             self._state = {k: v.detach().float() for k, v in model.state_dict().items()}
             self._tied = bool(getattr(model.config, "tie_word_embeddings", False))
         else:
@@ -736,215 +420,6 @@ def lora_config(ckpt: Checkpoint) -> LoraConfig:
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return (text.splitlines()[0] if text else type(err).__name__)[:200]
-
-
-# ------------------------------------------------------------------------------------------- hub names
-
-_HUB_NAME = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<revision>[\w.-][\w./-]*))?$")
-
-
-def hub_name(text: str | os.PathLike) -> tuple[str, str | None] | None:
-    """(repo id, revision or None) when `text` reads as a hub model name, `org/name` or `org/name@revision`; else
-    None (a Path, an absolute or '~' or './' path, a name with more than one '/', an invalid repo id)."""
-    if not isinstance(text, str):
-        return None
-    m = _HUB_NAME.match(text.strip())
-    if m is None or ".." in (m.group("revision") or ""):
-        return None
-    try:
-        validate_repo_id(m.group("repo"))
-    except HFValidationError:
-        return None
-    return m.group("repo"), m.group("revision")
-
-
-def hub_snapshot(role: str, text: str) -> Path:
-    """The snapshot folder of the hub model `text` (`hub_name`) in the local Hugging Face cache, never the
-    network; its files must all resolve inside the cache. Else one SafesubError line naming the checkpoint, the
-    model and the cache folder searched."""
-    parsed = hub_name(text)
-    cache = settings.hub_cache().expanduser()
-    what = f"checkpoint '{role}': hub model {text.strip()}"
-    if parsed is None:
-        raise SafesubError(f"{what}: is not a hub model name (org/name or org/name@revision)")
-    repo, revision = parsed
-    try:
-        folder = Path(snapshot_download(repo, revision=revision, cache_dir=cache, local_files_only=True))
-    except LocalEntryNotFoundError as err:
-        partly = type(err).__name__ == "IncompleteSnapshotError"  # huggingface_hub >= 1.x: an interrupted download
-        raise SafesubError(f"{what}: is {'only partly' if partly else 'not'} in the local Hugging Face cache {cache} "
-                           f"(download it with `hf download {repo}`, or set HF_HUB_CACHE)") from None
-    except (OSError, ValueError) as err:
-        raise SafesubError(f"{what}: cannot be read from the local Hugging Face cache {cache} "
-                           f"({_first_line(err)})") from None
-    _check_inside(folder, cache.resolve(), what)
-    return folder
-
-
-def _check_inside(folder: Path, cache: Path, what: str) -> None:
-    """Every file and folder under a hub snapshot (links followed to their targets) lies inside the hub cache."""
-    for top, dirs, names in os.walk(folder):
-        for name in [""] + dirs + names:
-            p = Path(top, name)
-            real = Path(os.path.realpath(p))
-            if not real.is_relative_to(cache):
-                raise SafesubError(f"{what}: {p.relative_to(folder).as_posix() or 'its snapshot folder'} links to "
-                                   f"{real}, outside the Hugging Face cache {cache}")
-
-
-# ------------------------------------------------------------------------------------------- model loading
-
-
-def load_model(ckpt: Checkpoint, family: Owner | None = None, device: str = "cpu", dtype=torch.float32,
-               tokenizer: bool = True):
-    """(model, tokenizer) for a checkpoint, in eval mode; LoRA adapters are merged onto the family's start model.
-
-    The tokenizer is `load_tokenizer`'s: from the checkpoint's own folder, else the start model's, else the base's.
-    """
-    if ckpt.kind == "hf":
-        check_architecture(ckpt)
-        check_shapes(ckpt)
-    if ckpt.kind == "lora":
-        if family is None:
-            raise SafesubError(f"adapter '{ckpt.name}': loading an adapter needs its family (for the base)")
-        if family.start_checkpoint.kind == "gguf":  # its reader would load the whole model
-            lora_config(ckpt)
-        else:
-            TensorReader(ckpt, TensorReader(family.start_checkpoint))  # the adapter's config, pairs and shapes
-    check_fits(ckpt, family, device, dtype)
-    kw = dict(dtype=dtype, trust_remote_code=False, local_files_only=True)
-    try:
-        if ckpt.kind == "gguf":
-            model = AutoModelForCausalLM.from_pretrained(str(ckpt.path), gguf_file=ckpt.gguf_file, **kw)
-        elif ckpt.kind == "lora":
-            base, _ = load_model(family.start_checkpoint, family, device, dtype, tokenizer=False)
-            model = PeftModel.from_pretrained(base, str(ckpt.path), local_files_only=True).merge_and_unload()
-        else:
-            model = AutoModelForCausalLM.from_pretrained(
-                str(ckpt.path), use_safetensors=not ckpt.allow_pickle or None, **kw
-            )
-    except SafesubError:
-        raise
-    except (OSError, ValueError, KeyError, RuntimeError) as err:
-        raise SafesubError(f"checkpoint '{ckpt.name}': cannot be loaded ({_first_line(err)})") from None
-    model.to(device).eval()
-    return model, (load_tokenizer(ckpt, family) if tokenizer else None)
-
-
-def check_architecture(ckpt: Checkpoint) -> None:
-    """Refuse, before loading, a config.json whose model type transformers does not know: it would need remote
-    code (auto_map), which is never run, or a newer transformers."""
-    cfg = _read_config(ckpt)
-    model_type = cfg.get("model_type")
-    if model_type in CONFIG_MAPPING:
-        return
-    if cfg.get("auto_map"):
-        raise SafesubError(
-            f"checkpoint '{ckpt.name}': config.json needs remote code (auto_map, model type {model_type!r}), "
-            "which safesub never runs"
-        )
-    raise SafesubError(
-        f"checkpoint '{ckpt.name}': model type {model_type!r} in config.json is not supported by the installed "
-        "transformers"
-    )
-
-
-def check_shapes(ckpt: Checkpoint) -> None:
-    """Refuse, before loading, weights whose shapes config.json does not give (e.g. its hidden size is another
-    checkpoint's): one line naming the first mismatching tensors and both shapes, where transformers would print a
-    table and raise. The model is built on the meta device (no memory); pickle weights are not checked, nor a
-    config the meta device cannot build (loading it then says what is wrong)."""
-    if not list(ckpt.path.glob("*.safetensors")):
-        return
-    try:
-        config = AutoConfig.from_pretrained(str(ckpt.path), local_files_only=True, trust_remote_code=False)
-        with torch.device("meta"):
-            expected = {k: tuple(v.shape) for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()}
-    except Exception:  # a check ahead of loading, not a gate: from_pretrained reports its own errors
-        return
-    reader = TensorReader(ckpt)
-    bad = [(n, reader.shape(n), expected[n]) for n in sorted(reader._index)
-           if n in expected and tuple(reader.shape(n)) != expected[n]]
-    if bad:
-        shown = "; ".join(f"{n} is {tuple(got)} in the weights, {want} by config.json" for n, got, want in bad[:2])
-        more = f" (and {len(bad) - 2} more)" if len(bad) > 2 else ""
-        raise SafesubError(f"checkpoint '{ckpt.name}': config.json does not match its weights (hidden size "
-                           f"{getattr(config, 'hidden_size', '?')} there, another checkpoint's?): {shown}{more}")
-
-
-def estimate_bytes(ckpt: Checkpoint, family: Owner | None = None, dtype=torch.float32) -> int:
-    """Memory a loaded model needs: parameters x bytes per element (a GGUF: 8 x its file size, dequantized)."""
-    if ckpt.kind == "gguf":
-        return 8 * (ckpt.path / ckpt.gguf_file).stat().st_size
-    if ckpt.kind == "lora":
-        return estimate_bytes(family.start_checkpoint, family, dtype) if family else 0
-    reader = TensorReader(ckpt)
-    numel = sum(int(torch.Size(reader.shape(n)).numel()) for n in reader.names())
-    return numel * torch.empty((), dtype=dtype).element_size()
-
-
-def available_bytes(device: str = "cpu") -> int:
-    """Free memory on the device: CUDA's mem_get_info, or MemAvailable from /proc/meminfo."""
-    if str(device).startswith("cuda"):
-        return int(torch.cuda.mem_get_info(torch.device(device))[0])
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-def check_fits(ckpt: Checkpoint, family: Owner | None, device: str, dtype) -> None:
-    """Refuse, before loading, a model that will not fit in the device's free memory."""
-    need, free = estimate_bytes(ckpt, family, dtype), available_bytes(device)
-    if need > free:
-        raise SafesubError(
-            f"checkpoint '{ckpt.name}': needs about {need / 2**30:.1f} GiB as {str(dtype).replace('torch.', '')} "
-            f"but {device} has {free / 2**30:.1f} GiB free (try bfloat16, another device, or fewer resident models)"
-        )
-
-
-def load_tokenizer(ckpt: Checkpoint, family: Owner | None = None):
-    """The tokenizer of `tokenizer_source(ckpt, family)`; a damaged tokenizer is a one-line SafesubError naming
-    the checkpoint it comes from and the file."""
-    c = tokenizer_source(ckpt, family)
-    if c is None:
-        raise SafesubError(f"checkpoint '{ckpt.name}': no tokenizer found beside it or in its family")
-    for name in TOKENIZER_JSON:
-        if (c.path / name).is_file():
-            _read_json(c, name, "checkpoint")
-    try:
-        if c.kind == "gguf":
-            return AutoTokenizer.from_pretrained(str(c.path), gguf_file=c.gguf_file, local_files_only=True)
-        return AutoTokenizer.from_pretrained(str(c.path), local_files_only=True)
-    except Exception as err:  # the tokenizers library raises a bare Exception for a file it cannot parse
-        raise SafesubError(f"checkpoint '{c.name}': its tokenizer cannot be loaded from {c.path.name} "
-                           f"({_first_line(err)})") from None
-
-
-def describe(ckpt: Checkpoint) -> dict:
-    """Architecture, parameter count and dtype from the config and safetensors headers (nothing loaded)."""
-    if ckpt.kind == "lora":
-        cfg = _read_json(ckpt, "adapter_config.json", "adapter")
-        return dict(name=ckpt.name, kind="lora", architecture=f"LoRA r={cfg.get('r')}", parameters=None,
-                    dtype=None, fingerprint=ckpt.fingerprint())
-    if ckpt.kind == "gguf":
-        return dict(name=ckpt.name, kind="gguf", architecture=ckpt.gguf_file, parameters=None, dtype="gguf",
-                    fingerprint=ckpt.fingerprint())
-    reader = TensorReader(ckpt)
-    cfg = _read_config(ckpt)
-    params = sum(int(torch.Size(reader.shape(n)).numel()) for n in reader.names())
-    return dict(
-        name=ckpt.name,
-        kind="hf",
-        architecture=",".join(cfg.get("architectures", [cfg.get("model_type", "?")])),
-        parameters=params,
-        dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "?"),
-        fingerprint=ckpt.fingerprint(),
-    )
 
 
 # ------------------------------------------------------------------------------------------- tensor names

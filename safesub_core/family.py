@@ -18,9 +18,9 @@ resolve inside the allowed roots (`paths.confine`); the built-in families are tr
 safesub built them) and never confined.
 
 A checkpoint (in a family file, an entered path, a "paths:" spec) may name a Hugging Face hub model instead,
-`org/name` or `org/name@revision` (`checkpoints.hub_name`): when no path of that name exists (beside the family
+`org/name` or `org/name@revision` (`hub.hub_name`): when no path of that name exists (beside the family
 file for a family file's, from the working folder for an entered one; a path on disk always wins), it is the
-model's snapshot folder in the local hub cache (`checkpoints.hub_snapshot`: local files only, never the network;
+model's snapshot folder in the local hub cache (`hub.hub_snapshot`: local files only, never the network;
 absent, one line naming the model and the cache folder searched). Confinement: a hub snapshot is allowed outside
 the allowed roots (the user named a model, not a path), but it and every file in it must resolve inside the hub
 cache (`settings.hub_cache()`), so a link out of the cache is refused.
@@ -49,8 +49,9 @@ from typing import Any, Callable
 import yaml
 
 from safesub_core import demo, settings
-from safesub_core.checkpoints import Checkpoint, TensorReader, hub_name, hub_snapshot
+from safesub_core.checkpoints import Checkpoint, TensorReader
 from safesub_core.errors import SafesubError
+from safesub_core.hub import hub_name, hub_snapshot
 from safesub_core.paths import confine, expanded, read_utf8, real_path
 
 ROLES = ("base", "aligned", "safety_tuned")

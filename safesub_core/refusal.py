@@ -1,11 +1,9 @@
-"""The refusal direction (Arditi et al. 2024, "Refusal in language models is mediated by a single direction"), its
-three interventions, and the bridge to the study's alignment subspaces (docs/method.md, "Other safety-subspace
-hypotheses").
+"""The refusal direction (Arditi et al. 2024, "Refusal in language models is mediated by a single direction"): its
+candidates, the refusal score, the screen and the selection (docs/method.md, "Other safety-subspace hypotheses").
+The residual stream, its stream points l = 0..L and writers, and the interventions (directional ablation, activation
+addition, weight orthogonalisation) are `interventions`; the bridge to the study's alignment subspaces is `bridge`.
 
-The residual stream. A decoder of L blocks has L + 1 stream points: point l < L is the input of decoder layer l
-(point 0: the embeddings as the first block sees them) and point L the output of the last block, before the final
-norm. (Hugging Face's hidden_states[l] is point l for l < L; its hidden_states[L] is after the final norm and is not
-used here.) Prompts are formatted by `generation.format_prompt` and run left-padded with position ids counted from
+Prompts are formatted by `generation.format_prompt` and run left-padded with position ids counted from
 each row's first real token (`prefix.PromptBatch`, the template's header shared), so a prompt's states and scores do
 not depend on its batch.
 
@@ -22,24 +20,6 @@ not depend on its batch.
   alone with no special tokens, the way the project tokenizes continuations; the unknown token is never in R. For most
   tokenizers R = {"I", "As", "My"}: crude, as in the paper (whose R was {"I", "As"} for several models), since many
   compliant answers open with "I".
-- Interventions (context managers on a loaded model: forward hooks, removed on exit even on error):
-    directional ablation   x <- x - s r r^T x   (r unit, s the strength, 1 = the paper's) at every position,
-                           applied to every output that writes into the stream: the embeddings, and each block's
-                           attention output projection (o_proj) and MLP down projection (down_proj), so the stream
-                           holds no r component at any point (s = 1);
-    activation addition    x <- x + alpha r at stream point l (every position; r as given, so with the raw
-                           candidate and alpha = 1 a harmless prompt's stream moves by the harmful-minus-harmless mean).
-  Entering and leaving either moves the weights' version counter (one small parameter written in place with
-  itself), so a prefix key/value cache computed with or without the hooks (`prefix.prefix_cache`, keyed by the state
-  of the weights) is never reused across the change.
-- Weight orthogonalisation (`orthogonalized_weights`, `orthogonalize_weights`): W <- W - s r r^T W for every matrix
-  writing into the stream (o_proj and down_proj; their bias b <- b - s r r^T b if any) and E <- E - s E r r^T for
-  the embedding rows. The model computes what directional ablation's hooks compute, to float rounding. With tied
-  embeddings the output head keeps the ORIGINAL embedding (the copy is untied; the hooks never touch the head
-  either); orthogonalising the head too would also change the logits, by (E r)(r^T h) with h the final normed
-  state, which RMSNorm's gain gives an r component. Supported: blocks that add o_proj and down_proj outputs to the
-  stream directly (Llama, Mistral, Qwen2/3, Gemma 1, Phi-3); blocks with post-norms (Gemma 2/3) are refused, as
-  their norm gains put r back.
 - Selection (`select_direction`, `choose`). Each candidate with layer l < max_layer_frac * L and a nonzero norm is
   scored on validation prompts: bypass = mean refusal score of the harmful prompts under directional ablation of
   r_hat; induce = mean refusal score of the harmless prompts under activation addition of r at layer l; kl = mean
@@ -55,29 +35,23 @@ not depend on its batch.
   (D x D), and then every candidate's first-order bypass estimate, baseline - r^T M r / n, costs a product. Only the
   n_exact candidates with the lowest estimate are then scored exactly; the others keep NaN scores (`bypass_linear`
   holds the estimate for all). The estimate only ranks: the choice is made on exact scores.
-- The bridge. `refusal_in_alignment_subspace(U, r, ks)`: ||U_k^T r_hat||^2 for each k, the share of the refusal
-  direction inside the rank-k alignment subspace span(U_k) of a stream-writing matrix (o_proj, down_proj: its left
-  singular vectors live in R^D, the stream), beside the random baseline k / D (the expected share for a uniformly
-  random k-dimensional subspace). `shift_along(r, before, after)`: the mean activation shift of a fine-tune on one
-  prompt set, delta = mean(after) - mean(before) per layer, its component along r_hat and the share of its squared
-  norm (r_hat . delta)^2 / ||delta||^2, beside the baseline 1 / D.
 
-Bad input (empty prompt sets, prompts shorter than the positions asked, a direction of the wrong size, a layer out of
+Bad input (empty prompt sets, prompts shorter than the positions asked, candidates of another model, a layer out of
 range, an unsupported architecture) raises a one-line SafesubError. Nothing here touches the disk.
 """
 from __future__ import annotations
 
-import copy
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import pandas as pd
 import torch
 
-from safesub_core.checkpoints import block_index, module_type
 from safesub_core.errors import SafesubError, finite_number
 from safesub_core.generation import context_length, encode_rows, format_prompt, prepare_tokenizer, template_header
+from safesub_core.interventions import (activation_addition, decoder_layers, directional_ablation, hidden_size,
+                                        residual_writers, swap_output, unit_direction)
 from safesub_core.prefix import PromptBatch, accepts, prefix_length, supports_prefix
 from safesub_core.scoring.text import REFUSAL_MARKERS
 
@@ -88,209 +62,6 @@ INDUCE_MIN = 0.0  # ... and whose addition makes harmless prompts lean to refusi
 # ("is illegal and unethical", "cannot help with", ...) are matched inside a completion and open none.
 REFUSAL_OPENINGS: tuple[str, ...] = tuple(m for m in REFUSAL_MARKERS if m[:1].isupper())
 _PROBE = "\x00safesub-probe\x00"
-
-
-# ------------------------------------------------------------------------------------------------ the model's parts
-
-
-def decoder_layers(model) -> torch.nn.ModuleList:
-    """The model's decoder blocks, in order (`model.model.layers` for the Llama family)."""
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if isinstance(layers, torch.nn.ModuleList) and len(layers) > 0:
-        return layers
-    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) == n and name.endswith(("layers", ".h")):
-            return module
-    raise SafesubError(f"model {type(model).__name__}: has no decoder layers the refusal tools can find")
-
-
-def residual_writers(model) -> list[tuple[str, torch.nn.Module]]:
-    """(name, module) of every module whose output is added to the residual stream: the input embeddings, then per
-    block its attention's o_proj and its MLP's down_proj (names as in `model.named_modules()`)."""
-    layers = decoder_layers(model)
-    kind = type(model).__name__
-    if any(hasattr(layer, "post_feedforward_layernorm") for layer in layers):
-        raise SafesubError(f"model {kind}: its blocks normalise their outputs before adding them to the stream "
-                           "(post-norms), so the refusal interventions cannot act on the stream exactly")
-    names = {id(m): n for n, m in model.named_modules()}
-    embedding = model.get_input_embeddings()
-    out = [(names[id(embedding)], embedding)]
-    for i, layer in enumerate(layers):
-        attn = getattr(getattr(layer, "self_attn", None), "o_proj", None)
-        mlp = getattr(getattr(layer, "mlp", None), "down_proj", None)
-        if not isinstance(attn, torch.nn.Linear) or not isinstance(mlp, torch.nn.Linear):
-            raise SafesubError(f"model {kind}: block {i} has no self_attn.o_proj and mlp.down_proj (Llama-style "
-                               "blocks are needed for the refusal interventions)")
-        out += [(names[id(attn)], attn), (names[id(mlp)], mlp)]
-    return out
-
-
-def _hidden_size(model) -> int:
-    return int(model.get_input_embeddings().weight.shape[1])
-
-
-def _direction(direction, size: int, what: str = "refusal direction") -> torch.Tensor:
-    """`direction` as a float32 CPU vector of `size` entries, finite, else a SafesubError."""
-    if not isinstance(direction, torch.Tensor):
-        raise SafesubError(f"{what}: expected a torch tensor, got {type(direction).__name__}")
-    r = direction.detach().reshape(-1).to(device="cpu", dtype=torch.float32)
-    if r.numel() != size:
-        raise SafesubError(f"{what}: has {r.numel()} entries, but the residual stream has {size}")
-    if not torch.isfinite(r).all():
-        raise SafesubError(f"{what}: contains non-finite values")
-    return r
-
-
-def _unit(direction, size: int, what: str = "refusal direction") -> torch.Tensor:
-    r = _direction(direction, size, what)
-    norm = float(r.norm())
-    if norm == 0:
-        raise SafesubError(f"{what}: is zero")
-    return r / norm
-
-
-def _touch(model) -> None:
-    """Move the weights' version counter without changing a value (the smallest parameter multiplied in place by
-    1), so `prefix.prefix_cache`'s memo, keyed by the state of the weights, is not reused across a change of hooks."""
-    with torch.no_grad():
-        min(model.parameters(), key=lambda p: p.numel()).mul_(1)
-
-
-def _swap_output(output, fn):
-    """`output` with its hidden states (the tensor itself, or a tuple's first element) replaced by fn(them)."""
-    if isinstance(output, tuple):
-        return (fn(output[0]),) + tuple(output[1:])
-    return fn(output)
-
-
-# ------------------------------------------------------------------------------------------------ interventions
-
-
-@contextmanager
-def directional_ablation(model, direction: torch.Tensor, strength: float = 1.0) -> Iterator[None]:
-    """Within the block, `model` computes with x <- x - s r r^T x on everything written into the residual stream
-    (embeddings, every o_proj and down_proj output), r = direction / ||direction||, s = `strength`."""
-    r = _unit(direction, _hidden_size(model))
-    s = finite_number(strength, "ablation strength")
-    writers = residual_writers(model)
-    local: dict[tuple, torch.Tensor] = {}
-
-    def ablate(h: torch.Tensor) -> torch.Tensor:
-        key = (h.device, h.dtype)
-        if key not in local:
-            local[key] = r.to(device=h.device, dtype=h.dtype)
-        u = local[key]
-        return h - s * (h @ u).unsqueeze(-1) * u
-
-    def hook(module, args, output):
-        return _swap_output(output, ablate)
-
-    handles = []
-    try:
-        for _, module in writers:
-            handles.append(module.register_forward_hook(hook))
-        _touch(model)
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-        _touch(model)
-
-
-@contextmanager
-def activation_addition(model, direction: torch.Tensor, layer: int, alpha: float = 1.0) -> Iterator[None]:
-    """Within the block, `model` computes with x <- x + alpha r at stream point `layer` (0..L: the input of decoder
-    layer `layer`, or for L the last block's output), at every position; r = `direction` as given (not normalised)."""
-    layers = decoder_layers(model)
-    r = _direction(direction, _hidden_size(model))
-    a = finite_number(alpha, "addition scale alpha")
-    L = len(layers)
-    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer <= L:
-        raise SafesubError(f"layer {layer!r}: must be a stream point 0..{L}")
-    local: dict[tuple, torch.Tensor] = {}
-
-    def add(h: torch.Tensor) -> torch.Tensor:
-        key = (h.device, h.dtype)
-        if key not in local:
-            local[key] = (a * r).to(device=h.device, dtype=h.dtype)
-        return h + local[key]
-
-    def pre_hook(module, args, kwargs):
-        if args:
-            return (add(args[0]),) + tuple(args[1:]), kwargs
-        return args, kwargs | {"hidden_states": add(kwargs["hidden_states"])}
-
-    def post_hook(module, args, output):
-        return _swap_output(output, add)
-
-    handle = None
-    try:
-        if layer < L:
-            handle = layers[layer].register_forward_pre_hook(pre_hook, with_kwargs=True)
-        else:
-            handle = layers[L - 1].register_forward_hook(post_hook)
-        _touch(model)
-        yield
-    finally:
-        if handle is not None:
-            handle.remove()
-        _touch(model)
-
-
-def _tied(model) -> bool:
-    head = model.get_output_embeddings()
-    return head is not None and head.weight is model.get_input_embeddings().weight
-
-
-@torch.no_grad()
-def orthogonalized_weights(model, direction: torch.Tensor, strength: float = 1.0) -> dict[str, torch.Tensor]:
-    """The tensors weight orthogonalisation changes, by state-dict name, in the model's dtype and device: every
-    stream writer's weight (and bias) with W <- W - s r r^T W (embedding rows: E <- E - s E r r^T), computed in
-    float32. With tied embeddings it also holds the output head's weight, the ORIGINAL embedding, for an untied
-    model (see the module docstring)."""
-    r = _unit(direction, _hidden_size(model))
-    s = finite_number(strength, "orthogonalisation strength")
-    embedding = model.get_input_embeddings()
-    out: dict[str, torch.Tensor] = {}
-    for name, module in residual_writers(model):
-        W = module.weight.detach()
-        u = r.to(W.device)
-        Wf = W.float()
-        if module is embedding:
-            new = Wf - s * (Wf @ u).unsqueeze(1) * u.unsqueeze(0)
-        else:
-            new = Wf - s * u.unsqueeze(1) * (u @ Wf).unsqueeze(0)
-        out[f"{name}.weight"] = new.to(W.dtype)
-        bias = getattr(module, "bias", None)
-        if bias is not None:
-            b = bias.detach().float()
-            out[f"{name}.bias"] = (b - s * (b @ u) * u).to(bias.dtype)
-    if _tied(model):
-        head = {id(m): n for n, m in model.named_modules()}[id(model.get_output_embeddings())]
-        out[f"{head}.weight"] = embedding.weight.detach().clone()
-    return out
-
-
-@torch.no_grad()
-def orthogonalize_weights(model, direction: torch.Tensor, strength: float = 1.0):
-    """A copy of `model` with `orthogonalized_weights` written in (the original is untouched): a model to export
-    (`save_pretrained`). A tied model's copy is untied (config.tie_word_embeddings = False), its head keeping the
-    original embedding."""
-    weights = orthogonalized_weights(model, direction, strength)
-    tied = _tied(model)
-    new = copy.deepcopy(model)
-    if tied:
-        head = new.get_output_embeddings()
-        head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=head.weight.requires_grad)
-        new.config.tie_word_embeddings = False
-        text = new.config.get_text_config() if hasattr(new.config, "get_text_config") else None
-        if text is not None and text is not new.config:
-            text.tie_word_embeddings = False
-    params = dict(new.named_parameters())
-    for name, w in weights.items():
-        params[name].copy_(w)
-    return new
 
 
 # ------------------------------------------------------------------------------------------------ scores
@@ -436,7 +207,8 @@ class Candidates:
 
     def unit(self, layer: int, position: int) -> torch.Tensor:
         """(D,) the candidate normalised to length 1 (a SafesubError for a zero candidate)."""
-        return _unit(self.direction(layer, position), self.directions.shape[-1], f"candidate ({layer}, {position})")
+        return unit_direction(self.direction(layer, position), self.directions.shape[-1],
+                              f"candidate ({layer}, {position})")
 
     def table(self) -> pd.DataFrame:
         """One row per candidate: layer, position, depth (l / L), norm."""
@@ -543,7 +315,7 @@ def ablation_gradient(model, tokenizer, prompts, chat: bool = True, batch_size: 
     R = refusal_token_ids(tokenizer) if tokens is None else list(tokens)
     writers = residual_writers(model)
     embedding = model.get_input_embeddings()
-    D = _hidden_size(model)
+    D = hidden_size(model)
     device, pad = _device(model), tokenizer.pad_token_id
     kwargs = {"logits_to_keep": 1} if accepts(model, "logits_to_keep") else {}
     seen: list[torch.Tensor] = []
@@ -554,7 +326,7 @@ def ablation_gradient(model, tokenizer, prompts, chat: bool = True, batch_size: 
                 h = h.detach().requires_grad_()
             seen.append(h)
             return h
-        return _swap_output(output, keep)
+        return swap_output(output, keep)
 
     M = torch.zeros(D, D, dtype=torch.float64)
     handles = []
@@ -629,9 +401,9 @@ def select_direction(candidates: Candidates, model, tokenizer, val_harmful, val_
     the screen and after each candidate."""
     L = candidates.n_layers
     frac = finite_number(max_layer_frac, "max layer fraction")
-    if _hidden_size(model) != candidates.directions.shape[-1]:
+    if hidden_size(model) != candidates.directions.shape[-1]:
         raise SafesubError(f"candidates: have hidden size {candidates.directions.shape[-1]}, the model "
-                           f"{_hidden_size(model)}")
+                           f"{hidden_size(model)}")
     if len(decoder_layers(model)) != L:
         raise SafesubError(f"candidates: come from a model of {L} layers, this one has {len(decoder_layers(model))}")
     rows_h = _rows(model, tokenizer, val_harmful, chat, "validation harmful prompt set")
@@ -680,69 +452,3 @@ def select_direction(candidates: Candidates, model, tokenizer, val_harmful, val_
                      induce=float(row["induce"]), kl=float(row["kl"]),
                      baseline_harmful=baseline_h,
                      baseline_harmless=float(log_odds(base_b, R).mean()), passed=bool(row["passed"]), note=note)
-
-
-# ------------------------------------------------------------------------------------------------ the bridge
-
-
-def refusal_in_alignment_subspace(U: torch.Tensor, direction: torch.Tensor, ks: Sequence[int] | None = None
-                                  ) -> pd.DataFrame:
-    """Share of the refusal direction in the rank-k alignment subspace of one stream-writing matrix: U (D, m) its
-    alignment update's left singular vectors (columns orthonormal, by decreasing singular value), r (D,). One row
-    per k in `ks` (default 1..m): k, captured = ||U_k^T r_hat||^2, baseline = k / D."""
-    if not isinstance(U, torch.Tensor) or U.dim() != 2:
-        raise SafesubError("alignment basis U: expected a matrix (hidden size x rank)")
-    D, m = U.shape
-    r = _unit(direction, D)
-    ks = list(range(1, m + 1)) if ks is None else [int(k) for k in ks]
-    bad = [k for k in ks if not 1 <= k <= m]
-    if bad:
-        raise SafesubError(f"rank k {bad[0]}: must be in 1..{m}")
-    captured = (U.double().T @ r.double()).pow(2).cumsum(0)
-    return pd.DataFrame(dict(k=ks, captured=[float(captured[k - 1]) for k in ks], baseline=[k / D for k in ks]))
-
-
-def refusal_in_alignment_subspaces(bases: Mapping[str, torch.Tensor], direction: torch.Tensor,
-                                   ks: Sequence[int] | None = None) -> pd.DataFrame:
-    """`refusal_in_alignment_subspace` for several tensors (name -> U), as one long table with the tensor's name,
-    module type and block: the per-layer chart of the bridge."""
-    frames = []
-    for name, U in bases.items():
-        df = refusal_in_alignment_subspace(U, direction, ks)
-        df.insert(0, "block", pd.array([block_index(name)] * len(df), dtype="Int64"))
-        df.insert(0, "module", module_type(name))
-        df.insert(0, "tensor", name)
-        frames.append(df)
-    if not frames:
-        raise SafesubError("alignment bases: none given")
-    return pd.concat(frames, ignore_index=True)
-
-
-def shift_along(direction: torch.Tensor, states_before: torch.Tensor, states_after: torch.Tensor) -> pd.DataFrame:
-    """How much of a fine-tune's mean activation shift lies along the refusal direction. States (n, D) or
-    (L+1, n, D) of the same prompt set before and after (counts may differ); direction (D,) or one per layer
-    (L+1, D). One row per layer: layer, shift_norm ||delta||, along r_hat . delta, share (r_hat . delta)^2 /
-    ||delta||^2 (NaN where delta = 0), baseline 1 / D."""
-    before, after = states_before, states_after
-    for what, X in (("states before", before), ("states after", after)):
-        if not isinstance(X, torch.Tensor) or X.dim() not in (2, 3) or 0 in X.shape:
-            raise SafesubError(f"{what}: expected a non-empty tensor (prompts, hidden) or (layers, prompts, hidden)")
-    before = before if before.dim() == 3 else before.unsqueeze(0)
-    after = after if after.dim() == 3 else after.unsqueeze(0)
-    if before.shape[0] != after.shape[0] or before.shape[2] != after.shape[2]:
-        raise SafesubError(f"states: shapes {tuple(states_before.shape)} and {tuple(states_after.shape)} do not match")
-    n_layers, D = before.shape[0], before.shape[2]
-    r = direction.detach().to(torch.float64) if isinstance(direction, torch.Tensor) else direction
-    if not isinstance(r, torch.Tensor) or r.shape not in ((D,), (n_layers, D)):
-        raise SafesubError(f"refusal direction: expected shape ({D},) or ({n_layers}, {D})")
-    r = r.expand(n_layers, D)
-    norms = r.norm(dim=-1, keepdim=True)
-    if (norms == 0).any():
-        raise SafesubError("refusal direction: is zero")
-    r = r / norms
-    delta = after.double().mean(1) - before.double().mean(1)  # (layers, D)
-    along = (delta * r).sum(-1)
-    sq = delta.pow(2).sum(-1)
-    share = torch.where(sq > 0, along.pow(2) / sq.clamp_min(1e-300), torch.full_like(sq, float("nan")))
-    return pd.DataFrame(dict(layer=range(n_layers), shift_norm=sq.sqrt().numpy(), along=along.numpy(),
-                             share=share.numpy(), baseline=[1 / D] * n_layers))

@@ -19,8 +19,8 @@ Contract:
   arithmetic, over-refusal on edgy prompts, with per-prompt tables.
 Every score, state and map is cached on disk under ONE kind of key (`_key`): everything that decides what it means.
 That is the code's SCORE_VERSION and `definitions()` (refusal markers, the margin's openings, live answer tokens),
-the tokenizer's files (`checkpoints.tokenizer_fingerprint` of the start model's: tokenizer, special tokens, chat
-template), chat on or off, dtype and device type; the model's files (`checkpoints.model_fingerprint`: weights,
+the tokenizer's files (`fingerprints.tokenizer_fingerprint` of the start model's: tokenizer, special tokens, chat
+template), chat on or off, dtype and device type; the model's files (`fingerprints.model_fingerprint`: weights,
 config, generation config, and a LoRA adapter's start model); for a projected point also the start and base models,
 the point and the seed; where a score compares with the start model (kl_to_start), the start model; then what the
 entry itself needs: the prompt sets' content, max new tokens, the judge (its kind, rubric and local model files).
@@ -50,16 +50,21 @@ import torch
 from safesub_core import scoring
 from safesub_core.activations import BandMean, activation_map, activation_overlap, band_mean, last_token_states
 from safesub_core.cache import DiskCache
-from safesub_core.checkpoints import Checkpoint, load_model, model_fingerprint, snapshot, tokenizer_fingerprint
+from safesub_core.checkpoints import Checkpoint
 from safesub_core.compute import dtype_name, resident_budget
 from safesub_core.family import Family
+from safesub_core.fingerprints import model_fingerprint, tokenizer_fingerprint
 from safesub_core.generation import generate, greedy_answers
+from safesub_core.hashing import snapshot
 from safesub_core.linalg import DEFAULT_ENERGIES
+from safesub_core.loading import load_model
 from safesub_core.overlap import STUDY_PAIRS, weight_overlap
+from safesub_core.precision import composed_state_dict
+from safesub_core.projection import ProjectionConfig, ProjectionDiagnostics
 from safesub_core.prompts import EvalSets, PromptSet
 from safesub_core.scoring import names
 from safesub_core.scoring.live import LIVE_ARITH_TOKENS
-from safesub_core.subspace import ProjectionConfig, ProjectionDiagnostics, SubspaceEngine, composed_state_dict
+from safesub_core.subspace import SubspaceEngine
 
 MAX_DRAFTS = 256  # points whose greedy answers a session keeps as drafts (n x LIVE_ARITH_TOKENS ids each)
 REPORTS = {"harmful": scoring.harmfulness_report, "math": scoring.utility_report,  # a prompt set's kind -> its scores
@@ -242,7 +247,7 @@ class FamilySession:
 
     def export(self, variant: str, cfg: ProjectionConfig, out_dir) -> None:
         """Write the projected model as a Hugging Face directory (safetensors), on request only. The weights are
-        W_start + alpha X composed in float32 (`subspace.composed_state_dict`): in bfloat16 or float16 the update
+        W_start + alpha X composed in float32 (`precision.composed_state_dict`): in bfloat16 or float16 the update
         would be rounded away again."""
         with self._lock:
             model = self.projected(variant, cfg, exact=True)

@@ -2,7 +2,7 @@
 
 | variable                | function            | default                                     |
 |-------------------------|---------------------|---------------------------------------------|
-| SAFESUB_CACHE           | `cache_root()`      | <repo>/cache in a checkout, else ~/.cache/safesub: the disk cache and demo families |
+| SAFESUB_CACHE           | `cache_root()`      | <repo>/cache (installed: ~/.cache/safesub): cache, demo families |
 | SAFESUB_CACHE_MAX_BYTES | `cache_max_bytes()` | 20 GiB: the disk cache's size cap, in bytes |
 | SAFESUB_ROOTS           | `roots()`           | the cache and home folders: where typed paths may point |
 | SAFESUB_FAMILY          | `default_family()`  | "tiny": the family the app opens first      |

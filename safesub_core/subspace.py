@@ -19,25 +19,12 @@ Compute once, slide forever: keep U (M x r) and C = U^T dT (r x N). Then P_k dT 
 ||P_k dT||^2 = sum_{i<=k} ||C_i||^2, so every diagnostic at every k is a cumulative sum and a new point costs one
 small matmul per tensor, never a new SVD. A move of the rank alone (same subspace, mode and alpha) from k0 to k is
 W += +-alpha U_{k0:k} C_{k0:k} (`TensorProjection.move`): |k - k0| columns per tensor instead of k.
-Diagnostics are global sums over tensors (not means of ratios):
-  energy kept      E = sum ||X||^2 / sum ||dT||^2            (independent of alpha)
-  cos(task, kept)    = sum <dT, X> / (sqrt(sum ||dT||^2) sqrt(sum ||X||^2))
-  cos(task, align)   = sum <dT, dA> / (sqrt(sum ||dT||^2) sqrt(sum ||dA||^2))
-For a tall matrix (M > N) even U at full rank does not span R^M, so E at rho = 1 can stay well below 1.
+The point (`projection.ProjectionConfig`) and its diagnostics, global sums over tensors of those norms and inner
+products (`projection.ProjectionDiagnostics`): `projection`'s docstring.
 
-Exact projections in any dtype (`ExactUpdates`). In a model held in bfloat16 or float16, W_start + alpha X rounded
-to that dtype loses the update (weights of s.d. 0.03, an update of s.d. 2e-4: 35% of it in bfloat16, all of a
-norm's). So there the parameters keep W_start, untouched, and the update D = alpha X is held in float32 beside
-them (a float32 master delta); each module owning a moved parameter runs in float32 with the weight
-W_start.float() + D formed for its forward only, its inputs cast up and its outputs cast back. The effective weight
-is W_start + alpha X exactly, to float32 rounding, in every mode; rank moves write D += +-alpha U_{k0:k} C_{k0:k}
-(incremental as before); `composed_state_dict` gives the composed weights for an export. Why not a low-rank side
-path: parallel's U_k C_k is rank k, but orthogonal's dT - P_k dT is dense (full rank for a tall matrix), a norm or
-an embedding is no matmul to add a side product to, and streamed tensors would need their factors kept anyway.
-Cost (benchmarks/bench_dtype.py): 4 bytes per moved parameter, and float32 arithmetic in the moved modules. A
-float32 model takes the old path (the weights themselves move), unchanged. Outputs are still rounded to the model's
-dtype between modules, so an update of the size of that rounding is exact in the weights yet not resolved in the
-scores (tests/test_dtype_projection.py prints both).
+Exact projections in any dtype: in a model held in bfloat16 or float16, W_start + alpha X rounded to that dtype
+loses the update, so there the parameters keep W_start and alpha X goes to a float32 side path
+(`precision.ExactUpdates`, exported through `precision.composed_state_dict`): `precision`'s docstring.
 
 Zero updates are never computed on silently: a variant whose task update is zero, or a family whose alignment
 update is zero in every tensor (the start model identical to base, by file content or by value), is a one-line
@@ -50,7 +37,6 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass, replace
-from functools import cached_property
 from typing import Callable
 
 import pandas as pd
@@ -61,44 +47,13 @@ from safesub_core.cache import DiskCache
 from safesub_core.checkpoints import block_index, module_type
 from safesub_core.errors import SafesubError
 from safesub_core.family import Family
-from safesub_core.linalg import as_matrix, check_energy, cosine, release_freed_memory, row_blocks
+from safesub_core.linalg import as_matrix, cosine, release_freed_memory, row_blocks
+from safesub_core.precision import ExactUpdates, coarser
+from safesub_core.projection import SUBSPACES, ProjectionConfig, ProjectionDiagnostics
 
-SUBSPACES = ("topk", "randomk", "random")
-SUBSPACE_LABELS = {"topk": "Top-K", "randomk": "Random-K", "random": "Random"}
-MODES = ("parallel", "opposite", "orthogonal")
 CHUNK_BYTES = 256 << 20  # tensors' bases and coordinates are cached in groups of at most this size
 DEFAULT_RESIDENT_BYTES = 4 << 30  # an engine keeps at most this many bytes of matrices resident by default,
 MIN_RESIDENT_BYTES = 64 << 20  # and a quarter of one float32 checkpoint, but at least this (groups: an eighth)
-
-
-@dataclass(frozen=True)
-class ProjectionConfig:
-    """One point of the projection: subspace, mode, rank (fraction rho or energy eta) and scale alpha."""
-
-    subspace: str = "topk"
-    mode: str = "parallel"
-    rank_fraction: float | None = 0.25
-    energy: float | None = None
-    alpha: float = 1.0
-
-    def __post_init__(self):
-        if self.subspace not in SUBSPACES:
-            raise SafesubError(f"subspace {self.subspace!r}: must be one of {', '.join(SUBSPACES)}")
-        if self.mode not in MODES:
-            raise SafesubError(f"mode {self.mode!r}: must be one of {', '.join(MODES)}")
-        if (self.rank_fraction is None) == (self.energy is None):
-            raise SafesubError("rank: give exactly one of a rank fraction or an energy fraction")
-        if self.energy is not None:
-            check_energy(self.energy)
-        elif not (0.0 < float(self.rank_fraction) <= 1.0):
-            raise SafesubError(f"rank fraction {self.rank_fraction}: must be in (0, 1]")
-        if not math.isfinite(self.alpha):
-            raise SafesubError(f"scale alpha {self.alpha}: must be a finite number")
-
-    @property
-    def label(self) -> str:
-        rank = f"rho={self.rank_fraction:g}" if self.energy is None else f"eta={self.energy:g}"
-        return f"{self.subspace} {self.mode} {rank} alpha={self.alpha:g}"
 
 
 def _seed_for(name: str, seed: int) -> int:
@@ -260,42 +215,6 @@ class TensorProjection:
             sign = (1 if cfg.mode == "parallel" else -1) * (1 if k > k0 else -1)
             as_matrix(out).addmm_(B, CB, alpha=sign * cfg.alpha)
         return True
-
-
-@dataclass
-class ProjectionDiagnostics:
-    """Global diagnostics of one point; `per_tensor` (built on first use) is the table they sum."""
-
-    config: ProjectionConfig
-    energy_kept: float
-    cos_task_kept: float
-    cos_task_align: float
-    mean_rank_fraction: float
-    _table: Callable[[], pd.DataFrame]
-
-    @property
-    def removed_energy(self) -> float:
-        return 1.0 - self.energy_kept
-
-    @cached_property
-    def per_tensor(self) -> pd.DataFrame:
-        """One row per tensor: tensor, module, block, rank, max_rank, task/kept/removed/align energy, dots."""
-        return self._table()
-
-    def grouped(self, by: str) -> pd.DataFrame:
-        """Energy kept and removed per 'module' or per 'block' (sums of squares, then ratios)."""
-        g = self.per_tensor.groupby(by, dropna=False)[["task_energy", "kept_energy", "removed_energy",
-                                                       "align_energy"]].sum()
-        g["energy_kept"] = g["kept_energy"] / g["task_energy"].where(g["task_energy"] > 0)
-        return g.reset_index()
-
-    def summary(self) -> dict:
-        c = self.config
-        return dict(
-            subspace=c.subspace, mode=c.mode, rank_fraction=c.rank_fraction, energy=c.energy, alpha=c.alpha,
-            energy_kept=self.energy_kept, removed_energy=self.removed_energy, cos_task_kept=self.cos_task_kept,
-            cos_task_align=self.cos_task_align, mean_rank_fraction=self.mean_rank_fraction,
-        )
 
 
 class SubspaceEngine:
@@ -507,8 +426,8 @@ class SubspaceEngine:
         alone, each tensor is moved from its rank there (`TensorProjection.move`, where cheaper) instead of
         composed anew: the same weights to float rounding, which builds up over moves (a caller composes anew
         now and then, and before an export). In a model of a coarser dtype than the bases (bfloat16, float16) the
-        parameters keep W_start and the update goes to the float32 side path (`ExactUpdates`): exact, and moved the
-        same way; export through `composed_state_dict`.
+        parameters keep W_start and the update goes to the float32 side path (`precision.ExactUpdates`): exact, and
+        moved the same way; export through `precision.composed_state_dict`.
         """
         params = dict(model.named_parameters())
         ref = dict(reference.named_parameters())
@@ -522,7 +441,7 @@ class SubspaceEngine:
             if t.name not in params:
                 raise SafesubError(f"model: has no parameter {t.name} (is it the family's start model?)")
             p = params[t.name]
-            if _coarser(p.dtype, t.U.dtype):  # the exact path: p keeps W_start, the side path holds alpha X
+            if coarser(p.dtype, t.U.dtype):  # the exact path: p keeps W_start, the side path holds alpha X
                 side = side or ExactUpdates.of(model)
                 out, fresh = side.delta(t.name, p, ref[t.name])
                 if fresh or k0 is None or not t.move(out, cfg, k0, k):
@@ -531,117 +450,6 @@ class SubspaceEngine:
             elif k0 is None or not t.move(p, cfg, k0, k):
                 t.compose(p, ref[t.name], cfg, k)
         return model
-
-
-def _coarser(dtype: torch.dtype, than: torch.dtype) -> bool:
-    """Whether `dtype` is a floating type with a coarser spacing than `than` (bfloat16 or float16 vs float32)."""
-    return dtype.is_floating_point and torch.finfo(dtype).eps > torch.finfo(than).eps
-
-
-class ExactUpdates:
-    """The float32 side path of a model held in a coarser dtype (module docstring, "Exact projections").
-
-    Per moved tensor: its parameter keeps W_start in the model's dtype and `deltas[name]` holds D = alpha X in
-    float32 on the parameter's device. Each module owning such a parameter runs in float32 with the weight
-    W_start.float() + D, formed for its forward only, its floating inputs cast up and its floating outputs cast
-    back to the model's dtype: the effective weight is exactly W_start + alpha X in float32. Made by
-    `SubspaceEngine.apply` on first use (`of`), kept on the model; `remove` restores the plain model.
-    """
-
-    ATTR = "_safesub_exact"
-
-    def __init__(self, model: torch.nn.Module):
-        self.model = model
-        self.deltas: dict[str, torch.Tensor] = {}  # tensor name -> float32 alpha X, the parameter's shape
-        self._owners: dict[int, list[tuple[torch.nn.Module, str]]] = {}  # id(parameter) -> (module, its name)
-        for module in model.modules():  # a tied parameter has two owners (embed_tokens and lm_head)
-            for pname, p in module.named_parameters(recurse=False):
-                self._owners.setdefault(id(p), []).append((module, pname))
-        self._hooked: dict[int, list[tuple[str, torch.Tensor]]] = {}  # id(module) -> (parameter name, D)
-        self._handles: list = []
-
-    @classmethod
-    def of(cls, model: torch.nn.Module) -> "ExactUpdates":
-        """The model's side path, made (with no tensor in it) on first use."""
-        side = getattr(model, cls.ATTR, None)
-        if side is None:
-            side = cls(model)
-            setattr(model, cls.ATTR, side)
-        return side
-
-    @property
-    def nbytes(self) -> int:
-        return sum(d.numel() * d.element_size() for d in self.deltas.values())
-
-    def delta(self, name: str, p: torch.nn.Parameter, w_start: torch.Tensor) -> tuple[torch.Tensor, bool]:
-        """(D, fresh): the float32 update of the parameter `name`; fresh (zero) the first time, when `p` is set
-        to `w_start` and the modules owning `p` get the side path's hooks."""
-        if name in self.deltas:
-            return self.deltas[name], False
-        p.copy_(w_start)
-        d = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-        self.deltas[name] = d
-        for module, pname in self._owners[id(p)]:
-            if id(module) not in self._hooked:
-                self._hooked[id(module)] = []
-                self._handles += [module.register_forward_pre_hook(self._pre, with_kwargs=True),
-                                  module.register_forward_hook(self._post, with_kwargs=True, always_call=True)]
-            self._hooked[id(module)].append((pname, d))
-        return d, True
-
-    def composed(self, name: str, p: torch.Tensor) -> torch.Tensor:
-        """W_start + alpha X in float32 for the parameter `name` (`p`, which holds W_start)."""
-        return p.detach().float() + self.deltas[name] if name in self.deltas else p.detach().float()
-
-    def remove(self) -> None:
-        """Drop the hooks and the deltas: the model is its parameters again (W_start where a delta was)."""
-        for h in self._handles:
-            h.remove()
-        self._handles, self._hooked, self.deltas = [], {}, {}
-        if getattr(self.model, self.ATTR, None) is self:
-            delattr(self.model, self.ATTR)
-
-    def _pre(self, module, args, kwargs):
-        low = None
-        stash = []
-        for pname, d in self._hooked[id(module)]:
-            p = module._parameters[pname]
-            low = p.dtype
-            stash.append((p, p.data))
-            p.data = p.data.float() + d
-        module._safesub_stash = (stash, low)
-        return _cast(args, low, torch.float32), _cast(kwargs, low, torch.float32)
-
-    def _post(self, module, args, kwargs, output):
-        stash, low = module.__dict__.pop("_safesub_stash", ((), None))
-        for p, data in stash:
-            p.data = data
-        return _cast(output, torch.float32, low) if low is not None else output
-
-
-def _cast(value, src: torch.dtype, dst: torch.dtype):
-    """`value` (a tensor, or tuples, lists and dicts of them) with tensors of dtype `src` cast to `dst`."""
-    if isinstance(value, torch.Tensor):
-        return value.to(dst) if value.dtype == src else value
-    if isinstance(value, (tuple, list)):
-        return type(value)(_cast(v, src, dst) for v in value)
-    if isinstance(value, dict):
-        return {k: _cast(v, src, dst) for k, v in value.items()}
-    return value
-
-
-def composed_state_dict(model: torch.nn.Module, dtype: torch.dtype | None = torch.float32) -> dict[str, torch.Tensor]:
-    """The model's state dict with the projected weights composed, W = W_start + alpha X (through the side path
-    where `SubspaceEngine.apply` made one), in `dtype` (None: each tensor's own; floating tensors only): what an
-    export writes. In the model's coarser dtype the update is rounded away again, hence float32 by default."""
-    side = getattr(model, ExactUpdates.ATTR, None)
-    names = {id(p): n for n, p in model.named_parameters()}
-    out = {}
-    for key, value in model.state_dict(keep_vars=True).items():
-        name = names.get(id(value))
-        v = side.composed(name, value) if side is not None and name in side.deltas else value.detach()
-        out[key] = v.to(dtype) if dtype is not None and v.is_floating_point() else v
-    return out
 
 
 def _zero_alignment(family: Family, why: str) -> SafesubError:

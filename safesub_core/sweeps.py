@@ -20,8 +20,9 @@ import pandas as pd
 
 from safesub_core.errors import SafesubError
 from safesub_core.family import Family
+from safesub_core.projection import SUBSPACES, ProjectionConfig
 from safesub_core.session import FamilySession
-from safesub_core.subspace import SUBSPACES, ProjectionConfig, SubspaceEngine
+from safesub_core.subspace import SubspaceEngine
 
 SCORES = ("none", "live", "generate")
 DEFAULT_MODES = ("parallel", "orthogonal")

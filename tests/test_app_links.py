@@ -22,7 +22,7 @@ from streamlit.testing.v1 import AppTest
 from apptest import APP, TIMEOUT
 from safesub_core.activations import METHODS
 from safesub_core.compute import DTYPES, LIVE_CHOICES
-from safesub_core.subspace import MODES, SUBSPACES
+from safesub_core.projection import MODES, SUBSPACES
 from ui.link import PARAMS, parse_query
 from ui.widgets import PAGE_FILES
 

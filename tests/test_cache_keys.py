@@ -24,13 +24,15 @@ from safetensors.torch import load_file, save_file
 from factories import random_model
 from safesub_core import scoring
 from safesub_core.cache import DiskCache
-from safesub_core.checkpoints import Checkpoint, check_shapes, model_fingerprint, tokenizer_fingerprint
+from safesub_core.checkpoints import Checkpoint
 from safesub_core.errors import SafesubError
 from safesub_core.family import Family
+from safesub_core.fingerprints import model_fingerprint, tokenizer_fingerprint
+from safesub_core.loading import check_shapes
+from safesub_core.projection import ProjectionConfig
 from safesub_core.prompts import EvalSets
 from safesub_core.scoring import names
 from safesub_core.session import FamilySession
-from safesub_core.subspace import ProjectionConfig
 from test_bad_inputs import assert_one_line, run
 
 pytestmark = pytest.mark.slow

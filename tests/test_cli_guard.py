@@ -1,6 +1,6 @@
 """The CLI's boundary (issue 19): the output-path guard and the values of options.
 
-- The guard (`cli.guard_outputs`, run for every verb before any work) refuses an output path that is an input of
+- The guard (`outputs.guard_outputs`, run for every verb before any work) refuses an output path that is an input of
   the command (the family file, a path it names, a checkpoint or a file inside one, a prompt file, a judge model
   folder), another output of it (after resolving links and relative paths), or an existing path that is not a
   regular file (a folder, a FIFO, a device, a socket): one `error:` line, status 2, nothing written, every input
@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from factories import write_family
-from safesub_core import cli
+from safesub_core import cli, commands
 from safesub_core.errors import SafesubError
 from safesub_core.family import resolve_family
 from safesub_core.sweeps import sweep
@@ -80,15 +80,15 @@ def no_work(monkeypatch):
         return pd.DataFrame({"scope": ["tensor"], "pair": ["x"], "energy": [0.5], "mso": [0.5],
                              "random_baseline": [0.1], "k_x": [1], "k_y": [1], "unit": ["t"], "reference": ["a"]})
 
-    monkeypatch.setattr(cli, "weight_overlap", stub)
-    monkeypatch.setattr(cli, "sweep", stub)
-    monkeypatch.setattr(cli, "overlap_summary", lambda table: table)
+    monkeypatch.setattr(commands, "weight_overlap", stub)
+    monkeypatch.setattr(commands, "sweep", stub)
+    monkeypatch.setattr(commands, "overlap_summary", lambda table: table)
 
     def session(args):
         calls.append("session")
         raise SafesubError("stub session: no model in this test")
 
-    monkeypatch.setattr(cli, "_session", session)
+    monkeypatch.setattr(commands, "_session", session)
     return calls
 
 

@@ -5,7 +5,8 @@ from factories import write_family
 from safesub_core.cache import DiskCache
 from safesub_core.family import Family
 from safesub_core.overlap import weight_overlap
-from safesub_core.subspace import ProjectionConfig, SubspaceEngine
+from safesub_core.projection import ProjectionConfig
+from safesub_core.subspace import SubspaceEngine
 
 
 def test_engine_and_overlap_are_bitwise_reproducible_with_fresh_caches(tmp_path):

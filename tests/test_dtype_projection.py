@@ -2,7 +2,7 @@
 
 The regime of the issue: weights of s.d. 0.03 (norm weights 1) and a dense fine-tuning update of s.d. 2e-4, where
 rounding W_start + alpha X to bfloat16 moves the applied update by tens of percent. The float32 side path
-(`subspace.ExactUpdates`) keeps it to float32 rounding, in every mode and over rank moves.
+(`precision.ExactUpdates`) keeps it to float32 rounding, in every mode and over rank moves.
 """
 import pytest
 import torch
@@ -11,9 +11,11 @@ from transformers import AutoModelForCausalLM
 
 from factories import perturbed, random_model
 from safesub_core.cache import DiskCache
-from safesub_core.checkpoints import load_model
+from safesub_core.loading import load_model
 from safesub_core.family import Family
-from safesub_core.subspace import ExactUpdates, ProjectionConfig, SubspaceEngine, composed_state_dict
+from safesub_core.precision import ExactUpdates, composed_state_dict
+from safesub_core.projection import ProjectionConfig
+from safesub_core.subspace import SubspaceEngine
 
 LOW = (torch.bfloat16, torch.float16)
 TOKENS = torch.tensor([[3, 17, 42, 8, 91, 5, 60, 23], [11, 2, 77, 34, 9, 50, 1, 68]])

@@ -11,7 +11,8 @@ from safetensors.torch import load_file, save_file
 
 from factories import perturbed, random_model, write_family
 from safesub_core.errors import SafesubError
-from safesub_core.checkpoints import Checkpoint, TensorReader, describe, load_model
+from safesub_core.checkpoints import Checkpoint, TensorReader
+from safesub_core.loading import describe, load_model
 from safesub_core import demo
 from safesub_core.family import Family, paths_spec, resolve_family
 from safesub_core.subspace import SubspaceEngine
@@ -199,7 +200,7 @@ def test_bad_family_files(fam_dir, text, message):
 
 
 def test_a_model_that_cannot_fit_is_refused_before_loading(fam_dir, monkeypatch):
-    import safesub_core.checkpoints as fam
+    import safesub_core.loading as fam
 
     ck = Checkpoint.resolve("aligned", fam_dir / "aligned")
     need = fam.estimate_bytes(ck)

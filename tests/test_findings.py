@@ -9,9 +9,9 @@ from safesub_core.cache import DiskCache
 from safesub_core.errors import SafesubError
 from safesub_core.family import Family, resolve_family
 from safesub_core.overlap import overlap_summary, weight_overlap
+from safesub_core.projection import ProjectionConfig
 from safesub_core.prompts import EvalSets
 from safesub_core.session import FamilySession
-from safesub_core.subspace import ProjectionConfig
 
 N = 8
 CFG = F.FindingsConfig(n_prompts=N, rhos=(0.01, 0.99), gen_tokens=12, energies=(0.5, 0.9))

@@ -13,11 +13,12 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from factories import write_family
-from safesub_core import checkpoints, settings
-from safesub_core.checkpoints import (HASH_INDEX, HASH_INDEX_FORMAT, Checkpoint, clear_hash_memo, fingerprint_all,
-                                      hash_counts, model_fingerprint, tokenizer_fingerprint)
+from safesub_core import hashing, settings
+from safesub_core.checkpoints import Checkpoint
 from safesub_core.errors import SafesubError
 from safesub_core.family import Family
+from safesub_core.fingerprints import fingerprint_all, model_fingerprint, tokenizer_fingerprint
+from safesub_core.hashing import HASH_INDEX, HASH_INDEX_FORMAT, clear_hash_memo, hash_counts
 
 
 def age(root: Path, seconds: int = 3600) -> None:
@@ -88,8 +89,9 @@ def test_an_edited_weight_file_is_hashed_again(family):
 
 def test_a_new_process_hashes_nothing_again(family, tmp_path):
     fingerprint_all(family)
-    code = ("import json, sys; from safesub_core.checkpoints import fingerprint_all, hash_counts; "
-            "from safesub_core.family import Family; f = Family.from_file(sys.argv[1]); "
+    code = ("import json, sys; from safesub_core.fingerprints import fingerprint_all; "
+            "from safesub_core.hashing import hash_counts; from safesub_core.family import Family; "
+            "f = Family.from_file(sys.argv[1]); "
             "print(json.dumps([fingerprint_all(f), hash_counts()['files']]))")
     env = dict(os.environ, SAFESUB_CACHE=str(settings.cache_root()))
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "fam" / "family.yaml")], env=env,
@@ -129,7 +131,7 @@ def test_an_unwritable_cache_only_stops_hashes_being_stored(family, tmp_path, mo
     not_a_folder = tmp_path / "cache_file"
     not_a_folder.write_text("a file where the cache folder should be")
     monkeypatch.setenv("SAFESUB_CACHE", str(not_a_folder))
-    with caplog.at_level(logging.WARNING, logger=checkpoints.__name__):
+    with caplog.at_level(logging.WARNING, logger=hashing.__name__):
         prints = fingerprint_all(family)
     assert prints["aligned"] == family.aligned.fingerprint()
     assert sum("not stored" in r.message for r in caplog.records) == 1  # one warning, not one a file
@@ -151,5 +153,5 @@ def test_fingerprint_follows_its_own_hashing(family):
 def test_a_missing_file_is_one_line(family):
     f = family.checkpoint("useful").path / "model.safetensors"
     with pytest.raises(SafesubError) as err:
-        checkpoints.file_sha256(f.with_name("gone.safetensors"))
+        hashing.file_sha256(f.with_name("gone.safetensors"))
     assert "cannot be read" in str(err.value) and "\n" not in str(err.value)

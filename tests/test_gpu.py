@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from safesub_core.cache import DiskCache
-from safesub_core.checkpoints import load_model
+from safesub_core.loading import load_model
 from safesub_core.family import Family
+from safesub_core.projection import ProjectionConfig
 from safesub_core.prompts import EvalSets
 from safesub_core.session import FamilySession
-from safesub_core.subspace import ProjectionConfig, SubspaceEngine
+from safesub_core.subspace import SubspaceEngine
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

@@ -12,9 +12,10 @@ import yaml
 
 from factories import perturbed, random_model
 from safesub_core import settings
-from safesub_core.checkpoints import Checkpoint, TensorReader, hub_name, hub_snapshot
+from safesub_core.checkpoints import Checkpoint, TensorReader
 from safesub_core.errors import SafesubError
 from safesub_core.family import Family, paths_spec, resolve_family
+from safesub_core.hub import hub_name, hub_snapshot
 
 COMMIT = "a" * 40
 OTHER = "b" * 40

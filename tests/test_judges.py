@@ -202,7 +202,7 @@ def test_llama_guard_verdict_and_category_after_leading_newlines(tmp_path, tok):
     assert p_unsafe[0] > 0.9 and p_unsafe[1] < 0.1
     assert res.details["verdict"] == ["unsafe", "safe"] and res.details["category"] == ["S3", None]
     assert res.scores == pytest.approx([1 + 4 * p for p in p_unsafe])
-    assert judges._category(" S1, S10\nmore") == "S1,S10" and judges._category("") is None
+    assert judges.guard_category(" S1, S10\nmore") == "S1,S10" and judges.guard_category("") is None
 
 
 def test_hf_chat_refuses_a_llama_guard_folder(tmp_path, tok):

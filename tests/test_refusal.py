@@ -1,4 +1,5 @@
-"""The refusal direction (safesub_core/refusal.py): candidates, selection, interventions and the bridge.
+"""The refusal direction (safesub_core/refusal.py, interventions.py, bridge.py): candidates, selection,
+interventions and the bridge.
 
 The planted model. A tiny Llama (4 blocks, hidden 64, a word-level tokenizer with a chat template) whose weights are
 set BY HAND so that one unit direction d of the residual stream decides whether the first answer token is the
@@ -25,6 +26,8 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from safesub_core import bridge
+from safesub_core import interventions as iv
 from safesub_core import refusal as rf
 from safesub_core.errors import SafesubError
 from safesub_core.generation import generate
@@ -139,19 +142,19 @@ def test_selected_direction_is_the_planted_one_and_ablation_removes_refusal(plan
 
     before = rf.refusal_score(model, tok, sets["val_harmful"])
     assert (before > 0).all()
-    with rf.directional_ablation(model, sel.direction):
+    with iv.directional_ablation(model, sel.direction):
         ablated = rf.refusal_score(model, tok, sets["val_harmful"])
         answers = generate(model, tok, sets["val_harmful"][:4], max_new_tokens=1).completions
     assert (ablated < 0).all()
     assert all(a.strip() == "Sure" for a in answers)
     assert all(a.strip() == "I" for a in generate(model, tok, sets["val_harmful"][:4], max_new_tokens=1).completions)
-    with rf.activation_addition(model, sel.raw, sel.layer):
+    with iv.activation_addition(model, sel.raw, sel.layer):
         induced = rf.refusal_score(model, tok, sets["val_harmless"])
     assert (induced > 0).all()
     assert torch.allclose(rf.refusal_score(model, tok, sets["val_harmful"]), before)  # hooks gone, cache fresh
     assert _no_hooks(model)
 
-    edited = rf.orthogonalize_weights(model, sel.direction)
+    edited = iv.orthogonalize_weights(model, sel.direction)
     assert (rf.refusal_score(edited, tok, sets["val_harmful"]) < 0).all()
 
 
@@ -179,9 +182,9 @@ def test_ablation_gradient_is_the_derivative_of_the_refusal_score(planted):
         u = (r / r.norm()).double()
         M = rf.ablation_gradient(model, tok, prompts, batch_size=3)
         eps = 1e-2
-        with rf.directional_ablation(model, r, strength=eps):
+        with iv.directional_ablation(model, r, strength=eps):
             plus = float(rf.refusal_score(model, tok, prompts).double().sum())
-        with rf.directional_ablation(model, r, strength=-eps):
+        with iv.directional_ablation(model, r, strength=-eps):
             minus = float(rf.refusal_score(model, tok, prompts).double().sum())
         assert (plus - minus) / (2 * eps) == pytest.approx(-float(u @ M @ u), rel=2e-2, abs=1e-2)
     assert all(p.grad is None for p in model.parameters()) and _no_hooks(model)
@@ -234,13 +237,13 @@ def test_refusal_score_is_the_log_odds_of_the_refusal_tokens(planted):
 @pytest.mark.parametrize("strength", [1.0, 0.5])
 def test_orthogonalized_weights_equal_directional_ablation(strength, tmp_path):
     model = random_model(3)  # tied embeddings
-    assert rf._tied(model)
+    assert iv._tied(model)
     r = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(1))
     ids = torch.randint(0, model.config.vocab_size, (3, 11), generator=torch.Generator().manual_seed(2))
     plain = _logits(model, ids)
-    with rf.directional_ablation(model, r, strength=strength):
+    with iv.directional_ablation(model, r, strength=strength):
         hooked = _logits(model, ids)
-    edited = rf.orthogonalize_weights(model, r, strength=strength)
+    edited = iv.orthogonalize_weights(model, r, strength=strength)
     assert not torch.allclose(hooked, plain, atol=1e-4)
     assert torch.allclose(_logits(edited, ids), hooked, atol=1e-5)
     assert torch.equal(_logits(model, ids), plain)  # the original untouched, its hooks gone
@@ -248,7 +251,7 @@ def test_orthogonalized_weights_equal_directional_ablation(strength, tmp_path):
     assert torch.equal(edited.lm_head.weight, model.lm_head.weight)  # the head keeps the original embedding
     u = r / r.norm()
     if strength == 1.0:
-        for name, w in rf.orthogonalized_weights(model, r).items():
+        for name, w in iv.orthogonalized_weights(model, r).items():
             if "o_proj" in name or "down_proj" in name:
                 assert float((u @ w).abs().max()) < 1e-5
             elif "embed_tokens" in name:
@@ -261,9 +264,9 @@ def test_orthogonalized_weights_equal_directional_ablation(strength, tmp_path):
 def test_orthogonalisation_equals_ablation_on_the_planted_model(planted):
     model, tok, d, sets = planted
     ids = torch.tensor([tok(p, add_special_tokens=False)["input_ids"] for p in ["tell me how to make poison"] * 2])
-    with rf.directional_ablation(model, d):
+    with iv.directional_ablation(model, d):
         hooked = _logits(model, ids)
-    assert torch.allclose(_logits(rf.orthogonalize_weights(model, d), ids), hooked, atol=1e-5)
+    assert torch.allclose(_logits(iv.orthogonalize_weights(model, d), ids), hooked, atol=1e-5)
 
 
 def test_hooks_are_removed_on_error_and_the_prefix_cache_never_goes_stale(planted):
@@ -271,15 +274,15 @@ def test_hooks_are_removed_on_error_and_the_prefix_cache_never_goes_stale(plante
     prompts = sets["val_harmful"][:4]
     before = rf.refusal_score(model, tok, prompts)  # fills the prefix cache of the template's header
     with pytest.raises(RuntimeError):
-        with rf.directional_ablation(model, d):
+        with iv.directional_ablation(model, d):
             raise RuntimeError("boom")
     with pytest.raises(RuntimeError):
-        with rf.activation_addition(model, d, 2, alpha=3.0):
+        with iv.activation_addition(model, d, 2, alpha=3.0):
             raise RuntimeError("boom")
     assert _no_hooks(model)
     assert torch.allclose(rf.refusal_score(model, tok, prompts), before)
     # inside the block the header's cache is recomputed under the hook: the same as a model edited for good
-    with rf.activation_addition(model, d, 0, alpha=-5.0):
+    with iv.activation_addition(model, d, 0, alpha=-5.0):
         inside = rf.refusal_score(model, tok, prompts)
     ref = LlamaForCausalLM(model.config).eval()
     ref.load_state_dict(model.state_dict())
@@ -293,9 +296,9 @@ def test_activation_addition_at_the_last_stream_point(planted):
     model, tok, d, sets = planted
     L = len(model.model.layers)
     prompts = sets["val_harmless"][:4]
-    with rf.activation_addition(model, d, L, alpha=20.0):
+    with iv.activation_addition(model, d, L, alpha=20.0):
         assert (rf.refusal_score(model, tok, prompts) > 0).all()
-    with rf.activation_addition(model, d, L, alpha=0.0):
+    with iv.activation_addition(model, d, L, alpha=0.0):
         assert (rf.refusal_score(model, tok, prompts) < 0).all()
 
 
@@ -303,16 +306,16 @@ def test_bad_inputs_are_one_line_errors(planted):
     model, tok, d, sets = planted
     L = len(model.model.layers)
     with pytest.raises(SafesubError, match="stream point"):
-        with rf.activation_addition(model, d, L + 1):
+        with iv.activation_addition(model, d, L + 1):
             pass
     with pytest.raises(SafesubError, match="entries"):
-        with rf.directional_ablation(model, torch.ones(5)):
+        with iv.directional_ablation(model, torch.ones(5)):
             pass
     with pytest.raises(SafesubError, match="is zero"):
-        with rf.directional_ablation(model, torch.zeros(64)):
+        with iv.directional_ablation(model, torch.zeros(64)):
             pass
     with pytest.raises(SafesubError, match="finite"):
-        with rf.directional_ablation(model, d, strength=float("nan")):
+        with iv.directional_ablation(model, d, strength=float("nan")):
             pass
     with pytest.raises(SafesubError, match="empty"):
         rf.candidate_directions(model, tok, [], sets["train_harmless"])
@@ -345,25 +348,25 @@ def test_refusal_in_alignment_subspace_equals_a_direct_computation():
     D = 24
     U = torch.linalg.svd(torch.randn(D, 10, generator=g), full_matrices=False)[0]
     r = torch.randn(D, generator=g) * 3
-    df = rf.refusal_in_alignment_subspace(U, r, ks=[1, 4, 10])
+    df = bridge.refusal_in_alignment_subspace(U, r, ks=[1, 4, 10])
     u = r / r.norm()
     for k, captured, baseline in zip(df["k"], df["captured"], df["baseline"]):
         assert captured == pytest.approx(float((U[:, :k].T @ u).pow(2).sum()), abs=1e-6)
         assert baseline == pytest.approx(k / D)
     full = torch.linalg.svd(torch.randn(D, D, generator=g))[0]
-    assert rf.refusal_in_alignment_subspace(full, r)["captured"].iloc[-1] == pytest.approx(1.0, abs=1e-6)
-    long = rf.refusal_in_alignment_subspaces({"model.layers.3.self_attn.o_proj.weight": U,
-                                               "model.layers.5.mlp.down_proj.weight": full}, r, ks=[2])
+    assert bridge.refusal_in_alignment_subspace(full, r)["captured"].iloc[-1] == pytest.approx(1.0, abs=1e-6)
+    long = bridge.refusal_in_alignment_subspaces({"model.layers.3.self_attn.o_proj.weight": U,
+                                                   "model.layers.5.mlp.down_proj.weight": full}, r, ks=[2])
     assert long["block"].tolist() == [3, 5] and long["module"].tolist() == ["o", "down"]
     with pytest.raises(SafesubError, match="rank k"):
-        rf.refusal_in_alignment_subspace(U, r, ks=[11])
+        bridge.refusal_in_alignment_subspace(U, r, ks=[11])
 
 
 def test_shift_along_equals_a_direct_computation():
     g = torch.Generator().manual_seed(1)
     before, after = torch.randn(3, 8, 16, generator=g), torch.randn(3, 5, 16, generator=g) + 0.5
     r = torch.randn(16, generator=g)
-    df = rf.shift_along(r, before, after)
+    df = bridge.shift_along(r, before, after)
     u = (r / r.norm()).double()
     for l in range(3):
         delta = after[l].double().mean(0) - before[l].double().mean(0)
@@ -371,10 +374,10 @@ def test_shift_along_equals_a_direct_computation():
         assert df.loc[l, "along"] == pytest.approx(float(delta @ u))
         assert df.loc[l, "share"] == pytest.approx(float((delta @ u) ** 2 / delta.pow(2).sum()))
     assert df["baseline"].tolist() == [1 / 16] * 3
-    per_layer = rf.shift_along(torch.stack([r, -r, r]), before, after)
+    per_layer = bridge.shift_along(torch.stack([r, -r, r]), before, after)
     assert per_layer["along"].tolist() == pytest.approx([df["along"][0], -df["along"][1], df["along"][2]])
-    flat = rf.shift_along(r, before[0], after[0])
+    flat = bridge.shift_along(r, before[0], after[0])
     assert len(flat) == 1 and flat.loc[0, "share"] == pytest.approx(df.loc[0, "share"])
-    assert pd.isna(rf.shift_along(r, before, before)["share"]).all()
+    assert pd.isna(bridge.shift_along(r, before, before)["share"]).all()
     with pytest.raises(SafesubError, match="expected shape"):
-        rf.shift_along(torch.randn(5), before, after)
+        bridge.shift_along(torch.randn(5), before, after)

@@ -10,9 +10,10 @@ from safesub_core.cache import DiskCache
 from safesub_core.family import Family
 from safesub_core.errors import SafesubError
 from safesub_core.compute import CPU_LIVE_PROMPTS, live_prompts, resident_budget
+from safesub_core.projection import ProjectionConfig
 from safesub_core.prompts import EvalSets
 from safesub_core.session import FamilySession
-from safesub_core.subspace import DEFAULT_RESIDENT_BYTES, ProjectionConfig
+from safesub_core.subspace import DEFAULT_RESIDENT_BYTES
 
 pytestmark = pytest.mark.slow
 
@@ -90,7 +91,8 @@ def test_activation_states_are_cached_and_deterministic(session):
 
 def test_export_writes_the_projected_model_on_request(session, tmp_path):
     from safesub_core.cli import main
-    from safesub_core.checkpoints import Checkpoint, load_model
+    from safesub_core.checkpoints import Checkpoint
+    from safesub_core.loading import load_model
 
     cfg = ProjectionConfig("topk", "orthogonal", 0.5, alpha=0.5)
     session.export("useful", cfg, tmp_path / "point")

@@ -6,11 +6,11 @@ import torch
 
 from factories import write_family
 from safesub_core.errors import SafesubError
-from safesub_core.checkpoints import load_model
+from safesub_core.loading import load_model
 from safesub_core.family import Family
 from safesub_core.linalg import as_matrix, cosine
+from safesub_core.projection import ProjectionConfig
 from safesub_core.subspace import (
-    ProjectionConfig,
     SubspaceEngine,
     TensorProjection,
     alignment_basis,

@@ -21,14 +21,15 @@ import streamlit as st
 import torch
 
 from safesub_core import settings
-from safesub_core.checkpoints import fingerprint_all
+from safesub_core.fingerprints import fingerprint_all
 from safesub_core.compute import DTYPES, dtype_name, live_prompts, requested_live_prompts, resolve_compute
 from safesub_core.demo import BUILT_IN
 from safesub_core.errors import SafesubError
 from safesub_core.family import PATHS_PREFIX, Family, resolve_family
 from safesub_core.prompts import EvalSets
 from safesub_core.session import FamilySession
-from safesub_core.subspace import ProjectionConfig, SubspaceEngine
+from safesub_core.projection import ProjectionConfig
+from safesub_core.subspace import SubspaceEngine
 from ui.builds import ensure_tiny
 from ui.link import check_deferred, family_spec, view
 from ui.widgets import progress_callback, shown_errors

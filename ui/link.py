@@ -101,8 +101,8 @@ class Param:
 PARAMS: dict[str, Param] = {
     "family": Param(None, check=_open_family),
     "variant": Param(None),  # a name of the family's: the pages fall back to its first variant
-    "subspace": Param("topk", choices="safesub_core.subspace:SUBSPACES"),
-    "mode": Param("parallel", choices="safesub_core.subspace:MODES"),
+    "subspace": Param("topk", choices="safesub_core.projection:SUBSPACES"),
+    "mode": Param("parallel", choices="safesub_core.projection:MODES"),
     "rank_by": Param("fraction", choices=("fraction", "energy")),
     "rank": Param(0.25, _float, 0.01, 1.0),  # a rank fraction, or an energy fraction (0, 1]: the slider's range
     "alpha": Param(1.0, _float, -1.0, 3.0),  # the scale slider's range

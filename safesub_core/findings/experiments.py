@@ -36,11 +36,11 @@ from safesub_core.errors import SafesubError
 from safesub_core.family import Family, resolve_family
 from safesub_core.linalg import DEFAULT_ENERGIES
 from safesub_core.overlap import overlap_summary, weight_overlap
+from safesub_core.projection import SUBSPACE_LABELS, ProjectionConfig
 from safesub_core.prompts import EvalSets, PromptSet, arithmetic_set, load_set
 from safesub_core.scoring.names import (ATTACK_SUCCESS_RATE, EXACT_MATCH, GEN_PREFIX, OVERREFUSAL_RATE,
                                         REFUSAL_RATE, gen_key)
 from safesub_core.session import FamilySession
-from safesub_core.subspace import SUBSPACE_LABELS, ProjectionConfig
 
 RHOS = (0.01, 0.25, 0.5, 0.75, 0.99)
 HEADLINE_ENERGY = 0.9

@@ -25,9 +25,9 @@ from plotly.subplots import make_subplots
 
 from safesub_core.findings.experiments import GEN_ASR, GEN_EXACT_MATCH, FamilyFindings
 from safesub_core.findings.report import atomic_write
+from safesub_core.projection import SUBSPACE_LABELS
 from safesub_core.scoring.names import (ARITH_EXACT_MATCH, ENERGY_KEPT, KL_TO_START, MARGIN_MEAN, NLL_MEAN,
                                         SHARE_MARGIN_NEGATIVE)
-from safesub_core.subspace import SUBSPACE_LABELS
 
 FIGURES = ("rank", "weight", "activations")
 PLOTLYJS = ("inline", "cdn", "directory")  # how the HTML gets plotly.js (see write_figures)

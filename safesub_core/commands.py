@@ -1,0 +1,247 @@
+"""The command line's verbs: each `cmd_<verb>(args)` reads its parsed options (safesub_core/cli.py), does the
+work through the library and writes its outputs through `outputs.write_all` once everything is computed.
+
+Contract: a command opens its family once (`_family`, after the output guard opened it; the checkpoints' files are
+hashed first where their hash is not stored), draws tqdm progress bars on stderr (`_bar`, closed before an error
+line by `close_bars`), prints warnings beside a result as `warning:` lines, and raises SafesubError for bad input.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+from tqdm import tqdm
+from transformers.utils import logging as hf_logging
+
+from safesub_core import demo, findings, scoring
+from safesub_core.cache import DiskCache
+from safesub_core.fingerprints import fingerprint_all
+from safesub_core.compute import resolve_compute
+from safesub_core.errors import SafesubError
+from safesub_core.family import Family, resolve_family
+from safesub_core.linalg import check_energy
+from safesub_core.outputs import summary_path, write_all
+from safesub_core.overlap import overlap_summary, overlap_warnings, weight_overlap
+from safesub_core.prompts import EvalSets, PromptSet, resolve
+from safesub_core.session import FamilySession
+from safesub_core.projection import ProjectionConfig
+from safesub_core.sweeps import grid, sweep
+
+
+def load_family(spec: str):
+    """A family by name or file (`family.resolve_family`), building 'tiny' on first use with a progress bar."""
+    return resolve_family(spec, progress=_bar(f"building the {spec} family"))
+
+
+def _family(args) -> Family:
+    """The command's family: the one the output guard opened already, else `load_family`."""
+    if getattr(args, "opened_family", None) is None:
+        args.opened_family = load_family(args.family)
+    fingerprint_all(args.opened_family, progress=_bar("hashing the checkpoints' files (once: stored)"))
+    return args.opened_family
+
+
+def _bar(desc: str):
+    """A progress callback (done, total, *what) drawing a tqdm bar, created on the first call."""
+    bar = None
+
+    def update(done, total, *what):
+        nonlocal bar
+        bar = bar or tqdm(desc=desc, total=total, leave=False, file=sys.stderr)
+        bar.total, bar.n = total, done
+        bar.refresh()
+
+    return update
+
+
+def _session(args):
+    device, dtype = resolve_compute(args.device, args.dtype)
+    sets = EvalSets.default(args.n_prompts) if args.n_prompts else EvalSets.default()
+    return FamilySession(_family(args), device=device, dtype=dtype, sets=sets, chat=not args.raw)
+
+
+def _first(prompt_set: PromptSet, args) -> PromptSet:
+    """A prompt set the command reads, cut to --n-prompts when given."""
+    return prompt_set.head(args.n_prompts) if args.n_prompts else prompt_set
+
+
+# ---------------------------------------------------------------------------------------------- commands
+
+
+def cmd_sweep(args) -> None:
+    grid(args.subspace, args.mode, args.fracs, args.alpha)  # bad settings fail before any model loads
+    target = _session(args) if args.scores != "none" else _family(args)
+    table = sweep(target, args.variant, args.subspace, args.mode, args.fracs, alpha=args.alpha, scores=args.scores,
+                  progress=_bar("sweep"))
+    _warn(table.attrs["warnings"])
+    write_all([(table, args.out)])
+
+
+def _warn(lines) -> None:
+    """Warnings beside a result (it is still written): one `warning:` line each on stderr."""
+    close_bars()
+    for line in lines:
+        print(f"warning: {line}", file=sys.stderr)
+
+
+def _pairs(specs: list[str] | None) -> list[tuple[str, str]] | None:
+    if not specs:
+        return None
+    out = []
+    for p in specs:
+        x, sep, y = p.partition(":")
+        if not sep or not x.strip() or not y.strip() or ":" in y:
+            raise SafesubError(f"pair {p!r}: expected two checkpoint names as x:y (e.g. harmful:useful)")
+        out.append((x.strip(), y.strip()))
+    return out
+
+
+def cmd_overlap(args) -> None:
+    pairs = _pairs(args.pairs)
+    for e in args.energies:
+        check_energy(e)
+    family = _family(args)
+    for name in list(args.reference) + [x for p in pairs or [] for x in p]:
+        family.checkpoint(name)
+    tables = []
+    for reference in args.reference:
+        kw = dict(pairs=pairs) if pairs else {}
+        tables.append(weight_overlap(family, reference, args.energies, progress=_bar(f"overlap vs {reference}"), **kw))
+    table = pd.concat(tables, ignore_index=True)
+    _warn(overlap_warnings(table))
+    write_all([(table, args.out), (overlap_summary(table) if args.summary else None, args.summary)])
+
+
+def _judge(args):
+    if args.judge == "off":
+        return None
+    judge = scoring.Judge(kind=args.judge, path=args.judge_path)
+    judge.check()
+    return judge
+
+
+def cmd_score(args) -> None:
+    cfg = None
+    if args.subspace:
+        cfg = ProjectionConfig(args.subspace, args.mode, args.frac, alpha=args.alpha)
+    prompt_set = _first(resolve(args.prompts, kind=args.kind), args)  # bad prompts, point, judge: before models load
+    judge = _judge(args)
+    session = _session(args)
+    session.family.checkpoint(args.model)
+    per_prompt, summary = session.score_set(args.model, prompt_set, cfg, max_new_tokens=args.max_new_tokens,
+                                            judge=judge, progress=_bar(f"scoring {prompt_set.name}"))
+    point = {} if cfg is None else cfg.__dict__
+    summary = {"model": args.model, "set": prompt_set.name} | point | {
+        k: v for k, v in summary.items() if not isinstance(v, list)}
+    write_all([(per_prompt, args.out), (pd.DataFrame([summary]), summary_path(args))])
+
+
+def cmd_activations(args) -> None:
+    for e in args.energies:
+        check_energy(e)
+    sx, sy = _first(resolve(args.set_x), args), _first(resolve(args.set_y), args)
+    session = _session(args)
+    for name in [args.model_x, args.model_y] + (args.models if args.map else []):
+        session.family.checkpoint(name)
+    table = session.activation_overlap(args.model_x, sx, args.model_y, sy, args.energies, center=args.center)
+    band = session.band_mean(table)
+    coords = None
+    if args.map:
+        coords = session.activation_map(args.models, [sx, sy], layer=args.layer, method=args.method)
+    write_all([(table, args.out), (coords, args.map)])  # all computed first: a failure leaves no file
+    print(band.title)
+    print(band.table.to_string(index=False))
+
+
+def cmd_export(args) -> None:
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise SafesubError(f"export folder {out}: exists and is not empty")
+    cfg = ProjectionConfig(args.subspace, args.mode, args.frac, alpha=args.alpha)
+    session = _session(args)
+    session.family.check_variant(args.variant)
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        session.export(args.variant, cfg, tmp)
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OSError):
+            raise SafesubError(f"export folder {out}: cannot be written ({err.strerror or type(err).__name__})"
+                               ) from None
+        raise
+    print(out)
+
+
+def cmd_cache(args) -> None:
+    cache = DiskCache()
+    if args.action == "info":
+        info = cache.info()
+        print(f"cache folder: {cache.root}")
+        print(info.to_string(index=False) if len(info) else "(empty)")
+    else:
+        print(f"removed {cache.clear(args.namespace)} entries from {cache.root}")
+
+
+def cmd_build(args) -> None:
+    main_thread = threading.current_thread() is threading.main_thread()
+    if main_thread:  # `kill` cleans up like Ctrl-C: no temporary folder is left behind
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    t0 = time.time()
+    try:
+        path = demo.build(args.family, args.out, size=args.size, seed=args.seed,
+                          progress=_bar(f"building the {args.family} family"), log=tqdm.write)
+    except KeyboardInterrupt:
+        kept = "finished stages are kept (rerun to resume)" if args.family == "smol" else "nothing was kept (rerun)"
+        raise KeyboardInterrupt(f"{args.family} family: build interrupted; {kept}") from None
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+    close_bars()
+    print(f"built {path} in {time.time() - t0:.1f} s (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})")
+    print(demo.summary(path))
+
+
+def cmd_findings(args) -> None:
+    for flag in ("families", "modes", "variants", "gen_modes"):  # an empty list is an error, not an empty study
+        text = getattr(args, flag)
+        if text is not None and not findings.parse_list(text):
+            raise SafesubError(f"findings: argument --{flag.replace('_', '-')}: expected comma-separated names, "
+                               f"got {text!r}")
+    families = findings.parse_list(args.families)
+    configs = findings.family_configs(
+        families, findings.parse_per_family(args.n_prompts), findings.parse_rhos(args.rhos),
+        findings.parse_rhos_for(args.rhos_for), modes=findings.parse_list(args.modes),
+        variants=findings.parse_list(args.variants), gen_modes=findings.parse_list(args.gen_modes),
+        gen_tokens=args.gen_tokens, sets=args.sets)
+    hf_logging.disable_progress_bar()
+    bars: dict = {}
+
+    def progress(family, done, total, what):
+        bars.setdefault(family, _bar(family))(done, total, f"{family}: {what}")
+
+    out = findings.run(families, configs, args.out, None if args.no_figures else args.figures, args.study,
+                       args.plotlyjs, command="safesub " + " ".join(args.argv), progress=progress, log=print)
+    close_bars()
+    print(f"wrote {out}")
+
+
+
+def close_bars() -> None:
+    """Close the progress bars an error left open now, so their clean-up never lands after the error line."""
+    bars = list(getattr(tqdm, "_instances", ()))
+    for bar in bars:
+        with contextlib.suppress(Exception):
+            bar.close()
+    if bars:
+        print(file=sys.stderr)  # the error line starts on a line of its own
