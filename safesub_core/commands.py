@@ -41,10 +41,13 @@ def load_family(spec: str):
 
 
 def _family(args) -> Family:
-    """The command's family: the one the output guard opened already, else `load_family`."""
+    """The command's family: the one the output guard opened already, else `load_family`; its checkpoints' files
+    hashed once per command (with a bar where a hash is not stored yet)."""
     if getattr(args, "opened_family", None) is None:
         args.opened_family = load_family(args.family)
-    fingerprint_all(args.opened_family, progress=_bar("hashing the checkpoints' files (once: stored)"))
+    if not getattr(args, "hashed", False):
+        fingerprint_all(args.opened_family, progress=_bar("hashing the checkpoints' files (once: stored)"))
+        args.hashed = True
     return args.opened_family
 
 
