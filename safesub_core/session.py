@@ -63,6 +63,7 @@ from safesub_core.precision import composed_state_dict
 from safesub_core.projection import ProjectionConfig, ProjectionDiagnostics
 from safesub_core.prompts import EvalSets, PromptSet
 from safesub_core.scoring import names
+from safesub_core.scoring.judges import LOCAL_KINDS
 from safesub_core.scoring.live import LIVE_ARITH_TOKENS
 from safesub_core.subspace import SubspaceEngine
 
@@ -84,13 +85,16 @@ def definitions() -> str:
 
 
 def judge_key(judge: scoring.Judge | None) -> dict | None:
-    """What decides a judge's verdicts: its kind, model name, rubric and answer length, and a local judge model's
-    files (weights, config, generation config and tokenizer); None for no judge. An endpoint's URL is not part of
-    it (it is never stored): name its model."""
+    """What decides a judge's verdicts: its kind, model name, rubric (and HarmBench prompt) and answer length, and for
+    a local judge model its files (weights, config, generation config and tokenizer) and dtype; None for no judge.
+    An endpoint's URL is not part of it (it is never stored): name its model."""
     if judge is None or judge.kind == "off":
         return None
     key = dict(kind=judge.kind, model=judge.model, rubric=judge.rubric, max_new_tokens=judge.max_new_tokens)
-    if judge.kind in ("hf-chat", "hf-classifier"):
+    if judge.kind == "harmbench":
+        key["harmbench_prompt"] = judge.harmbench_prompt
+    if judge.kind in LOCAL_KINDS:
+        key["dtype"] = judge.dtype
         judge.check()
         ck = Checkpoint.resolve("judge", judge.path, allow_pickle=True)  # read for its hash only
         key["files"] = [model_fingerprint(ck), tokenizer_fingerprint(ck)]

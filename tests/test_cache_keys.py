@@ -32,7 +32,7 @@ from safesub_core.loading import check_shapes
 from safesub_core.projection import ProjectionConfig
 from safesub_core.prompts import EvalSets
 from safesub_core.scoring import names
-from safesub_core.session import FamilySession
+from safesub_core.session import FamilySession, judge_key
 from test_bad_inputs import assert_one_line, run
 
 pytestmark = pytest.mark.slow
@@ -151,6 +151,20 @@ def test_the_key_holds_the_settings_and_the_score_definitions(fam_dir, tmp_path,
     assert s._key("harmful", None, reference=True) == key
     point = s._key("harmful", POINT)
     assert {"start", "base", "point", "seed"} <= set(point)
+
+
+def test_the_judge_key_holds_what_decides_a_local_judges_verdicts(fam_dir):
+    """Every local judge kind (hf-chat, hf-classifier, llama-guard, harmbench) is keyed by its model's files and
+    dtype, and the harmbench judge by its prompt: editing any of these gives fresh generation scores."""
+    folder = str(fam_dir / "harmful")  # a causal LM folder with a tokenizer: a harmbench judge as far as keys go
+    key = judge_key(scoring.Judge(kind="harmbench", path=folder))
+    assert key["files"] and key["dtype"] == "float32"
+    assert judge_key(scoring.Judge(kind="harmbench", path=folder, harmbench_prompt="B={behaviour} G={generation}")) \
+        != key
+    assert judge_key(scoring.Judge(kind="harmbench", path=folder, dtype="bfloat16")) != key
+    perturb(fam_dir / "harmful" / "model.safetensors")
+    assert judge_key(scoring.Judge(kind="harmbench", path=folder))["files"] != key["files"]
+    assert judge_key(None) is None and judge_key(scoring.Judge()) is None
 
 
 def test_a_same_size_edit_within_the_same_second_is_seen(tmp_path):
