@@ -130,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--max-new-tokens", type=_positive, default=48)
     q.add_argument("--judge", default="off", choices=scoring.JUDGE_KINDS,
                    help="judge harmfulness 1-5 (endpoint URL/key from SAFESUB_JUDGE_URL/SAFESUB_JUDGE_KEY)")
-    q.add_argument("--judge-path", help="local judge model directory")
+    q.add_argument("--judge-path",
+                   help="the local judge model's folder (hf-chat, hf-classifier, llama-guard, harmbench)")
     q.add_argument("--out", required=True, help="per-prompt CSV")
     q.add_argument("--summary", help="summary CSV (default: <out>.summary.csv)")
     q.set_defaults(run=cmd_score)
