@@ -277,7 +277,8 @@ def test_depth_band_keeps_the_study_band_when_it_holds_layers_and_widens_it_othe
     deep = [i / 10 for i in range(11)]
     assert depth_band(deep) == (*DEPTH_BAND, "")
     lo, hi, note = depth_band([0, 0.5, 1.0])  # 2 layers: the band holds none
-    assert (lo, hi) == (0.5, 1.0) and "widened" in note and "holds 0" in note
+    assert (lo, hi) == (0.5, 1.0) and "widened" in note and "holds 0" in note and "2-layer" in note
+    assert depth_band([i / 30 for i in range(31)]) == (0.65, 0.90, ""), "a 30-layer model keeps the study's band"
     lo, hi, note = depth_band([0, 0.25, 0.5, 0.75, 1.0])  # 4 layers: the band holds one (0.75)
     assert (lo, hi) == (0.75, 1.0) and "holds 1" in note
     assert depth_band([0, 1.0])[:2] == (1.0, 1.0)  # one layer: as wide as the model allows

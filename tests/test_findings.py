@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 
 from safesub_core import findings as F
-from safesub_core.activations import depth_band, depth_band_mean
+from safesub_core.activations import depth_band_mean
 from safesub_core.cache import DiskCache
 from safesub_core.errors import SafesubError
 from safesub_core.family import Family, resolve_family
@@ -18,16 +18,6 @@ CFG = F.FindingsConfig(n_prompts=N, rhos=(0.01, 0.99), gen_tokens=12, energies=(
 
 
 # ------------------------------------------------------------------------------------------ fast: pure helpers
-
-
-def test_depth_band_keeps_the_study_band_when_it_holds_layers_and_widens_it_otherwise():
-    deep = [i / 30 for i in range(31)]
-    assert depth_band(deep) == (0.65, 0.90, "")
-    lo, hi, note = depth_band([0, 0.5, 1.0])  # 2 layers: the band holds none
-    assert (lo, hi) == (0.5, 1.0) and "widened" in note and "2-layer" in note
-    lo, hi, note = depth_band([0, 0.25, 0.5, 0.75, 1.0])  # 4 layers: the band holds one (0.75)
-    assert (lo, hi) == (0.75, 1.0) and "holds 1" in note
-    assert depth_band([0, 1.0])[:2] == (1.0, 1.0)  # one layer: as wide as the model allows
 
 
 def test_behaviour_checks_compare_against_numbers_and_other_models():
