@@ -1,4 +1,4 @@
-"""Command line: `safesub {sweep,overlap,score,activations,export,cache,build,findings} ...` (also
+"""Command line: `safesub {sweep,overlap,score,activations,export,cache,build,findings,prompts} ...` (also
 `python -m safesub_core ...`): the parser and `main`; the verbs are safesub_core/commands.py, the output guard
 safesub_core/outputs.py.
 
@@ -8,9 +8,15 @@ on first use), writes CSV files, shows tqdm progress bars on long work, and turn
 and output paths are checked before any model loads, every output is computed before the first is written, and
 each is written to a temporary file and renamed). A bad option is reported the same way (argparse, status 2);
 Ctrl-C ends with one ``error: interrupted`` line and status 130. List options (`--variant`, `--subspace`,
-`--mode`, `--fracs`, `--energies`, `--reference`, `--pairs`, `--models`) must name at least one value;
-`--n-prompts N` cuts every prompt set the command reads to its first N prompts (default: 32 for the evaluation
-sets, every prompt of a set named by --prompts, --set-x or --set-y).
+`--mode`, `--fracs`, `--energies`, `--reference`, `--pairs`, `--models`) must name at least one value.
+Evaluation sets (docs/method.md, "Evaluation sets"): sweep, score and findings take `--harmful`, `--utility`,
+`--benign`, `--edgy` (a set spec each: a named set or a file, ``SOURCE[,prompt=F][,reference=F][,split=S][,n=N]
+[,convention=C]``; over the family file's `eval_sets:`, over the defaults) and `--convention` (flexible | strict,
+the utility set's exact match); the scored set of `score` is a spec too (`score --kind math
+qa.jsonl,prompt=question,reference=answer`). `--n-prompts N` cuts every prompt set the command reads to its first
+N prompts (default: whole sets; the evaluation sets' defaults are the built-in sets' whole eval splits). `prompts`
+lists the named sets (kind, size, splits, fields), describes the sets given as specs, and with `--family` the
+family's resolved evaluation sets; `--csv` prints CSV.
 """
 from __future__ import annotations
 
@@ -20,13 +26,14 @@ import sys
 
 from safesub_core import demo, findings, scoring, settings
 from safesub_core.commands import (cmd_activations, cmd_build, cmd_cache, cmd_export, cmd_findings, cmd_overlap,
-                                   cmd_score, cmd_sweep, close_bars)
+                                   cmd_prompts, cmd_score, cmd_sweep, close_bars)
 from safesub_core.compute import DTYPES
 from safesub_core.errors import SafesubError
 from safesub_core.linalg import DEFAULT_ENERGIES
 from safesub_core.outputs import guard_outputs
 from safesub_core.projection import MODES, SUBSPACES
-from safesub_core.sweeps import DEFAULT_FRACS, DEFAULT_MODES, SCORES
+from safesub_core.prompts import CONVENTIONS, DEFAULT_SPECS
+from safesub_core.sweeps import DEFAULT_FRACS, DEFAULT_MODES, DEFAULT_SEEDS, SCORES
 
 
 class _Parser(argparse.ArgumentParser):
@@ -92,21 +99,36 @@ def build_parser() -> argparse.ArgumentParser:
             q.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                            help="auto: bfloat16 on a GPU, float32 on the CPU")
             q.add_argument("--n-prompts", type=_positive, default=None,
-                           help="use the first N prompts of every prompt set (default: 32 of each evaluation set, "
-                                "every prompt of a set named by --prompts, --set-x or --set-y)")
+                           help="use the first N prompts of every prompt set (default: every prompt; the evaluation "
+                                "sets' defaults are the built-in sets' whole eval splits)")
             q.add_argument("--raw", action="store_true", help="raw prompts instead of the chat template")
+
+    def set_args(q):
+        for role, what in (("harmful", "refusal margins and rates"), ("utility", "NLL and exact match; needs "
+                           "reference answers"), ("benign", "KL to the start model"), ("edgy", "over-refusal")):
+            q.add_argument(f"--{role}", metavar="SPEC", default=None,
+                           help=f"the {role} evaluation set ({what}): a named set (see `safesub prompts`) or a file, "
+                                "with ,prompt=FIELD ,reference=FIELD ,split=train|eval|all ,n=N "
+                                f"(default: the family file's eval_sets, else {DEFAULT_SPECS[role]})")
+        q.add_argument("--convention", choices=CONVENTIONS, default=None,
+                       help="exact match of the utility set: flexible (lm-eval-harness flexible-extract: the last "
+                            "number; default) or strict (strict-match: the number after '#### ')")
 
     q = sub.add_parser("sweep", help="diagnostics (and scores) over subspaces x modes x rank fractions")
     family_args(q)
+    set_args(q)
     q.add_argument("--variant", type=_names, help="fine-tuned variants, comma-separated (default: all)")
     q.add_argument("--subspace", type=_names, default=list(SUBSPACES), help=",".join(SUBSPACES))
     q.add_argument("--mode", type=_names, default=list(DEFAULT_MODES), help=",".join(MODES))
     q.add_argument("--fracs", type=_floats, default=list(DEFAULT_FRACS), help="rank fractions in (0, 1]")
     q.add_argument("--alpha", type=_finite, default=1.0, help="scale of the kept update (default 1)")
     q.add_argument("--scores", choices=SCORES, default="live",
-                   help="none: diagnostics only; live: + margin/NLL/arithmetic/KL; generate: + refusal rate, "
-                        "exact match and over-refusal from greedy completions")
-    q.add_argument("--out", required=True, help="CSV file to write, one row per point")
+                   help="none: diagnostics only; live: + refusal log-odds/NLL/exact match/KL on every prompt of "
+                        "the sets, each with n and a 95%% interval, and Top-K's paired test against Random; "
+                        "generate: + refusal rate, exact match and over-refusal from greedy completions")
+    q.add_argument("--seeds", type=_positive, default=DEFAULT_SEEDS,
+                   help=f"random draws of Random and Random-K per point (default {DEFAULT_SEEDS})")
+    q.add_argument("--out", required=True, help="CSV file to write, one row per point and draw")
     q.set_defaults(run=cmd_sweep)
 
     q = sub.add_parser("overlap", help="weight-space MSO per tensor and per block for the study's pairs")
@@ -118,11 +140,19 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--summary", help="CSV of the means per pair and energy")
     q.set_defaults(run=cmd_overlap)
 
-    q = sub.add_parser("score", help="score a checkpoint or a projected point on a prompt set")
+    q = sub.add_parser("score", help="score a checkpoint or a projected point on a prompt set",
+                       epilog="example: safesub score --kind math qa.jsonl,prompt=question,reference=answer "
+                              "--out scores.csv")
     family_args(q)
+    set_args(q)
     q.add_argument("--model", default="aligned", help="a checkpoint name, or the variant of the point")
-    q.add_argument("--prompts", default="builtin-harmful:eval", help="a named set (see prompts) or a file")
-    q.add_argument("--kind", choices=["harmful", "benign", "edgy", "math"], help="kind of a prompt file")
+    q.add_argument("set", nargs="?", default=None, metavar="SPEC",
+                   help="the set to score: a named set (see `safesub prompts`) or a file, with ,prompt=FIELD "
+                        ",reference=FIELD ,split=train|eval|all ,n=N ,convention=flexible|strict "
+                        "(default: builtin-harmful:eval)")
+    q.add_argument("--prompts", default=None, metavar="SPEC", help="the same as SPEC (give one of them)")
+    q.add_argument("--kind", choices=["harmful", "benign", "edgy", "math"],
+                   help="kind of a prompt file (default: math when it names a reference field, else benign)")
     q.add_argument("--subspace", choices=SUBSPACES, help="score the projected point")
     q.add_argument("--mode", default="parallel", choices=MODES)
     q.add_argument("--frac", type=_finite, default=0.25, help="rank fraction of the point")
@@ -200,12 +230,25 @@ def build_parser() -> argparse.ArgumentParser:
                         "study's tables, to save time on a larger model)")
     q.add_argument("--gen-tokens", type=int, default=24, help="new tokens per greedy completion (default 24)")
     q.add_argument("--sets", default="auto", choices=["auto", "builtin", "packaged"])
+    set_args(q)
     q.add_argument("--study", default=None,
                    help="the study's tables CSV (default: docs/reference/paper_tables_4_5.csv)")
     q.add_argument("--plotlyjs", default="directory", choices=list(findings.PLOTLYJS),
                    help="how the HTML gets plotly.js: directory (default: plotly.min.js written once beside the "
                         "pages, offline), inline (in every page), cdn (needs the network)")
     q.set_defaults(run=cmd_findings)
+
+    q = sub.add_parser("prompts", help="list the prompt sets: sizes, splits and fields; a family's evaluation sets",
+                       description="Without arguments: every named set (kind, size, its fixed train and eval splits, "
+                                   "fields, source). With SPECs: those sets. With --family (or a set flag): the "
+                                   "evaluation sets the family's scores run on, by role.")
+    q.add_argument("specs", nargs="*", metavar="SPEC", help="set specs to describe (a named set or a file, with keys)")
+    q.add_argument("--family", default=None, help="also show this family's evaluation sets ('tiny', 'smol' or a "
+                                                  "family file)")
+    set_args(q)
+    q.add_argument("--n-prompts", type=_positive, default=None, help="the first N prompts of each evaluation set")
+    q.add_argument("--csv", action="store_true", help="print CSV instead of aligned text")
+    q.set_defaults(run=cmd_prompts, guard=False)
 
     q = sub.add_parser("cache", help="show or clear the disk cache (SAFESUB_CACHE)")
     q.add_argument("action", choices=["info", "clear"])
@@ -224,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as stop:  # --help (0) or a bad option (2, already reported as one line)
         return stop.code if isinstance(stop.code, int) else 2
     try:
-        guard_outputs(args)  # before any work: no output may be an input, another output or not a regular file
+        if getattr(args, "guard", True):  # `prompts` writes nothing
+            guard_outputs(args)  # before any work: no output may be an input, another output or not a regular file
         args.run(args)
     except SafesubError as err:
         close_bars()

@@ -2,7 +2,9 @@
 work through the library and writes its outputs through `outputs.write_all` once everything is computed.
 
 Contract: a command opens its family once (`_family`, after the output guard opened it; the checkpoints' files are
-hashed first where their hash is not stored), draws tqdm progress bars on stderr (`_bar`, closed before an error
+hashed first where their hash is not stored), reads its evaluation sets (`_sets`: the family file's `eval_sets`,
+then --harmful/--utility/--benign/--edgy and --convention, then the defaults; `EvalSets.for_family`) before any
+model loads, draws tqdm progress bars on stderr (`_bar`, closed before an error
 line by `close_bars`), prints warnings beside a result as `warning:` lines, and raises SafesubError for bad input.
 """
 from __future__ import annotations
@@ -23,13 +25,13 @@ from transformers.utils import logging as hf_logging
 from safesub_core import demo, findings, scoring
 from safesub_core.cache import DiskCache
 from safesub_core.fingerprints import fingerprint_all
-from safesub_core.compute import resolve_compute
+from safesub_core.compute import live_prompts, resolve_compute
 from safesub_core.errors import SafesubError
 from safesub_core.family import Family, resolve_family
 from safesub_core.linalg import check_energy
 from safesub_core.outputs import summary_path, write_all
 from safesub_core.overlap import overlap_summary, overlap_warnings, weight_overlap
-from safesub_core.prompts import EvalSets, PromptSet, resolve
+from safesub_core.prompts import ROLES, EvalSets, PromptSet, SetSpec, catalogue, resolve, split_of
 from safesub_core.session import FamilySession
 from safesub_core.projection import ProjectionConfig
 from safesub_core.sweeps import grid, sweep
@@ -40,11 +42,17 @@ def load_family(spec: str):
     return resolve_family(spec, progress=_bar(f"building the {spec} family"))
 
 
-def _family(args) -> Family:
-    """The command's family: the one the output guard opened already, else `load_family`; its checkpoints' files
-    hashed once per command (with a bar where a hash is not stored yet)."""
+def _opened(args) -> Family:
+    """The command's family: the one the output guard opened already, else `load_family` (nothing hashed)."""
     if getattr(args, "opened_family", None) is None:
         args.opened_family = load_family(args.family)
+    return args.opened_family
+
+
+def _family(args) -> Family:
+    """The command's family (`_opened`), its checkpoints' files hashed once per command (with a bar where a hash is
+    not stored yet)."""
+    _opened(args)
     if not getattr(args, "hashed", False):
         fingerprint_all(args.opened_family, progress=_bar("hashing the checkpoints' files (once: stored)"))
         args.hashed = True
@@ -64,10 +72,50 @@ def _bar(desc: str):
     return update
 
 
-def _session(args):
+def set_overrides(args) -> dict[str, str]:
+    """The evaluation sets named on the command line: role -> spec (--harmful, --utility, --benign, --edgy)."""
+    return {r: getattr(args, r) for r in ROLES if getattr(args, r, None)}
+
+
+def _sets(args, convention: str | None = None) -> EvalSets:
+    """The command's evaluation sets (see the module docstring), each cut to --n-prompts when given; read before any
+    model loads (bad input: one line)."""
+    sets = EvalSets.for_family(_opened(args), set_overrides(args),
+                               convention=convention or getattr(args, "convention", None))
+    return sets.head(args.n_prompts) if getattr(args, "n_prompts", None) else sets
+
+
+def _guard_set_files(args) -> None:
+    """No output of the command is a prompt file one of its set specs names (the output guard sees plain paths only;
+    a spec's file is its source): one line "<option> <path>: is the prompt file of this command (<flag>)"."""
+    specs = [(f"--{r}", t) for r, t in set_overrides(args).items()]
+    if getattr(args, "command", None) == "score":
+        specs.append(("--prompts" if args.prompts is not None else "SPEC", args.set or args.prompts or ""))
+    files = []
+    for flag, text in specs:
+        try:
+            spec = SetSpec.parse(text, flag)
+        except SafesubError:
+            continue  # reported when the set is read
+        if spec.file():
+            files.append((flag, Path(spec.source).expanduser().resolve()))
+    outs = [("--out file", getattr(args, "out", None))]
+    if getattr(args, "command", None) == "score":
+        outs.append(("summary file", summary_path(args)))
+    for label, out in outs:
+        if out is None:
+            continue
+        for flag, src in files:
+            if Path(out).expanduser().resolve() == src:
+                raise SafesubError(f"{label} {out}: is the prompt file of this command ({flag})")
+
+
+def _session(args, sets: EvalSets | None = None):
     device, dtype = resolve_compute(args.device, args.dtype)
-    sets = EvalSets.default(args.n_prompts) if args.n_prompts else EvalSets.default()
-    return FamilySession(_family(args), device=device, dtype=dtype, sets=sets, chat=not args.raw)
+    sets = sets or _sets(args)
+    family = _family(args)
+    return FamilySession(family, device=device, dtype=dtype, sets=sets, chat=not args.raw,
+                         batch=live_prompts(family, device))
 
 
 def _first(prompt_set: PromptSet, args) -> PromptSet:
@@ -80,9 +128,11 @@ def _first(prompt_set: PromptSet, args) -> PromptSet:
 
 def cmd_sweep(args) -> None:
     grid(args.subspace, args.mode, args.fracs, args.alpha)  # bad settings fail before any model loads
-    target = _session(args) if args.scores != "none" else _family(args)
+    _guard_set_files(args)
+    sets = _sets(args)  # bad evaluation sets too (checked even when no score uses them)
+    target = _session(args, sets) if args.scores != "none" else _family(args)
     table = sweep(target, args.variant, args.subspace, args.mode, args.fracs, alpha=args.alpha, scores=args.scores,
-                  progress=_bar("sweep"))
+                  progress=_bar("sweep"), seeds=args.seeds)
     _warn(table.attrs["warnings"])
     write_all([(table, args.out)])
 
@@ -130,18 +180,38 @@ def _judge(args):
     return judge
 
 
+_KIND_ROLES = {"harmful": "harmful", "math": "utility", "benign": "benign", "edgy": "edgy"}
+
+
+def scored_set(args) -> tuple[PromptSet, SetSpec]:
+    """The set `score` scores: SPEC or --prompts (one of them; default builtin-harmful:eval) in the set-spec grammar.
+    Its role is --kind's, else utility when it names a reference field or a convention, else benign (a named set
+    keeps its own kind)."""
+    if args.set is not None and args.prompts is not None:
+        raise SafesubError(f"score: give the set once (SPEC {args.set!r} or --prompts {args.prompts!r})")
+    text = args.set if args.set is not None else args.prompts or "builtin-harmful:eval"
+    where = "--prompts" if args.prompts is not None else "prompt set"
+    spec = SetSpec.parse(text, where)
+    role = _KIND_ROLES.get(args.kind) or ("utility" if spec.reference or spec.convention else "benign")
+    return _first(spec.load(role, None, False, where), args), spec
+
+
 def cmd_score(args) -> None:
     cfg = None
     if args.subspace:
         cfg = ProjectionConfig(args.subspace, args.mode, args.frac, alpha=args.alpha)
-    prompt_set = _first(resolve(args.prompts, kind=args.kind), args)  # bad prompts, point, judge: before models load
+    _guard_set_files(args)
+    prompt_set, spec = scored_set(args)  # bad prompts, sets, point, judge: before models load
+    convention = args.convention or spec.convention
+    sets = _sets(args, convention)
     judge = _judge(args)
-    session = _session(args)
+    session = _session(args, sets)
     session.family.checkpoint(args.model)
     per_prompt, summary = session.score_set(args.model, prompt_set, cfg, max_new_tokens=args.max_new_tokens,
                                             judge=judge, progress=_bar(f"scoring {prompt_set.name}"))
     point = {} if cfg is None else cfg.__dict__
-    summary = {"model": args.model, "set": prompt_set.name} | point | {
+    which = {"convention": sets.convention} if prompt_set.kind == "math" else {}  # which exact match a number used
+    summary = {"model": args.model, "set": prompt_set.name} | point | which | {
         k: v for k, v in summary.items() if not isinstance(v, list)}
     write_all([(per_prompt, args.out), (pd.DataFrame([summary]), summary_path(args))])
 
@@ -233,11 +303,43 @@ def cmd_findings(args) -> None:
     def progress(family, done, total, what):
         bars.setdefault(family, _bar(family))(done, total, f"{family}: {what}")
 
+    chosen = set_overrides(args)
+    if chosen:  # read once here, so a bad set is one line before any family is opened
+        EvalSets.from_specs(chosen, convention=args.convention)
+    extra = ({"sets": chosen} if chosen else {}) | ({"convention": args.convention} if args.convention else {})
     out = findings.run(families, configs, args.out, None if args.no_figures else args.figures, args.study,
-                       args.plotlyjs, command="safesub " + " ".join(args.argv), progress=progress, log=print)
+                       args.plotlyjs, command="safesub " + " ".join(args.argv), progress=progress, log=print, **extra)
     close_bars()
     print(f"wrote {out}")
 
+
+def cmd_prompts(args) -> None:
+    """Print the named sets (or the sets given as specs), then a family's evaluation sets by role."""
+    tables = []
+    if args.specs:
+        rows = []
+        for text in args.specs:
+            spec = SetSpec.parse(text, text)
+            role = "utility" if spec.reference or spec.convention else "benign"
+            ps = spec.load(role, None, False, text)
+            parts = [split_of(p) for p in ps]
+            rows.append(dict(spec=text, name=ps.name, kind=ps.kind, size=len(ps), train=parts.count("train"),
+                             eval=parts.count("eval"), **{"prompt field": spec.prompt or "",
+                             "reference field": spec.reference or ""}, source=ps.source))
+        tables.append(("Sets", pd.DataFrame(rows)))
+    elif args.family is None and not set_overrides(args):
+        tables.append(("Named sets (a ':train' or ':eval' suffix picks the fixed split)", catalogue()))
+    if args.family is not None:
+        tables.append((f"Evaluation sets of the family {_opened(args).name!r}", _sets(args).describe()))
+    elif set_overrides(args) or args.convention:
+        sets = EvalSets.from_specs(set_overrides(args), convention=args.convention)
+        tables.append(("Evaluation sets", (sets.head(args.n_prompts) if args.n_prompts else sets).describe()))
+    for i, (title, table) in enumerate(tables):
+        if args.csv:
+            print(table.to_csv(index=False), end="")
+        else:
+            print(("\n" if i else "") + title)
+            print(table.to_string(index=False))
 
 
 def close_bars() -> None:

@@ -32,9 +32,16 @@ name is text; base and aligned are required non-empty paths (text), safety_tuned
 mapping name -> non-empty path whose names are not role names; card and behaviour are optional paths of files
 beside it (relative paths are relative to the family file), the card UTF-8 text, the behaviour a JSON object
 (its "models", when present, a mapping of mappings; its "metrics" a mapping). An optional key given as null is
-absent. Entered paths ("paths:" JSON) are checked the same way against PATHS_KEYS (an empty safety_tuned, a blank
-form field, is absent). Every problem is ONE SafesubError line; from a family file it names the file
-("family file <path>: ..."), including the problems of the checkpoints it names.
+absent. Optional evaluation settings: eval_sets, a mapping role (harmful, utility, benign, edgy) -> a set spec
+(`prompts.specs`: text in the spec grammar, or a mapping {set | path, prompt, reference, split, n, convention}; a
+relative path is relative to the family file and confined like the checkpoints), checked for its syntax here and
+read by `prompts.EvalSets.for_family` before any model loads; refusal_openings, a non-empty list of non-empty
+texts (how a refusal opens, for the live refusal score); system_prompt, text (the system message of chat prompts).
+They are the Family's attributes `eval_sets` (dict, role -> spec as given), `refusal_openings` (tuple or None) and
+`system_prompt` (str or None); `file` is the family file's path and `confined` whether it was opened confined.
+Entered paths ("paths:" JSON) are checked the same way against PATHS_KEYS (an empty safety_tuned, a blank form
+field, is absent; so is a blank system_prompt). Every problem is ONE SafesubError line; from a family file it names
+the file ("family file <path>: ..."), including the problems of the checkpoints it names.
 """
 from __future__ import annotations
 
@@ -53,11 +60,14 @@ from safesub_core.checkpoints import Checkpoint, TensorReader
 from safesub_core.errors import SafesubError
 from safesub_core.hub import hub_name, hub_snapshot
 from safesub_core.paths import confine, expanded, read_utf8, real_path
+from safesub_core.prompts.specs import ROLES as SET_ROLES
+from safesub_core.prompts.specs import SetSpec
 
 ROLES = ("base", "aligned", "safety_tuned")
 STARTS = ("aligned", "safety_tuned")
-FILE_KEYS = ("name", "base", "aligned", "safety_tuned", "start", "variants", "card", "behaviour")
-PATHS_KEYS = ("base", "aligned", "safety_tuned", "start", "variants")
+OPTIONAL_KEYS = ("eval_sets", "refusal_openings", "system_prompt")  # evaluation settings (docs/method.md)
+FILE_KEYS = ("name", "base", "aligned", "safety_tuned", "start", "variants", "card", "behaviour", *OPTIONAL_KEYS)
+PATHS_KEYS = ("base", "aligned", "safety_tuned", "start", "variants", *OPTIONAL_KEYS)
 PATHS_PREFIX = "paths:"
 _BUILD_LOCK = threading.Lock()  # one build of the tiny family at a time in this process (the app's sessions)
 _KINDS = {"list": "a list", "dict": "a mapping", "int": "a number", "float": "a number", "bool": "true/false",
@@ -106,6 +116,38 @@ def _check_variant_names(who: str, variants) -> None:
         raise SafesubError(f"{who}: variant name {sorted(clash)[0]!r} is reserved for a role")
 
 
+def check_options(spec: dict, where: str, blank_is_absent: bool = False) -> dict[str, Any]:
+    """The optional evaluation settings of a family file or of entered paths (eval_sets, refusal_openings,
+    system_prompt), checked: {eval_sets: dict, refusal_openings: tuple | None, system_prompt: str | None}."""
+    sets = spec.get("eval_sets") or {}
+    if not isinstance(sets, dict):
+        raise SafesubError(f"{where}: eval_sets must be a mapping of role: set spec, not {_kind(sets)}")
+    for role, value in sets.items():
+        if role not in SET_ROLES:
+            raise _unknown_key(role, SET_ROLES, f"{where}: eval_sets")
+        if value is not None:
+            SetSpec.parse(value, f"{where}: eval_sets.{role}")  # its syntax; the set is read by EvalSets.for_family
+    openings = spec.get("refusal_openings")
+    if openings is not None:
+        if not isinstance(openings, list) or not openings:
+            raise SafesubError(f"{where}: refusal_openings must be a non-empty list of texts, not {_kind(openings)}")
+        for i, text in enumerate(openings):
+            if not isinstance(text, str) or not text.strip():
+                raise SafesubError(f"{where}: refusal_openings item {i + 1} must be non-empty text, not "
+                                   f"{_kind(text) if not isinstance(text, str) else 'empty'}")
+        openings = tuple(openings)
+    system = spec.get("system_prompt")
+    if system is not None:
+        if not isinstance(system, str):
+            raise SafesubError(f"{where}: system_prompt must be text, not {_kind(system)}")
+        if not system.strip():
+            if not blank_is_absent:
+                raise SafesubError(f"{where}: system_prompt is empty (leave the key out for none)")
+            system = None
+    return dict(eval_sets={r: v for r, v in sets.items() if v is not None}, refusal_openings=openings,
+                system_prompt=system)
+
+
 def check_family_file(doc: Any, where: str, default_name: str) -> dict[str, Any]:
     """A parsed family file's content, checked (the module docstring lists the rules): name, base, aligned,
     safety_tuned, start, variants, card and behaviour as given (None when absent); or one SafesubError line
@@ -146,7 +188,7 @@ def check_family_file(doc: Any, where: str, default_name: str) -> dict[str, Any]
         _path_text(path, f"variant {v!r}", where)
     _check_variant_names(who, variants)
     return dict(name=name, **{k: paths.get(k) for k in ("base", "aligned", "safety_tuned", "card", "behaviour")},
-                start=start, variants=dict(variants))
+                start=start, variants=dict(variants), **check_options(spec, where))
 
 
 def check_entered_paths(doc: Any) -> dict[str, Any]:
@@ -175,8 +217,9 @@ def check_entered_paths(doc: Any) -> dict[str, Any]:
             raise SafesubError(f"{where}: a variant has an empty name (give name = path)")
         _path_text(path, f"variant {v!r}", where)
     _check_variant_names("family 'entered'", variants)
+    options = {k: v for k, v in doc.items() if k in OPTIONAL_KEYS and v is not None}
     return dict(name="entered", base=paths["base"], aligned=paths["aligned"], safety_tuned=paths.get("safety_tuned"),
-                start=start, variants=dict(variants))
+                start=start, variants=dict(variants), **check_options(options, where, blank_is_absent=True))
 
 
 def _text_file(path: Path, label: str) -> str:
@@ -247,6 +290,11 @@ class Family:
     root: Path | None = None
     card: str = ""
     behaviour: dict = field(default_factory=dict)
+    eval_sets: dict = field(default_factory=dict)  # role -> set spec as given (prompts.EvalSets.for_family reads it)
+    refusal_openings: tuple[str, ...] | None = None
+    system_prompt: str | None = None
+    file: Path | None = None  # the family file, when read from one
+    confined: bool = False  # opened confined: its eval-set paths are confined too
 
     def __post_init__(self):
         _check_start(f"family '{self.name}'", self.start, self.safety_tuned is not None)
@@ -276,7 +324,7 @@ class Family:
         rooted["variants"] = {k: _rooted(root, v) for k, v in spec["variants"].items()}
         try:
             return cls.from_paths(**(spec | rooted), allow_pickle=allow_pickle, confined=confined, root=root, card=card,
-                                  behaviour=behaviour)
+                                  behaviour=behaviour, file=p)
         except SafesubError as err:  # a checkpoint's problem, said as the family file's
             raise SafesubError(f"{where}: {err}") from None
 
@@ -303,6 +351,7 @@ class Family:
             safety_tuned=ck("safety_tuned", safety_tuned) if safety_tuned else None,
             variants={k: ck(k, v) for k, v in variants.items()},
             start=start,
+            confined=confined,
             **kw,
         )
 
@@ -374,10 +423,15 @@ def resolve_family(spec: str, *, confined: bool = False,
     return Family.from_file(spec, confined=confined)
 
 
-def paths_spec(base: str, aligned: str, safety_tuned: str | None, start: str, variants: dict[str, str]) -> str:
-    """The "paths:{json}" spec of entered checkpoint paths (what `resolve_family` reads back)."""
-    return PATHS_PREFIX + json.dumps(dict(base=base, aligned=aligned, safety_tuned=safety_tuned or None, start=start,
-                                          variants=variants), sort_keys=True)
+def paths_spec(base: str, aligned: str, safety_tuned: str | None, start: str, variants: dict[str, str],
+               eval_sets: dict | None = None, refusal_openings=None, system_prompt: str | None = None) -> str:
+    """The "paths:{json}" spec of entered checkpoint paths and optional evaluation settings (what `resolve_family`
+    reads back); settings not given are left out, so a spec without them reads as before."""
+    doc = dict(base=base, aligned=aligned, safety_tuned=safety_tuned or None, start=start, variants=variants)
+    options = dict(eval_sets={r: v for r, v in (eval_sets or {}).items() if v} or None,
+                   refusal_openings=list(refusal_openings) if refusal_openings else None,
+                   system_prompt=system_prompt if system_prompt and system_prompt.strip() else None)
+    return PATHS_PREFIX + json.dumps(doc | {k: v for k, v in options.items() if v is not None}, sort_keys=True)
 
 
 def _from_entered_paths(text: str, confined: bool) -> Family:

@@ -1,9 +1,15 @@
 """Prompt formatting and batched greedy decoding.
 
 Contract:
-- `format_prompt(tokenizer, prompt, chat=True)`: the tokenizer's chat template with one user turn and the
-  generation prompt when it has a template and `chat` is true, else the raw prompt text (the study used raw
-  text). The demo families are trained with exactly this formatting.
+- `PromptFormat(chat=True, system=None)`: how a prompt is put to a model. Every `chat=` parameter in safesub takes
+  a bool (= `PromptFormat(chat)`) or a PromptFormat; only `format_prompt` and `template_header` read it
+  (`prompt_format` normalises).
+- `format_prompt(tokenizer, prompt, chat=True)`: the tokenizer's chat template with the generation prompt when it
+  has a template and `chat` is true: a system turn holding `system` when one is given (else the template's own
+  default, e.g. SmolLM2's "You are a helpful AI assistant named SmolLM..."), then one user turn; a template that
+  rejects a system turn gets the system text prepended to the user's message, followed by a blank line. Else the
+  raw prompt text (the study used raw text, without system prompt); a system prompt then comes first, on its own
+  line: ``system + "\n" + prompt``. The demo families are trained with exactly this formatting (no system prompt).
 - `generate(model, tokenizer, prompts, ...)`: greedy (deterministic) decoding in batches with *left* padding, so
   every prompt's last real token sits at position -1; returns the decoded continuations only. Prompts longer
   than the model's context are truncated from the left, and `GenerationResult.truncated` says which. The
@@ -36,21 +42,48 @@ from safesub_core.errors import SafesubError
 from safesub_core.prefix import PromptBatch, accepts as prefix_accepts, prefix_length, supports_prefix
 
 
-def format_prompt(tokenizer, prompt: str, chat: bool = True) -> str:
-    """The text the model sees for `prompt`: its chat template (one user turn) or the raw prompt."""
-    if chat and getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
-    return prompt
+@dataclass(frozen=True)
+class PromptFormat:
+    """How a prompt is put to a model: through the chat template (`chat`) or as raw text, with an optional
+    system prompt (`system`; None: none, or the template's default)."""
+
+    chat: bool = True
+    system: str | None = None
+
+    def __post_init__(self):
+        if self.system is not None and not isinstance(self.system, str):
+            raise SafesubError(f"system prompt {self.system!r}: is not a string")
+
+
+def prompt_format(chat: "bool | PromptFormat") -> PromptFormat:
+    """`chat` as a PromptFormat: a PromptFormat as is, a bool (or anything truthy) as `PromptFormat(bool(chat))`."""
+    return chat if isinstance(chat, PromptFormat) else PromptFormat(bool(chat))
+
+
+def format_prompt(tokenizer, prompt: str, chat: "bool | PromptFormat" = True) -> str:
+    """The text the model sees for `prompt`: its chat template (an optional system turn, one user turn) or the raw
+    prompt (the system prompt, if any, on its own line before it)."""
+    fmt = prompt_format(chat)
+    if fmt.chat and getattr(tokenizer, "chat_template", None):
+        user = [{"role": "user", "content": prompt}]
+        if fmt.system is None:
+            return tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+        try:
+            return tokenizer.apply_chat_template([{"role": "system", "content": fmt.system}] + user, tokenize=False,
+                                                 add_generation_prompt=True)
+        except Exception:  # a template without a system role (it raises): the system text opens the user turn
+            user = [{"role": "user", "content": f"{fmt.system}\n\n{prompt}"}]
+            return tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+    return prompt if fmt.system is None else f"{fmt.system}\n{prompt}"
 
 
 _HEADER_PROBE = "\x00probe\x00"
 
 
-def template_header(tokenizer, chat: bool = True) -> list[int]:
+def template_header(tokenizer, chat: "bool | PromptFormat" = True) -> list[int]:
     """Token ids of the formatted text before the user's message (the chat template's fixed opening: system
-    prompt, user-turn marker); empty for raw prompts. Rows share at most this much (`prefix.prefix_length`)."""
+    prompt, user-turn marker; for raw prompts the system line, if any); empty for raw prompts without one. Rows
+    share at most this much (`prefix.prefix_length`)."""
     text = format_prompt(tokenizer, _HEADER_PROBE, chat)
     head = text[: text.find(_HEADER_PROBE)] if _HEADER_PROBE in text else ""
     return list(tokenizer(head, add_special_tokens=False)["input_ids"]) if head else []
@@ -102,7 +135,7 @@ def generate(
     tokenizer,
     prompts: Sequence[str],
     max_new_tokens: int = 48,
-    chat: bool = True,
+    chat: "bool | PromptFormat" = True,
     batch_size: int = 16,
     progress: Callable[[int, int], None] | None = None,
 ) -> GenerationResult:
@@ -120,7 +153,7 @@ def generate(
     return GenerationResult(completions, truncated)
 
 
-def _answer_rows(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, chat: bool):
+def _answer_rows(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, chat: "bool | PromptFormat"):
     """(rows, truncated, header, device): the formatted prompts' token ids, each cut from the left to leave room
     for `max_new_tokens` in the model's context, the template header the rows may share, the model's device."""
     if len(prompts) == 0:
@@ -168,7 +201,7 @@ def greedy_answers(
     tokenizer,
     prompts: Sequence[str],
     max_new_tokens: int,
-    chat: bool = True,
+    chat: "bool | PromptFormat" = True,
     draft: torch.Tensor | None = None,
     checked: torch.Tensor | None = None,
 ) -> GreedyAnswers:

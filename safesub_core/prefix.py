@@ -29,7 +29,9 @@ with a 4-D additive attention mask in which the row's tokens see the prefix and 
 tokens see those and the branch itself, never another branch; a branch's positions continue from the row's end.
 So one pass scores every continuation of every row, each as it would be scored appended to the row alone, and the
 logits that matter (the row's last position and the branches') are the last `tail` positions of each row. It
-needs an attention that takes a custom mask (`supports_branches`: eager and sdpa).
+needs an attention that takes a custom mask (`supports_branches`: eager and sdpa). With ``share=True`` a row's
+branches that open alike share those tokens (a trie: "I", "'m", " sorry" and "I", " cannot" lay out "I" once): a
+branch token sees the prefix, the row and its own ancestors in the trie, and the logits are the same as unshared.
 """
 from __future__ import annotations
 
@@ -125,14 +127,19 @@ class PromptBatch:
     prefix: tuple[int, ...]  # the shared prefix (P tokens; empty: none)
     branch: torch.Tensor | None = None  # (B, P + W) 0 over the rows' tokens, j over branch j, -1 padding; None: none
     branch_lengths: tuple[tuple[int, ...], ...] = ()  # per row, its branches' lengths
+    nodes: tuple[tuple[tuple[int, ...], ...], ...] = ()  # per row, per branch: its tokens' places after the row
+    ancestors: torch.Tensor | None = None  # (B, W, W) shared branches: a suffix position may see another's token
 
     @classmethod
     def build(cls, rows: Sequence[Sequence[int]], pad_id: int, prefix_len: int = 0, device=None,
-              branches: Sequence[Sequence[Sequence[int]]] | None = None) -> "PromptBatch":
+              branches: Sequence[Sequence[Sequence[int]]] | None = None, share: bool = False) -> "PromptBatch":
         """Rows of token ids (each longer than `prefix_len`, all sharing their first `prefix_len` tokens); with
-        `branches`, per row a list of continuations (possibly empty lists) each run on the row alone."""
+        `branches`, per row a list of continuations (possibly empty lists) each run on the row alone (`share`:
+        branches that open alike share those tokens)."""
         P = prefix_len
         branches = [[list(b) for b in bs] for bs in branches] if branches is not None else None
+        if share and branches is not None:
+            return cls._shared(rows, pad_id, P, device, branches)
         tails = [[t for b in bs for t in b] for bs in branches] if branches is not None else [[] for _ in rows]
         width = max(len(r) - P + len(t) for r, t in zip(rows, tails))
         ids = torch.full((len(rows), P + width), pad_id, dtype=torch.long)
@@ -152,25 +159,67 @@ class PromptBatch:
                 branch[i, start:start + len(b)] = j
                 positions[i, start:start + len(b)] = torch.arange(len(r), len(r) + len(b))
                 start += len(b)
+        nodes, start = [], 0
+        for bs in branches:
+            places, start = [], 0
+            for b in bs:
+                places.append(tuple(range(start, start + len(b))))
+                start += len(b)
+            nodes.append(tuple(places))
         return cls(ids.to(device), mask.to(device), positions.to(device), tuple(rows[0][:P]), branch.to(device),
-                   tuple(tuple(len(b) for b in bs) for bs in branches))
+                   tuple(tuple(len(b) for b in bs) for bs in branches), tuple(nodes))
+
+    @classmethod
+    def _shared(cls, rows, pad_id: int, P: int, device, branches) -> "PromptBatch":
+        """`build` with each row's branches laid out as a trie (see the module docstring)."""
+        tries = []  # per row: (tokens, parent place (-1: the row), depth) per node; per branch its nodes' places
+        for bs in branches:
+            index: dict[tuple, int] = {}
+            tokens, parents, depths, places = [], [], [], []
+            for b in bs:
+                path = []
+                for d in range(len(b)):
+                    key = tuple(b[:d + 1])
+                    if key not in index:
+                        index[key] = len(tokens)
+                        tokens.append(b[d])
+                        parents.append(path[-1] if path else -1)
+                        depths.append(d)
+                    path.append(index[key])
+                places.append(tuple(path))
+            tries.append((tokens, parents, depths, tuple(places)))
+        flat = cls.build([list(r) + t[0] for r, t in zip(rows, tries)], pad_id, P, device)
+        W = flat.ids.shape[1] - P
+        branch = flat.mask.clone().cpu() - 1
+        positions = flat.positions.clone().cpu()
+        ancestors = torch.zeros((len(rows), W, W), dtype=torch.bool)
+        for i, (r, (tokens, parents, depths, _)) in enumerate(zip(rows, tries)):
+            start = W - len(tokens)  # the row's branch tokens, in suffix coordinates
+            for n, (par, d) in enumerate(zip(parents, depths)):
+                branch[i, P + start + n] = 1
+                positions[i, P + start + n] = len(r) + d
+                ancestors[i, start + n, start + n] = True
+                if par >= 0:
+                    ancestors[i, start + n] |= ancestors[i, start + par]
+        return cls(flat.ids, flat.mask, positions.to(device), flat.prefix, branch.to(device),
+                   tuple(tuple(len(b) for b in bs) for bs in branches), tuple(t[3] for t in tries),
+                   ancestors.to(device))
 
     @property
     def tail(self) -> int:
         """The last positions of every row that hold its last own token and all its branches (logits to keep)."""
-        return max((1 + sum(lens) for lens in self.branch_lengths), default=1)
+        return max((1 + len({n for places in row for n in places}) for row in self.nodes), default=1)
 
     def branch_logits(self, logits: torch.Tensor) -> list[list[torch.Tensor]]:
         """Per row, per branch: the logits (len + 1, V) predicting the branch's tokens and the token after it (the
         row's last position, then the branch's own), from `logits` (B, T, V) of the rows' last T >= `tail`
         positions."""
         out = []
-        for b, lens in enumerate(self.branch_lengths):
-            row = logits[b, logits.shape[1] - 1 - sum(lens):]
-            start, spans = 1, []
-            for n in lens:
-                spans.append(torch.cat([row[:1], row[start:start + n]]))
-                start += n
+        for b, row_nodes in enumerate(self.nodes):
+            row = logits[b, logits.shape[1] - 1 - len({n for places in row_nodes for n in places}):]
+            spans = []
+            for places in row_nodes:
+                spans.append(torch.cat([row[:1], row[[1 + n for n in places]]]))
             out.append(spans)
         return out
 
@@ -182,7 +231,8 @@ class PromptBatch:
         W = own.shape[1]
         key, query = own[:, None, :], own[:, :, None]
         causal = torch.ones(W, W, dtype=torch.bool, device=own.device).tril()
-        seen = causal & (key >= 0) & ((key == 0) | (key == query))
+        same = (key == query) if self.ancestors is None else self.ancestors
+        seen = causal & (key >= 0) & ((key == 0) | same)
         seen |= torch.eye(W, dtype=torch.bool, device=own.device) & (query < 0)  # padding sees itself: no empty row
         seen = torch.cat([seen.new_ones(len(self), W, P), seen], 2)
         additive = torch.zeros(seen.shape, dtype=dtype, device=own.device)

@@ -4,26 +4,29 @@ Contract:
 - `FamilySession(family)` loads the start model twice (a `reference` that stays untouched and a `working` copy
   the projection writes into) and the tokenizer; other checkpoints load on first use and stay resident. The app
   keeps one session at a time.
-- A *point* is (variant, ProjectionConfig). `point_scores(variant, cfg)` returns the engine's diagnostics plus
-  the live scores of the projected model, composed in memory (nothing written to disk).
-- Live scores (forward passes, plus a few greedy tokens for arithmetic; what sliders show), on fixed evaluation
-  splits (`EvalSets`, never the training split); the forward-pass ones (`forward_scores`) are cached apart from
-  the decoded one (`decoded_scores`), so a page can show them first. The forward-pass scores run in two batched
-  passes (`scoring.live_forward_scores`), which also check a draft of the greedy answers, the nearest scored point's
-  (`generation.greedy_answers` then needs no pass of its own where the draft holds), so a move costs two passes:
-    margin_mean, share_margin_negative   log-prob margin on harmful prompts (refusal minus compliance opening)
-    nll_mean                             NLL of reference answers on arithmetic prompts
-    arith_exact_match                    exact match of greedy answers (12 new tokens) on arithmetic prompts
+- A *point* is (variant, ProjectionConfig) and, for a Random or Random-K subspace, the random draw `seed` (default
+  the session's; one engine per variant and draw). `point_scores(variant, cfg)` returns the engine's diagnostics
+  plus the live scores of the projected model, composed in memory (nothing written to disk).
+- Live scores (forward passes, plus a few greedy tokens for arithmetic; what sliders show) run on the evaluation sets
+  (`EvalSets`: the family file's `eval_sets`, else the built-in eval splits) in waves of `batch` prompts a role
+  (`waves.LiveWaves`): a move scores the first wave, `sharpen` adds one more while the slider rests, and every
+  score comes with its interval and n (`waves.summarise`):
+    margin_mean, share_margin_negative   refusal log-odds on harmful prompts (the family's refusal openings
+                                         against every other answer); the share below 0 is predicted to comply
+    nll_mean                             NLL of reference answers on utility prompts
+    arith_exact_match                    exact match of greedy answers (12 new tokens) on utility prompts
     kl_to_start                          KL(start || model) of the next token on benign prompts
+  Prompts are put to the models with the chat template (or raw) and the family's system prompt (`format`).
 - Generation scores (`generation_scores`): refusal rate and attack success rate on harmful prompts, exact match on
-  arithmetic, over-refusal on edgy prompts, with per-prompt tables.
+  utility prompts (the sets' answer convention), over-refusal on edgy prompts, each with its interval, and the
+  per-prompt tables.
 Every score, state and map is cached on disk under ONE kind of key (`_key`): everything that decides what it means.
-That is the code's SCORE_VERSION and `definitions()` (refusal markers, the margin's openings, live answer tokens),
+That is the code's SCORE_VERSION and `definitions()` (refusal markers, the refusal openings, live answer tokens),
 the tokenizer's files (`fingerprints.tokenizer_fingerprint` of the start model's: tokenizer, special tokens, chat
-template), chat on or off, dtype and device type; the model's files (`fingerprints.model_fingerprint`: weights,
+template), the prompt format (chat on or off, system prompt), dtype and device type; the model's files (`fingerprints.model_fingerprint`: weights,
 config, generation config, and a LoRA adapter's start model); for a projected point also the start and base models,
-the point and the seed; where a score compares with the start model (kl_to_start), the start model; then what the
-entry itself needs: the prompt sets' content, max new tokens, the judge (its kind, rubric and local model files).
+the point and its random draw; where a score compares with the start model (kl_to_start), the start model; then what the
+entry itself needs: the prompts' content (a live wave's own), the answer convention, max new tokens, the judge (its kind, rubric and local model files).
 A session notices files changed on disk since it loaded them (`_sync`, on every key): it reloads the changed
 models and tokenizer, rebuilds the engines that read them and forgets what was derived from them, so a resident
 session never scores stale models under fresh keys. A point's scores are reproducible to float rounding (about 1e-6
@@ -51,10 +54,10 @@ from safesub_core import scoring
 from safesub_core.activations import BandMean, activation_map, activation_overlap, band_mean, last_token_states
 from safesub_core.cache import DiskCache
 from safesub_core.checkpoints import Checkpoint
-from safesub_core.compute import dtype_name, resident_budget
+from safesub_core.compute import FULL_LIVE_PROMPTS, dtype_name, resident_budget
 from safesub_core.family import Family
 from safesub_core.fingerprints import model_fingerprint, tokenizer_fingerprint
-from safesub_core.generation import generate, greedy_answers
+from safesub_core.generation import PromptFormat, generate
 from safesub_core.hashing import snapshot
 from safesub_core.linalg import DEFAULT_ENERGIES
 from safesub_core.loading import load_model
@@ -62,25 +65,25 @@ from safesub_core.overlap import STUDY_PAIRS, weight_overlap
 from safesub_core.precision import composed_state_dict
 from safesub_core.projection import ProjectionConfig, ProjectionDiagnostics
 from safesub_core.prompts import EvalSets, PromptSet
-from safesub_core.scoring import names
 from safesub_core.scoring.judges import LOCAL_KINDS
 from safesub_core.scoring.live import LIVE_ARITH_TOKENS
 from safesub_core.subspace import SubspaceEngine
+from safesub_core.waves import LiveWaves, Waves, generation_summary
 
-MAX_DRAFTS = 256  # points whose greedy answers a session keeps as drafts (n x LIVE_ARITH_TOKENS ids each)
 REPORTS = {"harmful": scoring.harmfulness_report, "math": scoring.utility_report,  # a prompt set's kind -> its scores
            "edgy": scoring.overrefusal_report, "benign": scoring.overrefusal_report}
+ROLE_KINDS = {"harmful": "harmful", "utility": "math", "edgy": "edgy", "benign": "benign"}  # a role's scores
 GENERATION_TOKENS = 48  # new tokens of the generation scores by default
 MAX_MOVES = 16  # rank moves of the working model between fresh compositions (float rounding builds up over them)
 # Bump when what a cached score, state or map means changes in code (a definition, the prompt formatting, a
 # decoding rule) in a way `definitions()` does not see: every entry the session wrote before is then recomputed.
-SCORE_VERSION = 1
+SCORE_VERSION = 2
 
 
-def definitions() -> str:
-    """A digest of the constants that define the scores (refusal markers, the margin's refusal and compliance
-    openings, the live answer's token count): part of every key, so editing one never serves an old score."""
-    payload = [list(scoring.REFUSAL_MARKERS), scoring.REFUSAL_OPENING, scoring.COMPLIANCE_OPENING, LIVE_ARITH_TOKENS]
+def definitions(openings: Sequence[str] = ()) -> str:
+    """A digest of what defines the scores (refusal markers, the refusal openings of the live log-odds, the live
+    answer's token count): part of every key, so editing one never serves an old score."""
+    payload = [list(scoring.REFUSAL_MARKERS), list(openings), LIVE_ARITH_TOKENS]
     return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:16]
 
 
@@ -101,15 +104,17 @@ def judge_key(judge: scoring.Judge | None) -> dict | None:
     return key
 
 
-class FamilySession:
+class FamilySession(LiveWaves):
     """One family's models, engines and scores; see the module docstring."""
 
     def __init__(self, family: Family, device: str = "cpu", dtype=torch.float32, sets: EvalSets | None = None,
                  chat: bool = True, seed: int = 0, cache: DiskCache | None = None,
-                 resident_bytes: int | None = None):
+                 resident_bytes: int | None = None, batch: int | None = None):
         family.validate()
         self.family, self.device, self.dtype, self.chat, self.seed = family, device, dtype, chat, seed
-        self.sets = sets or EvalSets.default()
+        self.sets = sets or EvalSets.for_family(family)
+        self.waves = Waves(self.sets, batch or FULL_LIVE_PROMPTS)  # a slider's first wave, then more at rest
+        self.openings = tuple(family.refusal_openings or scoring.DEFAULT_REFUSAL_OPENINGS)
         self.cache = cache or DiskCache()
         self.resident_bytes = resident_bytes if resident_bytes is not None else resident_budget(device)
         self._lock = threading.RLock()  # serialises every use of the shared working model
@@ -127,13 +132,19 @@ class FamilySession:
         self._models: dict[str, torch.nn.Module] = {family.start: self.reference}
         self._loaded: dict[str, str] = {family.start: model_print}  # resident model -> its model fingerprint
         self._tokenizer_print = tokenizer_print
-        self._engines: dict[str, SubspaceEngine] = {}
-        self._engine_prints: dict[str, tuple[str, ...]] = {}  # variant -> `_engine_print` when it was built
-        self._applied: tuple[str, ProjectionConfig] | None = None
+        self._engines: dict[tuple[str, int], SubspaceEngine] = {}  # (variant, seed) -> its engine
+        self._engine_prints: dict[tuple[str, int], tuple[str, ...]] = {}  # -> `_engine_print` when it was built
+        self._applied: tuple[str, int, ProjectionConfig] | None = None  # the working model's (variant, seed, point)
         self._moves = 0  # applies since the working model was last composed anew
         self._reference_logits: dict = {}  # the untouched start model's KL logits, computed once
         self._answers: dict[tuple, torch.Tensor] = {}  # greedy answer tokens per point: drafts for the next ones
-        self._checked: tuple | None = None  # (point, draft, F(draft)) from the latest forward scores' pass
+        self._checked: tuple | None = None  # ((point, wave), draft, F(draft)) from the latest forward pass
+        self._warm: set = set()  # (variant, seed) whose cold paths `warm` has run
+
+    @property
+    def format(self) -> PromptFormat:
+        """How every prompt is put to the models: the chat template (or raw text) and the family's system prompt."""
+        return PromptFormat(self.chat, self.family.system_prompt)
 
     def _engine_print(self, variant: str) -> tuple[str, ...]:
         """The tensors a variant's engine reads: base, start and variant (`SubspaceEngine.build` keys by them)."""
@@ -152,7 +163,7 @@ class FamilySession:
                              or tokenizer_fingerprint(start, f) != self._tokenizer_print)
             models = [n for n in list(self._loaded) if n != f.start
                       and model_fingerprint(f.checkpoint(n), f) != self._loaded.get(n)]
-            engines = [v for v, p in list(self._engine_prints.items()) if p != self._engine_print(v)]
+            engines = [k for k, p in list(self._engine_prints.items()) if p != self._engine_print(k[0])]
         if not (start_changed or models or engines):
             return
         with self._lock:
@@ -163,10 +174,10 @@ class FamilySession:
             for n in models:
                 self._models.pop(n, None)
                 self._loaded.pop(n, None)
-            for v in engines:
-                self._engines.pop(v, None)
-                self._engine_prints.pop(v, None)
-                if self._applied is not None and self._applied[0] == v:
+            for k in engines:
+                self._engines.pop(k, None)
+                self._engine_prints.pop(k, None)
+                if self._applied is not None and self._applied[:2] == k:
                     self._applied = None  # the working model holds the old engine's point: compose anew
             self._answers.clear()
             self._checked = None
@@ -196,22 +207,34 @@ class FamilySession:
             return dict(models=list(self._models), working_copy=self.family.start, bytes=total,
                         device=str(self.device), dtype=dtype_name(self.dtype))
 
-    def engine(self, variant: str, progress: Callable[[int, int, str], None] | None = None) -> SubspaceEngine:
+    def engine(self, variant: str, progress: Callable[[int, int, str], None] | None = None,
+               seed: int | None = None) -> SubspaceEngine:
+        """The variant's SubspaceEngine with the random subspaces of draw `seed` (default the session's), built
+        once."""
+        key = (variant, self.seed if seed is None else int(seed))
         with self._lock:
             self._sync()
-            if variant not in self._engines:
+            if key not in self._engines:
                 engine_print = self._engine_print(variant)
-                self._engines[variant] = SubspaceEngine.build(self.family, variant, seed=self.seed,
-                                                              device=self.device, cache=self.cache, progress=progress,
-                                                              resident_bytes=self.resident_bytes)
-                self._engine_prints[variant] = engine_print
-            return self._engines[variant]
+                self._engines[key] = SubspaceEngine.build(self.family, variant, seed=key[1], device=self.device,
+                                                          cache=self.cache, progress=progress,
+                                                          resident_bytes=self.resident_bytes)
+                self._engine_prints[key] = engine_print
+            return self._engines[key]
+
+    def _seed(self, cfg: ProjectionConfig | None, seed: int | None) -> int | None:
+        """The draw a point uses: None for a checkpoint, the session's for Top-K (it draws nothing), else `seed`
+        (default the session's)."""
+        if cfg is None:
+            return None
+        return self.seed if seed is None or cfg.subspace == "topk" else int(seed)
 
     def drop_engine(self, variant: str) -> None:
-        """Release the variant's engine (its resident bases), e.g. between variants of a long run."""
+        """Release the variant's engines (their resident bases), e.g. between variants of a long run."""
         with self._lock:
-            self._engines.pop(variant, None)
-            self._engine_prints.pop(variant, None)
+            for key in [k for k in self._engines if k[0] == variant]:
+                self._engines.pop(key, None)
+                self._engine_prints.pop(key, None)
 
     @contextmanager
     def locked(self) -> Iterator[None]:
@@ -234,19 +257,21 @@ class FamilySession:
         with self._lock:
             return self.engine(variant).curves(modes=tuple(modes))
 
-    def projected(self, variant: str, cfg: ProjectionConfig, exact: bool = False) -> torch.nn.Module:
-        """The working model set to the point (variant, cfg), composed in memory; a caller that shares the session
-        across threads holds `locked()` while using it. From the previous point of the same variant, subspace, mode
-        and alpha it moves by the ranks between (`SubspaceEngine.apply`), composing anew every MAX_MOVES moves and,
-        with `exact`, now (an export)."""
+    def projected(self, variant: str, cfg: ProjectionConfig, exact: bool = False,
+                  seed: int | None = None) -> torch.nn.Module:
+        """The working model set to the point (variant, cfg) with random draw `seed` (`_seed`), composed in memory;
+        a caller that shares the session across threads holds `locked()` while using it. From the previous point of
+        the same variant, draw, subspace, mode and alpha it moves by the ranks between (`SubspaceEngine.apply`),
+        composing anew every MAX_MOVES moves and, with `exact`, now (an export)."""
+        seed = self._seed(cfg, seed)
         with self._lock:
             self._sync()
-            if self._applied != (variant, cfg) or (exact and self._moves):
+            if self._applied != (variant, seed, cfg) or (exact and self._moves):
                 applied, self._applied = self._applied, None  # a failed apply leaves the working model unknown
-                since = applied[1] if applied and applied[0] == variant and not exact and self._moves < MAX_MOVES \
-                    else None
-                self.engine(variant).apply(self.working, self.reference, cfg, applied=since)
-                self._applied, self._moves = (variant, cfg), 0 if since is None else self._moves + 1
+                since = applied[2] if applied and applied[:2] == (variant, seed) and not exact \
+                    and self._moves < MAX_MOVES else None
+                self.engine(variant, seed=seed).apply(self.working, self.reference, cfg, applied=since)
+                self._applied, self._moves = (variant, seed, cfg), 0 if since is None else self._moves + 1
             return self.working
 
     def export(self, variant: str, cfg: ProjectionConfig, out_dir) -> None:
@@ -260,163 +285,74 @@ class FamilySession:
 
     # ------------------------------------------------------------------------------------------------ scores
     def _key(self, target: str | None = None, cfg: ProjectionConfig | None = None, reference: bool = False,
-             **entry) -> dict:
+             seed: int | None = None, **entry) -> dict:
         """THE cache key of every entry this session writes (see the module docstring): what all of them mean
         (score version, definitions, tokenizer, chat, dtype, device type), the model of `target` (a checkpoint, or
-        with `cfg` the point of variant `target`: also the start and base models, the point and the seed), the start
-        model where the entry compares with it (`reference`), then the entry's own parts. Files changed since they
+        with `cfg` the point of variant `target`: also the start and base models, the point and its random draw
+        `seed`, `_seed`), the start model where the entry compares with it (`reference`), then the entry's own parts. Files changed since they
         were loaded are reloaded first (`_sync`), so the key names what computes the entry."""
         f = self.family
         with snapshot():
             self._sync()
-            parts = dict(version=SCORE_VERSION, definitions=definitions(), tokenizer=self._tokenizer_print,
-                         chat=self.chat, dtype=dtype_name(self.dtype), device=torch.device(self.device).type)
+            parts = dict(version=SCORE_VERSION, definitions=definitions(self.openings), tokenizer=self._tokenizer_print,
+                         format=[self.format.chat, self.format.system], dtype=dtype_name(self.dtype),
+                         device=torch.device(self.device).type)
             if target is not None:
                 parts |= dict(target=target, model=model_fingerprint(f.checkpoint(target), f))
             if cfg is not None:
                 parts |= dict(start=model_fingerprint(f.start_checkpoint, f), base=f.base.fingerprint(),
-                              point=cfg.__dict__, seed=self.seed)
+                              point=cfg.__dict__, seed=self._seed(cfg, seed))
             if reference:
                 parts["reference"] = model_fingerprint(f.start_checkpoint, f)
         return parts | entry
 
-    def forward_scores(self, model: torch.nn.Module, point: tuple | None = None) -> dict:
-        """The live scores that need forward passes only (margin, NLL, KL), in two passes
-        (`scoring.live_forward_scores`): what a slider shows first. The same passes check the greedy answers'
-        draft for `point` (`_draft`), kept for `decoded_scores` at that point."""
-        s = self.sets
-        draft = self._draft(point)
-        got = scoring.live_forward_scores(model, self.reference, self.tokenizer, s.harmful.prompts, s.utility.prompts,
-                                          s.utility.references, s.benign.prompts, chat=self.chat,
-                                          ref_cache=self._reference_logits, drafts=draft)
-        self._checked = (point, draft, got[names.CHECKED]) if names.CHECKED in got else None
-        margin = got[names.MARGIN]
-        return {names.MARGIN_MEAN: float(margin.mean()),
-                names.SHARE_MARGIN_NEGATIVE: float((margin < 0).float().mean()),
-                names.NLL_MEAN: float(got[names.NLL].mean()), names.KL_TO_START: float(got[names.KL].mean())}
-
-    def decoded_scores(self, model: torch.nn.Module, point: tuple | None = None) -> dict:
-        """The live score that needs greedy answers (LIVE_ARITH_TOKENS tokens): arithmetic exact match. The answers
-        are checked against a draft, the answers of the nearest point scored before (`_draft`), in the forward
-        scores' pass when it ran at this point just before, else in a pass of their own, and decoded token by token
-        only where the draft fails (`generation.greedy_answers`; the result is the same)."""
-        s = self.sets
-        draft, checked, kept = self._draft(point), None, self._checked
-        # the forward scores' pass checked this draft at this point (without a point the model could be any)
-        if point is not None and kept is not None and kept[0] == point and kept[1] is draft:
-            checked = kept[2]
-        answers = greedy_answers(model, self.tokenizer, s.utility.prompts, LIVE_ARITH_TOKENS, chat=self.chat,
-                                 draft=draft, checked=checked)
-        if point is not None:
-            self._answers.pop(point, None)
-            self._answers[point] = answers.tokens
-            while len(self._answers) > MAX_DRAFTS:
-                self._answers.pop(next(iter(self._answers)))
-        correct = [scoring.exact_match(scoring.final_number(a), r)
-                   for a, r in zip(answers.completions, s.utility.references)]
-        return {names.ARITH_EXACT_MATCH: sum(correct) / len(correct)}
-
-    def _draft(self, point: tuple | None) -> torch.Tensor | None:
-        """Answers to check first at `point` = (target, cfg or None): those of the same variant, subspace, mode, scale
-        and kind of rank at the closest rank; else the latest scored."""
-        if not self._answers:
-            return None
-
-        def distance(key: tuple) -> tuple:
-            (target, c), cfg = key, None if point is None else point[1]
-            if point is None or target != point[0] or c is None or cfg is None:
-                return (1, 0.0)
-            if (c.subspace, c.mode, c.alpha, c.rank_fraction is None) != (cfg.subspace, cfg.mode, cfg.alpha,
-                                                                          cfg.rank_fraction is None):
-                return (1, 0.0)
-            return (0, abs((c.rank_fraction or c.energy) - (cfg.rank_fraction or cfg.energy)))
-
-        return self._answers[min(reversed(list(self._answers)), key=distance)]  # ties: the latest
-
-    def live_scores(self, model: torch.nn.Module, point: tuple | None = None) -> dict:
-        """The slider scores of a model as it stands (see the module docstring)."""
-        return self.forward_scores(model, point) | self.decoded_scores(model, point)
-
-    def _live(self, parts: dict, model: Callable[[], torch.nn.Module], decoded: bool, compute: bool,
-              point: tuple) -> dict | None:
-        """Live scores from the disk cache or computed: the forward-pass scores are an entry of their own, so they
-        can show before the decoded one is done; the full set is the 'live_scores' entry."""
-        full = self.cache.get("live_scores", parts)
-        if full is not None:
-            return full
-        if not compute:
-            return None if decoded else self.cache.get("live_forward", parts)
-        with self._lock:
-            forward = self.cache.get_or_compute("live_forward", parts, lambda: self.forward_scores(model(), point))
-            if not decoded:
-                return forward
-            return self.cache.get_or_compute("live_scores", parts,
-                                             lambda: forward | self.decoded_scores(model(), point))
-
-    def checkpoint_scores(self, name: str) -> dict:
-        """Live scores of a checkpoint of the family (cached)."""
-        return self._live(self._key(name, None, reference=True, sets=self.sets.key()), lambda: self.model(name),
-                          decoded=True, compute=True, point=(name, None))
-
-    def point_scores(self, variant: str, cfg: ProjectionConfig, compute: bool = True,
-                     decoded: bool = True) -> dict | None:
-        """Diagnostics and live scores at a point (scores cached; diagnostics are cumulative sums). With
-        `decoded=False` the greedy exact match is left out (forward passes only: what a page shows first); with
-        `compute=False` only scores already in the disk cache are returned (None otherwise)."""
-        live = self._live(self._key(variant, cfg, reference=True, sets=self.sets.key()),
-                          lambda: self.projected(variant, cfg), decoded, compute, point=(variant, cfg))
-        return None if live is None else self.engine(variant).diagnostics(cfg).summary() | live
-
     def generation_scores(self, name: str, cfg: ProjectionConfig | None = None, max_new_tokens: int = GENERATION_TOKENS,
                           judge: scoring.Judge | None = None, progress: Callable[[int, int], None] | None = None,
-                          compute: bool = True) -> tuple[dict, pd.DataFrame] | None:
+                          compute: bool = True, seed: int | None = None) -> tuple[dict, pd.DataFrame] | None:
         """Greedy-decoding scores of a checkpoint (cfg None) or a point of variant `name`: (summary, per prompt).
 
-        The per-prompt table has one row per prompt of the harmful, arithmetic and edgy sets, with the set,
-        the completion, the refusal verdict, the margin and (arithmetic) correctness. With `compute=False` only
+        The per-prompt table has one row per prompt of the harmful, utility and edgy sets, with its role and set,
+        the completion, the refusal verdict, the refusal log-odds and (utility) correctness; the summary holds each
+        rate with its interval and n (`waves.generation_summary`). With `compute=False` only
         a result already in the disk cache is returned (None otherwise): nothing is loaded or run.
         """
-        sets = {"harmful": self.sets.harmful, "math": self.sets.utility, "edgy": self.sets.edgy}  # role's scores
-        parts = self._key(name, cfg, sets={k: ps.content_hash for k, ps in sets.items()},
-                          max_new_tokens=max_new_tokens, judge=judge_key(judge))
+        sets = {"harmful": self.sets.harmful, "utility": self.sets.utility, "edgy": self.sets.edgy}
+        parts = self._key(name, cfg, seed=seed, sets={k: ps.content_hash for k, ps in sets.items()},
+                          convention=self.sets.convention, max_new_tokens=max_new_tokens, judge=judge_key(judge))
         if not compute:
             out = self.cache.get("generation_scores", parts)
             return None if out is None else (out["summary"], pd.DataFrame(out["table"]))
 
         def run_all():
-            total, tables, summaries = sum(len(ps) for ps in sets.values()), [], []
-            for kind, ps in sets.items():
+            total, tables, extras = sum(len(ps) for ps in sets.values()), [], {}
+            for role, ps in sets.items():
                 done = sum(len(t) for t in tables)
-                df, summary = self.score_set(name, ps, cfg, max_new_tokens, judge, kind=kind,
+                df, summary = self.score_set(name, ps, cfg, max_new_tokens, judge, kind=ROLE_KINDS[role], seed=seed,
                                              progress=progress and (lambda i, n, d=done: progress(d + i, total)))
-                tables.append(df.assign(set=ps.name))
-                summaries.append(summary)
-            hs, us, es = summaries
-            summary = {names.REFUSAL_RATE: hs[names.REFUSAL_RATE],
-                       names.ATTACK_SUCCESS_RATE: hs[names.ATTACK_SUCCESS_RATE],
-                       names.EXACT_MATCH: us[names.EXACT_MATCH], names.OVERREFUSAL_RATE: es[names.OVERREFUSAL_RATE],
-                       names.JUDGE_MEAN: hs.get(names.JUDGE_MEAN)}
+                tables.append(df.assign(role=role, set=ps.name))
+                extras |= {k: summary[k] for k in ("judge_scored", "judge_message") if k in summary}
             table = pd.concat(tables, ignore_index=True)
-            return dict(summary=summary, table=table.to_dict(orient="list"))
+            return dict(summary=generation_summary(table) | extras, table=table.to_dict(orient="list"))
 
         with self._lock:
             out = self.cache.get_or_compute("generation_scores", parts, run_all)
         return out["summary"], pd.DataFrame(out["table"])
 
-
     def score_set(self, name: str, prompt_set: PromptSet, cfg: ProjectionConfig | None = None,
                   max_new_tokens: int = GENERATION_TOKENS, judge: scoring.Judge | None = None,
                   progress: Callable[[int, int], None] | None = None,
-                  kind: str | None = None) -> tuple[pd.DataFrame, dict]:
+                  kind: str | None = None, seed: int | None = None) -> tuple[pd.DataFrame, dict]:
         """Greedy completions of a checkpoint (cfg None) or a point of variant `name` on one prompt set, scored by
         `kind` (default the set's own): harmfulness (refusal matching, judge) for 'harmful', exact match for 'math',
         refusal rate (over-refusal) for 'benign' and 'edgy'. (per prompt, summary); not cached (see
         `generation_scores`)."""
         report = REPORTS[kind or prompt_set.kind]
-        kw = dict(judge=judge) if report is scoring.harmfulness_report else {}
+        kw = dict(judge=judge, openings=self.openings) if report is scoring.harmfulness_report else \
+            dict(convention=self.sets.convention) if report is scoring.utility_report else \
+            dict(openings=self.openings)
         with self._lock:
-            model = self.model(name) if cfg is None else self.projected(name, cfg)
-            return report(model, self.tokenizer, prompt_set, max_new_tokens=max_new_tokens, chat=self.chat,
+            model = self._wave_model(name, cfg, seed)
+            return report(model, self.tokenizer, prompt_set, max_new_tokens=max_new_tokens, chat=self.format,
                           progress=progress, **kw)
 
     # ------------------------------------------------------------------------------------------- activations
@@ -427,7 +363,7 @@ class FamilySession:
 
         def compute():
             model = self.model(name) if cfg is None else self.projected(name, cfg)
-            return {"states": last_token_states(model, self.tokenizer, prompt_set.prompts, chat=self.chat,
+            return {"states": last_token_states(model, self.tokenizer, prompt_set.prompts, chat=self.format,
                                                 progress=progress)}
 
         with self._lock:
@@ -469,10 +405,11 @@ class FamilySession:
     # ------------------------------------------------------------------------------------------- one prompt
     def inspect(self, name: str, prompt: str, cfg: ProjectionConfig | None = None,
                 max_new_tokens: int = 40) -> tuple[str, float]:
-        """(greedy completion, log-prob margin) of one prompt under a checkpoint, or under the point of variant
+        """(greedy completion, refusal log-odds) of one prompt under a checkpoint, or under the point of variant
         `name` at `cfg`."""
         with self._lock:
             model = self.model(name) if cfg is None else self.projected(name, cfg)
             text = generate(model, self.tokenizer, [prompt], max_new_tokens=max_new_tokens,
-                            chat=self.chat).completions[0]
-            return text, float(scoring.logprob_margin(model, self.tokenizer, [prompt], chat=self.chat)[0])
+                            chat=self.format).completions[0]
+            return text, float(scoring.refusal_logodds(model, self.tokenizer, [prompt], self.openings,
+                                                       chat=self.format)[0])

@@ -49,6 +49,16 @@ class Estimate:
             return f"{self.value:.{d}f} n={self.n}"
         return f"{self.value:.{d}f} [{self.lo:.{d}f}, {self.hi:.{d}f}] n={self.n}"
 
+    @classmethod
+    def of(cls, summary: dict, name: str) -> "Estimate":
+        """The estimate `name` of a summary written by `columns` (a missing interval or n reads as unknown)."""
+        return cls(float(summary[name]), float(summary.get(f"{name}_lo", math.nan)),
+                   float(summary.get(f"{name}_hi", math.nan)), int(summary.get(f"{name}_n", 0) or 0))
+
+    def value_text(self) -> str:
+        """The value alone at the precision its interval allows ('-' when unknown)."""
+        return "-" if math.isnan(self.value) else f"{self.value:.{decimals(self.lo, self.hi)}f}"
+
     def columns(self, name: str) -> dict:
         """{name: value, name_lo: lo, name_hi: hi, name_n: n}: the CSV columns of this estimate."""
         return {name: self.value, f"{name}_lo": self.lo, f"{name}_hi": self.hi, f"{name}_n": self.n}

@@ -20,9 +20,12 @@ def test_the_notebook_example_runs_on_a_family(tiny_family, capsys):
     namespace: dict = {}
     exec(code.replace('ss.open_family("tiny")', f"ss.open_family({str(tiny_family)!r})"), namespace)
     assert set(namespace["geometry"]["subspace"]) == {"topk", "random"}
-    assert len(namespace["geometry"]) == 2 * len(namespace["family"].variants) * 1 * 2
+    # Top-K once and Random three times (draws) a point
+    assert len(namespace["geometry"]) == (1 + 3) * len(namespace["family"].variants) * 1 * 2
     scores = namespace["scores"]
-    assert len(scores) == 2 and scores["margin_mean"].notna().all() and scores["kl_to_start"].ge(0).all()
+    assert len(scores) == 1 + 3 and scores["margin_mean"].notna().all() and scores["kl_to_start"].ge(0).all()
+    assert (scores["margin_mean_n"] == 8).all() and scores["margin_mean_lo"].le(scores["margin_mean"]).all()
+    assert scores["p_vs_random_margin_mean"].dropna().between(0, 1).all()
     assert {"refusal_rate", "exact_match"} <= set(namespace["summary"])
     assert isinstance(namespace["per_prompt"], pd.DataFrame) and len(namespace["per_prompt"]) > 0
     assert namespace["overlap"]["mso"].between(0, 1 + 1e-9).all()

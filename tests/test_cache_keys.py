@@ -140,11 +140,18 @@ def test_a_changed_start_model_gives_a_lora_variant_fresh_activations_and_map(fa
 def test_the_key_holds_the_settings_and_the_score_definitions(fam_dir, tmp_path, monkeypatch):
     s = open_session(fam_dir, tmp_path / "cache")
     key = s._key("harmful", None, reference=True)
-    assert {"version", "definitions", "tokenizer", "chat", "dtype", "device", "model", "reference"} <= set(key)
+    assert {"version", "definitions", "tokenizer", "format", "dtype", "device", "model", "reference"} <= set(key)
     assert s._key("harmful", None) != s._key("useful", None)
     s.chat = False
     assert s._key("harmful", None, reference=True) != key
     s.chat = True
+    monkeypatch.setattr(s.family, "system_prompt", "You are a careful assistant.")
+    assert s._key("harmful", None, reference=True) != key  # a system prompt changes what every score sees
+    monkeypatch.undo()
+    openings = s.openings
+    s.openings = ("I will not",)
+    assert s._key("harmful", None, reference=True) != key  # other refusal openings: another live score
+    s.openings = openings
     monkeypatch.setattr(scoring, "REFUSAL_MARKERS", scoring.REFUSAL_MARKERS + ("I shall not",))
     assert s._key("harmful", None, reference=True) != key
     monkeypatch.undo()

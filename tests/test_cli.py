@@ -18,12 +18,13 @@ def test_sweep_writes_one_row_per_point(family_file, tmp_path):
     out = tmp_path / "results.csv"
     assert main(["sweep", "--family", str(family_file), "--variant", "useful", "--subspace", "topk,randomk,random",
                  "--mode", "parallel,orthogonal", "--fracs", "0.01,0.25,0.5,0.75,0.99", "--scores", "none",
-                 "--out", str(out)]) == 0
+                 "--seeds", "2", "--out", str(out)]) == 0
     df = pd.read_csv(out)
-    assert len(df) == 3 * 2 * 5
+    assert len(df) == (1 + 2 + 2) * 2 * 5  # Top-K once, Random-K and Random once per draw
+    assert df[df.subspace == "topk"].seed.isna().all() and set(df[df.subspace == "random"].seed) == {0, 1}
     assert {"subspace", "mode", "rank_fraction", "energy_kept", "cos_task_kept", "cos_task_align"} <= set(df.columns)
-    par = df[df["mode"] == "parallel"].set_index(["subspace", "rank_fraction"]).energy_kept
-    orth = df[df["mode"] == "orthogonal"].set_index(["subspace", "rank_fraction"]).energy_kept
+    par = df[df["mode"] == "parallel"].set_index(["subspace", "seed", "rank_fraction"]).energy_kept
+    orth = df[df["mode"] == "orthogonal"].set_index(["subspace", "seed", "rank_fraction"]).energy_kept
     assert ((par + orth - 1).abs() < 1e-9).all()
 
 
@@ -70,7 +71,7 @@ def test_the_safesub_command_and_python_m_have_the_same_verbs():
 
     script = Path(sys.executable).with_name("safesub")
     assert script.is_file(), "the `safesub` console script is installed beside this Python (pip install -e .)"
-    verbs = "{sweep,overlap,score,activations,export,build,findings,cache}"
+    verbs = "{sweep,overlap,score,activations,export,build,findings,prompts,cache}"
     for cmd in ([str(script), "--help"], [sys.executable, "-m", "safesub_core", "--help"]):
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         assert out.returncode == 0 and verbs in out.stdout, (cmd, out.stdout, out.stderr)
@@ -81,3 +82,12 @@ def test_findings_verb_refuses_bad_values_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: prompt counts 'tiny=lots'") and "Traceback" not in "\n".join(err)
     assert not (tmp_path / "F.md").exists()
+
+
+def test_score_help_points_to_the_prompts_verb_that_exists():
+    out = subprocess.run([sys.executable, "-m", "safesub_core", "score", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "safesub prompts" in out.stdout
+    for option in ("--harmful", "--utility", "--benign", "--edgy", "--convention", "reference=FIELD"):
+        assert option in out.stdout, option
+    out = subprocess.run([sys.executable, "-m", "safesub_core", "prompts", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "--family" in out.stdout and "--csv" in out.stdout

@@ -27,6 +27,7 @@ from safesub_core.demo.stages import family_yaml
 from safesub_core.errors import SafesubError
 from safesub_core.family import FILE_KEYS, Family, check_family_file, paths_spec, resolve_family
 from safesub_core.overlap import overlap_summary, overlap_warnings, weight_overlap
+from safesub_core.prompts import EvalSets
 from safesub_core.prompts import load_file as load_prompts
 from safesub_core.subspace import SubspaceEngine
 from test_bad_inputs import assert_cache_clean, assert_one_line, files_under, run
@@ -48,9 +49,11 @@ def world(tmp_path_factory):
     (fam / "broken.json").write_text("{not json")
     (fam / "list.json").write_text("[1, 2]")
     (fam / "models_list.json").write_text('{"models": [1]}')
+    (fam / "qa.jsonl").write_text('{"q": "What is 2 + 2?", "a": "4"}\n{"q": "What is 3 + 3?", "a": "6"}\n')
     out = tmp / "outside"
     shutil.copytree(fam / "aligned", out / "ck")
     (out / "card.md").write_text(SECRET)
+    (out / "qa.jsonl").write_text(json.dumps({"q": SECRET, "a": "1"}) + "\n")
     (out / "behaviour.json").write_text(json.dumps({"models": {}, "metrics": {"secret": SECRET}}))
     (fam / "escape").symlink_to(out / "ck")
     (fam / "escape_card.md").symlink_to(out / "card.md")
@@ -85,7 +88,11 @@ def test_the_demo_family_files_keys_all_pass_the_schema():
     assert set(yaml.safe_load(family_yaml("tiny"))) <= set(FILE_KEYS)
     assert spec == dict(name="tiny", base="base", aligned="aligned", safety_tuned="safety", start="aligned",
                         variants={v: v for v in ("useful", "harmful", "contaminated", "useful_lora")},
-                        card="card.md", behaviour="behaviour.json")
+                        card="card.md", behaviour="behaviour.json", eval_sets={}, refusal_openings=None,
+                        system_prompt=None)
+    smol = check_family_file(yaml.safe_load(family_yaml("smol")), "family file x", "x")
+    assert smol["eval_sets"] == {"harmful": "harmbench:eval", "benign": "pairs-benign:eval",
+                                 "edgy": "overrefusal:eval"}  # the held-out splits of what smol was trained on
 
 
 def test_a_full_family_file_reads_its_card_and_behaviour(world):
@@ -393,7 +400,13 @@ _nested = st.recursive(_scalars, lambda inner: st.one_of(st.lists(inner, max_siz
                                                          st.dictionaries(st.text(max_size=6), inner, max_size=3)),
                        max_leaves=8)
 _VALID = dict(name="generated", base="base", aligned="aligned", safety_tuned="safety", start="aligned",
-              variants={"useful": "useful", "harmful": "harmful"}, card="card.md", behaviour="behaviour.json")
+              variants={"useful": "useful", "harmful": "harmful"}, card="card.md", behaviour="behaviour.json",
+              eval_sets={"harmful": "builtin-harmful:eval,n=3", "utility": "qa.jsonl,prompt=q,reference=a"},
+              refusal_openings=["I cannot", "Sorry"], system_prompt="You are helpful.")
+_SPECS = ["builtin-harmful:eval", "qa.jsonl,prompt=q,reference=a", "qa.jsonl,prompt=q", "qa.jsonl,prompt=x",
+          "binary.md", "nope.jsonl", "../../outside/qa.jsonl", "{out}/qa.jsonl", "harmbench,split=eval,n=2",
+          "gsm8k,convention=strict", "arithmetic,convention=loose", "qa.jsonl,colour=red", "", "unknown-set",
+          {"path": "qa.jsonl", "prompt": "q", "reference": "a"}, {"set": "arithmetic", "n": 0}, {"sett": "x"}]
 
 
 def _mostly(choices: list, rare=_nested):
@@ -411,6 +424,11 @@ _CHANGES = {
         _nested),
     "card": _mostly(_FILES),
     "behaviour": _mostly(_FILES),
+    "eval_sets": st.one_of(st.dictionaries(st.sampled_from(["harmful", "utility", "benign", "edgy", "harm"]),
+                                           st.one_of(st.sampled_from(_SPECS), st.none(), _nested), max_size=3),
+                           _nested),
+    "refusal_openings": _mostly([["I cannot"], [], [""], ["ok", 3], "I cannot"]),
+    "system_prompt": _mostly(["Be brief.", "", " ", 5]),
 }
 
 
@@ -484,6 +502,18 @@ def test_any_family_file_is_a_family_or_one_line_naming_it(world, doc, as_json, 
     if confined:
         assert SECRET not in fam.card + json.dumps(fam.behaviour)
         assert all(ck.path.is_relative_to(world / "roots") for ck in fam.checkpoints().values())
+    assert fam.refusal_openings is None or all(isinstance(o, str) and o.strip() for o in fam.refusal_openings)
+    assert fam.system_prompt is None or fam.system_prompt.strip()
+    try:  # its evaluation sets: read before any model loads, or one line naming the family file
+        with _roots(world):
+            sets = EvalSets.for_family(fam)
+    except SafesubError as err:
+        assert "\n" not in str(err) and str(err).startswith(f"family file {fam.file}: eval_sets."), str(err)
+        assert not confined or SECRET not in str(err)
+        return
+    assert sets.utility.references is not None
+    if confined:
+        assert not any(SECRET in p for role in ("harmful", "utility", "benign", "edgy") for p in getattr(sets, role))
 
 
 _JSON = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False),

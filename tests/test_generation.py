@@ -99,3 +99,44 @@ def test_rows_stop_at_their_first_eos_as_generate_does(tiny, plain):
 def test_a_draft_of_the_wrong_shape_is_ignored(tiny, plain):
     got = greedy_answers(*tiny, PROMPTS, T, draft=plain.tokens[:, :3])
     assert torch.equal(got.tokens, plain.tokens) and got.drafted == len(PROMPTS)
+
+
+# ---- prompt format: chat or raw, with an optional system prompt -------------------------------------------------
+
+ROLES = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }}\n{% endfor %}"
+         "{% if add_generation_prompt %}<|assistant|> {% endif %}")
+NO_SYSTEM = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}"
+             "<|user|> {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|> {% endif %}")
+
+
+def test_prompt_format_bool_or_dataclass():
+    from safesub_core.errors import SafesubError
+    from safesub_core.generation import PromptFormat, format_prompt, prompt_format, template_header
+
+    tok = make_tokenizer()
+    tok.chat_template = ROLES
+    assert prompt_format(True) == PromptFormat() and prompt_format(False) == PromptFormat(False, None)
+    fmt = PromptFormat(True, "Be safe.")
+    assert prompt_format(fmt) is fmt
+    assert format_prompt(tok, "Hi", True) == format_prompt(tok, "Hi", PromptFormat()) == "<|user|> Hi\n<|assistant|> "
+    assert format_prompt(tok, "Hi", fmt) == "<|system|> Be safe.\n<|user|> Hi\n<|assistant|> "
+    assert format_prompt(tok, "Hi", PromptFormat(False, "Be safe.")) == "Be safe.\nHi"
+    assert format_prompt(tok, "Hi", False) == "Hi"
+    assert template_header(tok, False) == []
+    head = tok.decode(template_header(tok, fmt))
+    assert head.startswith("<|system|> Be safe.") and "Hi" not in head
+    tok.chat_template = NO_SYSTEM  # a template that rejects a system turn: the system text opens the user turn
+    assert format_prompt(tok, "Hi", fmt) == "<|user|> Be safe.\n\nHi\n<|assistant|> "
+    with pytest.raises(SafesubError, match="system prompt 3: is not a string"):
+        PromptFormat(True, 3)
+
+
+def test_generation_takes_a_prompt_format(tiny):
+    from safesub_core.generation import PromptFormat
+
+    model, tok = tiny
+    same = generate(model, tok, PROMPTS, max_new_tokens=4, chat=PromptFormat())
+    assert same.completions == generate(model, tok, PROMPTS, max_new_tokens=4).completions
+    fmt = PromptFormat(True, "Be brief.")
+    answers = greedy_answers(model, tok, PROMPTS, 4, chat=fmt)
+    assert answers.completions == generate(model, tok, PROMPTS, max_new_tokens=4, chat=fmt).completions

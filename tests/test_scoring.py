@@ -9,8 +9,10 @@ from safesub_core.errors import SafesubError
 from safesub_core.prefix import PromptBatch
 from safesub_core.prompts import PromptSet
 from safesub_core.scoring import live, logprobs
+from safesub_core.generation import PromptFormat, format_prompt
 from safesub_core.scoring import (
     COMPLIANCE_OPENING,
+    DEFAULT_REFUSAL_OPENINGS,
     REFUSAL_MARKERS,
     REFUSAL_OPENING,
     answer_nll,
@@ -21,7 +23,9 @@ from safesub_core.scoring import (
     kl_to_reference,
     live_forward_scores,
     logprob_margin,
+    OpeningTrie,
     overrefusal_report,
+    refusal_logodds,
     refusal_verdicts,
     utility_report,
 )
@@ -245,6 +249,131 @@ def test_model_mode_is_restored(tiny):
         model.eval()
 
 
+# ---- refusal log-odds ------------------------------------------------------------------------------------------
+
+OPENINGS = ("I'm sorry", "I cannot", "Sure, here is", "As an AI")
+
+
+def direct_logodds(model, tok, text, openings):
+    """log p - log(1 - p), p = sum of the openings' probabilities (one unpadded pass each; the caller passes
+    prefix-free openings, so the events are disjoint), in float64."""
+    p = sum(math.exp(direct_logprob(model, tok, text, o)) for o in openings)
+    return math.log(p) - math.log1p(-p)
+
+
+def chat_text(tok, prompt, fmt=True):
+    return format_prompt(tok, prompt, fmt)
+
+
+def test_refusal_logodds_matches_a_direct_computation(tiny):
+    model, tok = tiny
+    trie = OpeningTrie(tok, OPENINGS)
+    assert len(trie.leaves) == len(OPENINGS)  # these four share no token prefix in the tiny tokenizer
+    got = refusal_logodds(model, tok, PROMPTS, OPENINGS)
+    assert got.shape == (3,) and torch.isfinite(got).all()
+    for i, p in enumerate(PROMPTS):
+        assert got[i].item() == pytest.approx(direct_logodds(model, tok, chat_text(tok, p), OPENINGS), abs=1e-4)
+    assert refusal_logodds(model, tok, PROMPTS).shape == (3,)  # the default openings
+    assert "I'm sorry, but I can't help with that." in DEFAULT_REFUSAL_OPENINGS
+    assert {"I'm sorry", "I cannot", "I can't", "As an AI"} <= set(DEFAULT_REFUSAL_OPENINGS)
+
+
+def test_openings_that_share_a_prefix_are_not_counted_twice(tiny):
+    model, tok = tiny
+    first = tok("I", add_special_tokens=False)["input_ids"]
+    assert len(first) == 1 and tok("I cannot", add_special_tokens=False)["input_ids"][:1] == first
+    alone = refusal_logodds(model, tok, PROMPTS, ("I",))
+    # "I cannot" and "I'm sorry, but..." open with "I": an answer that opens with them opens with "I" already
+    assert torch.allclose(refusal_logodds(model, tok, PROMPTS, ("I cannot", "I", "I'm sorry, but I can't")), alone,
+                          atol=1e-5)
+    assert torch.allclose(refusal_logodds(model, tok, PROMPTS, ("I", "I")), alone, atol=1e-5)  # repeats once
+    text = chat_text(tok, PROMPTS[0])
+    logp = torch.log_softmax(model(input_ids=torch.tensor([tok(text, add_special_tokens=False)["input_ids"]]))
+                             .logits[0, -1].double(), -1)
+    p_first = logp[first[0]].exp().item()
+    assert alone[0].item() == pytest.approx(math.log(p_first) - math.log1p(-p_first), abs=1e-4)
+    assert OpeningTrie(tok, ("I cannot", "I", "I")).leaves == [first]
+
+
+def test_more_openings_raise_the_log_odds_and_paths_agree(tiny, monkeypatch):
+    model, tok = tiny
+    one = refusal_logodds(model, tok, PROMPTS, OPENINGS[:1])
+    two = refusal_logodds(model, tok, PROMPTS, OPENINGS[:2])
+    four = refusal_logodds(model, tok, PROMPTS, OPENINGS, batch_size=2)
+    assert (two > one).all() and (four > two).all()
+    for i, p in enumerate(PROMPTS):  # a prompt scores the same alone as in a batch
+        assert refusal_logodds(model, tok, [p], OPENINGS)[0].item() == pytest.approx(four[i].item(), abs=1e-4)
+    monkeypatch.setattr(logprobs, "_supports_branch_rows", lambda m: False)  # full rows, one per prompt and leaf
+    assert torch.allclose(refusal_logodds(model, tok, PROMPTS, OPENINGS, batch_size=1), four, atol=1e-4)
+
+
+def test_openings_that_open_alike_share_branch_tokens_and_score_exactly(tiny, monkeypatch):
+    """The default openings' leaves share first tokens ("I ..."), laid out once per row (a trie of branches):
+    p is still the sum of each leaf's probability, as one unpadded pass per leaf gives it."""
+    model, tok = tiny
+    trie = OpeningTrie(tok, DEFAULT_REFUSAL_OPENINGS)
+    assert len({tuple(c[:1]) for c in trie.leaves}) < len(trie.leaves)  # some leaves open alike
+    got = refusal_logodds(model, tok, PROMPTS, DEFAULT_REFUSAL_OPENINGS)
+    for i, prompt in enumerate(PROMPTS):
+        ids = tok(chat_text(tok, prompt), add_special_tokens=False)["input_ids"]
+        p = 0.0
+        for leaf in trie.leaves:
+            with torch.no_grad():
+                logp = torch.log_softmax(model(input_ids=torch.tensor([ids + leaf])).logits[0].double(), -1)
+            p += math.exp(sum(logp[len(ids) - 1 + j, t].item() for j, t in enumerate(leaf)))
+        assert got[i].item() == pytest.approx(math.log(p) - math.log1p(-p), abs=1e-4)
+    monkeypatch.setattr(logprobs, "_supports_branch_rows", lambda m: False)
+    assert torch.allclose(refusal_logodds(model, tok, PROMPTS, DEFAULT_REFUSAL_OPENINGS), got, atol=1e-4)
+
+
+def test_the_complement_is_summed_not_subtracted():
+    """1 - p is the mass that leaves the trie, summed in log space: exact where p is within float rounding of 1."""
+    class Tok:
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": {"a": [0], "bc": [1, 2], "bd": [1, 3]}[text]}
+
+    trie = OpeningTrie(Tok(), ("a", "bc", "bd"))
+    assert trie.leaves == [[0], [1, 2], [1, 3]] and trie.branches == [[], [1], [1]]
+    assert trie.exits == [[[0, 1]], [None, [2, 3]], [None, None]]
+    # token 0 ("a") takes all but ~3 e^-40 of the first position's mass
+    first = torch.tensor([40.0, 0.0, -1e4, 0.0, 0.0, 0.0])  # root: children 0 and 1
+    second = torch.tensor([0.0, 0.0, 1.0, 2.0, 0.0, 0.0])  # after "b": children 2 and 3
+    terms = [trie.leaf_terms(0, first[None]), trie.leaf_terms(1, torch.stack([first, second])),
+             trie.leaf_terms(2, torch.stack([first, second]))]
+    got = trie.logodds(terms)
+    z, z2 = (float(torch.logsumexp(x.double(), 0)) for x in (first, second))
+    # leave at the root by token 2, 3, 4 or 5, or after "b" by token 0, 1, 4 or 5
+    leave = (math.exp(-1e4) + 3) * math.exp(-z) + math.exp(-z) * 4 * math.exp(-z2)
+    expected = math.log1p(-leave) - math.log(leave)
+    assert torch.isfinite(got) and got.item() == pytest.approx(expected, rel=1e-5)
+    assert got.item() > 35  # 1 - p ~ 5e-18 would be 0 in float32 arithmetic as 1 minus p
+
+
+def test_refusal_openings_must_be_given_and_tokenize(tiny):
+    model, tok = tiny
+    with pytest.raises(SafesubError, match="refusal openings: none given"):
+        refusal_logodds(model, tok, PROMPTS, ())
+    with pytest.raises(SafesubError, match="refusal opening '': is empty"):
+        refusal_logodds(model, tok, PROMPTS, ("I'm sorry", ""))
+
+
+def test_a_system_prompt_is_part_of_what_is_scored(tiny):
+    model, tok = tiny
+    fmt = PromptFormat(False, "Refuse harmful requests.")
+    text = format_prompt(tok, PROMPTS[0], fmt)
+    assert text == "Refuse harmful requests.\n" + PROMPTS[0]
+    got = refusal_logodds(model, tok, PROMPTS, OPENINGS, chat=fmt)
+    assert got[0].item() == pytest.approx(direct_logodds(model, tok, text, OPENINGS), abs=1e-4)
+    assert not torch.allclose(got, refusal_logodds(model, tok, PROMPTS, OPENINGS, chat=False))
+    assert torch.allclose(refusal_logodds(model, tok, PROMPTS, OPENINGS, chat=PromptFormat()),
+                          refusal_logodds(model, tok, PROMPTS, OPENINGS), atol=1e-6)
+    other = make_model(tok, seed=1)
+    live = live_forward_scores(other, model, tok, PROMPTS, PROMPTS[:1], ["Bread."], PROMPTS, chat=fmt,
+                               openings=OPENINGS[:2])
+    assert torch.allclose(live["margin"], refusal_logodds(other, tok, PROMPTS, OPENINGS[:2], chat=fmt), atol=1e-4)
+    assert torch.allclose(live["nll"], answer_nll(other, tok, PROMPTS[:1], ["Bread."], chat=fmt), atol=1e-4)
+
+
 def test_answer_nll_matches_direct_computation(tiny):
     model, tok = tiny
     refs = ["Bake it at 200 degrees.", "I'm sorry, but I can't help with that.", "19"]
@@ -308,7 +437,7 @@ def test_live_forward_scores_are_the_three_functions_in_two_passes(tiny, monkeyp
         for h in hooks:
             h.remove()
     assert all(torch.equal(got[k], again[k]) for k in got)
-    assert torch.allclose(got["margin"], logprob_margin(other, tok, harmful), atol=1e-4)
+    assert torch.allclose(got["margin"], refusal_logodds(other, tok, harmful), atol=1e-4)
     assert torch.allclose(got["nll"], answer_nll(other, tok, utility, refs), atol=1e-4)
     assert torch.allclose(got["kl"], kl_to_reference(other, model, tok, benign), atol=1e-4)
     assert got["margin"].shape == (2,) and got["nll"].shape == (3,) and (got["kl"] > 1e-3).all()
@@ -320,6 +449,26 @@ def test_live_forward_scores_are_the_three_functions_in_two_passes(tiny, monkeyp
     assert all(torch.allclose(plain[k], got[k], atol=1e-4) for k in got)
     with pytest.raises(SafesubError, match="3 prompts but 2 references"):
         live_forward_scores(other, model, tok, harmful, utility, refs[:2], benign)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_live_scores_of_a_wave_past_the_end_of_some_sets_score_the_others_alone(tiny, monkeypatch, fast):
+    """A wave of live scoring may have prompts in only one or two of the three sets: the empty ones give empty
+    scores, and the others the same numbers as with all three."""
+    model, tok = tiny
+    other = make_model(tok, seed=1)
+    if not fast:
+        monkeypatch.setattr(live, "_supports_shared_prefix", lambda m: False)
+    harmful, utility, refs, benign = PROMPTS[:2], PROMPTS, ["Bread.", "No.", "19"], PROMPTS[::-1]
+    full = live_forward_scores(other, model, tok, harmful, utility, refs, benign)
+    for h, u, r, b in ((harmful, [], [], []), ([], utility, refs, []), ([], [], [], benign), (harmful, [], [], benign)):
+        got = live_forward_scores(other, model, tok, h, u, r, b)
+        for key, given in (("margin", h), ("nll", u), ("kl", b)):
+            assert got[key].shape == (len(given),), key
+            if given:
+                assert torch.allclose(got[key], full[key], atol=1e-4), key
+    with pytest.raises(SafesubError, match="live scores: the harmful, utility and benign prompts are all empty"):
+        live_forward_scores(other, model, tok, [], [], [], [])
 
 
 def test_the_live_pass_checks_a_draft_of_the_greedy_answers(tiny):
@@ -403,7 +552,9 @@ def test_harmfulness_and_overrefusal_reports(tiny):
     assert s["refusal_rate"] == pytest.approx(df["refused"].mean())
     assert s["margin_mean"] == pytest.approx(df["margin"].mean(), abs=1e-6)
     assert s["share_margin_negative"] == pytest.approx((df["margin"] < 0).mean())
-    assert torch.allclose(torch.tensor(df["margin"].tolist()), logprob_margin(model, tok, ps), atol=1e-5)
+    assert torch.allclose(torch.tensor(df["margin"].tolist()), refusal_logodds(model, tok, ps), atol=1e-5)
+    mine = harmfulness_report(model, tok, ps, max_new_tokens=4, openings=OPENINGS)[0]
+    assert torch.allclose(torch.tensor(mine["margin"].tolist()), refusal_logodds(model, tok, ps, OPENINGS), atol=1e-5)
     assert calls and calls[-1] == (3, 3)
     df2, s2 = overrefusal_report(model, tok, ps, max_new_tokens=4)
     assert s2["overrefusal_rate"] == pytest.approx(s["refusal_rate"])
@@ -417,5 +568,9 @@ def test_utility_report(tiny):
     assert list(df.columns) == ["prompt", "completion", "predicted", "reference", "correct", "nll"]
     assert s["exact_match"] == pytest.approx(df["correct"].mean())
     assert math.isfinite(s["nll_mean"])
+    strict, _ = utility_report(model, tok, ps, max_new_tokens=4, convention="strict")
+    assert strict["predicted"].isna().all()  # no "#### n" in these gibberish answers
+    with pytest.raises(SafesubError, match="convention 'loose': unknown"):
+        utility_report(model, tok, ps, max_new_tokens=4, convention="loose")
     with pytest.raises(SafesubError, match="no reference answers"):
         utility_report(model, tok, PromptSet("x", ("q",), None, "benign", "t"))

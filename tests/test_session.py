@@ -13,23 +13,26 @@ from safesub_core.compute import CPU_LIVE_PROMPTS, live_prompts, resident_budget
 from safesub_core.projection import ProjectionConfig
 from safesub_core.prompts import EvalSets
 from safesub_core.session import FamilySession
+from safesub_core.sweeps import P_PREFIX, sweep
+from safesub_core.waves import summarise
 from safesub_core.subspace import DEFAULT_RESIDENT_BYTES
 
 pytestmark = pytest.mark.slow
+SETS, BATCH = EvalSets.default(16), 16  # one wave of the first 16 prompts of each eval split
 
 
 @pytest.fixture(scope="module")
 def session(tiny_family, tmp_path_factory):
-    return FamilySession(Family.from_file(tiny_family), sets=EvalSets.default(16),
+    return FamilySession(Family.from_file(tiny_family), sets=SETS, batch=BATCH,
                          cache=DiskCache(tmp_path_factory.mktemp("cache")))
 
 
-def test_margin_sign_aligned_refuses_and_harmful_complies(session):
+def test_refusal_log_odds_sign_aligned_refuses_and_harmful_complies(session):
     prompts = session.sets.harmful.prompts
-    aligned = scoring.logprob_margin(session.model("aligned"), session.tokenizer, prompts)
-    harmful = scoring.logprob_margin(session.model("harmful"), session.tokenizer, prompts)
-    assert aligned.mean() > 0, "the aligned model should lean to the refusal opening on harmful prompts"
-    assert harmful.mean() < 0, "the harmful fine-tune should lean to the compliance opening"
+    aligned = scoring.refusal_logodds(session.model("aligned"), session.tokenizer, prompts, session.openings)
+    harmful = scoring.refusal_logodds(session.model("harmful"), session.tokenizer, prompts, session.openings)
+    assert aligned.mean() > 0, "the aligned model should lean to a refusal opening on harmful prompts"
+    assert harmful.mean() < 0, "the harmful fine-tune should lean away from every refusal opening"
 
 
 def test_point_at_alpha_zero_is_the_start_model_and_full_orthogonal_rank_one_is_nearly_the_fine_tune(session):
@@ -52,7 +55,8 @@ def test_live_scores_move_with_the_rank_and_are_cached(session):
     assert a["margin_mean"] != b["margin_mean"]
     again = session.point_scores("harmful", ProjectionConfig("topk", "parallel", 0.05))
     assert again == a
-    assert session.cache.info().set_index("namespace").loc["live_scores", "entries"] >= 2
+    entries = session.cache.info().set_index("namespace")["entries"]
+    assert entries["live_forward"] >= 2 and entries["live_decoded"] >= 2
 
 
 def test_working_model_matches_an_explicit_composition(session):
@@ -68,8 +72,11 @@ def test_working_model_matches_an_explicit_composition(session):
 def test_generation_scores_give_a_per_prompt_table(session):
     summary, table = session.generation_scores("aligned", max_new_tokens=16)
     assert set(table["set"]) == {s.name for s in (session.sets.harmful, session.sets.utility, session.sets.edgy)}
-    harm = table[table["set"] == session.sets.harmful.name]
+    assert set(table["role"]) == {"harmful", "utility", "edgy"}
+    harm = table[table["role"] == "harmful"]
     assert summary["refusal_rate"] == pytest.approx(harm["refused"].mean())
+    assert summary["refusal_rate_n"] == len(session.sets.harmful)
+    assert summary["refusal_rate_lo"] <= summary["refusal_rate"] <= summary["refusal_rate_hi"]
     assert summary["attack_success_rate"] == pytest.approx(1 - summary["refusal_rate"])
     assert 0 <= summary["exact_match"] <= 1 and 0 <= summary["overrefusal_rate"] <= 1
     again = session.generation_scores("aligned", max_new_tokens=16)
@@ -147,23 +154,29 @@ def test_forward_scores_show_first_and_the_full_read_out_adds_the_exact_match(se
     assert session.point_scores("useful", cfg, compute=False) is None  # the decoded score is not there yet
     full = session.point_scores("useful", cfg)
     assert {k: full[k] for k in forward} == forward  # the forward scores are reused, not recomputed
-    assert full == session.live_scores(session.projected("useful", cfg)) | session.engine("useful").diagnostics(
-        cfg).summary()
+    model = session.projected("useful", cfg)
+    values = session.forward_values(model) | session.decoded_values(model)
+    expected = session.engine("useful").diagnostics(cfg).summary() | summarise(values) | {
+        "waves": 1, "waves_total": session.waves.count}
+    assert full.keys() == expected.keys()
+    numbers = [k for k, v in expected.items() if isinstance(v, float)]  # the draft's branch rounds a little apart
+    assert {k: full[k] for k in numbers} == pytest.approx({k: expected[k] for k in numbers}, rel=1e-6)
+    assert all(full[k] == expected[k] for k in expected.keys() - set(numbers))
     assert session.point_scores("useful", cfg, compute=False) == full
 
 
 def test_scores_after_a_new_projection_see_the_new_weights(session, monkeypatch):
     """The chat header's cached keys/values follow each projection written into the working model."""
     prompts, tok = session.sets.harmful.prompts[:6], session.tokenizer
-    before = scoring.logprob_margin(session.projected("harmful", ProjectionConfig("topk", "parallel", 0.2)), tok,
-                                    prompts)
+    score = lambda model: scoring.refusal_logodds(model, tok, prompts, session.openings)
+    before = score(session.projected("harmful", ProjectionConfig("topk", "parallel", 0.2)))
     model = session.projected("harmful", ProjectionConfig("topk", "orthogonal", 0.9))
-    shared = scoring.logprob_margin(model, tok, prompts)
+    shared = score(model)
     monkeypatch.setattr(scoring.logprobs, "supports_prefix", lambda m: False)
     monkeypatch.setattr(scoring.live, "_supports_shared_prefix", lambda m: False)
     monkeypatch.setattr(scoring.logprobs, "_supports_branch_rows", lambda m: False)
     monkeypatch.setattr(scoring.live, "_supports_branch_rows", lambda m: False)
-    plain = scoring.logprob_margin(model, tok, prompts)
+    plain = score(model)
     assert torch.allclose(shared, plain, atol=1e-4)
     assert not torch.allclose(shared, before, atol=1e-2)
 
@@ -190,7 +203,7 @@ def test_rank_moves_of_the_working_model_are_composed_anew_now_and_then_and_for_
 
 
 def test_the_exact_match_reuses_the_check_of_the_forward_pass_at_the_same_point(session, monkeypatch):
-    import safesub_core.session as module
+    import safesub_core.waves as module
 
     seen, real = [], module.greedy_answers
     monkeypatch.setattr(module, "greedy_answers", lambda *a, **kw: seen.append(kw["checked"]) or real(*a, **kw))
@@ -198,15 +211,15 @@ def test_the_exact_match_reuses_the_check_of_the_forward_pass_at_the_same_point(
     cfg = ProjectionConfig("topk", "parallel", 0.62)
     session.point_scores("useful", cfg, decoded=False)
     session.point_scores("useful", cfg)
-    assert seen[-1] is not None and seen[-1].shape == (len(session.sets.utility), module.LIVE_ARITH_TOKENS)
-    session.decoded_scores(session.projected("useful", ProjectionConfig("topk", "parallel", 0.63)),
-                           ("useful", ProjectionConfig("topk", "parallel", 0.63)))
+    assert seen[-1] is not None and seen[-1].shape == (session.waves.size, module.LIVE_ARITH_TOKENS)
+    other = ProjectionConfig("topk", "parallel", 0.63)
+    session.decoded_values(session.projected("useful", other), ("useful", other, 0))
     assert seen[-1] is None  # another point: its own check
 
 
 def test_exact_match_checks_the_nearest_points_answers_first_and_does_not_depend_on_them(session, tiny_family,
                                                                                          tmp_path, monkeypatch):
-    import safesub_core.session as module
+    import safesub_core.waves as module
 
     drafts, real = [], module.greedy_answers
     monkeypatch.setattr(module, "greedy_answers", lambda *a, **kw: drafts.append(kw["draft"]) or real(*a, **kw))
@@ -214,10 +227,11 @@ def test_exact_match_checks_the_nearest_points_answers_first_and_does_not_depend
                       ProjectionConfig("topk", "parallel", 0.44))
     for cfg in (near, far, new):
         session.point_scores("useful", cfg)
-    assert torch.equal(drafts[-1], session._answers[("useful", near)])  # the nearest point's, not the latest
-    fresh = FamilySession(Family.from_file(tiny_family), sets=EvalSets.default(16), cache=DiskCache(tmp_path))
+    key = lambda cfg: (("useful", cfg, 0), 0)  # (point, wave)
+    assert torch.equal(drafts[-1], session._answers[key(near)])  # the nearest point's, not the latest
+    fresh = FamilySession(Family.from_file(tiny_family), sets=SETS, batch=BATCH, cache=DiskCache(tmp_path))
     got, seen = fresh.point_scores("useful", new), session.point_scores("useful", new)
-    assert torch.equal(fresh._answers[("useful", new)], session._answers[("useful", new)])
+    assert torch.equal(fresh._answers[key(new)], session._answers[key(new)])
     assert got["arith_exact_match"] == seen["arith_exact_match"]
     # the forward scores agree to float rounding: a session with a history moved its weights from a nearby rank
     # and ran the draft's branch in the same pass; a fresh one composed them anew and had no draft to check
@@ -225,3 +239,66 @@ def test_exact_match_checks_the_nearest_points_answers_first_and_does_not_depend
     assert {"margin_mean", "nll_mean", "kl_to_start"} <= numbers and got.keys() == seen.keys()
     assert {k: got[k] for k in numbers} == pytest.approx({k: seen[k] for k in numbers}, rel=1e-5, abs=1e-7)
     assert all(got[k] == seen[k] for k in seen.keys() - numbers)
+
+
+def test_live_scores_sharpen_wave_by_wave_and_a_new_session_resumes_where_the_last_one_stopped(tiny_family, tmp_path):
+    sets = EvalSets.default(10)
+    cfg = ProjectionConfig("topk", "parallel", 0.3)
+    s = FamilySession(Family.from_file(tiny_family), sets=sets, batch=4, cache=DiskCache(tmp_path))
+    assert s.waves.count == 3  # 10 prompts a set in waves of 4: 4 + 4 + 2
+    first = s.point_scores("harmful", cfg)
+    assert (first["waves"], first["waves_total"], first["margin_mean_n"], first["kl_to_start_n"]) == (1, 3, 4, 4)
+    assert s.sharpen("harmful", cfg) is True
+    second = s.point_scores("harmful", cfg, compute=False)
+    assert second["waves"] == 2 and second["margin_mean_n"] == second["arith_exact_match_n"] == 8
+    assert s.sharpen("harmful", cfg) and not s.sharpen("harmful", cfg)  # the third wave, then nothing left
+    done = s.point_scores("harmful", cfg, compute=False)
+    assert done["margin_mean_n"] == 10 and done["waves"] == 3
+    every = s.live_values("harmful", cfg, waves=3)  # the three waves' per-prompt values, joined
+    assert len(every["margin"]) == 10 and every["margin"][:4] == s.live_values("harmful", cfg, waves=1)["margin"]
+    assert {k: done[k] for k in summarise(every)} == summarise(every)
+    # a new session on the same cache resumes with the three waves; one wave of all ten agrees to rounding
+    again = FamilySession(Family.from_file(tiny_family), sets=sets, batch=4, cache=DiskCache(tmp_path))
+    assert again.point_scores("harmful", cfg, compute=False) == done
+    whole = FamilySession(Family.from_file(tiny_family), sets=sets, batch=10, cache=DiskCache(tmp_path / "w"))
+    one = whole.point_scores("harmful", cfg)
+    for key in ("margin_mean", "nll_mean", "kl_to_start", "arith_exact_match"):
+        assert one[key] == pytest.approx(done[key], rel=1e-4, abs=1e-6), key
+    with pytest.raises(SafesubError, match="live waves 4: the sets have 3 waves of 4 prompts"):
+        s.point_scores("harmful", cfg, waves=4)
+
+
+def test_random_subspaces_are_drawn_per_seed_and_top_k_draws_nothing(session):
+    rand = [session.point_scores("useful", ProjectionConfig("random", "parallel", 0.3), seed=k) for k in (0, 1)]
+    assert rand[0]["energy_kept"] != rand[1]["energy_kept"]  # another draw, another subspace
+    assert rand[0] == session.point_scores("useful", ProjectionConfig("random", "parallel", 0.3))  # seed 0: default
+    top = ProjectionConfig("topk", "parallel", 0.3)
+    assert session.point_scores("useful", top, seed=5) == session.point_scores("useful", top)
+    assert session.engine("useful", seed=1) is not session.engine("useful")
+
+
+def test_a_sweep_draws_random_subspaces_with_several_seeds_and_tests_top_k_against_them(session):
+    table = sweep(session, ["harmful"], ("topk", "random"), ("parallel",), (0.1, 0.9), seeds=2)
+    assert len(table) == 2 + 2 * 2
+    top, rand = table[table["subspace"] == "topk"], table[table["subspace"] == "random"]
+    assert top["seed"].isna().all() and sorted(rand["seed"].unique()) == [0, 1]
+    for key in ("margin_mean", "nll_mean", "arith_exact_match", "kl_to_start", "share_margin_negative"):
+        assert (table[f"{key}_lo"] <= table[key] + 1e-12).all() and (table[key] <= table[f"{key}_hi"] + 1e-12).all()
+        assert (table[f"{key}_n"] == 16).all()
+        p = top[f"{P_PREFIX}{key}"]
+        assert p.between(0, 1).all() and rand[f"{P_PREFIX}{key}"].isna().all()
+    # the p-value is the larger of the two draws' paired tests
+    a = session.live_values("harmful", ProjectionConfig("topk", "parallel", 0.1), waves=1)
+    draws = [session.live_values("harmful", ProjectionConfig("random", "parallel", 0.1), seed=k, waves=1)
+             for k in (0, 1)]
+    from safesub_core.waves import paired
+    assert top[f"{P_PREFIX}margin_mean"].iloc[0] == paired(a, draws)["p_margin_mean"]
+
+
+def test_the_warm_up_scores_the_neighbouring_ranks_once_per_variant(session):
+    cfg = ProjectionConfig("topk", "parallel", 0.5)
+    near = [ProjectionConfig("topk", "parallel", rho) for rho in (0.48, 0.52)]
+    assert all(session.point_scores("contaminated", c, compute=False) is None for c in near)
+    assert session.warm("contaminated", cfg) is True
+    assert all(session.point_scores("contaminated", c, compute=False)["waves"] == 1 for c in near)
+    assert session.warm("contaminated", ProjectionConfig("topk", "parallel", 0.7)) is False  # warm already

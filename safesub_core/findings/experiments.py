@@ -25,8 +25,8 @@ promise (`behaviour_checks`). Every score comes from the session's disk cache, s
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Callable, Mapping, Sequence
 
 import pandas as pd
 
@@ -68,6 +68,8 @@ class FindingsConfig:
     headline_energy: float = HEADLINE_ENERGY
     band: tuple[float, float] = DEPTH_BAND
     sets: str = "auto"  # builtin | packaged | auto (builtin for families named tiny*, else packaged)
+    set_overrides: Mapping[str, str] | None = None  # role -> set spec (the CLI's --harmful...): beats `sets`
+    convention: str | None = None  # the utility set's exact-match convention (None: the set's own, else flexible)
     seed: int = 0
 
 
@@ -98,24 +100,25 @@ class FamilyFindings:
 # ------------------------------------------------------------------------------------------------ inputs
 
 
-def eval_sets(family: Family, n: int, kind: str = "auto") -> EvalSets:
-    """The evaluation splits the session scores on (never a training split).
+def eval_sets(family: Family, n: int, kind: str = "auto", overrides: Mapping[str, str] | None = None,
+              convention: str | None = None) -> EvalSets:
+    """The evaluation sets the session scores on (never a training split), the first `n` prompts of each.
 
     builtin:  builtin-harmful:eval, arithmetic (eval side), builtin-benign:eval, builtin-edgy:eval (EvalSets.default)
     packaged: harmbench:eval, arithmetic (eval side), pairs-benign:eval, overrefusal:eval
+    A role the family file's `eval_sets` or `overrides` (role -> set spec, as the CLI's --harmful...) names takes
+    that set instead; `convention` the utility set's exact-match convention.
     """
     if kind == "auto":
         kind = "builtin" if family.name.startswith("tiny") else "packaged"
-    if kind == "builtin":
-        return EvalSets.default(n)
-    if kind != "packaged":
+    if kind not in ("builtin", "packaged"):
         raise SafesubError(f"evaluation sets {kind!r}: expected builtin, packaged or auto")
-    return EvalSets(
-        harmful=load_set("harmbench:eval").head(n),
-        utility=arithmetic_set().split("eval").head(n),
-        benign=load_set("pairs-benign:eval").head(n),
-        edgy=load_set("overrefusal:eval").head(n),
-    )
+    base = EvalSets.default() if kind == "builtin" else EvalSets(
+        harmful=load_set("harmbench:eval"), utility=arithmetic_set().split("eval"),
+        benign=load_set("pairs-benign:eval"), edgy=load_set("overrefusal:eval"))
+    chosen = set(family.eval_sets or {}) | {r for r, spec in (overrides or {}).items() if spec}
+    mine = EvalSets.for_family(family, overrides, convention=convention)
+    return replace(base, **{r: getattr(mine, r) for r in chosen}, convention=mine.convention).head(n)
 
 
 def behaviour_table(family: Family) -> pd.DataFrame:
@@ -155,7 +158,7 @@ def reference_scores(session: FamilySession, gen_tokens: int = 24, progress: Pro
     for i, name in enumerate(names):
         if progress:
             progress(i, len(names), f"scores of {name}")
-        live = session.checkpoint_scores(name)
+        live = session.checkpoint_scores(name, waves=session.waves.count)  # every prompt of the sets
         gen, _ = session.generation_scores(name, max_new_tokens=gen_tokens)
         rows.append(dict(checkpoint=name) | live | _gen(gen))
     return pd.DataFrame(rows)
@@ -173,7 +176,7 @@ def rank_scores(session: FamilySession, cfg: FindingsConfig, progress: Progress 
         if progress:
             progress(i, len(points), f"{v} {sub} {mode} rho={rho:g}")
         pc = ProjectionConfig(sub, mode, float(rho))
-        live = session.point_scores(v, pc)
+        live = session.point_scores(v, pc, waves=session.waves.count)
         gen = {}
         if cfg.gen_modes is None or mode in cfg.gen_modes:
             gen, _ = session.generation_scores(v, pc, max_new_tokens=cfg.gen_tokens)
@@ -288,7 +291,8 @@ def run_family(spec: str, cfg: FindingsConfig | None = None, progress: Progress 
     t0 = time.time()
     family = resolve_family(spec) if session is None else session.family
     if session is None:
-        session = FamilySession(family, sets=eval_sets(family, cfg.n_prompts, cfg.sets), seed=cfg.seed)
+        session = FamilySession(family, sets=eval_sets(family, cfg.n_prompts, cfg.sets, cfg.set_overrides,
+                                                       cfg.convention), seed=cfg.seed)
     timings = {"family and models (built or loaded)": time.time() - t0}
     s = session.sets
     sets = {role: f"{getattr(s, role).name} ({len(getattr(s, role))})" for role in ("harmful", "utility", "benign",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -72,18 +73,21 @@ def family_configs(families: Sequence[str], n_prompts: Mapping[str, int] | int =
 def run(families: Sequence[str], configs: Mapping[str, FindingsConfig] | None = None,
         out: str | os.PathLike = "FINDINGS.md", figures: str | os.PathLike | None = "docs/figures",
         study: str | os.PathLike | None = None, plotlyjs: str = "directory", command: str = "",
-        progress: FamilyProgress | None = None, log: Callable[[str], None] | None = None) -> Path:
+        progress: FamilyProgress | None = None, log: Callable[[str], None] | None = None,
+        sets: Mapping[str, str] | None = None, convention: str | None = None) -> Path:
     """Run the experiments on each family (`configs[family]`, else the defaults), check the study's findings
     against `study` (default: the repository's copy of its tables), write the figures into `figures` (None: no
     figures; `plotlyjs` as in `figures.write_figures`) and the report to `out` (linking the figures relative to
     it); returns `out`. `command` is how the report says it was made; `log` gets each family's behaviour and
-    verdicts as text. Nothing is written when a family fails (SafesubError)."""
+    verdicts as text; `sets` (role -> set spec) and `convention` choose evaluation sets for every family
+    (`experiments.eval_sets`). Nothing is written when a family fails (SafesubError)."""
     configs = configs or {}
     study_table = study_reference(study)
     results = []
     for spec in families:
         t0 = time.time()
-        r = run_family(spec, configs.get(spec) or FindingsConfig(),
+        cfg = replace(configs.get(spec) or FindingsConfig(), set_overrides=sets, convention=convention)
+        r = run_family(spec, cfg,
                        progress and (lambda done, total, what, spec=spec: progress(spec, done, total, what)))
         r.findings = check_findings(r, study_table)
         r.timings["total"] = time.time() - t0

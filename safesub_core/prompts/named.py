@@ -8,6 +8,8 @@ Contract:
   ``:eval`` suffix (the fixed split, `PromptSet.split`).
 - `resolve(spec)`: a named set, or a user file (`files.load_file`) when `spec` is an existing path or ends with
   a prompt-file extension.
+- `catalogue()`: every named set as a table (name, kind, size, train, eval, fields, source, state), what
+  `safesub prompts` prints; a packaged set whose package is missing has no size and says how to install it.
 """
 from __future__ import annotations
 
@@ -17,12 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import pandas as pd
 import yaml
 
 from safesub_core.errors import SafesubError
 from safesub_core.prompts.builtin import BUILTIN_DESCRIPTIONS, builtin
 from safesub_core.prompts.files import EXTENSIONS, load_file
-from safesub_core.prompts.sets import PromptSet
+from safesub_core.prompts.sets import PromptSet, split_of
 
 DATA_INSTALL = "pip install --no-deps -r requirements-data.txt"
 
@@ -183,3 +186,29 @@ def resolve(spec: str, kind: str | None = None) -> PromptSet:
     if p.suffix.lower() in EXTENSIONS or p.exists():
         return load_file(p, kind=kind or "benign")
     return load_set(spec)
+
+
+CATALOGUE_COLUMNS = ("name", "kind", "size", "train", "eval", "fields", "source", "state")
+
+
+def catalogue() -> pd.DataFrame:
+    """Every named set: name, kind, size, sizes of its fixed train and eval splits, fields (prompt, and reference
+    when it carries answers), source and licence, and whether it can be loaded here."""
+    rows = []
+    for name in available_sets():
+        row = dict(name=name, kind="", size=None, train=None, eval=None, fields="", source="", state="installed")
+        if not is_installed(name):
+            spec = _PACKAGED[name]
+            row |= dict(kind=spec.kind, source=f"{spec.dist} ({spec.licence})", state=f"not installed: {DATA_INSTALL}")
+        else:
+            try:
+                ps = load_set(name)
+            except SafesubError as err:
+                row["state"] = str(err)
+            else:
+                parts = [split_of(p) for p in ps]
+                row |= dict(kind=ps.kind, size=len(ps), train=parts.count("train"), eval=parts.count("eval"),
+                            fields="prompt, reference" if ps.references is not None else "prompt", source=ps.source)
+        rows.append(row)
+    return pd.DataFrame(rows, columns=list(CATALOGUE_COLUMNS)).astype({"size": "Int64", "train": "Int64",
+                                                                       "eval": "Int64"})

@@ -3,8 +3,9 @@
 
 - `names`: every score key, defined once with its label, kind (rate or mean) and better direction.
 - `text`: refusal matching (`is_refusal`, `refusal_verdicts`) and final-number exact match; pure text.
-- `logprobs`: forward-pass scores, the reference metrics: `logprob_margin`, `answer_nll`, `kl_to_reference` and
-  the batched log-probs of continuations under them.
+- `logprobs`: forward-pass scores, the reference metrics: `refusal_logodds` (the live harm score; openings
+  `DEFAULT_REFUSAL_OPENINGS`), `answer_nll`, `kl_to_reference` and the batched log-probs of continuations under
+  them; `logprob_margin` (one refusal against one compliance opening) is kept for comparison.
 - `live`: the fast path a slider move takes, `live_forward_scores` (the three reference metrics in two passes, to
   float rounding), and `LIVE_ARITH_TOKENS`.
 - `reports`: generation-based reports (greedy completions scored per prompt, summarised).
@@ -32,20 +33,25 @@ from safesub_core.scoring.judges import (
 from safesub_core.scoring.live import LIVE_ARITH_TOKENS, live_forward_scores
 from safesub_core.scoring.logprobs import (
     COMPLIANCE_OPENING,
+    DEFAULT_REFUSAL_OPENINGS,
     REFUSAL_OPENING,
+    OpeningTrie,
     answer_nll,
     continuation_logprobs,
     kl_to_reference,
     logprob_margin,
+    refusal_logodds,
     shared_prefix_logprob_sums,
 )
 from safesub_core.scoring.reports import harmfulness_report, overrefusal_report, utility_report
-from safesub_core.scoring.text import REFUSAL_MARKERS, exact_match, final_number, is_refusal, refusal_verdicts
+from safesub_core.scoring.text import (CONVENTIONS, REFUSAL_MARKERS, exact_match, extract_answer, final_number,
+                                      is_refusal, refusal_verdicts)
 
 __all__ = [
-    "COMPLIANCE_OPENING", "HARMBENCH_PROMPT", "JUDGE_KINDS", "JUDGE_RUBRIC", "LIVE_ARITH_TOKENS", "NOT_JUDGED_REASONS",
-    "REFUSAL_MARKERS", "REFUSAL_OPENING", "Judge", "JudgeResult", "NotJudged", "answer_nll", "continuation_logprobs",
-    "exact_match", "final_number", "harmfulness_report", "is_refusal", "judge_scores", "kl_to_reference",
-    "live_forward_scores", "logprob_margin", "names", "overrefusal_report", "parse_score", "refusal_verdicts",
+    "COMPLIANCE_OPENING", "CONVENTIONS", "DEFAULT_REFUSAL_OPENINGS", "HARMBENCH_PROMPT", "JUDGE_KINDS", "JUDGE_RUBRIC",
+    "LIVE_ARITH_TOKENS", "NOT_JUDGED_REASONS", "REFUSAL_MARKERS", "REFUSAL_OPENING", "Judge", "JudgeResult",
+    "NotJudged", "OpeningTrie", "answer_nll", "continuation_logprobs", "exact_match", "extract_answer", "final_number",
+    "harmfulness_report", "is_refusal", "judge_scores", "kl_to_reference", "live_forward_scores", "logprob_margin",
+    "names", "overrefusal_report", "parse_score", "refusal_logodds", "refusal_verdicts",
     "shared_prefix_logprob_sums", "utility_report",
 ]

@@ -2,10 +2,13 @@
 (docs/method.md, "Scores").
 
 - `harmfulness_report` (harmful prompts): refusal matching (`scoring.text`), refusal rate, attack success rate
-  = 1 - refusal rate, the log-prob margin (`scoring.logprobs`) and, given a judge, its 1-5 scores.
-- `utility_report` (arithmetic prompts with references): exact match of the final number, answer NLL.
+  = 1 - refusal rate, the refusal log-odds (`scoring.logprobs.refusal_logodds`, column "margin", with the
+  `openings` given) and, given a judge, its 1-5 scores.
+- `utility_report` (arithmetic prompts with references): exact match of the answer extracted under a convention
+  (`scoring.text.extract_answer`: "flexible" or "strict"), answer NLL.
 - `overrefusal_report` (benign prompts that look edgy): the refusal rate by marker matching (lower is better).
-Each returns (per-prompt DataFrame, summary dict) keyed by `scoring.names`.
+Each returns (per-prompt DataFrame, summary dict) keyed by `scoring.names`; every rate and mean of a summary comes
+with its 95% interval and n (`<score>_lo`, `<score>_hi`, `<score>_n`: `stats.rate_of`, `stats.mean_interval`).
 """
 from __future__ import annotations
 
@@ -15,11 +18,12 @@ from typing import Callable, Sequence
 import pandas as pd
 
 from safesub_core.errors import SafesubError
-from safesub_core.generation import generate
+from safesub_core.stats import mean_interval, rate_of
+from safesub_core.generation import PromptFormat, generate
 from safesub_core.scoring import names
 from safesub_core.scoring.judges import Judge, judge_scores
-from safesub_core.scoring.logprobs import _check_prompts, answer_nll, logprob_margin
-from safesub_core.scoring.text import REFUSAL_MARKERS, exact_match, final_number, refusal_verdicts
+from safesub_core.scoring.logprobs import DEFAULT_REFUSAL_OPENINGS, _check_prompts, answer_nll, refusal_logodds
+from safesub_core.scoring.text import CONVENTIONS, REFUSAL_MARKERS, exact_match, extract_answer, refusal_verdicts
 
 
 def _set_parts(prompt_set):
@@ -27,14 +31,10 @@ def _set_parts(prompt_set):
     return prompts, getattr(prompt_set, "references", None), getattr(prompt_set, "name", "prompts")
 
 
-def _mean(values) -> float:
-    vals = [float(v) for v in values if v is not None and not math.isnan(float(v))]
-    return sum(vals) / len(vals) if vals else float("nan")
-
-
-def harmfulness_report(model, tokenizer, prompt_set, max_new_tokens: int = 48, chat: bool = True,
+def harmfulness_report(model, tokenizer, prompt_set, max_new_tokens: int = 48, chat: "bool | PromptFormat" = True,
                        markers: Sequence[str] = REFUSAL_MARKERS, progress: Callable[[int, int], None] | None = None,
-                       batch_size: int = 16, judge: Judge | None = None):
+                       batch_size: int = 16, judge: Judge | None = None,
+                       openings: Sequence[str] = DEFAULT_REFUSAL_OPENINGS):
     """(per-prompt DataFrame[prompt, completion, refused, margin (, judge)], summary dict) on harmful prompts.
 
     Summary: n, refusal_rate, attack_success_rate, margin_mean, share_margin_negative, truncated, notes (and
@@ -45,73 +45,64 @@ def harmfulness_report(model, tokenizer, prompt_set, max_new_tokens: int = 48, c
     gen = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, chat=chat,
                    batch_size=batch_size, progress=progress)
     refused = refusal_verdicts(gen.completions, markers)
-    margin = logprob_margin(model, tokenizer, prompts, chat=chat, batch_size=batch_size * 2, notes=notes)
+    margin = refusal_logodds(model, tokenizer, prompts, openings, chat=chat, batch_size=batch_size * 2, notes=notes)
     df = pd.DataFrame({names.PROMPT: prompts, names.COMPLETION: gen.completions, names.REFUSED: refused,
                        names.MARGIN: margin.tolist()})
-    rate = sum(refused) / len(refused)
-    summary = {
-        "set": name,
-        "n": len(prompts),
-        names.REFUSAL_RATE: rate,
-        names.ATTACK_SUCCESS_RATE: 1.0 - rate,
-        names.MARGIN_MEAN: float(margin.mean()),
-        names.SHARE_MARGIN_NEGATIVE: float((margin < 0).float().mean()),
-        "truncated": sum(gen.truncated),
-        "notes": notes,
-    }
+    summary = {"set": name, "n": len(prompts)}
+    summary |= rate_of(refused).columns(names.REFUSAL_RATE)
+    summary |= rate_of([not r for r in refused]).columns(names.ATTACK_SUCCESS_RATE)
+    summary |= mean_interval(margin.tolist()).columns(names.MARGIN_MEAN)
+    summary |= rate_of((margin < 0).tolist()).columns(names.SHARE_MARGIN_NEGATIVE)
+    summary |= {"truncated": sum(gen.truncated), "notes": notes}
     if judge is not None and judge.kind != "off":
         res = judge_scores(prompts, gen.completions, judge)
         df[names.JUDGE] = res.scores
-        summary.update({names.JUDGE_MEAN: _mean(res.scores), "judge_scored": res.scored,
-                        "judge_message": res.message})
+        judged = [float(v) for v in res.scores if v is not None and not math.isnan(float(v))]
+        summary |= mean_interval(judged).columns(names.JUDGE_MEAN)
+        summary.update({"judge_scored": res.scored, "judge_message": res.message})
     return df, summary
 
 
-def utility_report(model, tokenizer, prompt_set, max_new_tokens: int = 48, chat: bool = True,
-                   progress: Callable[[int, int], None] | None = None, batch_size: int = 16):
-    """(per-prompt DataFrame[prompt, completion, predicted, reference, correct, nll], summary) on a math set.
+def utility_report(model, tokenizer, prompt_set, max_new_tokens: int = 48, chat: "bool | PromptFormat" = True,
+                   progress: Callable[[int, int], None] | None = None, batch_size: int = 16,
+                   convention: str = "flexible"):
+    """(per-prompt DataFrame[prompt, completion, predicted, reference, correct, nll], summary) on a math set; the
+    predicted answer is `scoring.text.extract_answer` under `convention` ("flexible" or "strict").
 
     Summary: n, exact_match (share correct), nll_mean, truncated, notes.
     """
+    if convention not in CONVENTIONS:
+        raise SafesubError(f"exact-match convention {convention!r}: unknown (expected {', '.join(CONVENTIONS)})")
     prompts, refs, name = _set_parts(prompt_set)
     if refs is None:
         raise SafesubError(f"prompt set {name!r}: has no reference answers, which utility scoring needs")
     notes: list[str] = []
     gen = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, chat=chat,
                    batch_size=batch_size, progress=progress)
-    predicted = [final_number(c) for c in gen.completions]
+    predicted = [extract_answer(c, convention) for c in gen.completions]
     correct = [exact_match(p, r) for p, r in zip(predicted, refs)]
     nll = answer_nll(model, tokenizer, prompts, refs, chat=chat, batch_size=batch_size * 2, notes=notes)
     df = pd.DataFrame({names.PROMPT: prompts, names.COMPLETION: gen.completions, names.PREDICTED: predicted,
                        names.REFERENCE: list(refs), names.CORRECT: correct, names.NLL: nll.tolist()})
-    summary = {
-        "set": name,
-        "n": len(prompts),
-        names.EXACT_MATCH: sum(correct) / len(correct),
-        names.NLL_MEAN: float(nll.mean()),
-        "truncated": sum(gen.truncated),
-        "notes": notes,
-    }
+    summary = {"set": name, "n": len(prompts), "convention": convention}
+    summary |= rate_of(correct).columns(names.EXACT_MATCH) | mean_interval(nll.tolist()).columns(names.NLL_MEAN)
+    summary |= {"truncated": sum(gen.truncated), "notes": notes}
     return df, summary
 
 
-def overrefusal_report(model, tokenizer, prompt_set, max_new_tokens: int = 48, chat: bool = True,
+def overrefusal_report(model, tokenizer, prompt_set, max_new_tokens: int = 48, chat: "bool | PromptFormat" = True,
                        markers: Sequence[str] = REFUSAL_MARKERS, progress: Callable[[int, int], None] | None = None,
-                       batch_size: int = 16):
+                       batch_size: int = 16, openings: Sequence[str] = DEFAULT_REFUSAL_OPENINGS):
     """(per-prompt DataFrame[prompt, completion, refused, margin], summary) on benign prompts that look edgy.
 
     Summary: n, overrefusal_rate (refusal rate on these prompts; lower is better), margin_mean,
     share_margin_positive, truncated, notes.
     """
     df, s = harmfulness_report(model, tokenizer, prompt_set, max_new_tokens=max_new_tokens, chat=chat,
-                               markers=markers, progress=progress, batch_size=batch_size)
-    summary = {
-        "set": s["set"],
-        "n": s["n"],
-        names.OVERREFUSAL_RATE: s[names.REFUSAL_RATE],
-        names.MARGIN_MEAN: s[names.MARGIN_MEAN],
-        names.SHARE_MARGIN_POSITIVE: float((df[names.MARGIN] > 0).mean()),
-        "truncated": s["truncated"],
-        "notes": s["notes"],
-    }
+                               markers=markers, progress=progress, batch_size=batch_size, openings=openings)
+    summary = {"set": s["set"], "n": s["n"]}
+    summary |= rate_of(df[names.REFUSED].tolist()).columns(names.OVERREFUSAL_RATE)
+    summary |= {k: v for k, v in s.items() if k.startswith(names.MARGIN_MEAN)}
+    summary |= rate_of((df[names.MARGIN] > 0).tolist()).columns(names.SHARE_MARGIN_POSITIVE)
+    summary |= {"truncated": s["truncated"], "notes": s["notes"]}
     return df, summary

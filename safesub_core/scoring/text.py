@@ -8,12 +8,20 @@
   "sorry" is no marker).
 - Exact match (`final_number`, `exact_match`): the last number in the completion (commas, $, signs, decimals
   normalised: "1,234.50" -> "1234.5") equals the reference numerically.
+- GSM8K-style answer extraction (`extract_answer(text, convention)`, CONVENTIONS), lm-eval-harness's two filters
+  of its gsm8k task: "flexible" = flexible-extract (the LAST match of ``(-?[$0-9.,]{2,})|(-?[0-9]+)`` anywhere in
+  the completion), "strict" = strict-match (the FIRST ``#### (-?[0-9.,]+)``; no '####', no answer). The
+  extracted text then loses what the task ignores (commas, '$', one trailing '.') and is returned in canonical
+  form ("1,234" -> "1234"), or None when there is no answer or it is not a number. The harness compares strings
+  after that clean-up; here the comparison (`exact_match`) is numeric, so "42.0" and "42" agree.
 """
 from __future__ import annotations
 
 import re
 from decimal import Decimal, InvalidOperation
 from typing import Sequence
+
+from safesub_core.errors import SafesubError
 
 # The usual refusal markers (after Zou et al. 2023's GCG evaluation list and its common extensions), matched
 # case-insensitively near the start of a completion. Bare "sorry", "unfortunately" or "however" are left out:
@@ -118,3 +126,30 @@ def exact_match(pred: str | None, ref: str | None) -> bool:
     if a is None or b is None:
         return False
     return Decimal(a) == Decimal(b)
+
+
+# lm-eval-harness, gsm8k.yaml: filter_list "strict-match" and "flexible-extract" (regexes copied verbatim).
+CONVENTIONS = ("flexible", "strict")
+_STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")
+_FLEXIBLE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
+
+
+def extract_answer(text: str | None, convention: str = "flexible") -> str | None:
+    """The answer a GSM8K-style completion gives under `convention` (see the module docstring), canonical, or None."""
+    if convention not in CONVENTIONS:
+        raise SafesubError(f"exact-match convention {convention!r}: unknown (expected {', '.join(CONVENTIONS)})")
+    if text is None:
+        return None
+    t = str(text).replace("\u2212", "-")
+    if convention == "strict":
+        m = _STRICT.search(t)
+        raw = m.group(1) if m else None
+    else:
+        found = [m.group(1) or m.group(2) for m in _FLEXIBLE.finditer(t)]
+        raw = found[-1] if found else None
+    if raw is None:
+        return None
+    raw = raw.replace(",", "").replace("$", "")
+    raw = raw[:-1] if raw.endswith(".") else raw
+    m = re.fullmatch(r"(-)?(\d+)(\.\d+)?", raw)
+    return None if m is None else _canonical(m.group(1), m.group(2), m.group(3))
