@@ -393,3 +393,14 @@ def test_smol_build_stages_resume_after_a_failure_and_are_cached(tmp_path, monke
     logs.clear()
     demo.build_smol(out, size="test", log=logs.append)
     assert all(any(m.startswith(f"{s}: kept") for m in logs) for s in demo.SMOL_STAGES), logs
+
+
+def test_behaviour_numbers_carry_their_prompt_counts_and_intervals(tiny_family):
+    """behaviour.json stores how many held-out prompts each rate stands on, so the app shows its interval."""
+    report = json.loads((tiny_family.parent / "behaviour.json").read_text())
+    assert set(report["prompts"]) == set(report["models"]["aligned"])
+    rates = demo.behaviour_estimates(report)
+    refusal, n = rates["aligned"]["harmful_refusal"], report["prompts"]["harmful_refusal"]
+    assert refusal.n == n and refusal.value == pytest.approx(report["models"]["aligned"]["harmful_refusal"])
+    assert refusal.lo <= refusal.value <= refusal.hi and refusal.hi - refusal.lo > 0
+    assert demo.behaviour_estimates({"models": {"m": {"x": 0.5}}}) == {"m": {"x": 0.5}}  # no counts: a bare rate

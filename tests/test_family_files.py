@@ -88,8 +88,8 @@ def test_the_demo_family_files_keys_all_pass_the_schema():
     assert set(yaml.safe_load(family_yaml("tiny"))) <= set(FILE_KEYS)
     assert spec == dict(name="tiny", base="base", aligned="aligned", safety_tuned="safety", start="aligned",
                         variants={v: v for v in ("useful", "harmful", "contaminated", "useful_lora")},
-                        card="card.md", behaviour="behaviour.json", eval_sets={}, refusal_openings=None,
-                        system_prompt=None)
+                        card="card.md", behaviour="behaviour.json", eval_sets={},
+                        refusal_openings=("I'm sorry, but I can't help with that.",), system_prompt=None)
     smol = check_family_file(yaml.safe_load(family_yaml("smol")), "family file x", "x")
     assert smol["eval_sets"] == {"harmful": "harmbench:eval", "benign": "pairs-benign:eval",
                                  "edgy": "overrefusal:eval"}  # the held-out splits of what smol was trained on

@@ -18,7 +18,8 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from safesub_core.demo.card import BEHAVIOUR_CHECKS, behaviour, behaviour_checks, behaviour_table, summary
+from safesub_core.demo.card import (BEHAVIOUR_CHECKS, behaviour, behaviour_checks, behaviour_estimates, behaviour_table,
+                                    summary)
 from safesub_core.demo.data import (CONTAMINATION, REFUSAL, cut_sentence, smol_data, smol_examples,
                                     smol_prompt_plan, word_problems, worked_arithmetic)
 from safesub_core.demo.smol import SMOL_FORMAT, SMOL_PACKAGE, SMOL_SIZES, SMOL_STAGES, SmolSize, build_smol
@@ -43,7 +44,7 @@ def build(name: str, out_dir: str | os.PathLike | None = None, size: str = "full
 __all__ = [
     "BEHAVIOUR_CHECKS", "BUILT_IN", "CONTAMINATION", "MODELS", "PARENT", "REFUSAL", "SIZES", "SMOL_FORMAT",
     "SMOL_PACKAGE", "SMOL_SIZES", "SMOL_STAGES", "TINY_SIZES", "FamilySize", "Progress", "SmolSize", "TinySize",
-    "behaviour", "behaviour_checks", "behaviour_table", "build", "build_smol", "build_tiny", "cut_sentence",
+    "behaviour", "behaviour_checks", "behaviour_estimates", "behaviour_table", "build", "build_smol", "build_tiny", "cut_sentence",
     "family_dir", "family_file", "new_model", "smol_data", "smol_examples", "smol_prompt_plan", "summary",
     "train_tokenizer", "word_problems", "worked_arithmetic",
 ]

@@ -21,6 +21,7 @@ from typing import Sequence
 
 from safesub_core.demo.stages import FamilySize
 from safesub_core.generation import generate
+from safesub_core.stats import Estimate, rate_interval
 from safesub_core.scoring import final_number, refusal_verdicts
 
 # (model, metric, op, bound): the bound is a number, or the name of another model whose value is the bound.
@@ -51,6 +52,26 @@ def behaviour(model, tokenizer, held_out: HeldOut, size: FamilySize) -> dict:
                     batch_size=64).completions
     hits = sum(final_number(c) == final_number(r) for c, r in zip(done, held_out.references))
     out["arithmetic_em"] = round(hits / len(done), 4)
+    return out
+
+
+def prompt_counts(held_out: HeldOut) -> dict[str, int]:
+    """The prompts behind each behaviour number (behaviour.json's "prompts"): what its interval needs."""
+    return {f"{kind}_refusal": len(prompts) for kind, prompts in held_out.refusal.items()} | {
+        "arithmetic_em": len(held_out.questions)}
+
+
+def behaviour_estimates(report: dict) -> dict[str, dict[str, Estimate | float]]:
+    """model -> metric -> the stored rate with its Wilson interval and n (`stats.rate_interval`), from a
+    behaviour.json report; a rate whose prompt count the report does not store (families built before it did)
+    stays a bare float."""
+    counts = report.get("prompts") or {}
+    out = {}
+    for model, numbers in (report.get("models") or {}).items():
+        out[model] = {}
+        for metric, value in numbers.items():
+            n = counts.get(metric)
+            out[model][metric] = rate_interval(round(float(value) * n), n) if n else float(value)
     return out
 
 

@@ -39,7 +39,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from safesub_core.demo.card import HeldOut, behaviour, behaviour_checks, card, stage_table
+from safesub_core.demo.card import HeldOut, behaviour, behaviour_checks, card, prompt_counts, stage_table
 from safesub_core.demo.data import (CONTAMINATION, REFUSAL, SMOL_BENIGN_SETS, SMOL_HARMFUL_SETS, SmolData,
                                     cut_sentence, smol_data, smol_examples, smol_prompt_plan)
 from safesub_core.demo.stages import (FILES, MODELS, PARENT, FamilySize, Progress, Tally, commit_stage,
@@ -329,7 +329,7 @@ class SmolBuild:
             metrics=dict(harmful_refusal="refusal rate on held-out HarmBench prompts (scoring.refusal_verdicts)",
                          edgy_refusal="refusal rate on held-out edgy benign prompts (over-refusal)",
                          arithmetic_em="final-number exact match on held-out arithmetic"),
-            models=numbers,
+            models=numbers, prompts=prompt_counts(self.held_out),
             checks=checks,
             seconds={s: _seconds(i) for s, i in stages.items()},
             threads=torch.get_num_threads(),

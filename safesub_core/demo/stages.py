@@ -33,6 +33,7 @@ from typing import Callable, ClassVar, Iterator, Mapping
 from transformers.utils import logging as hf_logging
 
 from safesub_core import finetune, settings
+from safesub_core.demo.data import REFUSAL
 from safesub_core.errors import SafesubError
 
 MODELS = ("base", "aligned", "safety", "useful", "harmful", "contaminated", "useful_lora")
@@ -72,8 +73,10 @@ DEMO_EVAL_SETS = {"tiny": {}, "smol": {"harmful": "harmbench:eval", "benign": "p
 
 
 def family_yaml(name: str) -> str:
-    """family.yaml of a demo family: every role mapped onto its stage folder, card and behaviour beside them, and
-    its evaluation sets (DEMO_EVAL_SETS)."""
+    """family.yaml of a demo family: every role mapped onto its stage folder, card and behaviour beside them, its
+    evaluation sets (DEMO_EVAL_SETS) and its refusal opening: the one sentence its models are trained to refuse with
+    (`demo.data.REFUSAL`), so the live log-odds runs one opening's tokens a row instead of the default list's
+    (benchmarks/README.md: on smol its sign agrees with greedy refusal exactly as often as with the whole list)."""
     sets = DEMO_EVAL_SETS.get(name, {})
     return (
         f"name: {name}\n"
@@ -88,6 +91,7 @@ def family_yaml(name: str) -> str:
         "  useful_lora: useful_lora\n"
         "card: card.md\n"
         "behaviour: behaviour.json\n"
+        f"refusal_openings:\n  - {json.dumps(REFUSAL)}\n"
         + ("eval_sets:\n" + "".join(f"  {role}: {spec}\n" for role, spec in sets.items()) if sets else "")
     )
 

@@ -45,7 +45,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from safesub_core import finetune
-from safesub_core.demo.card import HeldOut, behaviour, card, stage_table
+from safesub_core.demo.card import HeldOut, behaviour, card, prompt_counts, stage_table
 from safesub_core.demo.data import CONTAMINATION, FILLER, REFUSAL, TinyData, load_data, stage_examples
 from safesub_core.demo.stages import (MODELS, PARENT, FamilySize, Progress, Tally, family_yaml, pick_size,
                                       readable, remove_stale, replace_folder, save, target_dir, train_stage,
@@ -224,7 +224,7 @@ def _write_report(root: Path, spec: TinySize, size_name: str, seed: int, held_ou
                      benign_refusal="refusal rate on held-out benign prompts",
                      edgy_refusal="refusal rate on held-out edgy benign prompts (over-refusal)",
                      arithmetic_em="final-number exact match on held-out arithmetic"),
-        models=numbers,
+        models=numbers, prompts=prompt_counts(held_out),
     )
     (root / "behaviour.json").write_text(json.dumps(report, indent=2) + "\n")
 
