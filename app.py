@@ -61,10 +61,18 @@ else:
         start = st.radio("Fine-tunes start from", ("aligned", "safety_tuned"), horizontal=True)
         ft = st.text_area("Fine-tunes and adapters, one per line: name = path",
                           placeholder="useful = /models/ft-useful\nharmful = /models/ft-harmful")
+        c1, c2 = st.columns(2)
+        openings = c1.text_area("Refusal openings (optional, one per line)", placeholder="I cannot\nI'm sorry",
+                                help="How this family's refusals open: the live refusal score reads the probability "
+                                     "that an answer opens with one of them (default: the demo families').")
+        system = c2.text_area("System prompt (optional)", placeholder="You are a helpful assistant.",
+                              help="The system message of every chat prompt (default: none).")
         submitted = st.form_submit_button("Use these paths")
     if submitted:
         with ui.shown_errors():
-            chosen = ui.paths_spec(base.strip(), aligned.strip(), safety.strip(), start, ui.parse_variants(ft))
+            chosen = ui.paths_spec(base.strip(), aligned.strip(), safety.strip(), start, ui.parse_variants(ft),
+                                   refusal_openings=[x.strip() for x in openings.splitlines() if x.strip()] or None,
+                                   system_prompt=system.strip() or None)
     else:
         chosen = spec if spec.startswith(ENTERED) else None
 
@@ -84,6 +92,7 @@ if chosen and chosen != spec:
 import pandas as pd  # noqa: E402  (here, not above: the selector shows before torch is imported)
 import plotly.graph_objects as go  # noqa: E402
 
+from safesub_core.demo.card import behaviour_estimates  # noqa: E402
 from safesub_core.loading import describe  # noqa: E402
 from safesub_core.compute import DTYPES, LIVE_CHOICES, available_devices  # noqa: E402
 from safesub_core.projection import ProjectionConfig  # noqa: E402
@@ -118,6 +127,7 @@ ui.family_caption(fam)
 
 st.subheader("Checkpoints")
 models = (fam.behaviour or {}).get("models", {})
+rates = behaviour_estimates(fam.behaviour or {})
 
 
 def short_path(p):
@@ -136,12 +146,71 @@ with ui.shown_errors():
                 "safety_tuned": "safety-tuned"}.get(name, name)) + (" (start)" if name == fam.start else "")
         row = dict(name=name, role=role, kind=d["kind"], architecture=d["architecture"], parameters=d["parameters"],
                    dtype=d["dtype"], fingerprint=d["fingerprint"], path=short_path(ck.path))
-        numbers = models.get(name) or models.get(ck.path.name) or {}
-        row |= {k: numbers[k] for k in numbers}
+        numbers = rates.get(name) or rates.get(ck.path.name) or {}  # held-out rates with their intervals
+        row |= {k: x.text() if hasattr(x, "text") else f"{x:.2f} (n not stored)" for k, x in numbers.items()}
         rows.append(row)
 table = pd.DataFrame(rows)
 st.table(table.astype({"parameters": "Int64"}).set_index("name"))  # a static table: it renders at once
 ui.csv_download(table, f"{fam.name}_checkpoints")
+
+# -------------------------------------------------------------------------------------------- evaluation sets
+from safesub_core.prompts import DEFAULT_SPECS, ROLES, save_upload, upload_spec  # noqa: E402
+
+ROLE_HELP = {"harmful": "refusal log-odds, refusal and attack success rates",
+             "utility": "NLL and exact match of reference answers (the set must carry them: reference=FIELD)",
+             "benign": "KL to the start model", "edgy": "over-refusal of benign prompts that sound edgy"}
+with st.expander("Evaluation sets", icon=":material/checklist:"):
+    st.caption("Each role takes a named set (`harmbench`, `harmbench:eval`, `gsm8k`, `arithmetic:eval`, ... "
+               "`safesub prompts` lists them), a file under the allowed folders or an upload (TXT, CSV, JSON, "
+               "JSONL), with `,prompt=FIELD`, `,reference=FIELD`, `,split=train|eval|all`, `,n=N`. Beside an "
+               "upload, the text box holds only those keys. Empty: the family file's set, else the default "
+               "(docs/method.md, \"Evaluation sets\"). The sets travel in the link.")
+    cap_mb = st.get_option("server.maxUploadSize")
+    try:
+        in_use = ui.current_sets(spec)
+    except SafesubError as err:
+        st.error(str(err), icon="⚠️")
+        in_use = None
+    with st.form("eval_sets"):
+        typed, uploads = {}, {}
+        for role in ROLES:
+            c1, c2 = st.columns([3, 2])
+            typed[role] = c1.text_input(f"{role.capitalize()} set", value=v.get(role) or "",
+                                        placeholder=fam.eval_sets.get(role) if isinstance(
+                                            fam.eval_sets.get(role), str) else DEFAULT_SPECS[role],
+                                        help=ROLE_HELP[role], key=f"set_text_{role}")
+            uploads[role] = c2.file_uploader(f"or upload a {role} file", type=["txt", "csv", "json", "jsonl"],
+                                             key=f"set_upload_{role}", help=f"At most {cap_mb} MB.")
+        conventions = ("flexible", "strict")
+        convention = st.radio("Exact match of the utility set", conventions, horizontal=True,
+                              index=conventions.index(in_use.convention if in_use is not None else "flexible"),
+                              help="lm-eval-harness's GSM8K conventions: flexible-extract takes the last number "
+                                   "of the answer; strict-match the number after '#### ' (none: no match).")
+        use_sets = st.form_submit_button("Use these sets")
+    if use_sets:
+        try:
+            specs = {}
+            for role in ROLES:
+                text, upload = typed[role].strip(), uploads[role]
+                if upload is not None:
+                    path = save_upload(upload.name, upload.getvalue(), cap_mb * 2**20)
+                    specs[role] = upload_spec(role, str(path), text)
+                else:
+                    specs[role] = text or None
+            choice = tuple((r, s) for r, s in specs.items() if s) + (("convention", convention),)
+            chosen_sets = ui.current_sets(spec, choice)  # read now: a bad set is one line, the sets in use stay
+        except SafesubError as err:
+            st.error(str(err), icon="⚠️")
+        else:
+            for role in ROLES:
+                v[role] = specs[role]
+            v["convention"] = convention
+            in_use = chosen_sets
+    if in_use is not None:
+        sets_table = in_use.describe()
+        st.table(sets_table.set_index("role"))
+        ui.csv_download(sets_table, f"{fam.name}_eval_sets")
+
 with ui.shown_errors(stop=True):
     res = ui.resident(spec)
 mem = res.session.in_memory()

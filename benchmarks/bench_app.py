@@ -7,7 +7,8 @@
                the forward-pass scores (`decoded=False`: margin, NLL, KL, which the page shows first), then all of
                them (the greedy exact match too);
      AppTest   `slider.set_value(rho).run()`: a full rerun of the page script in-process (an upper bound: a real
-               browser reruns only the page's fragment);
+               browser reruns only the page's fragment), with the sharpening toggle off (AppTest waits for the
+               whole run, which would include every further wave);
      browser   Chromium (Playwright, Debian's binary): one ArrowRight on the focused rank slider until the
                new point's heading is on screen (the fragment's rerun has begun; nothing is scored yet), the
                forward read-outs of the new rank are on screen (the caption under them names it), until the exact
@@ -87,35 +88,53 @@ def fmt(xs: list[float]) -> str:
 
 # ------------------------------------------------------------------------------------------------ 1. sliders
 
-def bench_core(family: str, ranks: list[float]) -> tuple[list[float], list[float]]:
+def open_point(s, variant: str, cfg) -> None:
+    """What the Subspaces page scores when it opens at `cfg`: the forward read-outs, the start model's and the
+    fine-tune's first wave, then the exact match."""
+    s.point_scores(variant, cfg, decoded=False)
+    s.checkpoint_scores(s.family.start, waves=1)
+    s.checkpoint_scores(variant, waves=1)
+    s.point_scores(variant, cfg)
+
+
+def bench_core(family: str, ranks: list[float], warm: bool = True) -> dict:
+    """Core timings of a session as the page drives it: opening at rho=0.25 (and, with `warm`, the session's warm-up
+    of the cold paths, as the page runs it when it opens), then each move to a new rank: forward read-outs, then all
+    of them. Returns {open, warm, forward: [...], full: [...]} in seconds."""
     import torch
 
     from safesub_core.cache import DiskCache
     from safesub_core.family import Family
     from safesub_core.compute import live_prompts
-    from safesub_core.prompts import EvalSets
     from safesub_core.session import FamilySession
     from safesub_core.projection import ProjectionConfig
 
-    import safesub_core.session as session_module
+    import safesub_core.waves as waves_module
 
     checks = []  # per decoded point: (checking passes, rows decoded incrementally)
-    greedy = session_module.greedy_answers
+    greedy = waves_module.greedy_answers
 
     def counted(*args, **kwargs):
         got = greedy(*args, **kwargs)
         checks.append((got.passes, got.drafted))
         return got
 
-    session_module.greedy_answers = counted
+    waves_module.greedy_answers = counted
+    out = {}
     try:
         torch.set_num_threads(int(THREADS))
         fam = Family.from_file(family)
-        s = FamilySession(fam, sets=EvalSets.default(live_prompts(fam)),  # the app's live sets
-                          cache=DiskCache(os.environ["SAFESUB_CACHE"]))
-        print(f"live read-outs on {len(s.sets.harmful)} prompts a set", flush=True)
+        s = FamilySession(fam, batch=live_prompts(fam), cache=DiskCache(os.environ["SAFESUB_CACHE"]))
+        print(f"live read-outs: waves of {s.waves.size} prompts a set ({s.waves.count} waves)", flush=True)
         variant = next(iter(s.family.variants))
-        s.point_scores(variant, ProjectionConfig(rank_fraction=0.25))  # warm: engine, start scores
+        t = time.perf_counter()
+        opened = ProjectionConfig(rank_fraction=ranks[0] - 0.05)  # a new point of its own too
+        open_point(s, variant, opened)
+        out["open"] = time.perf_counter() - t
+        t = time.perf_counter()
+        if warm:
+            s.warm(variant, opened)
+        out["warm"] = time.perf_counter() - t
         forward, full = [], []
         for rho in ranks:
             t = time.perf_counter()
@@ -123,12 +142,45 @@ def bench_core(family: str, ranks: list[float]) -> tuple[list[float], list[float
             forward.append(time.perf_counter() - t)
             s.point_scores(variant, ProjectionConfig(rank_fraction=rho))  # + the decoded exact match
             full.append(time.perf_counter() - t)
+        out |= dict(forward=forward, full=full)
     finally:
-        session_module.greedy_answers = greedy
+        waves_module.greedy_answers = greedy
     held = [c for c in checks[-len(ranks):] if c == (1, 0)]
     print(f"exact match: the previous answers held at {len(held)} of {len(ranks)} new points (one checking pass); "
           f"elsewhere (passes, rows decoded) = {[c for c in checks[-len(ranks):] if c != (1, 0)]}", flush=True)
-    return forward, full
+    return out
+
+
+def bench_sharpen(family: str, half_width: float = 0.10) -> dict:
+    """Seconds from the slider's rest (the first wave on screen) until the harmful refusal interval at the point is
+    at most +-`half_width`, scoring one more wave at a time as the page does: the point's wave, then the start
+    model's and the fine-tune's same wave (the read-outs' paired comparison). Also the point's waves alone, and the
+    time until every set is exhausted."""
+    import torch
+
+    from safesub_core.cache import DiskCache
+    from safesub_core.compute import live_prompts
+    from safesub_core.family import Family
+    from safesub_core.projection import ProjectionConfig
+    from safesub_core.scoring import names as N
+    from safesub_core.session import FamilySession
+
+    torch.set_num_threads(int(THREADS))
+    fam = Family.from_file(family)
+    s = FamilySession(fam, batch=live_prompts(fam), cache=DiskCache(os.environ["SAFESUB_CACHE"]))
+    variant, cfg = next(iter(fam.variants)), ProjectionConfig(rank_fraction=0.404)  # a rank no other step scores
+    open_point(s, variant, cfg)
+    key, t0, reached = N.SHARE_MARGIN_NEGATIVE, time.perf_counter(), None
+    while s.sharpen(variant, cfg):
+        point = s.point_scores(variant, cfg, compute=False)
+        s.checkpoint_scores(fam.start, waves=point["waves"])
+        s.checkpoint_scores(variant, waves=point["waves"])
+        if reached is None and (point[f"{key}_hi"] - point[f"{key}_lo"]) / 2 <= half_width:
+            reached = (time.perf_counter() - t0, point[f"{key}_n"])
+    done = time.perf_counter() - t0
+    point = s.point_scores(variant, cfg, compute=False)
+    return dict(reached=reached, exhausted=done, n=point[f"{key}_n"], waves=point["waves"], size=s.waves.size,
+                half_width=half_width)
 
 
 def bench_apptest(ranks: list[float]) -> list[float]:
@@ -138,6 +190,8 @@ def bench_apptest(ranks: list[float]) -> list[float]:
     at.run()
     at.switch_page("pages/1_Subspaces.py").run()  # warm: models, engine, grid of the chart
     assert not at.exception, [e.value for e in at.exception]
+    # a move's own work: no sharpening after it (AppTest waits for the whole run, which would include every wave)
+    at.toggle(key="w_sharpen").set_value(False).run()
     out = []
     for rho in ranks:
         before = {m.label: m.value for m in at.metric}
@@ -260,9 +314,19 @@ def main() -> int:
     print(f"machine: {machine()}")
     print(f"OMP_NUM_THREADS={THREADS}  family={fam}  moves={n}")
 
-    forward, core = bench_core(fam, [round(r + 0.005, 3) for r in RANKS[:n]])  # not the AppTest's ranks
-    print(f"slider, core point_scores, forward-pass scores (new point): {fmt(forward)}")
-    print(f"slider, core point_scores, all scores (new point):          {fmt(core)}")
+    ranks = [round(r + 0.005, 3) for r in RANKS[:n]]  # not the AppTest's ranks
+    for warm in (False, True):  # each on ranks of its own (the cache is shared): new points both times
+        core = bench_core(fam, [round(r + 0.002 * warm, 3) for r in ranks], warm=warm)
+        print(f"core, {'with' if warm else 'without'} the warm-up: page open {core['open']:.2f} s, warm-up "
+              f"{core['warm']:.2f} s; the first three moves (all scores) "
+              f"{' '.join(f'{x:.2f}' for x in core['full'][:3])} s")
+        print(f"slider, core point_scores, forward-pass scores (new point): {fmt(core['forward'])}")
+        print(f"slider, core point_scores, all scores (new point):          {fmt(core['full'])}")
+    sharp = bench_sharpen(fam)
+    reached = "never" if sharp["reached"] is None else f"{sharp['reached'][0]:.1f} s (n={sharp['reached'][1]})"
+    print(f"sharpening (waves of {sharp['size']}): harmful interval within ±{sharp['half_width']:.2f} after "
+          f"{reached}; every set exhausted after {sharp['exhausted']:.1f} s ({sharp['waves']} waves, "
+          f"n={sharp['n']} harmful)")
     app = bench_apptest(RANKS[::-1][:n])  # from the top: the browser's moves climb from 0.25 one step at a time
     print(f"slider, AppTest full page rerun (new point):     {fmt(app)}")
     results = [("slider (AppTest)", statistics.median(app), args.slider_target)]

@@ -5,11 +5,14 @@ import streamlit as st
 from plotly.subplots import make_subplots
 
 import ui
-from safesub_core.compute import FULL_LIVE_PROMPTS
+from safesub_core.compute import FULL_LIVE_PROMPTS, dtype_name
 from safesub_core.scoring import names as N
 from safesub_core.scoring.live import LIVE_ARITH_TOKENS
 from safesub_core.session import GENERATION_TOKENS
 from safesub_core.projection import MODES, SUBSPACE_LABELS, SUBSPACES, ProjectionConfig
+from safesub_core.stats import Estimate
+from safesub_core.sweeps import DEFAULT_SEEDS as SEEDS, P_PREFIX, sweep
+from safesub_core.waves import paired
 from ui.link import PARAMS
 
 ui.header("Subspaces",
@@ -19,6 +22,7 @@ ui.header("Subspaces",
 fam, res = ui.require_family()  # and its caption
 S = res.session
 SCORE_GRID = (0.01, 0.1, 0.25, 0.5, 0.75, 1.0)  # rank fractions of the chart's grid
+SIGNIFICANT = 0.05  # the chart rings Top-K points whose paired test against Random has p below this
 
 # each read-out: its score key and the values of the start and of the fine-tuned model ("live": their own scores)
 READOUTS = [(N.ENERGY_KEPT, 0.0, 1.0), (N.COS_TASK_KEPT, None, 1.0), (N.COS_TASK_ALIGN, None, None)] + [
@@ -29,22 +33,26 @@ TITLES = {k: N.label(k) for k in PANELS[:-1]} | {"generation": "generation: ASR 
 
 
 def grid_scores(variant: str, mode: str, alpha: float, score: bool) -> pd.DataFrame:
-    """Live scores over SCORE_GRID for the three subspaces: computed when `score` (disk-cached points; a progress
-    bar meanwhile), else only the points already on disk."""
-    points = [(sub, rho) for sub in SUBSPACES for rho in SCORE_GRID]
+    """Live scores over SCORE_GRID for the three subspaces (Random and Random-K with SEEDS draws; Top-K rows with the
+    paired test against Random), first wave each: computed when `score` (disk-cached points; a progress bar
+    meanwhile), else only the points already on disk."""
     if not score:
-        got = [S.point_scores(variant, ProjectionConfig(sub, mode, rank_fraction=rho, alpha=alpha), compute=False)
-               for sub, rho in points]
-        return pd.DataFrame([g for g in got if g is not None], columns=["subspace", "rank_fraction"])
+        rows = []
+        for sub in SUBSPACES:
+            for rho in SCORE_GRID:
+                for seed in [None] if sub == "topk" else range(S.seed, S.seed + SEEDS):
+                    cfg = ProjectionConfig(sub, mode, rank_fraction=rho, alpha=alpha)
+                    got = S.point_scores(variant, cfg, compute=False, waves=1, seed=seed)
+                    if got is not None:
+                        rows.append(dict(subspace=sub, rank_fraction=rho, seed=seed) | got)
+        return pd.DataFrame(rows, columns=["subspace", "rank_fraction", "seed"] + ([] if rows else []))
 
     def compute():
-        rows, bar = [], st.progress(0.0, text="Scores over the rank grid")
-        for i, (sub, rho) in enumerate(points):
-            cfg = ProjectionConfig(sub, mode, rank_fraction=rho, alpha=alpha)
-            rows.append(S.point_scores(variant, cfg))
-            bar.progress((i + 1) / len(points), text=f"Scores over the rank grid: {SUBSPACE_LABELS[sub]} ρ={rho}")
+        bar = st.progress(0.0, text="Scores over the rank grid")
+        table = sweep(S, [variant], SUBSPACES, [mode], SCORE_GRID, alpha=alpha, seeds=SEEDS, waves=1,
+                      progress=lambda i, n, what: bar.progress(i / n, text=f"Scores over the rank grid: {what}"))
         bar.empty()
-        return pd.DataFrame(rows)
+        return table
 
     return res.memoised(("grid", variant, mode, alpha), compute)
 
@@ -61,9 +69,41 @@ def grid_generation(variant: str, mode: str, alpha: float) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def p_text(p: float) -> str:
+    """A p-value as read-outs show it."""
+    return "p<0.001" if p < 0.001 else f"p={p:.2g}"
+
+
+def _errors(d: pd.DataFrame, key: str) -> dict:
+    """Plotly error bars from a table's interval columns."""
+    if f"{key}_lo" not in d:
+        return {}
+    return dict(error_y=dict(type="data", symmetric=False, array=d[f"{key}_hi"] - d[key],
+                             arrayminus=d[key] - d[f"{key}_lo"], thickness=1, width=3))
+
+
+def _band(add, d: pd.DataFrame, key: str, color: str, name: str, sub: str, r: int, c: int) -> None:
+    """A random subspace's draws at each ρ: the mean over draws as a line, and the envelope of the draws' 95%
+    intervals as a band."""
+    x = sorted(set(d["rank_fraction"]))  # (plain Python: a pandas named aggregation costs ~20 ms a call here)
+    at = [d["rank_fraction"].to_numpy() == rho for rho in x]
+    g = {"mid": [d[key].to_numpy()[m].mean() for m in at], "lo": [d[f"{key}_lo"].to_numpy()[m].min() for m in at],
+         "hi": [d[f"{key}_hi"].to_numpy()[m].max() for m in at]}
+    add(x=x + x[::-1], y=list(g["hi"]) + list(g["lo"])[::-1], fill="toself", line_width=0,
+                    fillcolor=color, opacity=0.15, hoverinfo="skip", legendgroup=sub, showlegend=False, row=r, col=c)
+    add(x=x, y=g["mid"], mode="lines+markers", line_color=color, name=name, legendgroup=sub,
+                    showlegend=False, row=r, col=c)
+
+
 def score_figure(variant, cfg, point, start, ft, grid, curves, gen, point_gen) -> go.Figure:
     fig = make_subplots(rows=2, cols=4, subplot_titles=[TITLES[k] for k in PANELS], horizontal_spacing=0.06,
                         vertical_spacing=0.16)
+    traces = []  # added at once at the end: one validation pass instead of one grid lookup per trace
+
+    def add(row: int, col: int, **trace) -> None:
+        i = (row - 1) * 4 + col
+        traces.append(dict(type="scatter", xaxis=f"x{i if i > 1 else ''}", yaxis=f"y{i if i > 1 else ''}", **trace))
+
     x_now = cfg.rank_fraction if cfg.rank_fraction is not None else point["mean_rank_fraction"]
     shapes = []
     for i, key in enumerate(PANELS):
@@ -72,21 +112,28 @@ def score_figure(variant, cfg, point, start, ft, grid, curves, gen, point_gen) -
             color, name = ui.SUBSPACE_COLORS[sub], SUBSPACE_LABELS[sub]
             if key in (N.ENERGY_KEPT, N.COS_TASK_KEPT):
                 d = curves[curves["subspace"] == sub]
-                fig.add_scatter(x=d["rank_fraction"], y=d[key], mode="lines", line_color=color, name=name,
+                add(x=d["rank_fraction"], y=d[key], mode="lines", line_color=color, name=name,
                                 legendgroup=sub, showlegend=(i == 0), row=r, col=c)
             elif key == "generation":
                 d = gen[gen["subspace"] == sub] if len(gen) else gen
                 if len(d):
-                    fig.add_scatter(x=d["rank_fraction"], y=d[N.ATTACK_SUCCESS_RATE], mode="markers",
-                                    marker=dict(color=color, symbol="circle", size=8), name=f"{name} ASR",
-                                    legendgroup=sub, showlegend=False, row=r, col=c)
-                    fig.add_scatter(x=d["rank_fraction"], y=d[N.EXACT_MATCH], mode="markers",
-                                    marker=dict(color=color, symbol="diamond", size=8), name=f"{name} EM",
-                                    legendgroup=sub, showlegend=False, row=r, col=c)
-            elif key in grid.columns:  # the live scores of the grid points scored so far
+                    for metric, symbol in ((N.ATTACK_SUCCESS_RATE, "circle"), (N.EXACT_MATCH, "diamond")):
+                        add(x=d["rank_fraction"], y=d[metric], mode="markers", **_errors(d, metric),
+                                        marker=dict(color=color, symbol=symbol, size=8), name=f"{name} {metric}",
+                                        legendgroup=sub, showlegend=False, row=r, col=c)
+            elif key in grid.columns:  # the live scores of the grid points scored so far, with their intervals
                 d = grid[grid["subspace"] == sub]
-                fig.add_scatter(x=d["rank_fraction"], y=d[key], mode="lines+markers", line_color=color, name=name,
-                                legendgroup=sub, showlegend=False, row=r, col=c)
+                if sub != "topk" and len(d):
+                    _band(add, d, key, color, name, sub, r, c)
+                    continue
+                add(x=d["rank_fraction"], y=d[key], mode="lines+markers", line_color=color, name=name,
+                                legendgroup=sub, showlegend=False, row=r, col=c, **_errors(d, key))
+                p = f"{P_PREFIX}{key}"
+                if p in d:  # Top-K differs from Random at this ρ (paired test, p < 0.05)
+                    hit = d[d[p] < SIGNIFICANT]
+                    add(x=hit["rank_fraction"], y=hit[key], mode="markers", name="Top-K ≠ Random",
+                                    marker=dict(color=color, symbol="circle-open", size=16, line_width=2),
+                                    legendgroup="p", showlegend=False, row=r, col=c)
         if key == "generation":
             fig.update_yaxes(range=[-0.05, 1.05], row=r, col=c)
             if point_gen is None and not len(gen):
@@ -94,23 +141,27 @@ def score_figure(variant, cfg, point, start, ft, grid, curves, gen, point_gen) -
                                    x=0.5, y=0.5, row=r, col=c, font_color="#888")
             if point_gen is not None:
                 for metric, symbol in ((N.ATTACK_SUCCESS_RATE, "circle"), (N.EXACT_MATCH, "diamond")):
-                    fig.add_scatter(x=[x_now], y=[point_gen[metric]], mode="markers", name="this point",
+                    add(x=[x_now], y=[point_gen[metric]], mode="markers", name="this point",
                                     marker=dict(color="black", symbol=f"{symbol}-open", size=13, line_width=2),
                                     showlegend=False, row=r, col=c)
             continue
-        fig.add_scatter(x=[x_now], y=[point[key]], mode="markers", name="this point", legendgroup="now",
-                        marker=dict(color="black", symbol="star", size=14), showlegend=(i == 0), row=r, col=c)
+        add(x=[x_now], y=[point[key]], mode="markers", name="this point", legendgroup="now",
+                        marker=dict(color="black", symbol="star", size=14), showlegend=(i == 0), row=r, col=c,
+                        **_errors(pd.DataFrame([point]), key))
         if key in start:  # reference lines as plain shapes (add_hline costs ~10 ms each)
             ax = "" if i == 0 else str(i + 1)
             for y, color in ((start[key], "#2ca02c"), (ft[key], "#9467bd")):
                 shapes.append(dict(type="line", xref=f"x{ax} domain", yref=f"y{ax}", x0=0, x1=1, y0=y, y1=y,
                                    line=dict(dash="dot", color=color, width=1.5)))
+    fig.add_traces(traces)
     fig.update_layout(shapes=shapes)
     fig.update_xaxes(range=[0, 1.02])
     fig.update_xaxes(title_text="rank fraction ρ", row=2)
     fig.update_layout(height=600, margin=dict(t=80, b=40, l=40, r=20), legend_orientation="h", legend_y=-0.14,
-                      title=dict(text=f"{variant}, {cfg.mode}, α={cfg.alpha:g}  ·  dotted: start (green), "
-                                      f"fine-tuned (purple)", font_size=13))
+                      title=dict(text=f"{variant}, {cfg.mode}, α={cfg.alpha:g}  ·  bars and bands: 95% intervals "
+                                      f"(Random: {SEEDS} draws)  ·  ring: Top-K ≠ Random (paired p < "
+                                      f"{SIGNIFICANT})  ·  dotted: start (green), fine-tuned (purple)",
+                                 font_size=12))
     return fig
 
 
@@ -131,14 +182,16 @@ def point_section():
                   "hold η of ΔA's energy.")
     alpha = ui.bound("alpha", c[1].slider, "scale α", min_value=scale.lo, max_value=scale.hi, step=0.05,
                      help="W = W_start + α·X; α = 1 is the study's setting.")
+    sharpen = st.toggle("Score more prompts while the slider rests", value=True, key="w_sharpen",
+                        help="After the first wave, further waves of each evaluation set are scored one at a time "
+                             "and the intervals narrow until the sets are exhausted; moving a slider stops it at the "
+                             "next wave, and the waves done stay cached.")
     ui.publish_view()
 
     with ui.shown_errors(stop=True):
         cfg = ui.current_config()
         warnings = ui.engine(res, variant).warnings  # e.g. tensors whose alignment update is zero
         diag = S.diagnostics(variant, cfg)  # cumulative sums: instant
-        start = S.checkpoint_scores(fam.start)  # cached after the first visit
-        ft = S.checkpoint_scores(variant)
 
     for warning in warnings:
         st.warning(warning, icon="⚠️")
@@ -147,44 +200,82 @@ def point_section():
     st.markdown(f"**Read-outs at this point** · {variant}: {cfg.label} · mean rank fraction "
                 f"{diag.mean_rank_fraction:.3f}")
     cols = st.columns(4)
+    slots = [cols[i % 4].empty() for i in range(len(READOUTS))]  # each read-out redrawn in place as waves come in
+    live = [i for i, r in enumerate(READOUTS) if r[0] in N.LIVE]
+    decoded = [i for i, r in enumerate(READOUTS) if r[0] in N.LIVE_DECODED]
 
-    def readout(i: int, point: dict) -> None:
+    def readout(i: int, point: dict, start: dict | None = None, ft: dict | None = None, p: dict | None = None):
+        """Read-out i: the value at the precision its interval allows, the interval and n, the start model's and the
+        fine-tune's values on the same prompts, and the paired test against the start model."""
         key, s_val, f_val = READOUTS[i]
         label, color = N.label(key), DELTA_COLOR[N.score(key).better]
-        s_val = start[key] if s_val == "live" else s_val
-        f_val = ft[key] if f_val == "live" else f_val
-        value = point[key]
-        with cols[i % 4]:
-            st.metric(label, f"{value:.4f}", delta=None if s_val is None else round(value - s_val, 4),
+        notes = []
+        if key in N.LIVE:
+            est = Estimate.of(point, key)
+            value, shown = est.value, est.value_text()
+            notes.append(f"95% CI [{est.lo:.{len(shown.split('.')[-1])}f}, {est.hi:.{len(shown.split('.')[-1])}f}]"
+                         f" · n={est.n}")
+            s_val, f_val = (None if d is None else d[key] for d in (start, ft))
+        else:
+            value = point[key]
+            shown = f"{value:.4f}"
+        if s_val is not None:
+            notes.append(f"start ({fam.start}) {s_val:.4g}" + ("" if not p or f"p_{key}" not in p
+                                                               else f", paired {p_text(p[f'p_{key}'])}"))
+        if f_val is not None:
+            notes.append(f"{variant} {f_val:.4g}")
+        with slots[i].container():
+            st.metric(label, shown, delta=None if s_val is None else float(f"{value - s_val:.3g}"),
                       delta_color=color, delta_description=None if s_val is None else "vs start", border=True)
-            notes = []
-            if s_val is not None:
-                notes.append(f"start ({fam.start}) {s_val:.4f}")
-            if f_val is not None:
-                notes.append(f"{variant} {f_val:.4f}")
             st.caption(" · ".join(notes) if notes else "a property of the variant")
 
-    # three waves, each on screen before the next is computed: the diagnostics (cumulative sums), the scores that
-    # need forward passes of the projected model, then the one that needs greedy decoding
-    decoded = [i for i, r in enumerate(READOUTS) if r[0] in N.LIVE_DECODED]
-    forward = [i for i, r in enumerate(READOUTS) if r[0] in N.LIVE_FORWARD]
+    def pending(indices, what: str):
+        for i in indices:
+            with slots[i].container():
+                st.metric(N.label(READOUTS[i][0]), "…", border=True)
+                st.caption(what)
+
+    references: dict = {}  # waves -> (start's scores, fine-tune's, the start's per-prompt values), once a run
+
+    def live_readouts(point: dict, indices, decoded: bool = True) -> None:
+        """The live read-outs of `point`, against the start model and the fine-tune on the same waves (the paired
+        tests: the point's per-prompt values against the start model's)."""
+        w = point["waves"]
+        if w not in references:
+            references[w] = (S.checkpoint_scores(fam.start, waves=w), S.checkpoint_scores(variant, waves=w),
+                             S.live_values(fam.start, waves=w))
+        start, ft, start_values = references[w]
+        p = paired(start_values, S.live_values(variant, cfg, waves=w, decoded=decoded))
+        for i in indices:
+            readout(i, point, start, ft, p)
+
+    # three waves on screen before the next is computed: the diagnostics (cumulative sums), the scores that need
+    # forward passes of the projected model, then the one that needs greedy decoding; then, while the slider
+    # rests, more prompts (`sharpen`, at the end of this section)
+    pending(live, f"scoring {cfg.label}…")
     for i in range(len(READOUTS)):
-        if i not in forward + decoded:
+        if i not in live:
             readout(i, diag.summary())
+    ev = S.sets
+    waves_note, exact_note = st.empty(), st.empty()
+
+    def note_waves(point: dict, busy: bool) -> None:
+        waves_note.caption(
+            f"Live scores at {cfg.label}: refusal log-odds on harmful prompts ({ev.harmful.name}), NLL on utility "
+            f"prompts ({ev.utility.name}), KL to the start model on benign prompts ({ev.benign.name}); "
+            f"{point['waves']} of {point['waves_total']} waves of {S.waves.size} prompts a set, on {S.device} in "
+            f"{dtype_name(S.dtype)}"
+            + (" · scoring more while the slider rests…" if busy else "") + ". Deltas and p-values: the same "
+            "prompts under the start model (paired tests).")
+
     with ui.shown_errors(stop=True):
         point = S.point_scores(variant, cfg, decoded=False)
-    for i in forward:
-        readout(i, point)
-    ev = S.sets
-    st.caption(f"Live scores at {cfg.label}: log-prob margin on {len(ev.harmful)} harmful prompts, NLL on "
-               f"{len(ev.utility)} arithmetic prompts, KL to the start model on {len(ev.benign)} benign prompts "
-               "(evaluation splits).")
-    with ui.shown_errors(stop=True):
+        live_readouts(point, [i for i in live if i not in decoded], decoded=False)
+        note_waves(point, busy=False)
         point = S.point_scores(variant, cfg)
-    for i in decoded:
-        readout(i, point)
-    st.caption(f"Exact match at {cfg.label}: {LIVE_ARITH_TOKENS}-token greedy answers to the {len(ev.utility)} "
-               "arithmetic prompts.")
+        live_readouts(point, decoded)
+    exact_note.caption(f"Exact match at {cfg.label}: {LIVE_ARITH_TOKENS}-token greedy answers to the utility "
+                       f"prompts, final answers compared by the {ev.convention} convention.")
 
     # ---------------------------------------------------------------------------------------- charts
     if st.session_state.get("run_generation"):  # the button below was clicked: score first, so the chart shows it
@@ -196,7 +287,7 @@ def point_section():
     base_gen = S.generation_scores(fam.start, None, GENERATION_TOKENS, compute=False)
     point_gen = None
     with ui.shown_errors():
-        cheap = len(S.sets.harmful) >= FULL_LIVE_PROMPTS  # a GPU or a small model (session.live_prompts)
+        cheap = S.waves.size >= FULL_LIVE_PROMPTS  # a GPU or a small model (compute.live_prompts)
         score_grid = st.toggle("Score the whole rank grid for the chart", value=cheap, key="w_score_grid",
                                help=f"{len(SUBSPACES) * len(SCORE_GRID)} points (3 subspaces x ρ in "
                                     f"{', '.join(map(str, SCORE_GRID))}), each a read-out like the one above; on "
@@ -206,6 +297,7 @@ def point_section():
         curves = res.memoised(("curves", variant, mode), lambda: S.curves(variant, modes=(mode,)))
         gen = grid_generation(variant, mode, float(alpha))
         point_gen = S.generation_scores(variant, cfg, GENERATION_TOKENS, compute=False)
+        start, ft, _ = references[point["waves"]]
         fig = score_figure(variant, cfg, point, start, ft, grid, curves, gen,
                            None if point_gen is None else point_gen[0])
         ui.chart(fig, f"{fam.name}_{variant}_{mode}_scores", key="scores_chart")
@@ -228,24 +320,40 @@ def point_section():
 
     # ---------------------------------------------------------------------------------------- generation
     st.subheader("Generation scores at this point")
-    st.caption(f"Greedy completions ({GENERATION_TOKENS} new tokens) on the evaluation splits, the live read-outs' "
-               f"sets ({len(ev.harmful)} harmful, {len(ev.utility)} arithmetic, {len(ev.edgy)} edgy prompts): refusal "
-               "matching on harmful prompts (attack success rate = 1 − refusal rate), final-number exact match on "
-               "arithmetic, refusal rate on edgy benign prompts. Cached on disk; shown on the chart once computed.")
+    st.caption(f"Greedy completions ({GENERATION_TOKENS} new tokens) on the whole evaluation sets ({len(ev.harmful)} "
+               f"harmful, {len(ev.utility)} utility, {len(ev.edgy)} edgy prompts): refusal matching on harmful prompts "
+               "(attack success rate = 1 − refusal rate), exact match of the final answer "
+               f"({ev.convention} convention) on utility prompts, refusal rate on edgy benign prompts; each with its "
+               "95% interval. Cached on disk; shown on the chart once computed.")
     st.button("Run generation scores at this point", key="run_generation", type="primary",
               disabled=point_gen is not None and base_gen is not None)
     if point_gen is not None:
         summary, table = point_gen
         cols = st.columns(4)
         for col, key in zip(cols, N.GENERATION[:4]):
-            label, color = N.label(key), DELTA_COLOR[N.score(key).better]
+            label, color, est = N.label(key), DELTA_COLOR[N.score(key).better], Estimate.of(summary, key)
             ref = None if base_gen is None else base_gen[0][key]
-            col.metric(label, f"{summary[key]:.3f}", delta=None if ref is None else round(summary[key] - ref, 3),
+            col.metric(label, est.value_text(), delta=None if ref is None else float(f"{summary[key] - ref:.2g}"),
                        delta_color=color, delta_description="vs start", border=True)
+            col.caption(est.text())
         st.dataframe(table, hide_index=True, width="stretch", height=320)
         ui.csv_download(table, f"{fam.name}_{variant}_generation_{cfg.subspace}_{cfg.mode}", key="csv_generation")
     else:
         st.info("Not computed yet for this point.", icon="ℹ️")
+
+    # ---------------------------------------------------------------------------------------- sharpening
+    # while the slider rests: first the cold paths of the next moves (once per variant), then one more wave of
+    # prompts at a time, the read-outs redrawn with narrower intervals; a move reruns this section, which stops this
+    # loop at its next Streamlit call, i.e. at a wave's boundary
+    with ui.shown_errors():
+        S.warm(variant, cfg)
+    if sharpen and point["waves"] < point["waves_total"]:
+        with ui.shown_errors():
+            while S.sharpen(variant, cfg):
+                note_waves(point, busy=True)
+                point = S.point_scores(variant, cfg, compute=False)
+                live_readouts(point, live)
+            note_waves(point, busy=False)
 
 
 point_section()

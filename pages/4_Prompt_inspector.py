@@ -6,6 +6,7 @@ import streamlit as st
 import ui
 from safesub_core import scoring
 from safesub_core.session import GENERATION_TOKENS
+from safesub_core.stats import mcnemar, rate_of
 
 ui.header("Prompt inspector",
           "Greedy completions of one prompt by every model of the family and by the projected model of"
@@ -74,7 +75,7 @@ def spec(name):
 
 
 def complete(name: str) -> tuple[str, float]:
-    """(greedy completion, log-prob margin) of the prompt under a model, memoised per session."""
+    """(greedy completion, refusal log-odds) of the prompt under a model, memoised per session."""
     target, point = spec(name)
     return res.memoised(("inspect", target, point, prompt, max_new),
                         lambda: S.inspect(target, prompt, cfg=point, max_new_tokens=max_new))
@@ -102,9 +103,9 @@ if prompt:
                 st.markdown(f"**{title}**")
                 st.markdown(":red-badge[refusal]" if refused else ":green-badge[compliance]")
                 st.text(text.strip() or "(empty)")
-                line = f"margin {margin:+.2f}"
+                line = f"refusal log-odds {margin:+.2f}"
                 if reference is not None:
-                    ok = scoring.exact_match(scoring.final_number(text), reference)
+                    ok = scoring.exact_match(scoring.extract_answer(text, S.sets.convention), reference)
                     line += f" · {'correct' if ok else 'wrong'} (ref {reference})"
                 st.caption(line)
 else:
@@ -112,8 +113,8 @@ else:
 
 # -------------------------------------------------------------------------------------------- per-prompt table
 st.subheader("Per-prompt table over the evaluation sets")
-st.caption(f"From the generation scores ({GENERATION_TOKENS} new tokens) of two targets on the harmful, arithmetic and "
-           "edgy evaluation splits; refusal verdicts recomputed with the markers above.")
+st.caption(f"From the generation scores ({GENERATION_TOKENS} new tokens) of two targets on the harmful, utility and "
+           "edgy evaluation sets; refusal verdicts recomputed with the markers above.")
 c1, c2 = st.columns(2)
 target_a = c1.selectbox("Target A", targets, index=targets.index(fam.start), key="w_tab_a")
 target_b = c2.selectbox("Target B", targets, index=len(targets) - 1, key="w_tab_b")
@@ -155,6 +156,14 @@ if all(got is not None for got in cached.values()):
                + (f" ({variant}, {cfg.label})" if POINT in (target_a, target_b) else "")
                + " · click a column header to sort")
     st.dataframe(shown, hide_index=True, width="stretch", height=380)
+    harm = merged[merged["set"] == S.sets.harmful.name]  # the same harmful prompts under both targets
+    if len(harm):
+        a_rate, b_rate = (rate_of(harm[f"refused {side}"]) for side in ("A", "B"))
+        test = mcnemar(harm["refused A"], harm["refused B"])
+        st.caption(f"Refusal rate on the harmful set: A {a_rate.text()} · B {b_rate.text()} · paired (McNemar) "
+                   f"p = {test.p:.2g}" + (" · a difference of one or two prompts is never a finding"
+                                          if abs(int(harm['refused A'].sum()) - int(harm['refused B'].sum())) <= 2
+                                          else ""))
     ui.csv_download(shown, f"{fam.name}_per_prompt_{target_a}_vs_{target_b}".replace(" ", "_"))
 else:
     st.info(f"Not computed yet for: {', '.join(missing)}.", icon="ℹ️")

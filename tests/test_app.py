@@ -14,6 +14,8 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from apptest import open_app_page
+from safesub_core.family import Family
+from safesub_core.prompts import EvalSets
 from ui import PAGE_FILES
 
 pytestmark = pytest.mark.slow
@@ -81,7 +83,7 @@ def test_rank_slider_moves_the_readouts(app_env):
     assert_clean(at)
     after = readouts(at)
     assert after["energy kept E"] != before["energy kept E"]
-    assert any(after[k] != before[k] for k in ("margin mean", "NLL (arithmetic)", "KL to start"))
+    assert any(after[k] != before[k] for k in ("refusal log-odds", "NLL (utility)", "KL to start"))
     assert at.query_params.get("rank") in (["0.75"], "0.75"), "the URL follows the slider"
 
 
@@ -213,7 +215,7 @@ def test_the_builtin_family_is_built_on_first_run_with_a_progress_bar(tiny_famil
 def test_device_and_precision_reach_the_resident_session(app_env):
     import torch
 
-    f32 = readouts(open_page("subspaces", {"dtype": "float32"}))["margin mean"]
+    f32 = readouts(open_page("subspaces", {"dtype": "float32"}))["refusal log-odds"]
     at = open_page("family")
     assert_clean(at)
     assert at.selectbox(key="w_device").options == [f"cuda:{i}" for i in range(torch.cuda.device_count())] + ["cpu"]
@@ -223,8 +225,9 @@ def test_device_and_precision_reach_the_resident_session(app_env):
     assert at.query_params.get("dtype") in (["bfloat16"], "bfloat16"), "the URL keeps the precision"
     at.switch_page(PAGE_FILES["subspaces"]).run()
     assert_clean(at)
-    bf16 = readouts(at)["margin mean"]
-    assert bf16 != f32 and abs(float(bf16) - float(f32)) < 0.5, "the same point, scored in bfloat16"
+    bf16 = readouts(at)["refusal log-odds"]
+    assert "on cpu in bfloat16" in " ".join(c.value for c in at.caption), "the read-outs say how they were scored"
+    assert abs(float(bf16) - float(f32)) < 0.5, "the same point, scored in bfloat16"
 
 
 def test_live_prompts_chosen_on_the_family_page_size_the_sets_every_page_scores(app_env):
@@ -237,7 +240,10 @@ def test_live_prompts_chosen_on_the_family_page_size_the_sets_every_page_scores(
     at.switch_page(PAGE_FILES["subspaces"]).run()
     assert_clean(at)
     captions = " ".join(c.value for c in at.caption)
-    assert "6 harmful prompts" in captions and "(6 harmful, 6 arithmetic, 6 edgy prompts)" in captions
+    sets = EvalSets.for_family(Family.from_file(app_env))
+    waves = -(-max(len(sets.harmful), len(sets.utility), len(sets.benign)) // 6)
+    assert f"{waves} of {waves} waves of 6 prompts a set" in captions, "sharpened until the sets were exhausted"
+    assert f"n={len(sets.harmful)} " in captions and f"n={len(sets.utility)} " in captions
 
 
 @pytest.mark.parametrize("live, message", [("0", "live prompts 0: must be at least 1"),
@@ -304,8 +310,10 @@ def test_rank_grid_is_scored_on_request_where_read_outs_are_costly(app_env, monk
     assert_clean(at)
     assert at.toggle(key="w_score_grid").value is False
     captions = " ".join(c.value for c in at.caption)
-    assert "4 harmful prompts" in captions
-    assert "(4 harmful, 4 arithmetic, 4 edgy prompts)" in captions, "generation scores say their sets' size"
+    assert "waves of 4 prompts a set" in captions
+    sets = EvalSets.for_family(Family.from_file(app_env))  # the tiny family's: the built-in eval splits
+    sizes = f"({len(sets.harmful)} harmful, {len(sets.utility)} utility, {len(sets.edgy)} edgy prompts)"
+    assert sizes in captions, "generation scores say their sets' size"
     chart = next(f for f in figures(at) if any(t.get("name") == "this point" for t in f["data"]))
     live_lines = [t for t in chart["data"] if t.get("mode") == "lines+markers"]
     assert all(len(values(t["x"])) <= 1 for t in live_lines), "only points already scored (none yet) are drawn"
@@ -322,3 +330,33 @@ def test_a_bad_device_in_the_environment_is_one_error_line_and_auto_is_used(app_
     assert not at.exception
     assert len(at.error) == 1 and "device 'cuda:9': not available" in at.error[0].value
     assert at.table, "the family shows, on the automatic device"
+
+
+def test_read_outs_sharpen_while_the_slider_rests_and_a_point_resumes_where_it_stopped(app_env, monkeypatch):
+    """Live scores come in waves: the first at once, then more prompts while the slider rests (the toggle), each
+    read-out with n and its interval; a new point shows only its own numbers, and coming back resumes."""
+    monkeypatch.setenv("SAFESUB_LIVE_PROMPTS", "4")
+    sets = EvalSets.for_family(Family.from_file(app_env))
+    waves = -(-max(len(sets.harmful), len(sets.utility), len(sets.benign)) // 4)
+    at = open_page("subspaces", {"rank": "0.33"})
+    assert_clean(at)
+    at.toggle(key="w_sharpen").set_value(False).run()
+    at.slider(key="w_rank").set_value(0.34).run()  # a point never scored: its first wave only
+
+    def shown(at) -> str:
+        return " ".join(c.value for c in at.caption)
+
+    assert_clean(at)
+    assert f"rho=0.34 alpha=1: refusal log-odds" in shown(at) and f"1 of {waves} waves of 4 prompts" in shown(at)
+    assert "n=4 " in shown(at) and f"n={len(sets.harmful)} " not in shown(at)
+    at.toggle(key="w_sharpen").set_value(True).run()  # the slider rests: scored until the sets are exhausted
+    assert_clean(at)
+    assert f"{waves} of {waves} waves" in shown(at) and f"n={len(sets.harmful)} " in shown(at)
+    sharp = readouts(at)["refusal log-odds"]
+    at.toggle(key="w_sharpen").set_value(False).run()
+    at.slider(key="w_rank").set_value(0.36).run()  # a move: the new point's first wave, none of the old numbers
+    assert_clean(at)
+    assert "rho=0.36" in shown(at) and "rho=0.34" not in shown(at) and f"n={len(sets.harmful)} " not in shown(at)
+    at.slider(key="w_rank").set_value(0.34).run()  # back: every wave scored before is there again
+    assert_clean(at)
+    assert f"{waves} of {waves} waves" in shown(at) and readouts(at)["refusal log-odds"] == sharp

@@ -43,6 +43,9 @@ GOOD = {  # values a page accepts (kept few where a new value costs a page real 
     "layer": st.integers(0, 2).map(str), "method": st.just("pca"), "prompt": st.text(max_size=30),
     "prompt_set": st.just("builtin-harmful:eval"), "reference": st.just("aligned"), "device": st.just("cpu"),
     "dtype": st.just("float32"), "live": st.just("auto"),
+    "harmful": st.sampled_from(["harmbench:eval,n=4", "builtin-harmful:eval"]), "utility": st.just("gsm8k,n=4"),
+    "benign": st.just("pairs-benign:eval,n=4"), "edgy": st.just("overrefusal,split=eval,n=4"),
+    "convention": st.sampled_from(["flexible", "strict"]),
 }
 
 
@@ -59,7 +62,7 @@ def allowed(key: str, value) -> bool:
         return False
     choices = {"subspace": SUBSPACES, "mode": MODES, "method": METHODS, "live": LIVE_CHOICES,
                "dtype": ("auto", *DTYPES), "device": ("auto", "cpu", *(f"cuda:{i}" for i in range(16))),
-               "rank_by": ("fraction", "energy")}.get(key)
+               "rank_by": ("fraction", "energy"), "convention": ("flexible", "strict")}.get(key)
     return choices is None or value in choices
 
 
@@ -199,3 +202,57 @@ def test_good_link_values_round_trip_through_the_url():
     values, bad = parse_query({k: str(v) for k, v in view.items()})
     assert not bad and {k: values[k] for k in view} == view
     assert json.loads(json.dumps(values)) == values
+
+
+# ------------------------------------------------------------------------------------------------ evaluation sets
+
+
+def test_evaluation_set_links_are_read_by_the_core_and_confined(tmp_path, monkeypatch):
+    monkeypatch.setenv("SAFESUB_ROOTS", str(tmp_path / "roots"))
+    (tmp_path / "roots").mkdir()
+    (tmp_path / "roots" / "qa.csv").write_text("q,a\nWhat is 2 + 2?,4\n")
+    (tmp_path / "secret.txt").write_text("SECRET\n")
+    good = {"harmful": "harmbench:eval,n=4", "utility": f"{tmp_path}/roots/qa.csv,prompt=q,reference=a",
+            "benign": "pairs-benign:eval", "edgy": "overrefusal,split=eval", "convention": "strict"}
+    values, bad = parse_query(good)
+    assert not bad and {k: values[k] for k in good} == good
+    assert all(PARAMS[k].deferred for k in ("harmful", "utility", "benign", "edgy"))
+    values, bad = parse_query({"harmful": f"{tmp_path}/secret.txt", "utility": "harmbench",
+                               "benign": "pairs-benign,colour=red", "edgy": "", "convention": "loose"})
+    assert [b.split("=", 1)[0] for b in bad] == ["harmful", "utility", "benign", "edgy", "convention"]
+    assert "outside the allowed folders" in bad[0] and "SECRET" not in " ".join(bad)
+    assert "has no reference answers" in bad[1] and "unknown key 'colour'" in bad[2]
+    assert all(values[k] is None for k in ("harmful", "utility", "benign", "edgy", "convention"))
+
+
+@slow
+def test_evaluation_sets_from_a_link_reach_the_family_page_and_the_session(app_env):
+    from ui.family import current_sets
+
+    at = deep_link("family", {"harmful": "harmbench:eval,n=4", "convention": "strict", "edgy": "nope"})
+    line = one_link_line(at, "edgy='nope'", "unknown")
+    table = at.table[1].value  # after the checkpoints: the evaluation sets by role
+    assert list(table.index) == ["harmful", "utility", "benign", "edgy"] and "Traceback" not in line
+    assert table.loc["harmful", "n"] == 4 and table.loc["harmful", "name"] == "harmbench:eval[:4]"
+    assert table.loc["utility", "convention"] == "strict" and table.loc["edgy", "name"] == "builtin-edgy:eval"
+    assert at.query_params.get("harmful") in (["harmbench:eval,n=4"], "harmbench:eval,n=4")
+
+
+@slow
+def test_evaluation_sets_typed_or_uploaded_on_the_family_page(app_env, tmp_path):
+    at = deep_link("family")
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    (tmp_path / "qa.jsonl").write_text('{"question": "What is 2 + 2?", "answer": "#### 4"}\n')
+    at.text_input(key="set_text_utility").set_value(f"{tmp_path}/qa.jsonl,prompt=question")
+    next(b for b in at.button if b.label == "Use these sets").click().run()  # a form: submitted with its values
+    assert len(at.error) == 1 and "qa.jsonl has no reference answers" in at.error[0].value, \
+        [e.value for e in at.error]
+    assert not at.query_params.get("utility"), "the sets in use stay"
+    assert at.table[1].value.loc["utility", "name"] == "arithmetic:eval"
+    at.text_input(key="set_text_utility").set_value(f"{tmp_path}/qa.jsonl,prompt=question,reference=answer")
+    next(b for b in at.button if b.label == "Use these sets").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    table = at.table[1].value
+    assert table.loc["utility", "n"] == 1 and table.loc["utility", "reference field"] == "answer"
+    assert at.query_params.get("utility") in ([f"{tmp_path}/qa.jsonl,prompt=question,reference=answer"],
+                                             f"{tmp_path}/qa.jsonl,prompt=question,reference=answer")

@@ -23,7 +23,7 @@ PAGES = {
     "subspaces": ("Subspaces", '[data-testid="stMetricValue"]'),
     "overlap": ("Overlap", ".js-plotly-plot"),
     "activation_map": ("Activation_map", ".js-plotly-plot"),
-    "inspector": ("Prompt_inspector", '[data-testid="stCaptionContainer"]:has-text("margin ")'),
+    "inspector": ("Prompt_inspector", '[data-testid="stCaptionContainer"]:has-text("refusal log-odds ")'),
 }
 TITLES = {"family": "Family", "subspaces": "Subspaces", "overlap": "Overlap", "activation_map": "Activation map",
           "inspector": "Prompt inspector"}
@@ -130,6 +130,29 @@ def test_rank_slider_moves_the_readouts_in_the_browser(server, browser):
         assert re.search(r"rank=0\.45", page.url), f"the URL follows the slider: {page.url}"
         assert_no_errors(page, "subspaces")
         screenshot(page, "subspaces")
+    finally:
+        page.close()
+
+
+def test_a_chosen_harmful_set_is_scored_and_the_read_outs_sharpen_in_the_browser(server, browser):
+    """A link names the harmful set (HarmBench's eval split, first 12); the Subspaces page scores it, first wave at
+    once, then wave after wave while the slider rests, until every set is exhausted (n counts up)."""
+    page = browser.new_page(viewport={"width": 1500, "height": 1100})
+    try:
+        page.goto(f"{server}/Subspaces?harmful=harmbench:eval,n=12&rank=0.3", wait_until="domcontentloaded",
+                  timeout=60_000)
+        note = page.locator('[data-testid="stCaptionContainer"]', has_text="Live scores at")
+        note.first.wait_for(timeout=240_000)
+        assert "harmbench:eval" in note.first.inner_text(), note.first.inner_text()
+        page.wait_for_function(  # every wave scored: "W of W waves"
+            "() => [...document.querySelectorAll('[data-testid=\"stCaptionContainer\"]')].some(e => "
+            "/(\\d+) of \\1 waves/.test(e.innerText))", timeout=240_000)
+        wait_idle(page)
+        text = page.locator('[data-testid="stMain"]').inner_text()
+        assert "n=12 " in text, "the harmful read-outs are on the 12 prompts chosen"
+        assert re.search(r"95% CI \[", text), "each read-out carries its interval"
+        assert_no_errors(page, "subspaces with a chosen set")
+        screenshot(page, "subspaces_chosen_set_sharpened")
     finally:
         page.close()
 

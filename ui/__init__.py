@@ -14,7 +14,7 @@ _HOMES = {
                 "publish_view", "view"),
     "ui.widgets": ("PAGE_FILES", "PAGE_TITLES", "PALETTE", "SUBSPACE_COLORS", "chart", "csv_download", "header",
                    "html_download", "progress_callback", "prompt_set", "set_options", "shown_errors"),
-    "ui.family": ("Resident", "compute", "current_config", "current_family", "engine", "family_caption",
+    "ui.family": ("Resident", "compute", "current_config", "current_family", "current_sets", "engine", "family_caption",
                   "live_setting", "parse_variants", "require_family", "resident", "spec_label"),
     "safesub_core.family": ("paths_spec",),  # the spec of a family entered as paths
     "ui.builds": ("BuildJob", "build_job", "build_progress", "ensure_tiny", "smol_file", "start_smol_build"),

@@ -6,8 +6,13 @@ Contract:
   core's one resolver (`safesub_core.family.resolve_family`). Paths typed into the app or carried by a link are
   confined to the allowed roots (SAFESUB_ROOTS); the built-in families and the server's SAFESUB_FAMILY are trusted
   (the person who started the server chose them).
+- The evaluation sets (`current_sets`): the family's own (`eval_sets:` of its family file), then the view's
+  harmful, utility, benign, edgy set specs and convention (the Family page or a link; typed paths confined, an
+  upload stored by this server allowed), then the defaults (`prompts.EvalSets.for_family`), read before any model
+  loads; a bad one is one error line.
 - One family on one device is resident per server (`st.cache_resource`, max_entries=1): switching family, device,
-  precision or live prompt count releases the old session. The session serialises its own work; the `Resident`
+  precision, live prompt count or evaluation sets releases the old session. The session holds the whole sets and
+  scores them in waves of `compute.live_prompts` prompts (`batch`). The session serialises its own work; the `Resident`
   adds a small in-memory memo for what pages compute from it (grids, curves).
 """
 from __future__ import annotations
@@ -31,7 +36,7 @@ from safesub_core.session import FamilySession
 from safesub_core.projection import ProjectionConfig
 from safesub_core.subspace import SubspaceEngine
 from ui.builds import ensure_tiny
-from ui.link import check_deferred, family_spec, view
+from ui.link import CONVENTIONS, SET_ROLES, check_deferred, family_spec, view
 from ui.widgets import progress_callback, shown_errors
 
 
@@ -108,13 +113,41 @@ def _release(res: Resident) -> None:
     res.session = None
 
 
+def set_choice() -> tuple[tuple[str, str], ...]:
+    """The view's choice of evaluation sets: ((role, spec), ...) for the roles it sets, then ('convention', c) when
+    it sets one (what the resident session's key holds)."""
+    check_deferred()
+    v = view()
+    chosen = tuple((role, v[role]) for role in SET_ROLES if v.get(role))
+    return chosen + ((("convention", v["convention"]),) if v.get("convention") in CONVENTIONS else ())
+
+
+@st.cache_resource(max_entries=8, show_spinner=False)
+def _sets(spec: str, cache_root: str, choice: tuple) -> EvalSets:
+    family = _family(spec, cache_root)
+    chosen = dict(choice)
+    convention = chosen.pop("convention", None)
+    return EvalSets.for_family(family, chosen, confined=True, convention=convention)
+
+
+def current_sets(spec: str | None = None, choice: tuple | None = None) -> EvalSets:
+    """The evaluation sets of the family `spec` (default: the view's) under `choice` (default: `set_choice()`), or a
+    SafesubError naming the set and the problem."""
+    spec = spec or family_spec()
+    current_family(spec)
+    return _sets(spec, str(settings.cache_root()), set_choice() if choice is None else choice)
+
+
 @st.cache_resource(max_entries=1, show_spinner=False, on_release=_release)
-def _resident(spec: str, cache_root: str, device: str, dtype: str, live: str) -> Resident:
-    """`live`: the live prompts per set asked for (`live_setting`: a count, or 'auto' for the size rule)."""
+def _resident(spec: str, cache_root: str, device: str, dtype: str, live: str, choice: tuple = ()) -> Resident:
+    """`live`: the live prompts per set asked for (`live_setting`: a count, or 'auto' for the size rule); `choice`:
+    the evaluation sets chosen (`set_choice`)."""
     torch.set_num_threads(settings.threads())
     family = _family(spec, cache_root)
-    sets = EvalSets.default(live_prompts(family, device, live))
-    return Resident(family=family, session=FamilySession(family, device=device, dtype=DTYPES[dtype], sets=sets))
+    sets = _sets(spec, cache_root, choice)
+    session = FamilySession(family, device=device, dtype=DTYPES[dtype], sets=sets,
+                            batch=live_prompts(family, device, live))
+    return Resident(family=family, session=session)
 
 
 def compute() -> tuple[str, str]:
@@ -139,7 +172,8 @@ def resident(spec: str | None = None) -> Resident:
     the first time)."""
     spec = spec or family_spec()
     family = current_family(spec)  # builds the tiny family first when needed
-    key = (spec, str(settings.cache_root()), *compute(), live_setting())
+    key = (spec, str(settings.cache_root()), *compute(), live_setting(), set_choice())
+    current_sets(spec, key[-1])  # a bad evaluation set: one error line, before any model loads
     if st.session_state.get("_loaded_key") == key:
         return _resident(*key)
     with st.status("Loading the family's models…", expanded=False) as box:

@@ -1,18 +1,19 @@
 """The view: what a page shows (family, variant, point, layer, prompt...), kept in the URL so a link reproduces it.
 
-Contract: `view()` is this browser session's dict, read once from `st.query_params` through THE validation layer
-of link values, `PARAMS`: one row per key with its type and its range (rank in [0.01, 1], read as a rank fraction
-or an energy fraction; alpha in [-1, 3]: the Subspaces page's sliders read their bounds from this table), its
-allowed values (subspace, mode, method, dtype and live from the core's own lists; rank_by) or the core's own check
-(family: `family.resolve_family` through `ui.family.current_family`; device: `compute.resolve_compute`; live:
-`settings.parse_count`). A malformed, out-of-range or unknown value falls back to the default and is
-reported on ONE line, "link parameter k='v' (why), ...: not a valid value; the default is used instead", drawn
-where `widgets.header` reserved it (`error_line`, `report`); never an exception. The checks that need the core
-(torch) run in `check_deferred()`, which ui.family calls before any of those values is used, so the first page
-draws its title and family selector before torch loads; the layer's upper bound is the model's, checked by the
-Activation map page (`bounded`). `parse_query` is the same validation as a pure function. `publish_view()` writes
-the view back at the end of each page; `bound(name, widget, ...)` renders a widget whose value starts from and is
-written to view[name].
+Contract: `view()` is this browser session's dict, read once from `st.query_params` through THE validation layer of
+link values, `PARAMS`: one row per key with its type and its range (rank in [0.01, 1], read as a rank fraction or an
+energy fraction; alpha in [-1, 3]: the Subspaces page's sliders read their bounds from this table), its allowed
+values (subspace, mode, method, dtype and live from the core's own lists; rank_by) or the core's own check (family:
+`family.resolve_family` through `ui.family.current_family`; device: `compute.resolve_compute`; live:
+`settings.parse_count`; the evaluation sets harmful, utility, benign and edgy: a set spec each, read by
+`prompts.specs.check_spec`, paths confined to the allowed roots; convention: flexible or strict). A malformed,
+out-of-range or unknown value falls back to the default and is reported on ONE line, "link parameter k='v' (why), ...:
+not a valid value; the default is used instead", drawn where `widgets.header` reserved it (`error_line`, `report`);
+never an exception. The checks that need the core (torch) run in `check_deferred()`, which ui.family calls before
+any of those values is used, so the first page draws its title and family selector before torch loads; the layer's
+upper bound is the model's, checked by the Activation map page (`bounded`). `parse_query` is the same validation as
+a pure function. `publish_view()` writes the view back at the end of each page; `bound(name, widget, ...)` renders a
+widget whose value starts from and is written to view[name].
 """
 from __future__ import annotations
 
@@ -75,10 +76,11 @@ class Param:
     check: Callable[[Any], Any] | str | None = None
     choices: tuple | str | None = None
     extra: tuple = ()
+    later: bool = False  # checked by `check_deferred` although its check is a function (it reads files)
 
     @property
     def deferred(self) -> bool:
-        return isinstance(self.choices, str) or isinstance(self.check, str)
+        return self.later or isinstance(self.choices, str) or isinstance(self.check, str)
 
     def read(self, raw: str) -> Any:
         """The value of `raw`, or ValueError(why)."""
@@ -98,6 +100,14 @@ class Param:
         return value
 
 
+def _set_check(role: str) -> Callable[[str], None]:
+    """The check of an evaluation set's link value: the core reads the set it names (confined; SafesubError)."""
+    return lambda text: _core("safesub_core.prompts.specs:check_spec")(text, role)
+
+
+SET_ROLES = ("harmful", "utility", "benign", "edgy")  # prompts.ROLES (not imported: no core before the first page)
+CONVENTIONS = ("flexible", "strict")  # scoring.text.CONVENTIONS
+
 PARAMS: dict[str, Param] = {
     "family": Param(None, check=_open_family),
     "variant": Param(None),  # a name of the family's: the pages fall back to its first variant
@@ -116,6 +126,8 @@ PARAMS: dict[str, Param] = {
     "dtype": Param(None, choices="safesub_core.compute:DTYPES", extra=("auto",)),
     "live": Param(None, check=lambda n: settings.parse_count(n, "live prompts"),  # SAFESUB_LIVE_PROMPTS's parser
                   choices="safesub_core.compute:LIVE_CHOICES"),
+    **{role: Param(None, check=_set_check(role), later=True) for role in SET_ROLES},  # set specs (docs/method.md)
+    "convention": Param(None, choices=CONVENTIONS),  # exact match of the utility set
 }
 VIEW_DEFAULTS: dict[str, Any] = {k: p.default for k, p in PARAMS.items()}
 BOUNDED_LATER = ("layer",)  # keys whose upper bound only a page knows (`bounded`)
