@@ -84,7 +84,7 @@ def no_work(monkeypatch):
     monkeypatch.setattr(commands, "sweep", stub)
     monkeypatch.setattr(commands, "overlap_summary", lambda table: table)
 
-    def session(args):
+    def session(args, sets=None):
         calls.append("session")
         raise SafesubError("stub session: no model in this test")
 

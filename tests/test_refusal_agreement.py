@@ -23,7 +23,7 @@ from safesub_core.prompts import load_set
 from safesub_core.stats import rate_interval
 
 SMOL_FULL = demo.family_file("smol")  # read at import, in the user's cache (each test then gets a private one)
-N_PROMPTS = 64
+N_PROMPTS = 150  # the whole unseen set: at 64 prompts one prompt moves the rate by 0.016
 TOKENS = 24  # refusal markers must start in the first 100 characters: about 24 tokens
 
 pytestmark = pytest.mark.slow
