@@ -347,7 +347,7 @@ def test_read_outs_sharpen_while_the_slider_rests_and_a_point_resumes_where_it_s
         return " ".join(c.value for c in at.caption)
 
     assert_clean(at)
-    assert f"rho=0.34 alpha=1: refusal log-odds" in shown(at) and f"1 of {waves} waves of 4 prompts" in shown(at)
+    assert "rho=0.34 alpha=1: refusal log-odds" in shown(at) and f"1 of {waves} waves of 4 prompts" in shown(at)
     assert "n=4 " in shown(at) and f"n={len(sets.harmful)} " not in shown(at)
     at.toggle(key="w_sharpen").set_value(True).run()  # the slider rests: scored until the sets are exhausted
     assert_clean(at)

@@ -227,8 +227,6 @@ def test_evaluation_set_links_are_read_by_the_core_and_confined(tmp_path, monkey
 
 @slow
 def test_evaluation_sets_from_a_link_reach_the_family_page_and_the_session(app_env):
-    from ui.family import current_sets
-
     at = deep_link("family", {"harmful": "harmbench:eval,n=4", "convention": "strict", "edgy": "nope"})
     line = one_link_line(at, "edgy='nope'", "unknown")
     table = at.table[1].value  # after the checkpoints: the evaluation sets by role
