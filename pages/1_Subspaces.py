@@ -10,7 +10,7 @@ from safesub_core.scoring import names as N
 from safesub_core.scoring.live import LIVE_ARITH_TOKENS
 from safesub_core.session import GENERATION_TOKENS
 from safesub_core.projection import MODES, SUBSPACE_LABELS, SUBSPACES, ProjectionConfig
-from safesub_core.stats import Estimate
+from safesub_core.stats import Estimate, decimals
 from safesub_core.sweeps import DEFAULT_SEEDS as SEEDS, P_PREFIX, sweep
 from safesub_core.waves import paired
 from ui.link import PARAMS
@@ -45,7 +45,7 @@ def grid_scores(variant: str, mode: str, alpha: float, score: bool) -> pd.DataFr
                     got = S.point_scores(variant, cfg, compute=False, waves=1, seed=seed)
                     if got is not None:
                         rows.append(dict(subspace=sub, rank_fraction=rho, seed=seed) | got)
-        return pd.DataFrame(rows, columns=["subspace", "rank_fraction", "seed"] + ([] if rows else []))
+        return pd.DataFrame(rows) if rows else pd.DataFrame(columns=["subspace", "rank_fraction", "seed"])
 
     def compute():
         bar = st.progress(0.0, text="Scores over the rank grid")
@@ -212,9 +212,8 @@ def point_section():
         notes = []
         if key in N.LIVE:
             est = Estimate.of(point, key)
-            value, shown = est.value, est.value_text()
-            notes.append(f"95% CI [{est.lo:.{len(shown.split('.')[-1])}f}, {est.hi:.{len(shown.split('.')[-1])}f}]"
-                         f" · n={est.n}")
+            value, shown, d = est.value, est.value_text(), decimals(est.lo, est.hi)
+            notes.append(f"95% CI [{est.lo:.{d}f}, {est.hi:.{d}f}] · n={est.n}")
             s_val, f_val = (None if d is None else d[key] for d in (start, ft))
         else:
             value = point[key]
