@@ -62,7 +62,8 @@ def shift_along(direction: torch.Tensor, states_before: torch.Tensor, states_aft
     """How much of a fine-tune's mean activation shift lies along the refusal direction. States (n, D) or
     (L+1, n, D) of the same prompt set before and after (counts may differ); direction (D,) or one per layer
     (L+1, D). One row per layer: layer, shift_norm ||delta||, along r_hat . delta, share (r_hat . delta)^2 /
-    ||delta||^2 (NaN where delta = 0), baseline 1 / D."""
+    ||delta||^2 (NaN where delta = 0, and where a per-layer direction is zero: a stream point where the harmful
+    and harmless means agree, e.g. the first point at a template token), baseline 1 / D."""
     before, after = states_before, states_after
     for what, X in (("states before", before), ("states after", after)):
         if not isinstance(X, torch.Tensor) or X.dim() not in (2, 3) or 0 in X.shape:
@@ -75,14 +76,15 @@ def shift_along(direction: torch.Tensor, states_before: torch.Tensor, states_aft
     r = direction.detach().to(torch.float64) if isinstance(direction, torch.Tensor) else direction
     if not isinstance(r, torch.Tensor) or r.shape not in ((D,), (n_layers, D)):
         raise SafesubError(f"refusal direction: expected shape ({D},) or ({n_layers}, {D})")
+    if r.dim() == 1 and r.norm() == 0:
+        raise SafesubError("refusal direction: is zero")
     r = r.expand(n_layers, D)
     norms = r.norm(dim=-1, keepdim=True)
-    if (norms == 0).any():
-        raise SafesubError("refusal direction: is zero")
-    r = r / norms
+    r = r / norms.clamp_min(1e-300)  # a zero per-layer direction: NaN along it (below)
     delta = after.double().mean(1) - before.double().mean(1)  # (layers, D)
-    along = (delta * r).sum(-1)
+    nan = torch.full((n_layers,), float("nan"), dtype=torch.float64)
+    along = torch.where(norms[:, 0] > 0, (delta * r).sum(-1), nan)
     sq = delta.pow(2).sum(-1)
-    share = torch.where(sq > 0, along.pow(2) / sq.clamp_min(1e-300), torch.full_like(sq, float("nan")))
+    share = torch.where(sq > 0, along.pow(2) / sq.clamp_min(1e-300), nan)
     return pd.DataFrame(dict(layer=range(n_layers), shift_norm=sq.sqrt().numpy(), along=along.numpy(),
                              share=share.numpy(), baseline=[1 / D] * n_layers))

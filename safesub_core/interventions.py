@@ -239,3 +239,31 @@ def orthogonalize_weights(model, direction: torch.Tensor, strength: float = 1.0)
     for name, w in weights.items():
         params[name].copy_(w)
     return new
+
+
+@contextmanager
+@torch.no_grad()
+def orthogonalized(model, direction: torch.Tensor, strength: float = 1.0) -> Iterator[None]:
+    """Within the block, `model` itself holds `orthogonalized_weights` (written in place; a tied output head is
+    untied for the while and keeps the original embedding); on exit, even on error, every tensor is written back
+    and a tied head tied again. What a live score of weight orthogonalisation runs on, without a second copy of
+    the model (`orthogonalize_weights` makes that copy, for an export)."""
+    weights = orthogonalized_weights(model, direction, strength)
+    tied = _tied(model)
+    head = model.get_output_embeddings()
+    params = dict(model.named_parameters())
+    saved: dict[str, torch.Tensor] = {}
+    try:
+        if tied:
+            head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=head.weight.requires_grad)
+            params = dict(model.named_parameters(remove_duplicate=False))
+        for name, w in weights.items():
+            saved[name] = params[name].detach().clone()
+            params[name].copy_(w)
+        yield
+    finally:
+        for name, w in saved.items():
+            params[name].copy_(w)
+        if tied:
+            head.weight = model.get_input_embeddings().weight
+        _touch(model)

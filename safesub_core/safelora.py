@@ -27,8 +27,9 @@ scale, only on its shape; the applied update does. This module follows the paper
 - Compute once, slide tau: the similarities do not depend on tau. `safelora_similarities` streams the three
   checkpoints one tensor at a time (rows read by `TensorReader.difference`, as `subspace.py` reads dA and dT) and
   returns one row per tensor with the norms every diagnostic needs; `SafeLoraPlan.at(tau)` is a new threshold on
-  the same table, no tensor read. `apply` writes W_start + update (float32, then cast to the working model's dtype)
-  into a working copy of the start model, and with `applied` (the plan it holds now) rewrites only the tensors whose
+  the same table, no tensor read. `apply` writes W_start + update into a working copy of the start model (float32;
+  in bfloat16 or float16 the parameter keeps W_start and the update goes to `precision.ExactUpdates`' float32 side
+  path, so it is not rounded away), and with `applied` (the plan it holds now) rewrites only the tensors whose
   projected status differs.
 - Diagnostics (global ratios, as in "Diagnostics"): energy kept = sum ||update||^2 / sum ||dW||^2 and
   cos(task, kept) = sum <dW, update> / (sqrt(sum ||dW||^2) sqrt(sum ||update||^2)) over every tensor.
@@ -48,6 +49,7 @@ from safesub_core.checkpoints import TensorReader, block_index, module_type
 from safesub_core.errors import SafesubError, finite_number
 from safesub_core.family import Family
 from safesub_core.linalg import as_matrix, cosine
+from safesub_core.precision import ExactUpdates, coarser
 
 MODULE_TYPES = ("q", "k", "v", "o", "gate", "up", "down", "embed", "other")
 
@@ -210,7 +212,8 @@ def safelora_plan(family: Family, variant: str, tau: float, modules: Sequence[st
 @torch.no_grad()
 def apply(model_working: torch.nn.Module, model_start: torch.nn.Module, plan: SafeLoraPlan,
           applied: SafeLoraPlan | None = None) -> torch.nn.Module:
-    """Write W_start + update (float32, cast to the parameter's dtype) into `model_working`'s parameters in place,
+    """Write W_start + update (float32; in a coarser dtype through the exact side path, module docstring) into
+    `model_working`'s parameters in place,
     W_start read from `model_start` (a second copy of the start model, untouched). `applied`: the plan the working
     model holds now (same family and variant); then only tensors whose projected status differs are rewritten."""
     params = dict(model_working.named_parameters())
@@ -225,6 +228,10 @@ def apply(model_working: torch.nn.Module, model_start: torch.nn.Module, plan: Sa
         if before is not None and bool(before[name]) == bool(now[name]):
             continue
         out = params[name]
-        w = ref[name].detach().to(device=out.device, dtype=torch.float32)
-        out.copy_(w + plan.update(name).to(out.device))
+        update = plan.update(name).to(out.device)
+        if coarser(out.dtype, torch.float32):  # bfloat16 / float16: the update goes to the exact float32 side path
+            delta, _ = ExactUpdates.of(model_working).delta(name, out, ref[name].detach())
+            delta.copy_(update)
+        else:
+            out.copy_(ref[name].detach().to(device=out.device, dtype=torch.float32) + update)
     return model_working

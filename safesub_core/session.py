@@ -55,10 +55,13 @@ from safesub_core.activations import BandMean, activation_map, activation_overla
 from safesub_core.cache import DiskCache
 from safesub_core.checkpoints import Checkpoint
 from safesub_core.compute import FULL_LIVE_PROMPTS, dtype_name, resident_budget
+from safesub_core.errors import SafesubError
 from safesub_core.family import Family
 from safesub_core.fingerprints import model_fingerprint, tokenizer_fingerprint
 from safesub_core.generation import PromptFormat, generate
 from safesub_core.hashing import snapshot
+from safesub_core.hypotheses import Hypotheses, MethodPoint
+from safesub_core.interventions import orthogonalize_weights
 from safesub_core.linalg import DEFAULT_ENERGIES
 from safesub_core.loading import load_model
 from safesub_core.overlap import STUDY_PAIRS, weight_overlap
@@ -104,7 +107,7 @@ def judge_key(judge: scoring.Judge | None) -> dict | None:
     return key
 
 
-class FamilySession(LiveWaves):
+class FamilySession(LiveWaves, Hypotheses):
     """One family's models, engines and scores; see the module docstring."""
 
     def __init__(self, family: Family, device: str = "cpu", dtype=torch.float32, sets: EvalSets | None = None,
@@ -140,6 +143,7 @@ class FamilySession(LiveWaves):
         self._answers: dict[tuple, torch.Tensor] = {}  # greedy answer tokens per point: drafts for the next ones
         self._checked: tuple | None = None  # ((point, wave), draft, F(draft)) from the latest forward pass
         self._warm: set = set()  # (variant, seed) whose cold paths `warm` has run
+        self._intervention = None  # a competing method's hooks or weights attached now (`hypotheses`)
 
     @property
     def format(self) -> PromptFormat:
@@ -167,6 +171,7 @@ class FamilySession(LiveWaves):
         if not (start_changed or models or engines):
             return
         with self._lock:
+            self._release_intervention()
             f.validate()
             if start_changed:
                 self._load_start()
@@ -187,6 +192,7 @@ class FamilySession(LiveWaves):
         """A checkpoint of the family by name ('base', 'aligned', a variant...), loaded once."""
         with self._lock:
             self._sync()
+            self._release_intervention()
             if name not in self._models:
                 ck = self.family.checkpoint(name)
                 model_print = model_fingerprint(ck, self.family)
@@ -225,8 +231,8 @@ class FamilySession(LiveWaves):
     def _seed(self, cfg: ProjectionConfig | None, seed: int | None) -> int | None:
         """The draw a point uses: None for a checkpoint, the session's for Top-K (it draws nothing), else `seed`
         (default the session's)."""
-        if cfg is None:
-            return None
+        if not isinstance(cfg, ProjectionConfig):
+            return None  # a checkpoint, or a competing method's point (`hypotheses.MethodPoint`)
         return self.seed if seed is None or cfg.subspace == "topk" else int(seed)
 
     def drop_engine(self, variant: str) -> None:
@@ -266,6 +272,7 @@ class FamilySession(LiveWaves):
         seed = self._seed(cfg, seed)
         with self._lock:
             self._sync()
+            self._release_intervention()
             if self._applied != (variant, seed, cfg) or (exact and self._moves):
                 applied, self._applied = self._applied, None  # a failed apply leaves the working model unknown
                 since = applied[2] if applied and applied[:2] == (variant, seed) and not exact \
@@ -281,6 +288,26 @@ class FamilySession(LiveWaves):
         with self._lock:
             model = self.projected(variant, cfg, exact=True)
             model.save_pretrained(out_dir, state_dict=composed_state_dict(model), safe_serialization=True)
+            self.tokenizer.save_pretrained(out_dir)
+
+    def export_method(self, target: str, point: MethodPoint, out_dir) -> None:
+        """Write a competing method's model as a Hugging Face directory (safetensors): SafeLoRA of `target` at tau
+        (composed in float32, as `export`), or `target` with its weights orthogonalised against the refusal
+        direction (`interventions.orthogonalize_weights`: untied when tied). Ablation and addition are hooks, not
+        weights: a one-line SafesubError says to export orthogonalisation instead."""
+        if point.method not in ("safelora", "orthogonalisation"):
+            raise SafesubError(f"export: {point.label} is a hook on the model, not a set of weights (export "
+                               "orthogonalisation, which computes the same as ablation)")
+        with self._lock:
+            if point.method == "safelora":
+                model = self._method_model(target, point)
+                model.save_pretrained(out_dir, state_dict=composed_state_dict(model), safe_serialization=True)
+            else:
+                self._release_intervention()
+                model = self.reference if target == self.family.start else self.model(target)
+                sel = self.refusal_selection(point.source)
+                orthogonalize_weights(model, sel.direction, point.value).save_pretrained(out_dir,
+                                                                                        safe_serialization=True)
             self.tokenizer.save_pretrained(out_dir)
 
     # ------------------------------------------------------------------------------------------------ scores
@@ -302,6 +329,8 @@ class FamilySession(LiveWaves):
             if cfg is not None:
                 parts |= dict(start=model_fingerprint(f.start_checkpoint, f), base=f.base.fingerprint(),
                               point=cfg.__dict__, seed=self._seed(cfg, seed))
+                if isinstance(cfg, MethodPoint):
+                    parts |= dict(kind="method") | self._method_key(cfg)
             if reference:
                 parts["reference"] = model_fingerprint(f.start_checkpoint, f)
         return parts | entry

@@ -148,8 +148,14 @@ class LiveWaves:
     (it uses the session's `waves`, `sets`, `cache`, `_key`, `_lock`, models, `format`, `openings` and drafts), kept
     here so that the session's module stays about models, points and keys."""
 
-    def _wave_model(self, target: str, cfg: ProjectionConfig | None, seed: int | None) -> torch.nn.Module:
-        return self.model(target) if cfg is None else self.projected(target, cfg, seed=seed)
+    def _wave_model(self, target: str, cfg, seed: int | None) -> torch.nn.Module:
+        """The model a point's scores run on: a checkpoint (cfg None), a projection (`projected`) or a competing
+        method's point (`hypotheses.Hypotheses._method_model`)."""
+        if cfg is None:
+            return self.model(target)
+        if isinstance(cfg, ProjectionConfig):
+            return self.projected(target, cfg, seed=seed)
+        return self._method_model(target, cfg)
 
     def forward_values(self, model: torch.nn.Module, point: tuple | None = None, wave: int = 0) -> dict:
         """Per-prompt values of the live scores that need forward passes only, on wave `wave`'s prompts
@@ -200,6 +206,9 @@ class LiveWaves:
             (target, c, s), cfg = key[0], None if point is None else point[1]
             if point is None or (target, s) != (point[0], point[2]) or c is None or cfg is None:
                 return (1, 0.0)
+            if not (isinstance(c, ProjectionConfig) and isinstance(cfg, ProjectionConfig)):
+                same = type(c) is type(cfg) and getattr(c, "method", None) == getattr(cfg, "method", None)
+                return (0, abs(c.value - cfg.value)) if same else (1, 0.0)
             if (c.subspace, c.mode, c.alpha, c.rank_fraction is None) != (cfg.subspace, cfg.mode, cfg.alpha,
                                                                           cfg.rank_fraction is None):
                 return (1, 0.0)
@@ -274,10 +283,13 @@ class LiveWaves:
         'waves' (scored so far) and 'waves_total'. `waves` None: every wave already on disk (resume), at least the
         first; with `decoded=False` the greedy exact match is left out (forward passes only: what a page shows
         first); with `compute=False` only waves already in the disk cache are used (None when the first is not).
-        `seed`: the random draw of a Random or Random-K subspace (default the session's)."""
+        `seed`: the random draw of a Random or Random-K subspace (default the session's). `cfg` may also be a
+        competing method's point (`hypotheses.MethodPoint`): its diagnostics are `method_diagnostics`."""
         live = self._scores(variant, cfg, seed, waves, decoded, compute)
         if live is None:
             return None
+        if not isinstance(cfg, ProjectionConfig):  # a competing method's point
+            return self.method_diagnostics(variant, cfg) | live
         return self.engine(variant, seed=self._seed(cfg, seed)).diagnostics(cfg).summary() | live
 
     def sharpen(self, target: str, cfg: ProjectionConfig | None = None, seed: int | None = None) -> bool:
