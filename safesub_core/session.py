@@ -17,6 +17,9 @@ Contract:
     arith_exact_match                    exact match of greedy answers (12 new tokens) on utility prompts
     kl_to_start                          KL(start || model) of the next token on benign prompts
   Prompts are put to the models with the chat template (or raw) and the family's system prompt (`format`).
+- A point may also be a competing method's (`hypotheses.MethodPoint`: SafeLoRA at tau, refusal ablation,
+  orthogonalisation or addition at a strength; `hypotheses.Hypotheses` holds those methods): it is scored the same
+  way, its key holding the refusal direction it used.
 - Generation scores (`generation_scores`): refusal rate and attack success rate on harmful prompts, exact match on
   utility prompts (the sets' answer convention), over-refusal on edgy prompts, each with its interval, and the
   per-prompt tables.
