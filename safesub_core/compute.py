@@ -11,10 +11,14 @@ Contract:
 - `resident_budget(device) -> int`: bytes of subspace bases a session keeps resident so a move never reads the
   disk cache: SAFESUB_RESIDENT_BYTES when set (`settings.resident_bytes`), on a GPU half of its free memory, else
   `subspace.DEFAULT_RESIDENT_BYTES`.
+- `model_budget(device) -> int`: bytes of checkpoints (other than the start model and its working copy) a session
+  keeps loaded, least recently used dropped first: SAFESUB_MODEL_BYTES when set (`settings.model_bytes`), on a GPU
+  60% of its free memory, else half of the machine's memory.
 """
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -84,3 +88,13 @@ def resident_budget(device: str = "cpu") -> int:
     if torch.device(device).type == "cuda":
         return int(torch.cuda.mem_get_info(torch.device(device))[0] // 2)
     return DEFAULT_RESIDENT_BYTES
+
+
+def model_budget(device: str = "cpu") -> int:
+    """Bytes of loaded checkpoints a session keeps beside its start model; see the module docstring."""
+    budget = settings.model_bytes()
+    if budget is not None:
+        return budget
+    if torch.device(device).type == "cuda":
+        return int(torch.cuda.mem_get_info(torch.device(device))[0] * 0.6)
+    return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2)

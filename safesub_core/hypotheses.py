@@ -49,7 +49,7 @@ import hashlib
 import math
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable
 
 import pandas as pd
 import torch

@@ -2,7 +2,8 @@
 
 Contract:
 - `FamilySession(family)` loads the start model twice (a `reference` that stays untouched and a `working` copy
-  the projection writes into) and the tokenizer; other checkpoints load on first use and stay resident. The app
+  the projection writes into) and the tokenizer; other checkpoints load on first use and stay resident within
+  `model_bytes` (`compute.model_budget`), the least recently used dropped first (loaded again when used). The app
   keeps one session at a time.
 - A *point* is (variant, ProjectionConfig) and, for a Random or Random-K subspace, the random draw `seed` (default
   the session's; one engine per variant and draw). `point_scores(variant, cfg)` returns the engine's diagnostics
@@ -57,7 +58,7 @@ from safesub_core import scoring
 from safesub_core.activations import BandMean, activation_map, activation_overlap, band_mean, last_token_states
 from safesub_core.cache import DiskCache
 from safesub_core.checkpoints import Checkpoint
-from safesub_core.compute import FULL_LIVE_PROMPTS, dtype_name, resident_budget
+from safesub_core.compute import FULL_LIVE_PROMPTS, dtype_name, model_budget, resident_budget
 from safesub_core.errors import SafesubError
 from safesub_core.family import Family
 from safesub_core.fingerprints import model_fingerprint, tokenizer_fingerprint
@@ -93,6 +94,11 @@ def definitions(openings: Sequence[str] = ()) -> str:
     return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:16]
 
 
+def _nbytes(model: torch.nn.Module) -> int:
+    """Parameter bytes of a model (shared tensors once)."""
+    return sum(p.numel() * p.element_size() for p in {p.data_ptr(): p for p in model.parameters()}.values())
+
+
 def judge_key(judge: scoring.Judge | None) -> dict | None:
     """What decides a judge's verdicts: its kind, model name, rubric (and HarmBench prompt) and answer length, and for
     a local judge model its files (weights, config, generation config and tokenizer) and dtype; None for no judge.
@@ -115,7 +121,7 @@ class FamilySession(LiveWaves, Hypotheses):
 
     def __init__(self, family: Family, device: str = "cpu", dtype=torch.float32, sets: EvalSets | None = None,
                  chat: bool = True, seed: int = 0, cache: DiskCache | None = None,
-                 resident_bytes: int | None = None, batch: int | None = None):
+                 resident_bytes: int | None = None, batch: int | None = None, model_bytes: int | None = None):
         family.validate()
         self.family, self.device, self.dtype, self.chat, self.seed = family, device, dtype, chat, seed
         self.sets = sets or EvalSets.for_family(family)
@@ -123,6 +129,8 @@ class FamilySession(LiveWaves, Hypotheses):
         self.openings = tuple(family.refusal_openings or scoring.DEFAULT_REFUSAL_OPENINGS)
         self.cache = cache or DiskCache()
         self.resident_bytes = resident_bytes if resident_bytes is not None else resident_budget(device)
+        self.model_bytes = model_bytes if model_bytes is not None else model_budget(device)
+        self.evicted = 0  # checkpoints dropped to stay within `model_bytes`
         self._lock = threading.RLock()  # serialises every use of the shared working model
         self._load_start()
 
@@ -199,9 +207,22 @@ class FamilySession(LiveWaves, Hypotheses):
             if name not in self._models:
                 ck = self.family.checkpoint(name)
                 model_print = model_fingerprint(ck, self.family)
+                self._make_room()
                 self._models[name] = load_model(ck, self.family, self.device, self.dtype, tokenizer=False)[0]
                 self._loaded[name] = model_print
+            self._models[name] = self._models.pop(name)  # most recently used last
             return self._models[name]
+
+    def _make_room(self) -> None:
+        """Drop the least recently used checkpoints (never the start model) until one more of the start model's
+        size fits in `model_bytes` beside the others; a model is never refused (at worst it is the only other)."""
+        size = _nbytes(self.reference)
+        others = [n for n in self._models if n != self.family.start]
+        while others and (len(others) + 1) * size > self.model_bytes:
+            name = others.pop(0)
+            self._models.pop(name, None)
+            self._loaded.pop(name, None)
+            self.evicted += 1
 
     def in_memory(self) -> dict:
         """What this session holds: the checkpoints loaded (each once; the start model also has its working copy),
@@ -214,7 +235,8 @@ class FamilySession(LiveWaves, Hypotheses):
                         seen.add(p.data_ptr())
                         total += p.numel() * p.element_size()
             return dict(models=list(self._models), working_copy=self.family.start, bytes=total,
-                        device=str(self.device), dtype=dtype_name(self.dtype))
+                        device=str(self.device), dtype=dtype_name(self.dtype), budget=self.model_bytes,
+                        evicted=self.evicted)
 
     def engine(self, variant: str, progress: Callable[[int, int, str], None] | None = None,
                seed: int | None = None) -> SubspaceEngine:

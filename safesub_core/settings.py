@@ -11,6 +11,7 @@
 | SAFESUB_DTYPE           | `dtype()`           | None, auto: bfloat16 on a GPU, else float32 |
 | SAFESUB_LIVE_PROMPTS    | `live_prompts()`    | None, auto: prompts per set of the live read-outs |
 | SAFESUB_RESIDENT_BYTES  | `resident_bytes()`  | None, the caller's: bytes of subspace bases kept in memory |
+| SAFESUB_MODEL_BYTES     | `model_bytes()`     | None, auto: bytes of checkpoints a session keeps loaded |
 | SAFESUB_JUDGE_URL       | `judge_url()`       | None: the judge endpoint (OpenAI-compatible) |
 | SAFESUB_JUDGE_KEY       | `judge_key()`       | None: the judge endpoint's API key          |
 | OMP_NUM_THREADS         | `threads()`         | 1: torch's CPU threads in the app            |
@@ -136,6 +137,12 @@ def resident_bytes() -> int | None:
     """SAFESUB_RESIDENT_BYTES: bytes of subspace bases an engine keeps in memory, or None (the caller's default:
     a session's budget, or an engine's quarter of a checkpoint)."""
     return _bytes("SAFESUB_RESIDENT_BYTES")
+
+
+def model_bytes() -> int | None:
+    """SAFESUB_MODEL_BYTES: bytes of loaded checkpoints a session keeps resident beside its start model (least
+    recently used ones are dropped past it), or None (`compute.model_budget`)."""
+    return _bytes("SAFESUB_MODEL_BYTES")
 
 
 def judge_url() -> str | None:

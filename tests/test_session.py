@@ -302,3 +302,24 @@ def test_the_warm_up_scores_the_neighbouring_ranks_once_per_variant(session):
     assert session.warm("contaminated", cfg) is True
     assert all(session.point_scores("contaminated", c, compute=False)["waves"] == 1 for c in near)
     assert session.warm("contaminated", ProjectionConfig("topk", "parallel", 0.7)) is False  # warm already
+
+
+def test_resident_checkpoints_stay_within_the_budget_least_recently_used_dropped_first(tiny_family, tmp_path,
+                                                                                      monkeypatch):
+    probe = FamilySession(Family.from_file(tiny_family), cache=DiskCache(tmp_path), batch=4)
+    size = probe.in_memory()["bytes"] // 2  # the reference and its working copy
+    monkeypatch.setenv("SAFESUB_MODEL_BYTES", str(int(2.5 * size)))
+    S = FamilySession(Family.from_file(tiny_family), cache=DiskCache(tmp_path), batch=4)
+    assert S.model_bytes == int(2.5 * size)
+    harmful = S.model("harmful")
+    S.model("useful")
+    S.model("harmful")  # used again: now the most recent
+    S.model("contaminated")  # room for two: the least recently used (useful) goes
+    held = S.in_memory()
+    assert held["models"] == [S.family.start, "harmful", "contaminated"] and held["evicted"] == 1
+    assert S.model("harmful") is harmful
+    before = S.checkpoint_scores("useful", waves=1)["margin_mean"]  # loaded again on use
+    assert "useful" in S.in_memory()["models"] and S.evicted == 2
+    assert S.model(S.family.start) is S.reference  # the start model is never dropped
+    fresh = FamilySession(Family.from_file(tiny_family), cache=DiskCache(tmp_path / "other"), batch=4)
+    assert fresh.checkpoint_scores("useful", waves=1)["margin_mean"] == pytest.approx(before, abs=1e-5)
