@@ -4,7 +4,7 @@ Models and tokenizers are read from local files only (local_files_only=True) and
 `load_model` merges a LoRA adapter onto the family's start model and refuses, before loading, an architecture
 transformers does not know (`check_architecture`), a config.json whose shapes the weights do not have
 (`check_shapes`), and a model that does not fit in the device's free memory (`check_fits`: `estimate_bytes`
-against `available_bytes`); a broken adapter or tokenizer is one line naming the checkpoint and the file.
+against `available_bytes`; with a device map, `placement.Placement.resolve` checks max_memory instead); a broken adapter or tokenizer is one line naming the checkpoint and the file.
 `load_tokenizer` reads the folder `fingerprints.tokenizer_source` picks (what `fingerprints.tokenizer_fingerprint`
 hashes). `describe` reads architecture, parameter count and dtype from headers, loading nothing.
 """
@@ -20,16 +20,19 @@ from safesub_core.checkpoints import (Checkpoint, Owner, TensorReader, _first_li
                                       load_gguf, lora_config)
 from safesub_core.errors import SafesubError
 from safesub_core.fingerprints import tokenizer_source
+from safesub_core.placement import Placement
 
 TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                   "chat_template.json")  # checked for being JSON before a tokenizer is loaded
 
 
 def load_model(ckpt: Checkpoint, family: Owner | None = None, device: str = "cpu", dtype=torch.float32,
-               tokenizer: bool = True):
+               tokenizer: bool = True, placement: Placement | None = None):
     """(model, tokenizer) for a checkpoint, in eval mode; LoRA adapters are merged onto the family's start model.
 
     The tokenizer is `load_tokenizer`'s: from the checkpoint's own folder, else the start model's, else the base's.
+    With a `placement` (`placement.Placement`: a device map and max_memory) the model is spread over its devices
+    instead of going to `device` (a GGUF file cannot be placed).
     """
     if ckpt.kind == "hf":
         check_architecture(ckpt)
@@ -41,23 +44,35 @@ def load_model(ckpt: Checkpoint, family: Owner | None = None, device: str = "cpu
             lora_config(ckpt)
         else:
             TensorReader(ckpt, TensorReader(family.start_checkpoint))  # the adapter's config, pairs and shapes
-    check_fits(ckpt, family, device, dtype)
+    if placement is not None and ckpt.kind == "gguf":
+        raise SafesubError(f"checkpoint '{ckpt.name}': a GGUF file cannot be given a device map (load it whole)")
+    device_map = None
+    if placement is not None and ckpt.kind == "hf":
+        device_map = placement.resolve(ckpt.path, dtype)  # bad maps and too little max_memory: before any weight
+    elif placement is None:
+        check_fits(ckpt, family, device, dtype)
     kw = dict(dtype=dtype, trust_remote_code=False, local_files_only=True)
+    straight = device_map is not None and "cpu" not in set(device_map.values())  # GPUs only: loaded in place
     try:
         if ckpt.kind == "gguf":
             model = load_gguf(ckpt, dtype)
         elif ckpt.kind == "lora":
-            base, _ = load_model(family.start_checkpoint, family, device, dtype, tokenizer=False)
+            base, _ = load_model(family.start_checkpoint, family, device, dtype, tokenizer=False, placement=placement)
             model = PeftModel.from_pretrained(base, str(ckpt.path), local_files_only=True).merge_and_unload()
         else:
             model = AutoModelForCausalLM.from_pretrained(
-                str(ckpt.path), use_safetensors=not ckpt.allow_pickle or None, **kw
+                str(ckpt.path), use_safetensors=not ckpt.allow_pickle or None,
+                **kw, **({"device_map": device_map} if straight else {})
             )
     except SafesubError:
         raise
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         raise SafesubError(f"checkpoint '{ckpt.name}': cannot be loaded ({_first_line(err)})") from None
-    model.to(device).eval()
+    if device_map is not None and not straight:
+        model = placement.dispatch(model, device_map)
+    elif placement is None:
+        model.to(device)
+    model.eval()
     return model, (load_tokenizer(ckpt, family) if tokenizer else None)
 
 

@@ -4,7 +4,9 @@ Contract:
 - `FamilySession(family)` loads the start model twice (a `reference` that stays untouched and a `working` copy
   the projection writes into) and the tokenizer; other checkpoints load on first use and stay resident within
   `model_bytes` (`compute.model_budget`), the least recently used dropped first (loaded again when used). The app
-  keeps one session at a time.
+  keeps one session at a time. With a `placement` (a device map across the GPUs and the CPU, `placement.py`)
+  every model is spread over its devices (the working copy loaded a second time, not copied), each tensor's update
+  made on its own device.
 - A *point* is (variant, ProjectionConfig) and, for a Random or Random-K subspace, the random draw `seed` (default
   the session's; one engine per variant and draw). `point_scores(variant, cfg)` returns the engine's diagnostics
   plus the live scores of the projected model, composed in memory (nothing written to disk).
@@ -69,6 +71,7 @@ from safesub_core.interventions import orthogonalize_weights
 from safesub_core.linalg import DEFAULT_ENERGIES
 from safesub_core.loading import load_model
 from safesub_core.overlap import STUDY_PAIRS, weight_overlap
+from safesub_core.placement import Placement
 from safesub_core.precision import composed_state_dict
 from safesub_core.projection import ProjectionConfig, ProjectionDiagnostics
 from safesub_core.prompts import EvalSets, PromptSet
@@ -121,9 +124,13 @@ class FamilySession(LiveWaves, Hypotheses):
 
     def __init__(self, family: Family, device: str = "cpu", dtype=torch.float32, sets: EvalSets | None = None,
                  chat: bool = True, seed: int = 0, cache: DiskCache | None = None,
-                 resident_bytes: int | None = None, batch: int | None = None, model_bytes: int | None = None):
+                 resident_bytes: int | None = None, batch: int | None = None, model_bytes: int | None = None,
+                 placement: Placement | None = None):
         family.validate()
         self.family, self.device, self.dtype, self.chat, self.seed = family, device, dtype, chat, seed
+        self.placement = placement  # a device map across GPUs and the CPU (`placement.Placement`), or None
+        if placement is not None:
+            self.device = placement.main_device
         self.sets = sets or EvalSets.for_family(family)
         self.waves = Waves(self.sets, batch or FULL_LIVE_PROMPTS)  # a slider's first wave, then more at rest
         self.openings = tuple(family.refusal_openings or scoring.DEFAULT_REFUSAL_OPENINGS)
@@ -141,8 +148,10 @@ class FamilySession(LiveWaves, Hypotheses):
         family = self.family
         ck = family.start_checkpoint
         model_print, tokenizer_print = model_fingerprint(ck, family), tokenizer_fingerprint(ck, family)
-        reference, tokenizer = load_model(ck, family, self.device, self.dtype)
-        self.reference, self.tokenizer, self.working = reference, tokenizer, copy.deepcopy(reference)
+        reference, tokenizer = load_model(ck, family, self.device, self.dtype, placement=self.placement)
+        working = copy.deepcopy(reference) if self.placement is None else \
+            load_model(ck, family, self.device, self.dtype, tokenizer=False, placement=self.placement)[0]
+        self.reference, self.tokenizer, self.working = reference, tokenizer, working
         self._models: dict[str, torch.nn.Module] = {family.start: self.reference}
         self._loaded: dict[str, str] = {family.start: model_print}  # resident model -> its model fingerprint
         self._tokenizer_print = tokenizer_print
@@ -208,7 +217,8 @@ class FamilySession(LiveWaves, Hypotheses):
                 ck = self.family.checkpoint(name)
                 model_print = model_fingerprint(ck, self.family)
                 self._make_room()
-                self._models[name] = load_model(ck, self.family, self.device, self.dtype, tokenizer=False)[0]
+                self._models[name] = load_model(ck, self.family, self.device, self.dtype, tokenizer=False,
+                                                placement=self.placement)[0]
                 self._loaded[name] = model_print
             self._models[name] = self._models.pop(name)  # most recently used last
             return self._models[name]
@@ -234,9 +244,10 @@ class FamilySession(LiveWaves, Hypotheses):
                     if p.data_ptr() not in seen:
                         seen.add(p.data_ptr())
                         total += p.numel() * p.element_size()
+            devices = sorted({str(p.device) for m in self._models.values() for p in m.parameters()})
             return dict(models=list(self._models), working_copy=self.family.start, bytes=total,
-                        device=str(self.device), dtype=dtype_name(self.dtype), budget=self.model_bytes,
-                        evicted=self.evicted)
+                        device=str(self.device), devices=devices, dtype=dtype_name(self.dtype),
+                        budget=self.model_bytes, evicted=self.evicted)
 
     def engine(self, variant: str, progress: Callable[[int, int, str], None] | None = None,
                seed: int | None = None) -> SubspaceEngine:
@@ -349,6 +360,8 @@ class FamilySession(LiveWaves, Hypotheses):
             parts = dict(version=SCORE_VERSION, definitions=definitions(self.openings), tokenizer=self._tokenizer_print,
                          format=[self.format.chat, self.format.system], dtype=dtype_name(self.dtype),
                          device=torch.device(self.device).type)
+            if self.placement is not None:
+                parts["placement"] = self.placement.key()
             if target is not None:
                 parts |= dict(target=target, model=model_fingerprint(f.checkpoint(target), f))
             if cfg is not None:
