@@ -11,6 +11,10 @@ Contract:
 - `resident_budget(device) -> int`: bytes of subspace bases a session keeps resident so a move never reads the
   disk cache: SAFESUB_RESIDENT_BYTES when set (`settings.resident_bytes`), on a GPU half of its free memory, else
   `subspace.DEFAULT_RESIDENT_BYTES`.
+- `executable_batch(fn, start, device) -> (result, batch size)`: fn(batch_size) at `start`; on a GPU accelerate's
+  `find_executable_batch_size` shrinks the size after each CUDA out-of-memory error (by its rule: to 90%) until
+  it runs (a session keeps
+  the size that ran for the next call of the same kind); on the CPU it runs once at `start`.
 - `model_budget(device) -> int`: bytes of checkpoints (other than the start model and its working copy) a session
   keeps loaded, least recently used dropped first: SAFESUB_MODEL_BYTES when set (`settings.model_bytes`), on a GPU
   60% of its free memory, else half of the machine's memory.
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Callable, TypeVar
 
 import torch
 
@@ -27,6 +32,7 @@ from safesub_core.errors import SafesubError
 from safesub_core.family import Family
 from safesub_core.subspace import DEFAULT_RESIDENT_BYTES
 
+T = TypeVar("T")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FULL_LIVE_PROMPTS = 32  # live sets this large mean read-outs are cheap here (a GPU or a small model)
 CPU_LIVE_PROMPTS = 6  # live sets of a model of up to 300M parameters on a CPU
@@ -98,3 +104,24 @@ def model_budget(device: str = "cpu") -> int:
     if torch.device(device).type == "cuda":
         return int(torch.cuda.mem_get_info(torch.device(device))[0] * 0.6)
     return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2)
+
+
+GPU_BATCH = 128  # where a GPU's batch search starts (generation, activations); shrunk on out-of-memory
+
+
+def executable_batch(fn: Callable[[int], T], start: int, device: str = "cpu",
+                     adaptive: bool | None = None) -> tuple[T, int]:
+    """(fn(b), b) with b the largest size from `start` down (accelerate shrinks it to 90% a step) that runs without running out of GPU memory
+    (`accelerate.utils.find_executable_batch_size`); `adaptive` defaults to whether `device` is a GPU."""
+    if not (torch.device(device).type == "cuda" if adaptive is None else adaptive):
+        return fn(start), start
+    from accelerate.utils import find_executable_batch_size
+
+    ran = {}
+
+    @find_executable_batch_size(starting_batch_size=start)
+    def attempt(batch_size):
+        ran["size"] = batch_size
+        return fn(batch_size)
+
+    return attempt(), ran["size"]

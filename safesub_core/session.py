@@ -60,7 +60,8 @@ from safesub_core import scoring
 from safesub_core.activations import BandMean, activation_map, activation_overlap, band_mean, last_token_states
 from safesub_core.cache import DiskCache
 from safesub_core.checkpoints import Checkpoint
-from safesub_core.compute import FULL_LIVE_PROMPTS, dtype_name, model_budget, resident_budget
+from safesub_core.compute import (FULL_LIVE_PROMPTS, GPU_BATCH, dtype_name, executable_batch, model_budget,
+                                  resident_budget)
 from safesub_core.errors import SafesubError
 from safesub_core.family import Family
 from safesub_core.fingerprints import model_fingerprint, tokenizer_fingerprint
@@ -138,6 +139,7 @@ class FamilySession(LiveWaves, Hypotheses):
         self.resident_bytes = resident_bytes if resident_bytes is not None else resident_budget(device)
         self.model_bytes = model_bytes if model_bytes is not None else model_budget(device)
         self.evicted = 0  # checkpoints dropped to stay within `model_bytes`
+        self._batch_sizes: dict[str, int] = {}  # kind of run -> the batch size that last ran (`_batched`)
         self._lock = threading.RLock()  # serialises every use of the shared working model
         self._load_start()
 
@@ -419,8 +421,16 @@ class FamilySession(LiveWaves, Hypotheses):
             dict(openings=self.openings)
         with self._lock:
             model = self._wave_model(name, cfg, seed)
-            return report(model, self.tokenizer, prompt_set, max_new_tokens=max_new_tokens, chat=self.format,
-                          progress=progress, **kw)
+            return self._batched("generation", lambda b: report(
+                model, self.tokenizer, prompt_set, max_new_tokens=max_new_tokens, chat=self.format,
+                progress=progress, batch_size=b, **kw))
+
+    def _batched(self, kind: str, fn: Callable[[int], object]):
+        """fn(batch_size) at the size that last ran for `kind` (16 on the CPU; on a GPU searched from GPU_BATCH
+        down, shrinking after an out-of-memory error: `compute.executable_batch`), remembering the size that ran."""
+        start = self._batch_sizes.get(kind, GPU_BATCH if torch.device(self.device).type == "cuda" else 16)
+        out, self._batch_sizes[kind] = executable_batch(fn, start, self.device)
+        return out
 
     # ------------------------------------------------------------------------------------------- activations
     def states(self, name: str, prompt_set: PromptSet, cfg: ProjectionConfig | None = None,
@@ -430,8 +440,8 @@ class FamilySession(LiveWaves, Hypotheses):
 
         def compute():
             model = self.model(name) if cfg is None else self.projected(name, cfg)
-            return {"states": last_token_states(model, self.tokenizer, prompt_set.prompts, chat=self.format,
-                                                progress=progress)}
+            return {"states": self._batched("states", lambda b: last_token_states(
+                model, self.tokenizer, prompt_set.prompts, chat=self.format, batch_size=b, progress=progress))}
 
         with self._lock:
             return self.cache.get_or_compute("activations", parts, compute)["states"]

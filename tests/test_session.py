@@ -323,3 +323,32 @@ def test_resident_checkpoints_stay_within_the_budget_least_recently_used_dropped
     assert S.model(S.family.start) is S.reference  # the start model is never dropped
     fresh = FamilySession(Family.from_file(tiny_family), cache=DiskCache(tmp_path / "other"), batch=4)
     assert fresh.checkpoint_scores("useful", waves=1)["margin_mean"] == pytest.approx(before, abs=1e-5)
+
+
+def test_batch_sizes_shrink_after_out_of_memory_and_the_session_keeps_the_size_that_ran(session, monkeypatch):
+    from safesub_core import compute
+    from safesub_core import session as session_module
+
+    tried = []
+
+    def run(b):
+        tried.append(b)
+        if b > 4:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return b * 10
+
+    assert compute.executable_batch(run, 32, adaptive=True) == (40, 4)
+    assert tried[0] == 32 and tried[-1] == 4 and tried == sorted(tried, reverse=True)
+    assert compute.executable_batch(run, 3, "cpu") == (30, 3)  # the CPU: once, at the size asked
+    with pytest.raises(RuntimeError):
+        compute.executable_batch(run, 32, "cpu")
+    sizes = []
+
+    def fake(fn, start, device, adaptive=None):
+        sizes.append(start)
+        return fn(2), 2
+
+    monkeypatch.setattr(session_module, "executable_batch", fake)
+    first = session.score_set("aligned", SETS.harmful.head(3))[1]
+    again = session.score_set("aligned", SETS.harmful.head(3))[1]
+    assert sizes == [16, 2] and first["refusal_rate"] == again["refusal_rate"]
