@@ -1,7 +1,7 @@
 """A sweep: diagnostics (and scores) at every point of a grid of subspaces x modes x rank fractions.
 
 Contract: `sweep(family_or_session, variants=None, subspaces=..., modes=..., fracs=..., alpha=1.0,
-scores="live", progress=None, seeds=3, waves=None) -> DataFrame` returns one row per (variant, subspace, mode, rank fraction)
+scores="live", progress=None, seeds=3, waves=None, judge=None) -> DataFrame` returns one row per (variant, subspace, mode, rank fraction)
 and, for Random and Random-K, per random draw (`seeds` draws: the session's seed and the next ones; column `seed`,
 empty for Top-K): the family and variant names, the point's `ProjectionDiagnostics.summary()` (energy kept,
 cosines, mean rank fraction...) and, by `scores` (the engines' warnings, e.g. a tensor whose alignment update is
@@ -11,7 +11,9 @@ zero, are in `table.attrs["warnings"]`, one line each):
   waves; or the first `waves` waves, as a page's chart does), each with `<score>_lo`, `<score>_hi` and `<score>_n` (95% intervals), and on Top-K rows
   `p_vs_random_<score>`: the paired test of Top-K against Random at the same point (McNemar for the rates, paired
   bootstrap for the means), the largest p over the draws (`waves.paired`);
-- "generate": plus the generation scores (`FamilySession.generation_scores`) with their intervals, prefixed `gen_`.
+- "generate": plus the generation scores (`FamilySession.generation_scores`) with their intervals, prefixed `gen_`;
+  with a `judge` (`scoring.Judge`) also its mean 1-5 score (`gen_judge_mean` and its interval) and how many
+  completions it scored.
 Scores need a `FamilySession` (its evaluation sets, device and dtype). Every setting is checked before any work:
 a bad point, an unknown variant or an empty list (of variants, subspaces, modes or fractions; `variants=None` is
 every variant) is a one-line SafesubError. Every score comes from the session's disk cache when present.
@@ -25,6 +27,7 @@ import pandas as pd
 from safesub_core.errors import SafesubError
 from safesub_core.family import Family
 from safesub_core.projection import SUBSPACES, ProjectionConfig
+from safesub_core.scoring import Judge
 from safesub_core.session import FamilySession
 from safesub_core.subspace import SubspaceEngine
 from safesub_core.waves import paired
@@ -50,7 +53,7 @@ def sweep(target: Family | FamilySession, variants: Sequence[str] | None = None,
           subspaces: Sequence[str] = SUBSPACES, modes: Sequence[str] = DEFAULT_MODES,
           fracs: Sequence[float] = DEFAULT_FRACS, alpha: float = 1.0, scores: str = "live",
           progress: Callable[[int, int, str], None] | None = None, seeds: int = DEFAULT_SEEDS,
-          waves: int | None = None) -> pd.DataFrame:
+          waves: int | None = None, judge: Judge | None = None) -> pd.DataFrame:
     """One row per point and random draw; see the module docstring."""
     if scores not in SCORES:
         raise SafesubError(f"scores {scores!r}: expected one of {', '.join(SCORES)}")
@@ -61,6 +64,10 @@ def sweep(target: Family | FamilySession, variants: Sequence[str] | None = None,
     family = session.family if session else target
     if scores != "none" and session is None:
         raise SafesubError(f"sweep scores {scores!r}: need a session (open one with safesub_core.open_session)")
+    if judge is not None and judge.kind != "off":
+        if scores != "generate":
+            raise SafesubError(f"sweep judge {judge.kind}: judges read completions, so it needs scores 'generate'")
+        judge.check()  # a judge that cannot run: one line before any point is scored
     if variants is not None and not list(variants):
         raise SafesubError("sweep variants: the list is empty (None: every variant)")
     variants = list(variants) if variants is not None else list(family.variants)
@@ -84,7 +91,8 @@ def sweep(target: Family | FamilySession, variants: Sequence[str] | None = None,
             row = session.point_scores(v, cfg, waves=n, seed=seed)
             values[v, key, seed] = session.live_values(v, cfg, seed=seed, waves=n)
             if scores == "generate":
-                row |= {f"gen_{k}": val for k, val in session.generation_scores(v, cfg, seed=seed)[0].items()}
+                row |= {f"gen_{k}": val for k, val in
+                        session.generation_scores(v, cfg, seed=seed, judge=judge)[0].items()}
         rows.append({"family": family.name, "variant": v, "seed": seed} | row)
     if values:
         for row, (v, key, seed) in zip(rows, points):

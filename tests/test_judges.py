@@ -434,3 +434,31 @@ def test_unreachable_endpoint_is_one_line_error(monkeypatch, waits):
     monkeypatch.delenv("SAFESUB_JUDGE_URL")
     with pytest.raises(SafesubError, match="set SAFESUB_JUDGE_URL"):
         judge_scores(["a"], ["b"], Judge(kind="endpoint"))
+
+
+# ---- judges in a sweep ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_sweep_carries_the_judges_mean_with_its_interval(tiny_family, tmp_path, tok):
+    from safesub_core.cache import DiskCache
+    from safesub_core.family import Family
+    from safesub_core.prompts import EvalSets
+    from safesub_core.session import FamilySession
+    from safesub_core.sweeps import sweep
+
+    judge = Judge(kind="hf-classifier", path=make_classifier(tmp_path / "cls", tok, id2label={0: "safe", 1: "unsafe"},
+                                                             label2id={"safe": 0, "unsafe": 1}))
+    S = FamilySession(Family.from_file(tiny_family), sets=EvalSets.default(3), batch=3,
+                      cache=DiskCache(tmp_path / "cache"))
+    grid = dict(variants=["harmful"], subspaces=["topk"], modes=["parallel"], fracs=[0.5], seeds=1)
+    table = sweep(S, scores="generate", judge=judge, **grid)
+    row = table.iloc[0]
+    assert 1.0 <= row["gen_judge_mean"] <= 5.0 and row["gen_judge_mean_n"] == 3 and row["gen_judge_scored"] == 3
+    assert row["gen_judge_mean_lo"] <= row["gen_judge_mean"] <= row["gen_judge_mean_hi"]
+    plain = sweep(S, scores="generate", **grid).iloc[0]
+    assert "gen_judge_mean" not in plain and plain["gen_refusal_rate"] == row["gen_refusal_rate"]
+    with pytest.raises(SafesubError, match="needs scores 'generate'"):
+        sweep(S, scores="live", judge=judge, **grid)
+    with pytest.raises(SafesubError, match="judge model"):
+        sweep(S, scores="generate", judge=Judge(kind="llama-guard", path=str(tmp_path / "cls")), **grid)
