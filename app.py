@@ -1,7 +1,7 @@
 """safesub: the interactive instrument (``streamlit run app.py``). This script is its first page, Family.
 
 The app follows Streamlit's pages/ layout: this file is the Family page and pages/ holds Subspaces, Overlap,
-Activation map and Prompt inspector. Every page is thin: widgets, layout and calls into the family's session
+Activation map, Prompt inspector and Hypotheses. Every page is thin: widgets, layout and calls into the family's session
 (safesub_core), with what the pages share (the resident family, the view in the URL, errors, downloads) in the
 `ui` package. Environment: see safesub_core/settings.py (SAFESUB_FAMILY, SAFESUB_CACHE, SAFESUB_ROOTS, ...) and
 OMP_NUM_THREADS (default 1 here).

@@ -5,15 +5,14 @@ import streamlit as st
 from plotly.subplots import make_subplots
 
 import ui
-from safesub_core.compute import FULL_LIVE_PROMPTS, dtype_name
+from safesub_core.compute import FULL_LIVE_PROMPTS
 from safesub_core.scoring import names as N
-from safesub_core.scoring.live import LIVE_ARITH_TOKENS
 from safesub_core.session import GENERATION_TOKENS
 from safesub_core.projection import MODES, SUBSPACE_LABELS, SUBSPACES, ProjectionConfig
-from safesub_core.stats import Estimate, decimals
+from safesub_core.stats import Estimate
 from safesub_core.sweeps import DEFAULT_SEEDS as SEEDS, P_PREFIX, sweep
-from safesub_core.waves import paired
 from ui.link import PARAMS
+from ui.readouts import DELTA_COLOR, Readouts
 
 ui.header("Subspaces",
           "W = W_start + α·X with X = P_k ΔT (parallel), −P_k ΔT (opposite) or ΔT − P_k ΔT "
@@ -27,7 +26,6 @@ SIGNIFICANT = 0.05  # the chart rings Top-K points whose paired test against Ran
 # each read-out: its score key and the values of the start and of the fine-tuned model ("live": their own scores)
 READOUTS = [(N.ENERGY_KEPT, 0.0, 1.0), (N.COS_TASK_KEPT, None, 1.0), (N.COS_TASK_ALIGN, None, None)] + [
     (key, "live", "live") for key in N.LIVE]
-DELTA_COLOR = {"higher": "normal", "lower": "inverse", None: "off"}  # st.metric's colour: is up good?
 PANELS = [N.ENERGY_KEPT, N.COS_TASK_KEPT, *N.LIVE, "generation"]
 TITLES = {k: N.label(k) for k in PANELS[:-1]} | {"generation": "generation: ASR ● / exact match ◆"}
 
@@ -67,11 +65,6 @@ def grid_generation(variant: str, mode: str, alpha: float) -> pd.DataFrame:
             if got is not None:
                 rows.append(dict(subspace=sub, rank_fraction=rho, **got[0]))
     return pd.DataFrame(rows)
-
-
-def p_text(p: float) -> str:
-    """A p-value as read-outs show it."""
-    return "p<0.001" if p < 0.001 else f"p={p:.2g}"
 
 
 def _errors(d: pd.DataFrame, key: str) -> dict:
@@ -199,82 +192,16 @@ def point_section():
     # ---------------------------------------------------------------------------------------- read-outs
     st.markdown(f"**Read-outs at this point** · {variant}: {cfg.label} · mean rank fraction "
                 f"{diag.mean_rank_fraction:.3f}")
-    cols = st.columns(4)
-    slots = [cols[i % 4].empty() for i in range(len(READOUTS))]  # each read-out redrawn in place as waves come in
-    live = [i for i, r in enumerate(READOUTS) if r[0] in N.LIVE]
-    decoded = [i for i, r in enumerate(READOUTS) if r[0] in N.LIVE_DECODED]
-
-    def readout(i: int, point: dict, start: dict | None = None, ft: dict | None = None, p: dict | None = None):
-        """Read-out i: the value at the precision its interval allows, the interval and n, the start model's and the
-        fine-tune's values on the same prompts, and the paired test against the start model."""
-        key, s_val, f_val = READOUTS[i]
-        label, color = N.label(key), DELTA_COLOR[N.score(key).better]
-        notes = []
-        if key in N.LIVE:
-            est = Estimate.of(point, key)
-            value, shown, d = est.value, est.value_text(), decimals(est.lo, est.hi)
-            notes.append(f"95% CI [{est.lo:.{d}f}, {est.hi:.{d}f}] · n={est.n}")
-            s_val, f_val = (None if d is None else d[key] for d in (start, ft))
-        else:
-            value = point[key]
-            shown = f"{value:.4f}"
-        if s_val is not None:
-            notes.append(f"start ({fam.start}) {s_val:.4g}" + ("" if not p or f"p_{key}" not in p
-                                                               else f", paired {p_text(p[f'p_{key}'])}"))
-        if f_val is not None:
-            notes.append(f"{variant} {f_val:.4g}")
-        with slots[i].container():
-            st.metric(label, shown, delta=None if s_val is None else float(f"{value - s_val:.3g}"),
-                      delta_color=color, delta_description=None if s_val is None else "vs start", border=True)
-            st.caption(" · ".join(notes) if notes else "a property of the variant")
-
-    def pending(indices, what: str):
-        for i in indices:
-            with slots[i].container():
-                st.metric(N.label(READOUTS[i][0]), "…", border=True)
-                st.caption(what)
-
-    references: dict = {}  # waves -> (start's scores, fine-tune's, the start's per-prompt values), once a run
-
-    def live_readouts(point: dict, indices, decoded: bool = True) -> None:
-        """The live read-outs of `point`, against the start model and the fine-tune on the same waves (the paired
-        tests: the point's per-prompt values against the start model's)."""
-        w = point["waves"]
-        if w not in references:
-            references[w] = (S.checkpoint_scores(fam.start, waves=w), S.checkpoint_scores(variant, waves=w),
-                             S.live_values(fam.start, waves=w))
-        start, ft, start_values = references[w]
-        p = paired(start_values, S.live_values(variant, cfg, waves=w, decoded=decoded))
-        for i in indices:
-            readout(i, point, start, ft, p)
-
     # three waves on screen before the next is computed: the diagnostics (cumulative sums), the scores that need
     # forward passes of the projected model, then the one that needs greedy decoding; then, while the slider
     # rests, more prompts (`sharpen`, at the end of this section)
-    pending(live, f"scoring {cfg.label}…")
+    readouts = Readouts(S, fam.start, variant, variant, cfg, READOUTS, cfg.label)
     for i in range(len(READOUTS)):
-        if i not in live:
-            readout(i, diag.summary())
+        if i not in readouts.live:
+            readouts.show(i, diag.summary())
     ev = S.sets
-    waves_note, exact_note = st.empty(), st.empty()
-
-    def note_waves(point: dict, busy: bool) -> None:
-        waves_note.caption(
-            f"Live scores at {cfg.label}: refusal log-odds on harmful prompts ({ev.harmful.name}), NLL on utility "
-            f"prompts ({ev.utility.name}), KL to the start model on benign prompts ({ev.benign.name}); "
-            f"{point['waves']} of {point['waves_total']} waves of {S.waves.size} prompts a set, on {S.device} in "
-            f"{dtype_name(S.dtype)}"
-            + (" · scoring more while the slider rests…" if busy else "") + ". Deltas and p-values: the same "
-            "prompts under the start model (paired tests).")
-
     with ui.shown_errors(stop=True):
-        point = S.point_scores(variant, cfg, decoded=False)
-        live_readouts(point, [i for i in live if i not in decoded], decoded=False)
-        note_waves(point, busy=False)
-        point = S.point_scores(variant, cfg)
-        live_readouts(point, decoded)
-    exact_note.caption(f"Exact match at {cfg.label}: {LIVE_ARITH_TOKENS}-token greedy answers to the utility "
-                       f"prompts, final answers compared by the {ev.convention} convention.")
+        point = readouts.score()
 
     # ---------------------------------------------------------------------------------------- charts
     if st.session_state.get("run_generation"):  # the button below was clicked: score first, so the chart shows it
@@ -296,7 +223,7 @@ def point_section():
         curves = res.memoised(("curves", variant, mode), lambda: S.curves(variant, modes=(mode,)))
         gen = grid_generation(variant, mode, float(alpha))
         point_gen = S.generation_scores(variant, cfg, GENERATION_TOKENS, compute=False)
-        start, ft, _ = references[point["waves"]]
+        start, ft, _ = readouts.references[point["waves"]]
         fig = score_figure(variant, cfg, point, start, ft, grid, curves, gen,
                            None if point_gen is None else point_gen[0])
         ui.chart(fig, f"{fam.name}_{variant}_{mode}_scores", key="scores_chart")
@@ -346,13 +273,8 @@ def point_section():
     # loop at its next Streamlit call, i.e. at a wave's boundary
     with ui.shown_errors():
         S.warm(variant, cfg)
-    if sharpen and point["waves"] < point["waves_total"]:
-        with ui.shown_errors():
-            while S.sharpen(variant, cfg):
-                note_waves(point, busy=True)
-                point = S.point_scores(variant, cfg, compute=False)
-                live_readouts(point, live)
-            note_waves(point, busy=False)
+    if sharpen:
+        point = readouts.sharpen(point)
 
 
 point_section()

@@ -5,8 +5,9 @@ APP = str(Path(__file__).resolve().parent.parent / "app.py")
 TIMEOUT = 300  # the first run of a page imports torch/transformers and loads models
 
 
-def open_app_page(page: str = "family", query: dict | None = None):
-    """An AppTest of the app opened on `page` (a key of ui.PAGE_FILES) with `query` in the URL."""
+def open_app_page(page: str = "family", query: dict | None = None, deep: bool = False):
+    """An AppTest of the app opened on `page` (a key of ui.PAGE_FILES) with `query` in the URL: after a run of the
+    Family page, or with `deep` first, as a browser does for a link to it (the link's error line is on that page)."""
     from streamlit.testing.v1 import AppTest
 
     from ui import PAGE_FILES
@@ -14,7 +15,8 @@ def open_app_page(page: str = "family", query: dict | None = None):
     at = AppTest.from_file(APP, default_timeout=TIMEOUT)
     if query:
         at.query_params.update({k: str(v) for k, v in query.items()})
-    at.run()
+    if not deep:
+        at.run()
     if page != "family":
-        at.switch_page(PAGE_FILES[page]).run()
-    return at
+        at.switch_page(PAGE_FILES[page])
+    return at.run() if deep or page != "family" else at

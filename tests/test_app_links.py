@@ -46,6 +46,9 @@ GOOD = {  # values a page accepts (kept few where a new value costs a page real 
     "harmful": st.sampled_from(["harmbench:eval,n=4", "builtin-harmful:eval"]), "utility": st.just("gsm8k,n=4"),
     "benign": st.just("pairs-benign:eval,n=4"), "edgy": st.just("overrefusal,split=eval,n=4"),
     "convention": st.sampled_from(["flexible", "strict"]),
+    "intervention": st.sampled_from(["ablation", "orthogonalisation", "addition"]),
+    "strength": st.sampled_from(["1.0", "-2", "0.5"]), "add_alpha": st.sampled_from(["0", "4"]),
+    "target": st.sampled_from(["variant", "start"]), "tau": st.sampled_from(["0", "0.5", "1"]),
 }
 
 

@@ -24,9 +24,10 @@ PAGES = {
     "overlap": ("Overlap", ".js-plotly-plot"),
     "activation_map": ("Activation_map", ".js-plotly-plot"),
     "inspector": ("Prompt_inspector", '[data-testid="stCaptionContainer"]:has-text("refusal log-odds ")'),
+    "hypotheses": ("Hypotheses", '[data-testid="stMarkdownContainer"]:has-text("Chosen: layer")'),
 }
 TITLES = {"family": "Family", "subspaces": "Subspaces", "overlap": "Overlap", "activation_map": "Activation map",
-          "inspector": "Prompt inspector"}
+          "inspector": "Prompt inspector", "hypotheses": "Hypotheses"}
 
 
 def wait_idle(page, timeout_ms: int = 240_000) -> None:
@@ -72,12 +73,13 @@ def browser():
             b.close()
 
 
-def open_page(browser, url: str, name: str):
-    """`browser` is a Browser or a BrowserContext (its own cookies: a separate Streamlit session)."""
+def open_page(browser, url: str, name: str, query: str = ""):
+    """`browser` is a Browser or a BrowserContext (its own cookies: a separate Streamlit session); `query`: the
+    link's query string."""
     path, selector = PAGES[name]
     page = browser.new_page() if hasattr(browser, "browser") else browser.new_page(viewport={"width": 1500,
                                                                                              "height": 1100})
-    page.goto(f"{url}/{path}", wait_until="domcontentloaded", timeout=60_000)
+    page.goto(f"{url}/{path}{'?' + query if query else ''}", wait_until="domcontentloaded", timeout=60_000)
     page.wait_for_selector(f'h1:has-text("{TITLES[name]}")', timeout=240_000)
     page.wait_for_selector(selector, timeout=240_000)
     wait_idle(page)
@@ -96,7 +98,7 @@ def screenshot(page, name: str) -> None:
     page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
 
 
-@pytest.mark.parametrize("name", [n for n in PAGES if n != "subspaces"])
+@pytest.mark.parametrize("name", [n for n in PAGES if n not in ("subspaces", "hypotheses")])
 def test_page_renders_in_the_browser(server, browser, name):
     page = open_page(browser, server, name)
     try:
@@ -130,6 +132,26 @@ def test_rank_slider_moves_the_readouts_in_the_browser(server, browser):
         assert re.search(r"rank=0\.45", page.url), f"the URL follows the slider: {page.url}"
         assert_no_errors(page, "subspaces")
         screenshot(page, "subspaces")
+    finally:
+        page.close()
+
+
+def test_hypotheses_page_and_its_tradeoff_in_the_browser(server, browser):
+    """The Hypotheses page (issue 18) from a link: its sections drawn with no error, the link's view on screen; the
+    trade-off button draws the harm-utility chart and the matched-utility table (screenshots before and after)."""
+    page = open_page(browser, server, "hypotheses", "variant=harmful&intervention=orthogonalisation&strength=0.5")
+    try:
+        page.wait_for_selector('[data-testid="stMarkdownContainer"]:has-text("Orthogonalisation strength=0.5")',
+                               timeout=60_000)
+        assert_no_errors(page, "hypotheses")
+        assert page.locator(".js-plotly-plot").count() >= 4, "selection, similarity, bridge and shift charts"
+        screenshot(page, "hypotheses")
+        page.get_by_role("button", name="Compute the trade-off").click()
+        page.wait_for_selector('.js-plotly-plot .legendtext:has-text("Top-K")', timeout=240_000)
+        wait_idle(page)
+        assert_no_errors(page, "hypotheses after the trade-off")
+        assert page.locator('[data-testid="stMarkdownContainer"]:has-text("At matched utility")').count() == 1
+        screenshot(page, "hypotheses_tradeoff")
     finally:
         page.close()
 

@@ -2,6 +2,7 @@
 
 - `ui.link`: the view (what a page shows) kept in the URL, and widgets bound to it;
 - `ui.widgets`: what every page draws the same way (header, one-line errors, progress, downloads, charts);
+- `ui.readouts`: the live read-outs of one point, sharpened wave by wave (the Subspaces and Hypotheses pages);
 - `ui.family`: the family and its one resident session per server;
 - `ui.builds`: building the demo families from the app.
 Computation stays in safesub_core: this package only draws and wires. Names load on first use (PEP 562), so a page
@@ -17,6 +18,7 @@ _HOMES = {
     "ui.family": ("Resident", "compute", "current_config", "current_family", "current_sets", "engine", "family_caption",
                   "live_setting", "parse_variants", "require_family", "resident", "spec_label"),
     "safesub_core.family": ("paths_spec",),  # the spec of a family entered as paths
+    "ui.readouts": ("Readouts",),
     "ui.builds": ("BuildJob", "build_job", "build_progress", "ensure_tiny", "smol_file", "start_smol_build"),
 }
 _HOME = {name: module for module, names in _HOMES.items() for name in names}

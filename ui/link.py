@@ -3,10 +3,11 @@
 Contract: `view()` is this browser session's dict, read once from `st.query_params` through THE validation layer of
 link values, `PARAMS`: one row per key with its type and its range (rank in [0.01, 1], read as a rank fraction or an
 energy fraction; alpha in [-1, 3]: the Subspaces page's sliders read their bounds from this table), its allowed
-values (subspace, mode, method, dtype and live from the core's own lists; rank_by) or the core's own check (family:
-`family.resolve_family` through `ui.family.current_family`; device: `compute.resolve_compute`; live:
-`settings.parse_count`; the evaluation sets harmful, utility, benign and edgy: a set spec each, read by
-`prompts.specs.check_spec`, paths confined to the allowed roots; convention: flexible or strict). A malformed,
+values (subspace, mode, method, intervention, dtype and live from the core's own lists; rank_by; target) or the
+core's own check (family: `family.resolve_family` through `ui.family.current_family`; device:
+`compute.resolve_compute`; live: `settings.parse_count`; the evaluation sets harmful, utility, benign and edgy: a
+set spec each, read by `prompts.specs.check_spec`, paths confined to the allowed roots; convention: flexible or
+strict; strength, add_alpha and tau: the Hypotheses page's sliders' ranges). A malformed,
 out-of-range or unknown value falls back to the default and is reported on ONE line, "link parameter k='v' (why), ...:
 not a valid value; the default is used instead", drawn where `widgets.header` reserved it (`error_line`, `report`);
 never an exception. The checks that need the core (torch) run in `check_deferred()`, which ui.family calls before
@@ -128,6 +129,13 @@ PARAMS: dict[str, Param] = {
                   choices="safesub_core.compute:LIVE_CHOICES"),
     **{role: Param(None, check=_set_check(role), later=True) for role in SET_ROLES},  # set specs (docs/method.md)
     "convention": Param(None, choices=CONVENTIONS),  # exact match of the utility set
+    # the Hypotheses page: the refusal direction's intervention, its knob (strength s or addition's alpha), the model
+    # it acts on, and SafeLoRA's threshold tau (the sliders' ranges)
+    "intervention": Param("ablation", choices="safesub_core.hypotheses:DIRECTION_METHODS"),
+    "strength": Param(1.0, _float, -2.0, 2.0),
+    "add_alpha": Param(1.0, _float, 0.0, 4.0),
+    "target": Param("variant", choices=("variant", "start")),
+    "tau": Param(0.5, _float, 0.0, 1.0),
 }
 VIEW_DEFAULTS: dict[str, Any] = {k: p.default for k, p in PARAMS.items()}
 BOUNDED_LATER = ("layer",)  # keys whose upper bound only a page knows (`bounded`)

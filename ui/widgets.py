@@ -24,11 +24,13 @@ PAGE_FILES = {  # Streamlit's pages/ layout: app.py is the first page, pages/ ho
     "overlap": "pages/2_Overlap.py",
     "activation_map": "pages/3_Activation_map.py",
     "inspector": "pages/4_Prompt_inspector.py",
+    "hypotheses": "pages/5_Hypotheses.py",
 }
 PAGE_TITLES = {"family": ("Family", ":material/family_history:"), "subspaces": ("Subspaces", ":material/tune:"),
                "overlap": ("Overlap", ":material/join_inner:"),
                "activation_map": ("Activation map", ":material/scatter_plot:"),
-               "inspector": ("Prompt inspector", ":material/search:")}
+               "inspector": ("Prompt inspector", ":material/search:"),
+               "hypotheses": ("Hypotheses", ":material/compare:")}
 SUBSPACE_COLORS = {"topk": "#d62728", "randomk": "#1f77b4", "random": "#7f7f7f"}
 PALETTE = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
 
