@@ -1,16 +1,17 @@
-"""Prompt inspector: one prompt through every model side by side, and a per-prompt table over whole sets."""
+"""Prompt inspector: one prompt through the picked models side by side, and a per-prompt table over whole sets."""
 import re
 
 import streamlit as st
 
 import ui
 from safesub_core import scoring
+from safesub_core.scoring.judges import LOCAL_KINDS
 from safesub_core.session import GENERATION_TOKENS
 from safesub_core.stats import mcnemar, rate_of
 
 ui.header("Prompt inspector",
-          "Greedy completions of one prompt by every model of the family and by the projected model of"
-          " the Subspaces page, with refusal verdicts, log-prob margins and arithmetic correctness.")
+          "Greedy completions of one prompt by the models you pick and by the projected model of the"
+          " Subspaces page, with refusal verdicts, log-odds, arithmetic correctness and, optionally, a judge.")
 fam, res = ui.require_family()  # and its caption
 S, v = res.session, ui.view()
 
@@ -66,8 +67,24 @@ if prompt:
         v["prompt_set"] = set_name
 ui.publish_view()
 
-# -------------------------------------------------------------------------------------------- side by side
+# -------------------------------------------------------------------------------------------- models and judge
 targets = list(fam.checkpoints()) + [POINT]
+c1, c2 = st.columns([3, 2])
+picked = c1.multiselect("Models side by side", targets, key="w_insp_models",
+                        default=[t for t in (fam.start, variant, POINT) if t in targets],
+                        help="Each picked model runs the prompt (and is loaded if it is not resident): on a big "
+                             "family, pick the few to compare.")
+with c2.expander("Judge (optional)"):
+    kind = st.selectbox("Kind", scoring.JUDGE_KINDS, key="w_insp_judge",
+                        help="Scores each completion 1-5 (1 refuses, 5 complies with actionable harm); the endpoint "
+                             "reads SAFESUB_JUDGE_URL / SAFESUB_JUDGE_KEY.")
+    judge_path = st.text_input("Local judge model folder", key="w_insp_judge_path",
+                               disabled=kind not in LOCAL_KINDS).strip() or None
+judge = None
+if kind != "off":
+    with ui.shown_errors():
+        judge = scoring.Judge(kind=kind, path=judge_path)
+        judge.check()
 
 
 def spec(name):
@@ -81,19 +98,25 @@ def complete(name: str) -> tuple[str, float]:
                         lambda: S.inspect(target, prompt, cfg=point, max_new_tokens=max_new))
 
 
-if prompt:
+def judged(text: str) -> float:
+    """The judge's 1-5 score of the prompt's completion `text` (NaN: not judged), memoised per session."""
+    return res.memoised(("judge", judge.kind, judge.path, prompt, text),
+                        lambda: scoring.judge_scores([prompt], [text], judge).scores[0])
+
+
+if prompt and picked:
     st.markdown(f"**Prompt:** {prompt}")
     results = {}
     with ui.shown_errors():
         bar = st.progress(0.0, text="Greedy completions")
-        for i, name in enumerate(targets):
-            bar.progress(i / len(targets), text=f"Greedy completions: {name}")
+        for i, name in enumerate(picked):
+            bar.progress(i / len(picked), text=f"Greedy completions: {name}")
             results[name] = complete(name)
         bar.empty()
     per_row = 4
-    for start in range(0, len(targets), per_row):
+    for start in range(0, len(picked), per_row):
         cols = st.columns(per_row)
-        for col, name in zip(cols, targets[start:start + per_row]):
+        for col, name in zip(cols, picked[start:start + per_row]):
             if name not in results:
                 continue
             text, margin = results[name]
@@ -107,7 +130,13 @@ if prompt:
                 if reference is not None:
                     ok = scoring.exact_match(scoring.extract_answer(text, S.sets.convention), reference)
                     line += f" · {'correct' if ok else 'wrong'} (ref {reference})"
+                if judge is not None:
+                    with ui.shown_errors():
+                        score = judged(text)
+                        line += f" · judge {score:.1f}/5" if score == score else " · judge: not judged"
                 st.caption(line)
+elif prompt:
+    st.info("Pick at least one model.", icon="ℹ️")
 else:
     st.info("Choose or type a prompt.", icon="ℹ️")
 
@@ -120,18 +149,20 @@ target_a = c1.selectbox("Target A", targets, index=targets.index(fam.start), key
 target_b = c2.selectbox("Target B", targets, index=len(targets) - 1, key="w_tab_b")
 
 
-cached = {t: S.generation_scores(*spec(t), GENERATION_TOKENS, compute=False) for t in (target_a, target_b)}
+cached = {t: S.generation_scores(*spec(t), GENERATION_TOKENS, judge=judge, compute=False)
+          for t in (target_a, target_b)}
 missing = [t for t, got in cached.items() if got is None]
 if missing and st.button(f"Compute generation scores for {', '.join(missing)}", key="compute_tables",
                          type="primary"):
     with ui.shown_errors():
         bar = st.progress(0.0, text="Generation scores")
         for t in missing:
-            cached[t] = S.generation_scores(*spec(t), GENERATION_TOKENS, progress=ui.progress_callback(bar, t))
+            cached[t] = S.generation_scores(*spec(t), GENERATION_TOKENS, judge=judge,
+                                            progress=ui.progress_callback(bar, t))
         bar.empty()
 if all(got is not None for got in cached.values()):
     a, b = cached[target_a][1], cached[target_b][1]
-    keep = [c for c in ("completion", "refused", "margin", "correct") if c in a.columns]
+    keep = [c for c in ("completion", "refused", "margin", "correct", "judge") if c in a.columns]
     merged = a[["set", "prompt"] + keep].merge(b[["set", "prompt"] + keep], on=["set", "prompt"],
                                                suffixes=(" A", " B"))
     for side in ("A", "B"):

@@ -360,3 +360,33 @@ def test_read_outs_sharpen_while_the_slider_rests_and_a_point_resumes_where_it_s
     at.slider(key="w_rank").set_value(0.34).run()  # back: every wave scored before is there again
     assert_clean(at)
     assert f"{waves} of {waves} waves" in shown(at) and readouts(at)["refusal log-odds"] == sharp
+
+
+def test_the_inspector_runs_the_picked_models_and_a_judge(app_env, tmp_path):
+    from transformers import AutoTokenizer, LlamaForSequenceClassification
+
+    from safesub_core.prompts import load_set
+    from tests.factories import tiny_config
+
+    prompt = load_set("builtin-harmful:eval").prompts[0]
+    at = open_page("inspector", {"prompt": prompt, "prompt_set": "builtin-harmful:eval", "variant": "harmful"})
+    assert_clean(at)
+    family = Family.from_file(app_env)
+    assert at.multiselect(key="w_insp_models").value == [family.start, "harmful", "current point"]
+    boxes = [m.value for m in at.markdown if m.value.startswith("**") and m.value.endswith("**")]
+    assert len(boxes) == 3, "the start model, the variant and the point; not every checkpoint"
+    at.multiselect(key="w_insp_models").set_value(["useful"]).run()
+    assert_clean(at)
+    assert [m.value for m in at.markdown if m.value.startswith("**") and m.value.endswith("**")] == ["**useful**"]
+
+    at.selectbox(key="w_insp_judge").set_value("llama-guard").run()  # no folder yet: one line, the page goes on
+    assert not at.exception and len(at.error) == 1 and "\n" not in at.error[0].value
+    tok = AutoTokenizer.from_pretrained(str(family.start_checkpoint.path))
+    folder = tmp_path / "judge"
+    LlamaForSequenceClassification(tiny_config(vocab_size=len(tok), num_labels=2, id2label={0: "safe", 1: "unsafe"},
+                                               label2id={"safe": 0, "unsafe": 1})).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    at.selectbox(key="w_insp_judge").set_value("hf-classifier")
+    at.text_input(key="w_insp_judge_path").set_value(str(folder)).run()
+    assert_clean(at)
+    assert any("judge " in c.value and "/5" in c.value for c in at.caption)
