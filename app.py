@@ -118,8 +118,20 @@ with st.expander("Device, precision and live read-outs", icon=":material/memory:
                   "the generation scores run on. auto: SAFESUB_LIVE_PROMPTS when set, else 32 on a GPU or for a "
                   "model of at most 20M parameters; on a CPU 6 up to 300M parameters, 4 beyond. More make a move "
                   "slower and its scores finer (what a move costs: benchmarks/README.md).")
-    st.caption("One family on one device is resident per server: a change reloads the models for every open "
-               "session. Scores are cached per precision, device type and prompt sets.")
+    c1, c2 = st.columns([2, 1])
+    ui.bound("device_map", c1.text_input, "Device map (optional: several GPUs, the CPU)",
+             placeholder="auto, or {\"model.layers.0\": 0, ...}, or a JSON file",
+             help="Spreads every model over the host's devices through accelerate (auto, balanced, sequential; or "
+                  "a map of module names to cuda:i / cpu). CPU modules run on the CPU with their weights in place; "
+                  "disk offload is not supported (projections are written into the weights). Empty: one device.")
+    ui.bound("max_memory", c2.text_input, "max_memory", placeholder="0=70GiB,1=70GiB,cpu=200GiB",
+             help="The most each device may hold, for a device map's strategy (auto, balanced).")
+    for name in ("device_map", "max_memory"):
+        v[name] = (v.get(name) or "").strip() or None  # empty: none, and not in the link
+        if v[name] is None and name in st.query_params:
+            del st.query_params[name]
+    st.caption("One family on one device (or one device map) is resident per server: a change reloads the models "
+               "for every open session. Scores are cached per precision, device type and prompt sets.")
 
 with ui.shown_errors(stop=True):
     fam = ui.current_family(spec)
@@ -214,9 +226,11 @@ with st.expander("Evaluation sets", icon=":material/checklist:"):
 with ui.shown_errors(stop=True):
     res = ui.resident(spec)
 mem = res.session.in_memory()
-st.caption(f"In memory on {mem['device']} ({mem['dtype']}), once for every open session: "
-           f"{', '.join(mem['models'])} and a working copy of {mem['working_copy']} that projections write into; "
-           f"{mem['bytes'] / 2**20:,.0f} MiB of parameters (session {id(res.session):x}).")
+st.caption(f"In memory on {', '.join(mem['devices'])} ({mem['dtype']}), once for every open session: "
+           f"{', '.join(mem['models'])} (least recently used last to go) and a working copy of {mem['working_copy']} "
+           f"that projections write into; {mem['bytes'] / 2**20:,.0f} MiB of parameters. Other checkpoints load "
+           f"when a page uses them and stay within {mem['budget'] / 2**30:,.1f} GiB (SAFESUB_MODEL_BYTES)"
+           + (f"; {mem['evicted']} dropped so far" if mem["evicted"] else "") + f" (session {id(res.session):x}).")
 if models:
     metrics = (fam.behaviour or {}).get("metrics", {})
     st.caption("Behaviour numbers stored by the family's builder (held-out): "

@@ -25,6 +25,7 @@ read.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -175,7 +176,13 @@ class Placement:
         """Put `model` (loaded on the CPU) onto the map's devices with accelerate's hooks (module docstring)."""
         from accelerate import dispatch_model
 
-        return dispatch_model(model, device_map=dict(device_map), main_device=self.main_device, force_hooks=True)
+        log = logging.getLogger("accelerate.big_modeling")  # it warns of offloading whenever the map names the CPU,
+        level = log.level  # but with the CPU as the main device nothing is offloaded (every weight stays in place)
+        log.setLevel(logging.ERROR)
+        try:
+            return dispatch_model(model, device_map=dict(device_map), main_device=self.main_device, force_hooks=True)
+        finally:
+            log.setLevel(level)
 
 
 def _check_covers(model: torch.nn.Module, device_map: Mapping[str, str], names: set[str]) -> None:

@@ -390,3 +390,17 @@ def test_the_inspector_runs_the_picked_models_and_a_judge(app_env, tmp_path):
     at.text_input(key="w_insp_judge_path").set_value(str(folder)).run()
     assert_clean(at)
     assert any("judge " in c.value and "/5" in c.value for c in at.caption)
+
+
+def test_the_family_page_takes_a_device_map_and_lists_what_is_resident(app_env):
+    at = open_page("family", {"device_map": '{"": "cpu"}'})
+    assert_clean(at)
+    assert at.text_input(key="w_device_map").value == '{"": "cpu"}'
+    shown = " ".join(c.value for c in at.caption)
+    assert "In memory on cpu" in shown and "stay within" in shown and "GiB (SAFESUB_MODEL_BYTES)" in shown
+    at.text_input(key="w_device_map").set_value('{"": "cuda:5"}').run()
+    assert not at.exception
+    assert any("names cuda:5, but this machine has" in e.value and "\n" not in e.value for e in at.error)
+    at.text_input(key="w_device_map").set_value("").run()
+    assert_clean(at)
+    assert "device_map" not in at.query_params

@@ -30,6 +30,7 @@ from safesub_core.fingerprints import fingerprint_all
 from safesub_core.compute import DTYPES, dtype_name, live_prompts, requested_live_prompts, resolve_compute
 from safesub_core.demo import BUILT_IN
 from safesub_core.errors import SafesubError
+from safesub_core.placement import Placement
 from safesub_core.family import PATHS_PREFIX, Family, resolve_family
 from safesub_core.prompts import EvalSets
 from safesub_core.session import FamilySession
@@ -139,14 +140,15 @@ def current_sets(spec: str | None = None, choice: tuple | None = None) -> EvalSe
 
 
 @st.cache_resource(max_entries=1, show_spinner=False, on_release=_release)
-def _resident(spec: str, cache_root: str, device: str, dtype: str, live: str, choice: tuple = ()) -> Resident:
+def _resident(spec: str, cache_root: str, device: str, dtype: str, live: str, choice: tuple = (),
+              placement: tuple = (None, None)) -> Resident:
     """`live`: the live prompts per set asked for (`live_setting`: a count, or 'auto' for the size rule); `choice`:
-    the evaluation sets chosen (`set_choice`)."""
+    the evaluation sets chosen (`set_choice`); `placement`: (device map, max_memory) as the view holds them."""
     torch.set_num_threads(settings.threads())
     family = _family(spec, cache_root)
     sets = _sets(spec, cache_root, choice)
     session = FamilySession(family, device=device, dtype=DTYPES[dtype], sets=sets,
-                            batch=live_prompts(family, device, live))
+                            batch=live_prompts(family, device, live), placement=Placement.parse(*placement))
     return Resident(family=family, session=session)
 
 
@@ -172,8 +174,10 @@ def resident(spec: str | None = None) -> Resident:
     the first time)."""
     spec = spec or family_spec()
     family = current_family(spec)  # builds the tiny family first when needed
-    key = (spec, str(settings.cache_root()), *compute(), live_setting(), set_choice())
-    current_sets(spec, key[-1])  # a bad evaluation set: one error line, before any model loads
+    placement = (view().get("device_map"), view().get("max_memory"))
+    Placement.parse(*placement)  # a bad device map or max_memory: one error line, before any model loads
+    key = (spec, str(settings.cache_root()), *compute(), live_setting(), set_choice(), placement)
+    current_sets(spec, key[-2])  # a bad evaluation set: one error line, before any model loads
     if st.session_state.get("_loaded_key") == key:
         return _resident(*key)
     with st.status("Loading the family's models…", expanded=False) as box:

@@ -125,6 +125,8 @@ PARAMS: dict[str, Param] = {
     "device": Param(None, check="safesub_core.compute:resolve_compute",
                     choices="safesub_core.compute:available_devices", extra=("auto",)),
     "dtype": Param(None, choices="safesub_core.compute:DTYPES", extra=("auto",)),
+    "device_map": Param(None, check="safesub_core.placement:parse_device_map"),  # auto, a JSON map or file
+    "max_memory": Param(None, check="safesub_core.placement:parse_max_memory"),  # e.g. 0=70GiB,cpu=200GiB
     "live": Param(None, check=lambda n: settings.parse_count(n, "live prompts"),  # SAFESUB_LIVE_PROMPTS's parser
                   choices="safesub_core.compute:LIVE_CHOICES"),
     **{role: Param(None, check=_set_check(role), later=True) for role in SET_ROLES},  # set specs (docs/method.md)
