@@ -1,4 +1,4 @@
-"""Command line: `safesub {sweep,overlap,score,activations,export,cache,build,findings,prompts} ...` (also
+"""Command line: `safesub {sweep,overlap,score,activations,export,cache,build,findings,prompts,hypotheses} ...` (also
 `python -m safesub_core ...`): the parser and `main`; the verbs are safesub_core/commands.py, the output guard
 safesub_core/outputs.py.
 
@@ -16,7 +16,9 @@ the utility set's exact match); the scored set of `score` is a spec too (`score 
 qa.jsonl,prompt=question,reference=answer`). `--n-prompts N` cuts every prompt set the command reads to its first
 N prompts (default: whole sets; the evaluation sets' defaults are the built-in sets' whole eval splits). `prompts`
 lists the named sets (kind, size, splits, fields), describes the sets given as specs, and with `--family` the
-family's resolved evaluation sets; `--csv` prints CSV.
+family's resolved evaluation sets; `--csv` prints CSV. `hypotheses` puts the field's competing hypotheses (the
+refusal direction, SafeLoRA) beside the study's projections on one variant (safesub_core/hypotheses.py): CSVs and
+the trade-off chart into the --out folder; `findings --only hypotheses` writes that section of FINDINGS.md alone.
 """
 from __future__ import annotations
 
@@ -25,8 +27,8 @@ import math
 import sys
 
 from safesub_core import demo, findings, scoring, settings
-from safesub_core.commands import (cmd_activations, cmd_build, cmd_cache, cmd_export, cmd_findings, cmd_overlap,
-                                   cmd_prompts, cmd_score, cmd_sweep, close_bars)
+from safesub_core.commands import (cmd_activations, cmd_build, cmd_cache, cmd_export, cmd_findings,
+                                   cmd_hypotheses, cmd_overlap, cmd_prompts, cmd_score, cmd_sweep, close_bars)
 from safesub_core.compute import DTYPES
 from safesub_core.errors import SafesubError
 from safesub_core.linalg import DEFAULT_ENERGIES
@@ -73,6 +75,11 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def _waves(text: str) -> int | None:
+    """--waves: a whole number of live waves, or 'all' (None: every wave of the sets)."""
+    return None if text.strip().lower() == "all" else _positive(text)
 
 
 def _names(text: str) -> list[str]:
@@ -236,7 +243,50 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--plotlyjs", default="directory", choices=list(findings.PLOTLYJS),
                    help="how the HTML gets plotly.js: directory (default: plotly.min.js written once beside the "
                         "pages, offline), inline (in every page), cdn (needs the network)")
+    q.add_argument("--only", choices=["hypotheses"], default=None,
+                   help="hypotheses: compute and write only the section 'Beyond the study: competing hypotheses' "
+                        "(refusal direction, SafeLoRA, the trade-off) into --out, the rest of it kept")
+    q.add_argument("--hypotheses-variant", default="contaminated",
+                   help="the fine-tuned variant of that section (default contaminated)")
+    q.add_argument("--hypotheses-seeds", type=_positive, default=3,
+                   help="random draws of the Random subspace in that section (default 3)")
     q.set_defaults(run=cmd_findings)
+
+    q = sub.add_parser(
+        "hypotheses", help="the refusal direction, SafeLoRA and the study's projections side by side on a variant",
+        description="The field's competing safety-subspace hypotheses on one fine-tuned variant: the refusal "
+                    "direction chosen on the start model (Arditi et al. 2024), SafeLoRA's similarities (Hsu et al. "
+                    "2024), the bridge between the direction and the Top-K alignment subspaces, and the harm-utility "
+                    "trade-off of every method over its knob with the table at matched utility (McNemar verdicts). "
+                    "Writes selection.csv, safelora.csv, bridge.csv, shift.csv, tradeoff.csv, matched.csv and "
+                    "tradeoff.html into --out.",
+        epilog="example: safesub hypotheses --family tiny --variant contaminated --waves all --out hyp/")
+    family_args(q)
+    set_args(q)
+    q.add_argument("--variant", required=True, help="the fine-tuned variant (e.g. contaminated)")
+    q.add_argument("--out", dest="out_dir", default=None, metavar="DIR",
+                   help="folder for the CSVs and the chart (default: ./hypotheses-<family>-<variant>)")
+    q.add_argument("--seeds", type=_positive, default=3, help="random draws of the Random subspace (default 3)")
+    q.add_argument("--waves", type=_waves, default=None,
+                   help="live waves per point: a number, or all (default: all, every prompt of the sets)")
+    q.add_argument("--ranks", type=_floats, default=None, help="rank fractions of Top-K and Random "
+                   "(default 0.05,0.1,0.25,0.5,1)")
+    q.add_argument("--taus", type=_floats, default=None, help="SafeLoRA thresholds in [0, 1] (default "
+                   "0,0.2,0.4,0.6,0.8,1)")
+    q.add_argument("--strengths", type=_floats, default=None,
+                   help="ablation and orthogonalisation strengths (1 removes the direction; default -1,-0.5,0,0.5,1)")
+    q.add_argument("--alphas", type=_floats, default=None, help="activation addition alphas (default: none)")
+    q.add_argument("--mode", choices=MODES, default="orthogonal", help="the projections' mode (default orthogonal)")
+    q.add_argument("--utility-score", "--utility-metric", dest="utility_score", default="arith_exact_match",
+                   choices=["arith_exact_match", "nll_mean"],
+                   help="utility axis: live exact match (higher is better; default) or answer NLL (lower is better)")
+    q.add_argument("--tolerance", type=_finite, default=0.05,
+                   help="matched utility: at least the variant's utility less this (default 0.05)")
+    q.add_argument("--export-method", choices=["orthogonalisation", "safelora"], default=None,
+                   help="also write this method's model of the variant (needs --value and --export-dir)")
+    q.add_argument("--value", type=_finite, default=None, help="its knob: strength or tau")
+    q.add_argument("--export-dir", default=None, help="a new (or empty) folder for the exported model")
+    q.set_defaults(run=cmd_hypotheses)
 
     q = sub.add_parser("prompts", help="list the prompt sets: sizes, splits and fields; a family's evaluation sets",
                        description="Without arguments: every named set (kind, size, its fixed train and eval splits, "

@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 from tqdm import tqdm
@@ -240,10 +241,16 @@ def cmd_export(args) -> None:
     cfg = ProjectionConfig(args.subspace, args.mode, args.frac, alpha=args.alpha)
     session = _session(args)
     session.family.check_variant(args.variant)
+    _export_into(out, lambda tmp: session.export(args.variant, cfg, tmp))
+    print(out)
+
+
+def _export_into(out: Path, write: Callable[[Path], None]) -> None:
+    """`write(folder)` into a temporary folder then renamed to `out` (empty or absent): nothing half-written."""
     tmp = out.with_name(f".{out.name}.tmp")
     try:
         shutil.rmtree(tmp, ignore_errors=True)
-        session.export(args.variant, cfg, tmp)
+        write(tmp)
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
@@ -253,7 +260,6 @@ def cmd_export(args) -> None:
             raise SafesubError(f"export folder {out}: cannot be written ({err.strerror or type(err).__name__})"
                                ) from None
         raise
-    print(out)
 
 
 def cmd_cache(args) -> None:
@@ -306,11 +312,103 @@ def cmd_findings(args) -> None:
     chosen = set_overrides(args)
     if chosen:  # read once here, so a bad set is one line before any family is opened
         EvalSets.from_specs(chosen, convention=args.convention)
+    if getattr(args, "only", None) == "hypotheses":
+        _findings_hypotheses(args, families, configs, chosen, progress)
+        return
     extra = ({"sets": chosen} if chosen else {}) | ({"convention": args.convention} if args.convention else {})
     out = findings.run(families, configs, args.out, None if args.no_figures else args.figures, args.study,
                        args.plotlyjs, command="safesub " + " ".join(args.argv), progress=progress, log=print, **extra)
     close_bars()
     print(f"wrote {out}")
+
+
+def _findings_hypotheses(args, families, configs, chosen, progress) -> None:
+    """`findings --only hypotheses`: the section "Beyond the study: competing hypotheses" alone, written into --out
+    between its markers (the rest of the report kept)."""
+    from safesub_core.findings import hypotheses as H
+    from safesub_core.hypotheses import TradeoffGrid
+
+    hconfigs = {f: H.HypothesesConfig(variant=args.hypotheses_variant, n_prompts=configs[f].n_prompts,
+                                      grid=TradeoffGrid(seeds=tuple(range(args.hypotheses_seeds))), sets=args.sets,
+                                      set_overrides=chosen or None, convention=args.convention)
+                for f in families}
+    out = H.run_section(families, hconfigs, args.out, None if args.no_figures else args.figures, args.plotlyjs,
+                        command="safesub " + " ".join(args.argv), progress=progress, log=print)
+    close_bars()
+    print(f"wrote {out}")
+
+
+def _guard_folder(args, path: Path, label: str) -> None:
+    """An output folder of `hypotheses` (the output guard sees --out files only): not an existing non-folder, and
+    neither a checkpoint, the family file nor anything inside or above one (one line)."""
+    from safesub_core.outputs import kind_problem
+
+    problem = kind_problem(path, "folder")
+    if problem:
+        raise SafesubError(f"{label} {path}: {problem}")
+    family = _opened(args)
+    real = path.expanduser().resolve()
+    inputs = [(ck.path, f"checkpoint {name!r} of the family") for name, ck in family.checkpoints().items()]
+    if family.root is not None:
+        inputs.append((Path(family.root), "the family's folder"))
+    for where, what in inputs:
+        where = Path(where).expanduser().resolve()
+        if real == where or where in real.parents or real in where.parents:
+            raise SafesubError(f"{label} {path}: is (or holds, or lies in) {what}, an input of this command")
+
+
+def cmd_hypotheses(args) -> None:
+    """The refusal direction, SafeLoRA, the bridge and the trade-off on one variant (findings/hypotheses.py)."""
+    from safesub_core.findings import hypotheses as H
+    from safesub_core.hypotheses import MethodPoint, TradeoffGrid
+
+    defaults = TradeoffGrid()
+    grid = TradeoffGrid(ranks=tuple(args.ranks or defaults.ranks), taus=tuple(args.taus or defaults.taus),
+                        strengths=tuple(args.strengths or defaults.strengths), alphas=tuple(args.alphas or ()),
+                        seeds=tuple(range(args.seeds)), mode=args.mode)
+    grid.points()  # bad knobs (a rank fraction outside (0, 1], tau outside [0, 1]): one line before any model loads
+    H.finite_tolerance(args.tolerance)
+    export = None
+    if args.export_method is not None or args.value is not None or args.export_dir is not None:
+        if args.export_method is None or args.value is None or args.export_dir is None:
+            raise SafesubError("hypotheses: --export-method, --value and --export-dir go together (give all three)")
+        export = MethodPoint(args.export_method, args.value)
+        edir = Path(args.export_dir)
+        if edir.exists() and (not edir.is_dir() or any(edir.iterdir())):
+            raise SafesubError(f"export folder {edir}: exists and is not empty")
+    _guard_set_files(args)
+    sets = _sets(args)
+    family = _opened(args)
+    family.check_variant(args.variant)
+    out = Path(args.out_dir or f"hypotheses-{family.name}-{args.variant}")
+    _guard_folder(args, out, "--out folder")
+    if export is not None:
+        _guard_folder(args, Path(args.export_dir), "--export-dir folder")
+        if Path(args.export_dir).expanduser().resolve() == out.expanduser().resolve():
+            raise SafesubError(f"--export-dir folder {args.export_dir}: is the --out folder")
+    session = _session(args, sets)
+    bars: dict = {}
+
+    def progress(stage, done, total):
+        bars.setdefault(stage, _bar(stage))(done, total)
+
+    r = H.compute(session, args.variant, grid, waves=args.waves, utility=args.utility_score,
+                  tolerance=args.tolerance, progress=progress)
+    matched = r.matched.copy()
+    if len(matched):
+        matched["utility_vs_floor"] = [H.floor_status(x) for _, x in matched.iterrows()]
+    fig = H.tradeoff_figure(r.tradeoff, H.figure_title(r))
+    close_bars()
+    out.mkdir(parents=True, exist_ok=True)
+    tables = [(r.selection, out / "selection.csv"), (r.safelora, out / "safelora.csv"), (r.bridge, out / "bridge.csv"),
+              (r.shift, out / "shift.csv"), (r.tradeoff, out / "tradeoff.csv"), (matched, out / "matched.csv")]
+    write_all(tables)
+    print(H.write_html(fig, out / "tradeoff.html", f"safesub: {r.name} hypotheses ({r.variant})", "inline"))
+    if export is not None:
+        _export_into(Path(args.export_dir), lambda tmp: session.export_method(args.variant, export, tmp))
+    print(H.summary_text(r))
+
+
 
 
 def cmd_prompts(args) -> None:

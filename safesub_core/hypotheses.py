@@ -14,7 +14,7 @@ r is the refusal direction selected on the `source` model (default the family's 
 `refusal.select_direction` with the first-order screen (N_EXACT candidates scored exactly).
 
 Prompts of the direction (`direction_prompts`): the TRAIN splits of the sources of the session's harmful and
-benign evaluation sets (named sets; a set read from a file falls back to the built-in sets' train splits, and the
+benign evaluation sets (named sets, by their spec or else their name; a set read from a file falls back to the built-in sets' train splits, and the
 note says so), so no prompt the scores run on picks the direction. Each is cut into a fit part (the first 3/4, at
 most N_FIT prompts: the candidates) and a validation part (the rest, at most N_VAL: the selection), as the paper
 (128 / 32 there; smaller here for CPUs).
@@ -127,7 +127,10 @@ def direction_prompts(sets: EvalSets, n_fit: int = N_FIT, n_val: int = N_VAL) ->
     out, notes = {}, []
     for role in ("harmful", "benign"):
         spec = sets.spec(role)
-        source = spec.source.partition(":")[0] if spec is not None and not spec.file() else None
+        if spec is None:  # sets built directly (e.g. the findings' first n): the name says the source
+            source = getattr(sets, role).name.split("[", 1)[0].partition(":")[0]
+        else:
+            source = spec.source.partition(":")[0] if not spec.file() else None
         if source is None or source not in named.available_sets():
             notes.append(f"the {role} set is not a named set: its direction prompts are {FALLBACK[role]}:train")
             source = FALLBACK[role]

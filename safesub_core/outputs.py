@@ -28,7 +28,7 @@ def check_output(path: str | os.PathLike, what: str = "output file") -> Path:
     """Refuse an output file path that cannot be a regular file: an existing folder, FIFO, device or socket, or a
     path under a file."""
     path = Path(path)
-    problem = _kind_problem(path, "file")
+    problem = kind_problem(path, "file")
     if problem:
         raise SafesubError(f"{what} {path}: {problem}")
     parent = next((p for p in path.parents if p.exists()), None)
@@ -37,7 +37,7 @@ def check_output(path: str | os.PathLike, what: str = "output file") -> Path:
     return path
 
 
-def _kind_problem(path: Path, kind: str) -> str | None:
+def kind_problem(path: Path, kind: str) -> str | None:
     """Why an existing `path` cannot be written as a `kind` ('file' or 'folder'); None when absent or fine."""
     try:
         mode = os.stat(path).st_mode  # follows links: a link to a FIFO is a FIFO
@@ -176,7 +176,7 @@ def guard_outputs(args) -> None:
     for label, path, kind in outs:
         if kind == "file":
             check_output(path, label)
-        elif problem := _kind_problem(path, kind):
+        elif problem := kind_problem(path, kind):
             raise SafesubError(f"{label} {path}: {problem}")
         for other_label, other in seen:
             if _same(path, other):

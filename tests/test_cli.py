@@ -71,7 +71,7 @@ def test_the_safesub_command_and_python_m_have_the_same_verbs():
 
     script = Path(sys.executable).with_name("safesub")
     assert script.is_file(), "the `safesub` console script is installed beside this Python (pip install -e .)"
-    verbs = "{sweep,overlap,score,activations,export,build,findings,prompts,cache}"
+    verbs = "{sweep,overlap,score,activations,export,build,findings,hypotheses,prompts,cache}"
     for cmd in ([str(script), "--help"], [sys.executable, "-m", "safesub_core", "--help"]):
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         assert out.returncode == 0 and verbs in out.stdout, (cmd, out.stdout, out.stderr)

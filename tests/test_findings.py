@@ -224,3 +224,54 @@ def test_option_parsers_read_the_verbs_values_and_reject_bad_ones():
                 lambda: F.parse_rhos_for(["smol=0.1/b"])):
         with pytest.raises(SafesubError, match="expected"):
             bad()
+
+
+# ------------------------------------------------------------------------------------------ the competing hypotheses
+
+
+def test_hypotheses_section_replaces_itself_and_keeps_other_families():
+    from safesub_core.findings import hypotheses as H
+
+    def block(name, text):
+        a, b = H.family_marks(name)
+        return f"{a}\n### Family `{name}`\n{text}\n{b}\n"
+
+    report = "# Findings\n\n## Family `tiny`\n\ntext\n\n## The study's numbers (x)\n\nnumbers\n"
+    first = H.MARK_START + "\nintro\n" + block("tiny", "old tiny") + block("smol", "smol") + H.MARK_END + "\n"
+    once = H.replace_section(report, first)
+    assert once.index(H.MARK_START) < once.index("## The study's numbers") and "text" in once
+    assert H.replace_section(once, first) == once  # idempotent: replaced in place, not added again
+    new = H.render_section([], keep=H.extract_section(once))
+    assert "smol" in new and "old tiny" in new and new.count(H.MARK_START) == 1
+    assert list(H.family_blocks(new)) == ["tiny", "smol"]
+    assert H.keep_section_text(once, report) == once  # the whole study's run keeps the section
+    assert H.replace_section("", first) == first
+
+
+@pytest.mark.slow
+def test_hypotheses_section_renders_from_a_small_run(tiny_family, tmp_path, monkeypatch):
+    from safesub_core.findings import hypotheses as H
+    from safesub_core.hypotheses import TradeoffGrid
+
+    cfg = H.HypothesesConfig(variant="contaminated", n_prompts=N, waves=1,
+                             grid=TradeoffGrid(ranks=(0.5,), taus=(0.5,), strengths=(1.0,), seeds=(0,)))
+    out, figs = tmp_path / "FINDINGS.md", tmp_path / "figs"
+    out.write_text("# Findings\n\n## Family `tiny`\n\nkept\n\n## The study's numbers (x)\n\nnumbers\n")
+    assert H.run_section([str(tiny_family)], {str(tiny_family): cfg}, out, figs, plotlyjs="directory",
+                         command="safesub findings --only hypotheses") == out
+    md = out.read_text()
+    assert "kept" in md and md.index(H.HEADING) < md.index("## The study's numbers")
+    for head in (H.HEADING, "### Family `tiny`: the contaminated fine-tune", "**Refusal direction**",
+                 "**Harm and utility at matched utility**", "**Bridge**", "**SafeLoRA**", "Deviations from the papers",
+                 "128 / 32", "(figs/tiny_hypotheses.png)"):
+        assert head in md, head
+    sec = H.extract_section(md)
+    assert "(n=" + str(N) + ")" in sec and " [" in sec  # rates with their interval and n
+    assert any(v in sec for v in ("lowest harm", "higher harm", "inconclusive"))
+    trade = pd.read_csv(figs / "tiny_hypotheses_tradeoff.csv")
+    assert {"harm_lo", "harm_hi", "harm_n", "utility_lo", "utility_hi", "utility_n"} <= set(trade.columns)
+    png = figs / "tiny_hypotheses.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # a second run replaces the section, does not add one
+    H.run_section([str(tiny_family)], {str(tiny_family): cfg}, out, None)
+    assert out.read_text().count(H.MARK_START) == 1 and "kept" in out.read_text()

@@ -216,3 +216,16 @@ def test_matched_utility_calls_a_winner_only_when_every_paired_test_agrees():
     assert out["verdict"].tolist() == ["lowest harm", "higher harm"] and out["p_vs_best"].iloc[1] < 0.05
     with pytest.raises(SafesubError):
         matched_utility(S, "useful", _table(rows))
+
+
+def test_direction_prompts_follow_the_sources_of_sets_built_without_specs():
+    from safesub_core.prompts import load_set
+
+    sets = EvalSets(harmful=load_set("harmbench:eval").head(8), utility=EvalSets.default().utility,
+                    benign=load_set("pairs-benign:eval").head(8), edgy=EvalSets.default().edgy)
+    dp = direction_prompts(sets)
+    assert dp.fit_harmful.name.startswith("harmbench:train") and dp.fit_harmless.name.startswith("pairs-benign:train")
+    assert dp.note == ""
+    own = EvalSets(harmful=sets.harmful.__class__(name="mine.jsonl", prompts=("a b c d",) * 4, kind="harmful"),
+                   utility=sets.utility, benign=sets.benign, edgy=sets.edgy)
+    assert "builtin-harmful:train" in direction_prompts(own).note

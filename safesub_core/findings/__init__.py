@@ -9,6 +9,8 @@ Study" (ICLR 2026). Per family ('tiny', 'smol' or a family file; `family.resolve
   report       the markdown report (`render_markdown`)
   figures      the three figures (plotly): interactive HTML, their data as CSV, PNGs for the report
   runner       `run(families, configs, out, figures)`: all of the above, as the CLI's `findings` verb does
+  hypotheses   the section "Beyond the study: competing hypotheses" (refusal direction, SafeLoRA, the trade-off
+               against the study's projections), written alone by `run_section` (`findings --only hypotheses`)
 
 Everything is a function returning DataFrames; every score comes from the session's disk cache, so a rerun is
 cheap (timings: benchmarks/README.md).

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import pandas as pd
 
@@ -188,6 +188,18 @@ def render_markdown(results: Sequence[FamilyFindings], study: pd.DataFrame | Non
     else:
         out.append("The study's table (docs/reference/paper_tables_4_5.csv) was not found.\n")
     return "\n".join(out)
+
+
+def figure_links(results, write: Callable, figures, out, plotlyjs: str) -> dict[str, dict[str, str]]:
+    """Write each result's figures with `write(result, figures, plotlyjs)` -> {kind: path} and return their paths
+    relative to the report `out`'s folder, by family name ({} when `figures` is None)."""
+    links = {}
+    if figures is not None:
+        base = Path(out).parent.resolve()
+        for r in results:
+            paths = write(r, figures, plotlyjs)
+            links[r.name] = {k: os.path.relpath(Path(p).resolve(), base) for k, p in paths.items()}
+    return links
 
 
 def atomic_write(path: str | os.PathLike, text: str) -> Path:

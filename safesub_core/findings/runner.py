@@ -16,7 +16,8 @@ from safesub_core.errors import SafesubError
 from safesub_core.findings.criteria import check_findings, study_reference
 from safesub_core.findings.experiments import RHOS, FamilyFindings, FindingsConfig, run_family
 from safesub_core.findings.figures import write_figures
-from safesub_core.findings.report import atomic_write, render_markdown
+from safesub_core.findings.hypotheses import keep_section
+from safesub_core.findings.report import atomic_write, figure_links, render_markdown
 
 FamilyProgress = Callable[[str, int, int, str], None]  # (family, done, total, what)
 
@@ -79,7 +80,8 @@ def run(families: Sequence[str], configs: Mapping[str, FindingsConfig] | None = 
     against `study` (default: the repository's copy of its tables), write the figures into `figures` (None: no
     figures; `plotlyjs` as in `figures.write_figures`) and the report to `out` (linking the figures relative to
     it); returns `out`. `command` is how the report says it was made; `log` gets each family's behaviour and
-    verdicts as text; `sets` (role -> set spec) and `convention` choose evaluation sets for every family
+    verdicts as text; the section of the competing hypotheses in an existing `out` is kept
+    (`hypotheses.run_section` writes it); `sets` (role -> set spec) and `convention` choose evaluation sets for every family
     (`experiments.eval_sets`). Nothing is written when a family fails (SafesubError)."""
     configs = configs or {}
     study_table = study_reference(study)
@@ -95,14 +97,10 @@ def run(families: Sequence[str], configs: Mapping[str, FindingsConfig] | None = 
         if log:
             log(_summary(r))
     out = Path(out)
-    links = {}
-    if figures is not None:
-        base = out.parent.resolve()
-        for r in results:
-            paths = write_figures(r, figures, plotlyjs)
-            links[r.name] = {k: os.path.relpath(Path(p).resolve(), base) for k, p in paths.items()}
+    links = figure_links(results, write_figures, figures, out, plotlyjs)
     out.parent.mkdir(parents=True, exist_ok=True)
-    return atomic_write(out, render_markdown(results, study_table, links, command))
+    # the section "Beyond the study: competing hypotheses" is not recomputed here: the old report's is kept
+    return atomic_write(out, keep_section(out, render_markdown(results, study_table, links, command)))
 
 
 def _summary(r: FamilyFindings) -> str:
