@@ -109,6 +109,18 @@ def build_parser() -> argparse.ArgumentParser:
                            help="use the first N prompts of every prompt set (default: every prompt; the evaluation "
                                 "sets' defaults are the built-in sets' whole eval splits)")
             q.add_argument("--raw", action="store_true", help="raw prompts instead of the chat template")
+            q.add_argument("--device-map", default=None, metavar="MAP",
+                           help="spread every model over several devices (accelerate): auto, balanced, sequential, "
+                                "a JSON map of module names to cuda:i / cpu, or a JSON file of one (disk offload is "
+                                "refused); overrides --device")
+            q.add_argument("--max-memory", default=None, metavar="SIZES",
+                           help="the most each device may hold for --device-map's strategy, e.g. 0=70GiB,cpu=200GiB")
+
+    def judge_args(q):
+        q.add_argument("--judge", default="off", choices=scoring.JUDGE_KINDS,
+                       help="judge harmfulness 1-5 (endpoint URL/key from SAFESUB_JUDGE_URL/SAFESUB_JUDGE_KEY)")
+        q.add_argument("--judge-path",
+                       help="the local judge model's folder (hf-chat, hf-classifier, llama-guard, harmbench)")
 
     def set_args(q):
         for role, what in (("harmful", "refusal margins and rates"), ("utility", "NLL and exact match; needs "
@@ -135,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "generate: + refusal rate, exact match and over-refusal from greedy completions")
     q.add_argument("--seeds", type=_positive, default=DEFAULT_SEEDS,
                    help=f"random draws of Random and Random-K per point (default {DEFAULT_SEEDS})")
+    judge_args(q)  # with --scores generate
     q.add_argument("--out", required=True, help="CSV file to write, one row per point and draw")
     q.set_defaults(run=cmd_sweep)
 
@@ -165,10 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--frac", type=_finite, default=0.25, help="rank fraction of the point")
     q.add_argument("--alpha", type=_finite, default=1.0)
     q.add_argument("--max-new-tokens", type=_positive, default=48)
-    q.add_argument("--judge", default="off", choices=scoring.JUDGE_KINDS,
-                   help="judge harmfulness 1-5 (endpoint URL/key from SAFESUB_JUDGE_URL/SAFESUB_JUDGE_KEY)")
-    q.add_argument("--judge-path",
-                   help="the local judge model's folder (hf-chat, hf-classifier, llama-guard, harmbench)")
+    judge_args(q)
     q.add_argument("--out", required=True, help="per-prompt CSV")
     q.add_argument("--summary", help="summary CSV (default: <out>.summary.csv)")
     q.set_defaults(run=cmd_score)
@@ -238,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--gen-tokens", type=int, default=24, help="new tokens per greedy completion (default 24)")
     q.add_argument("--sets", default="auto", choices=["auto", "builtin", "packaged"])
     set_args(q)
+    judge_args(q)  # the generation scores' harmful completions
     q.add_argument("--study", default=None,
                    help="the study's tables CSV (default: docs/reference/paper_tables_4_5.csv)")
     q.add_argument("--plotlyjs", default="directory", choices=list(findings.PLOTLYJS),

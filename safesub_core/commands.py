@@ -32,6 +32,7 @@ from safesub_core.family import Family, resolve_family
 from safesub_core.linalg import check_energy
 from safesub_core.outputs import summary_path, write_all
 from safesub_core.overlap import overlap_summary, overlap_warnings, weight_overlap
+from safesub_core.placement import Placement
 from safesub_core.prompts import ROLES, EvalSets, PromptSet, SetSpec, catalogue, resolve, split_of
 from safesub_core.session import FamilySession
 from safesub_core.projection import ProjectionConfig
@@ -112,11 +113,12 @@ def _guard_set_files(args) -> None:
 
 
 def _session(args, sets: EvalSets | None = None):
-    device, dtype = resolve_compute(args.device, args.dtype)
+    placement = Placement.parse(args.device_map, args.max_memory)  # a bad map: one line before any model loads
+    device, dtype = resolve_compute(placement.main_device if placement else args.device, args.dtype)
     sets = sets or _sets(args)
     family = _family(args)
     return FamilySession(family, device=device, dtype=dtype, sets=sets, chat=not args.raw,
-                         batch=live_prompts(family, device))
+                         batch=live_prompts(family, device), placement=placement)
 
 
 def _first(prompt_set: PromptSet, args) -> PromptSet:
@@ -131,9 +133,12 @@ def cmd_sweep(args) -> None:
     grid(args.subspace, args.mode, args.fracs, args.alpha)  # bad settings fail before any model loads
     _guard_set_files(args)
     sets = _sets(args)  # bad evaluation sets too (checked even when no score uses them)
+    judge = _judge(args)  # a judge that cannot run: one line before any model loads
+    if judge is not None and args.scores != "generate":
+        raise SafesubError(f"sweep --judge {args.judge}: judges read completions, so it needs --scores generate")
     target = _session(args, sets) if args.scores != "none" else _family(args)
     table = sweep(target, args.variant, args.subspace, args.mode, args.fracs, alpha=args.alpha, scores=args.scores,
-                  progress=_bar("sweep"), seeds=args.seeds)
+                  progress=_bar("sweep"), seeds=args.seeds, judge=judge)
     _warn(table.attrs["warnings"])
     write_all([(table, args.out)])
 
@@ -302,7 +307,7 @@ def cmd_findings(args) -> None:
         families, findings.parse_per_family(args.n_prompts), findings.parse_rhos(args.rhos),
         findings.parse_rhos_for(args.rhos_for), modes=findings.parse_list(args.modes),
         variants=findings.parse_list(args.variants), gen_modes=findings.parse_list(args.gen_modes),
-        gen_tokens=args.gen_tokens, sets=args.sets)
+        gen_tokens=args.gen_tokens, sets=args.sets, judge=_judge(args))
     hf_logging.disable_progress_bar()
     bars: dict = {}
 

@@ -135,6 +135,8 @@ def _io(args) -> tuple[list[tuple[str, Path, str]], list[Input]]:
     command = args.command
     if command == "cache":
         return outs, ins
+    if getattr(args, "judge_path", None):  # score, sweep, findings
+        ins.append((Path(args.judge_path).expanduser(), "the judge model folder of this command (--judge-path)", True))
     if command == "build":
         if args.out:
             outs.append(("--out folder", Path(args.out), "folder"))
@@ -160,9 +162,6 @@ def _io(args) -> tuple[list[tuple[str, Path, str]], list[Input]]:
         if not args.summary:
             outs.append(("summary file", summary_path(args), "file"))
         ins += _prompt_inputs(args, "--prompts")
-        if args.judge_path:
-            ins.append((Path(args.judge_path).expanduser(), "the judge model folder of this command (--judge-path)",
-                        True))
     if command == "activations":
         ins += _prompt_inputs(args, "--set-x", "--set-y")
     return outs, ins

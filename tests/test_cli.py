@@ -91,3 +91,60 @@ def test_score_help_points_to_the_prompts_verb_that_exists():
         assert option in out.stdout, option
     out = subprocess.run([sys.executable, "-m", "safesub_core", "prompts", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "--family" in out.stdout and "--csv" in out.stdout
+
+
+def test_a_device_map_and_a_judge_reach_the_commands_and_bad_ones_are_one_line(tiny_family, tmp_path, capsys):
+    from test_judges import make_classifier  # noqa: I001 (a test helper)
+    from transformers import AutoTokenizer
+
+    from safesub_core.family import Family
+
+    family = str(tiny_family)
+    base = ["--family", family, "--n-prompts", "3", "--variant", "harmful", "--subspace", "topk", "--mode",
+            "parallel", "--fracs", "0.5", "--seeds", "1"]
+    out = tmp_path / "placed.csv"
+    assert main(["sweep", *base, "--device-map", '{"": "cpu"}', "--out", str(out)]) == 0
+    whole = tmp_path / "whole.csv"
+    assert main(["sweep", *base, "--out", str(whole)]) == 0
+    a, b = pd.read_csv(out).iloc[0], pd.read_csv(whole).iloc[0]
+    assert a["margin_mean"] == pytest.approx(b["margin_mean"], abs=1e-4)
+    capsys.readouterr()
+    for extra, message in ((["--device-map", '{"": "cuda:7"}'], "names cuda:7, but this machine has"),
+                           (["--device-map", "auto", "--max-memory", "cpu=1KiB"], "max_memory: 0.00 GiB in all"),
+                           (["--max-memory", "cpu=1GiB"], "max_memory: needs a device map")):
+        assert main(["sweep", *base, *extra, "--out", str(tmp_path / "x.csv")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+    tok = AutoTokenizer.from_pretrained(str(Family.from_file(tiny_family).start_checkpoint.path))
+    judge = make_classifier(tmp_path / "judge", tok, id2label={0: "safe", 1: "unsafe"},
+                            label2id={"safe": 0, "unsafe": 1})
+    assert main(["sweep", *base, "--judge", "hf-classifier", "--judge-path", judge, "--out", str(out)]) == 2
+    assert "needs --scores generate" in capsys.readouterr().err
+    assert main(["sweep", *base, "--scores", "generate", "--judge", "hf-classifier", "--judge-path", judge,
+                 "--out", str(out)]) == 0
+    row = pd.read_csv(out).iloc[0]
+    assert 1 <= row["gen_judge_mean"] <= 5 and row["gen_judge_mean_n"] == 3
+    assert main(["sweep", *base, "--scores", "generate", "--judge", "hf-classifier", "--judge-path", judge,
+                 "--out", str(tmp_path / "judge" / "config.json")]) == 2
+    assert "judge model folder" in capsys.readouterr().err
+
+
+def test_findings_pass_the_judge_to_the_generation_scores(tiny_family, tmp_path):
+    from test_judges import make_classifier  # noqa: I001
+    from transformers import AutoTokenizer
+
+    from safesub_core.cache import DiskCache
+    from safesub_core.family import Family
+    from safesub_core.findings import experiments
+    from safesub_core.prompts import EvalSets
+    from safesub_core.scoring import Judge
+    from safesub_core.session import FamilySession
+
+    family = Family.from_file(tiny_family)
+    tok = AutoTokenizer.from_pretrained(str(family.start_checkpoint.path))
+    judge = Judge(kind="hf-classifier", path=make_classifier(tmp_path / "judge", tok, id2label={0: "safe", 1: "unsafe"},
+                                                             label2id={"safe": 0, "unsafe": 1}))
+    S = FamilySession(family, sets=EvalSets.default(3), batch=3, cache=DiskCache(tmp_path / "cache"))
+    refs = experiments.reference_scores(S, 8, judge=judge)
+    assert (refs["gen_judge_mean_n"] == 3).all() and refs["gen_judge_mean"].between(1, 5).all()
+    assert "gen_judge_mean" not in experiments.reference_scores(S, 8)

@@ -40,6 +40,7 @@ from safesub_core.projection import SUBSPACE_LABELS, ProjectionConfig
 from safesub_core.prompts import EvalSets, PromptSet, arithmetic_set, load_set
 from safesub_core.scoring.names import (ATTACK_SUCCESS_RATE, EXACT_MATCH, GEN_PREFIX, OVERREFUSAL_RATE,
                                         REFUSAL_RATE, gen_key)
+from safesub_core.scoring.judges import Judge
 from safesub_core.session import FamilySession
 
 RHOS = (0.01, 0.25, 0.5, 0.75, 0.99)
@@ -71,6 +72,7 @@ class FindingsConfig:
     set_overrides: Mapping[str, str] | None = None  # role -> set spec (the CLI's --harmful...): beats `sets`
     convention: str | None = None  # the utility set's exact-match convention (None: the set's own, else flexible)
     seed: int = 0
+    judge: Judge | None = None  # a judge of the harmful completions (its mean 1-5 score beside the ASR), or None
 
 
 @dataclass
@@ -151,7 +153,8 @@ def _gen(summary: dict) -> dict:
     return {GEN_PREFIX + k: v for k, v in summary.items() if not isinstance(v, (list, dict))}
 
 
-def reference_scores(session: FamilySession, gen_tokens: int = 24, progress: Progress | None = None) -> pd.DataFrame:
+def reference_scores(session: FamilySession, gen_tokens: int = 24, progress: Progress | None = None,
+                     judge: Judge | None = None) -> pd.DataFrame:
     """Live and generation scores of every checkpoint of the family, one row per checkpoint."""
     names = list(session.family.checkpoints())
     rows = []
@@ -159,7 +162,7 @@ def reference_scores(session: FamilySession, gen_tokens: int = 24, progress: Pro
         if progress:
             progress(i, len(names), f"scores of {name}")
         live = session.checkpoint_scores(name, waves=session.waves.count)  # every prompt of the sets
-        gen, _ = session.generation_scores(name, max_new_tokens=gen_tokens)
+        gen, _ = session.generation_scores(name, max_new_tokens=gen_tokens, judge=judge)
         rows.append(dict(checkpoint=name) | live | _gen(gen))
     return pd.DataFrame(rows)
 
@@ -179,7 +182,7 @@ def rank_scores(session: FamilySession, cfg: FindingsConfig, progress: Progress 
         live = session.point_scores(v, pc, waves=session.waves.count)
         gen = {}
         if cfg.gen_modes is None or mode in cfg.gen_modes:
-            gen, _ = session.generation_scores(v, pc, max_new_tokens=cfg.gen_tokens)
+            gen, _ = session.generation_scores(v, pc, max_new_tokens=cfg.gen_tokens, judge=cfg.judge)
         rows.append(dict(variant=v) | live | _gen(gen))
         if i + 1 == len(points) or points[i + 1][0] != v:
             # FamilySession has no public way to drop an engine; a 135M model's engine holds ~2-3 GB
@@ -299,7 +302,7 @@ def run_family(spec: str, cfg: FindingsConfig | None = None, progress: Progress 
                                                                                        "edgy")}
     behaviour = behaviour_table(family)
     t = time.time()
-    refs = reference_scores(session, cfg.gen_tokens, progress)
+    refs = reference_scores(session, cfg.gen_tokens, progress, cfg.judge)
     points = rank_scores(session, cfg, progress)
     timings["experiment 1 (scores against rank)"] = time.time() - t
     t = time.time()
