@@ -244,26 +244,41 @@ def orthogonalize_weights(model, direction: torch.Tensor, strength: float = 1.0)
 @contextmanager
 @torch.no_grad()
 def orthogonalized(model, direction: torch.Tensor, strength: float = 1.0) -> Iterator[None]:
-    """Within the block, `model` itself holds `orthogonalized_weights` (written in place; a tied output head is
-    untied for the while and keeps the original embedding); on exit, even on error, every tensor is written back
-    and a tied head tied again. What a live score of weight orthogonalisation runs on, without a second copy of
-    the model (`orthogonalize_weights` makes that copy, for an export)."""
-    weights = orthogonalized_weights(model, direction, strength)
-    tied = _tied(model)
-    head = model.get_output_embeddings()
-    params = dict(model.named_parameters())
-    saved: dict[str, torch.Tensor] = {}
+    """Within the block, `model` itself holds `orthogonalized_weights` (a tied output head is untied for the while
+    and keeps the original embedding); on exit, even on error, every tensor is written back from a copy (exactly)
+    and a tied head tied again. What a live score of weight orthogonalisation runs on, without a second copy of the
+    model (`orthogonalize_weights` makes that copy, for an export). A float32 matrix takes the rank-one update in
+    place (W -= s r (r^T W); E -= s (E r) r^T); other dtypes are computed in float32 and rounded once."""
+    r = unit_direction(direction, hidden_size(model))
+    s = finite_number(strength, "orthogonalisation strength")
+    embedding = model.get_input_embeddings()
+    tied, head = _tied(model), model.get_output_embeddings()
+    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
     try:
-        if tied:
-            head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=head.weight.requires_grad)
-            params = dict(model.named_parameters(remove_duplicate=False))
-        for name, w in weights.items():
-            saved[name] = params[name].detach().clone()
-            params[name].copy_(w)
+        if tied:  # the head keeps the original embedding (see the module docstring)
+            head.weight = torch.nn.Parameter(embedding.weight.detach().clone(), requires_grad=head.weight.requires_grad)
+        for _, module in residual_writers(model):
+            for p in (module.weight, getattr(module, "bias", None)):
+                if p is None:
+                    continue
+                saved.append((p, p.detach().clone()))
+                u = r.to(p.device)
+                w = p.detach()
+                if p.dim() == 1:
+                    p.copy_(w.float() - s * (w.float() @ u) * u)
+                elif w.dtype == torch.float32:
+                    if module is embedding:
+                        w.addr_(w @ u, u, alpha=-s)
+                    else:
+                        w.addr_(u, u @ w, alpha=-s)
+                else:
+                    wf = w.float()
+                    outer = torch.outer(wf @ u, u) if module is embedding else torch.outer(u, u @ wf)
+                    p.copy_(wf - s * outer)
         yield
     finally:
-        for name, w in saved.items():
-            params[name].copy_(w)
+        for p, w in saved:
+            p.copy_(w)
         if tied:
-            head.weight = model.get_input_embeddings().weight
+            head.weight = embedding.weight
         _touch(model)

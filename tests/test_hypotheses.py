@@ -13,7 +13,7 @@ from safesub_core.errors import SafesubError
 from safesub_core.family import Family
 from safesub_core.hypotheses import (MethodPoint, TradeoffGrid, direction_prompts, matched_utility, point_of,
                                      tradeoff)
-from safesub_core.interventions import directional_ablation, orthogonalized
+from safesub_core.interventions import directional_ablation, orthogonalized, orthogonalized_weights
 from safesub_core.projection import ProjectionConfig
 from safesub_core.prompts import EvalSets
 from safesub_core.session import FamilySession
@@ -90,7 +90,11 @@ def test_orthogonalized_context_restores_a_tied_model():
     model = random_model(3, tie_word_embeddings=True)
     before = _params(model)
     r = torch.randn(model.config.hidden_size)
-    with orthogonalized(model, r, 1.0):
+    want = orthogonalized_weights(model, r, 0.7)
+    with orthogonalized(model, r, 0.7):
+        got = dict(model.named_parameters(remove_duplicate=False))
+        for name, w in want.items():
+            assert torch.allclose(got[name], w, atol=1e-6), name
         assert model.get_output_embeddings().weight is not model.get_input_embeddings().weight
         assert not torch.equal(model.get_input_embeddings().weight, before["model.embed_tokens.weight"])
         assert torch.equal(model.get_output_embeddings().weight, before["model.embed_tokens.weight"])
