@@ -43,6 +43,7 @@ GOOD = {  # values a page accepts (kept few where a new value costs a page real 
     "layer": st.integers(0, 2).map(str), "method": st.just("pca"), "prompt": st.text(max_size=30),
     "prompt_set": st.just("builtin-harmful:eval"), "reference": st.just("aligned"), "device": st.just("cpu"),
     "dtype": st.just("float32"), "live": st.just("auto"),
+    "device_map": st.just(""), "max_memory": st.just(""),  # a map reloads the family (tests/test_app.py has one)
     "harmful": st.sampled_from(["harmbench:eval,n=4", "builtin-harmful:eval"]), "utility": st.just("gsm8k,n=4"),
     "benign": st.just("pairs-benign:eval,n=4"), "edgy": st.just("overrefusal,split=eval,n=4"),
     "convention": st.sampled_from(["flexible", "strict"]),
