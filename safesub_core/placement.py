@@ -157,11 +157,9 @@ class Placement:
         if isinstance(self.device_map, dict):
             _check_covers(empty, self.device_map, names)
             return dict(self.device_map)
-        max_memory = self.max_memory
-        if max_memory is None:
-            max_memory = {i: torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())}
-            from safesub_core.loading import available_bytes
-            max_memory["cpu"] = available_bytes("cpu")
+        from accelerate.utils import get_max_memory
+
+        max_memory = self.max_memory or get_max_memory()  # default: what every GPU and the CPU have free
         got = infer_auto_device_map(empty, max_memory=max_memory, dtype=dtype,
                                     no_split_module_classes=getattr(empty, "_no_split_modules", None) or [])
         need = sum(p.numel() * p.element_size() for p in empty.parameters())
