@@ -187,7 +187,8 @@ def test_clicking_a_map_point_opens_it_in_the_inspector(server, browser):
         box = point.bounding_box()
         page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
         page.wait_for_selector('h1:has-text("Prompt inspector")', timeout=120_000)
-        page.wait_for_selector('[data-testid="stCaptionContainer"]:has-text("margin ")', timeout=240_000)
+        page.wait_for_selector('[data-testid="stCaptionContainer"]:has-text("refusal log-odds")',
+                               timeout=240_000)  # a picked model's box is drawn
         wait_idle(page)
         assert_no_errors(page, "inspector after a click on the map")
         assert "prompt=" in page.url, f"the URL carries the clicked prompt: {page.url}"
