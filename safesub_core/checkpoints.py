@@ -31,13 +31,14 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Protocol
+from typing import Iterator, Protocol
 
 import torch
 from peft import LoraConfig
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
+from safesub_core import paths
 from safesub_core.errors import SafesubError
 from safesub_core.hashing import _SNAPSHOT, Progress, _memo, file_sha256, prehash
 from safesub_core.linalg import row_blocks
@@ -72,7 +73,7 @@ class Checkpoint:
     @classmethod
     def resolve(cls, name: str, path: str | os.PathLike, allow_pickle: bool = False) -> "Checkpoint":
         """Detect the kind of checkpoint at `path`, or raise a one-line SafesubError naming it."""
-        p = Path(path).expanduser()
+        p = paths.expanded(path, f"checkpoint '{name}': path")
         if not p.exists():
             raise SafesubError(f"checkpoint '{name}': path {p} does not exist")
         p = p.resolve()

@@ -32,6 +32,7 @@ from typing import Mapping
 
 import torch
 
+from safesub_core import paths
 from safesub_core.errors import SafesubError
 
 STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
@@ -85,6 +86,15 @@ def parse_max_memory(text: str | Mapping | None) -> dict | None:
     return out
 
 
+def _is_file(text: str) -> bool:
+    """Whether `text` names an existing file; False for what cannot be a path (an unknown ~user, a NUL, a name
+    too long for the system)."""
+    try:
+        return paths.expanded(text, "device map file").is_file()
+    except (SafesubError, OSError, ValueError):
+        return False
+
+
 def parse_device_map(spec) -> str | dict | None:
     """A strategy name, a {module: device} mapping (from a dict, a JSON text or a JSON file), or None."""
     if spec is None or spec == "":
@@ -99,11 +109,13 @@ def parse_device_map(spec) -> str | dict | None:
             doc = json.loads(text)
         except json.JSONDecodeError as err:
             raise SafesubError(f"device map: not valid JSON ({err.msg} at character {err.pos})") from None
-    elif Path(text).expanduser().is_file():
+    elif _is_file(text):
         try:
-            doc = json.loads(Path(text).expanduser().read_text(encoding="utf-8"))
+            doc = json.loads(paths.expanded(text, "device map file").read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise SafesubError(f"device map file {text}: not valid JSON ({err})") from None
+        except OSError as err:
+            raise SafesubError(f"device map file {text}: cannot be read ({err.strerror or err})") from None
     else:
         raise SafesubError(f"device map {text!r}: expected one of {', '.join(STRATEGIES)}, a JSON mapping of "
                            "module names to devices, or a JSON file of one")

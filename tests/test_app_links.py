@@ -15,7 +15,7 @@ import math
 import string
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from streamlit.testing.v1 import AppTest
 
@@ -189,6 +189,7 @@ def test_layer_beyond_the_model_is_reported_on_the_activation_map(app_env):
 @settings(max_examples=10, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(page=st.sampled_from(PAGES), query=queries(GOOD))
+@example(page="family", query={"family": "tiny-test", "device_map": "~u= 9,mz\u202e\\@M/"})  # an unknown ~user
 def test_property_any_link_opens_its_page_with_at_most_one_error_line(app_env, page, query):
     query = {k: str(app_env) if v == "tiny-test" else v for k, v in query.items()}  # the server's own family
     at = deep_link(page, query)

@@ -13,7 +13,7 @@ from safesub_core.cache import DiskCache
 from safesub_core.errors import SafesubError
 from safesub_core.family import Family
 from safesub_core.loading import load_model
-from safesub_core.placement import Placement, parse_max_memory
+from safesub_core.placement import Placement, parse_device_map, parse_max_memory
 from safesub_core.projection import ProjectionConfig
 from safesub_core.prompts import EvalSets
 from safesub_core.session import FamilySession
@@ -80,6 +80,10 @@ def test_a_lora_variant_loads_onto_a_map(tiny_family):
     ('{"model.embed_tokens": "cpu"}', None, "device map: leaves out"),
     ("everywhere", None, "device map 'everywhere': expected one of auto"),
     ("{not json", None, "device map: not valid JSON"),
+    ("~u= 9,mz\u202e\\@M/", None, "expected one of auto"),  # an unknown ~user (found by the link property test)
+    ("~no-such-user-here/map.json", None, "expected one of auto"),
+    ("m" * 5000, None, "expected one of auto"),  # a name too long for the system
+    ("map\x00.json", None, "expected one of auto"),
     ("auto", "cpu=1KiB", "max_memory: 0.00 GiB in all, but the model needs about"),
     ("auto", "cpu=lots", "max_memory[cpu]: 'lots' is not a size"),
     (None, "cpu=1GiB", "max_memory: needs a device map"),
@@ -103,3 +107,16 @@ def test_max_memory_text_and_the_main_device():
     assert Placement.parse('{"": "cpu"}').main_device == "cpu"
     assert Placement.parse("auto").main_device == ("cuda:0" if torch.cuda.is_available() else "cpu")
     assert Placement.parse(None) is None
+
+
+def test_a_device_map_file_is_read_and_a_broken_one_is_one_line(tmp_path, monkeypatch):
+    good = tmp_path / "map.json"
+    good.write_text('{"model.embed_tokens": "cpu", "": "cpu"}', encoding="utf-8")
+    assert parse_device_map(str(good)) == {"model.embed_tokens": "cpu", "": "cpu"}
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert parse_device_map("~/map.json") == {"model.embed_tokens": "cpu", "": "cpu"}
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json", encoding="utf-8")
+    with pytest.raises(SafesubError, match=r"device map file .*bad.json: not valid JSON") as err:
+        parse_device_map(str(bad))
+    assert "\n" not in str(err.value)

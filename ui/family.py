@@ -53,7 +53,7 @@ def parse_variants(text: str) -> dict[str, str]:
             name, path = name.strip(), path.strip()
         else:
             path = line
-            name = Path(line).expanduser().name or line
+            name = Path(line).name or line
         if not name or not path:
             raise SafesubError(f"fine-tune line {line!r}: expected 'name = path'")
         out[name] = path

@@ -22,6 +22,7 @@ from typing import Sequence
 import pandas as pd
 import yaml
 
+from safesub_core import paths
 from safesub_core.errors import SafesubError
 from safesub_core.prompts.builtin import BUILTIN_DESCRIPTIONS, builtin
 from safesub_core.prompts.files import EXTENSIONS, load_file
@@ -182,8 +183,12 @@ def load_set(name: str) -> PromptSet:
 
 def resolve(spec: str, kind: str | None = None) -> PromptSet:
     """A named set, or a file when `spec` is an existing path or ends with a prompt-file extension."""
-    p = Path(str(spec)).expanduser()
-    if p.suffix.lower() in EXTENSIONS or p.exists():
+    p = paths.expanded(str(spec), "prompt set")
+    try:
+        exists = p.exists()
+    except (OSError, ValueError):
+        exists = False
+    if p.suffix.lower() in EXTENSIONS or exists:
         return load_file(p, kind=kind or "benign")
     return load_set(spec)
 
