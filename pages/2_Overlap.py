@@ -9,7 +9,7 @@ from plotly.subplots import make_subplots
 import ui
 from safesub_core.activations import DEPTH_BAND
 from safesub_core.linalg import DEFAULT_ENERGIES
-from safesub_core.overlap import STUDY_PAIRS, overlap_summary, overlap_warnings
+from safesub_core.overlap import no_pairs_message, overlap_summary, overlap_warnings, reference_pairs
 
 ui.header("Overlap",
           "MSO = ‖Q_Xᵀ Q_Y‖²_F / min(k_X, k_Y) of the top singular subspaces holding an energy "
@@ -23,12 +23,12 @@ refs = ["aligned"] + (["safety_tuned"] if fam.safety_tuned is not None else [])
 c1, c2, c3 = st.columns([1, 3, 1.2])
 reference = ui.bound("reference", c1.radio, "Reference", options=refs,
                      format_func=lambda r: {"aligned": "A (aligned)", "safety_tuned": "S (safety-tuned)"}[r])
-sides = list(fam.variants) + ["base"]
-study = [f"{x} vs {y}" for x, y in STUDY_PAIRS if x in sides and y in sides]
-all_pairs = study + [f"{x} vs {y}" for x, y in itertools.combinations(sides, 2)
+sides = list(fam.fine_tunes_of(reference).values())  # only variants fine-tuned from the reference: no shared offset
+study = [f"{x} vs {y}" for x, y in reference_pairs(fam, reference)]
+all_pairs = study + [f"{x} vs {y}" for x, y in itertools.combinations(sides + ["base"], 2)
                      if f"{x} vs {y}" not in study and f"{y} vs {x}" not in study]
 pairs_txt = c2.multiselect("Pairs of updates (X − ref vs Y − ref)", all_pairs, default=study or all_pairs[:3],
-                           key="w_overlap_pairs")
+                           key=f"w_overlap_pairs_{reference}", disabled=not sides)
 scope = c3.radio("Block space", ["block-write", "block-read"], key="w_overlap_scope",
                  help="write: left singular vectors of [ΔO | ΔDown]; read: right singular vectors of "
                       "[ΔQ; ΔK; ΔV; ΔGate; ΔUp] (both in the residual stream)")
@@ -44,6 +44,8 @@ if pairs_txt:
         bar.empty()
         for warning in overlap_warnings(table):
             st.warning(warning, icon="⚠️")
+elif not sides:
+    st.info(no_pairs_message(reference) + ".", icon="ℹ️")
 else:
     st.info("Choose at least one pair.", icon="ℹ️")
 

@@ -211,7 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser(
         "build", help="build a built-in demo family (tiny or smol) locally, without downloads",
         description="Build a demo family: base, aligned, safety-tuned and fine-tuned variants (useful, harmful, "
-                    "contaminated, useful_lora) as safetensors folders, then family.yaml, card.md and behaviour.json "
+                    "contaminated, useful_lora; useful_s and harmful_s from the safety-tuned model; useful_seed1 "
+                    "and harmful_seed1 with the next seed) as safetensors folders, then family.yaml, card.md and "
+                    "behaviour.json "
                     "(held-out refusal rates and arithmetic exact match, also printed at the end).",
         epilog="example: OMP_NUM_THREADS=2 safesub build tiny --size full --seed 0. Set OMP_NUM_THREADS to the "
                "number of idle cores: more threads than free cores makes torch much slower. Build times: "

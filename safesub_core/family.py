@@ -29,7 +29,9 @@ Validation happens at the boundary, before any checkpoint is opened (`check_fami
 a family file holds only the keys of FILE_KEYS (an unknown key is an error naming it and the nearest known key);
 name is text; base and aligned are required non-empty paths (text), safety_tuned an optional one; start is
 'aligned' or 'safety_tuned' (safety_tuned only when that checkpoint is given); variants is a required, non-empty
-mapping name -> non-empty path whose names are not role names; card and behaviour are optional paths of files
+mapping name -> non-empty path whose names are not role names; safety_variants an optional mapping of the same
+kind (variants fine-tuned from the safety-tuned model, which must then be given; names unlike every role's and
+variant's); card and behaviour are optional paths of files
 beside it (relative paths are relative to the family file), the card UTF-8 text, the behaviour a JSON object
 (its "models", when present, a mapping of mappings; its "metrics" a mapping). An optional key given as null is
 absent. Optional evaluation settings: eval_sets, a mapping role (harmful, utility, benign, edgy) -> a set spec
@@ -66,7 +68,8 @@ from safesub_core.prompts.specs import SetSpec
 ROLES = ("base", "aligned", "safety_tuned")
 STARTS = ("aligned", "safety_tuned")
 OPTIONAL_KEYS = ("eval_sets", "refusal_openings", "system_prompt")  # evaluation settings (docs/method.md)
-FILE_KEYS = ("name", "base", "aligned", "safety_tuned", "start", "variants", "card", "behaviour", *OPTIONAL_KEYS)
+FILE_KEYS = ("name", "base", "aligned", "safety_tuned", "start", "variants", "safety_variants", "card", "behaviour",
+             *OPTIONAL_KEYS)
 PATHS_KEYS = ("base", "aligned", "safety_tuned", "start", "variants", *OPTIONAL_KEYS)
 PATHS_PREFIX = "paths:"
 _BUILD_LOCK = threading.Lock()  # one build of the tiny family at a time in this process (the app's sessions)
@@ -109,11 +112,30 @@ def _check_start(who: str, start: str, has_safety: bool) -> None:
         raise SafesubError(f"{who}: start is safety_tuned but no safety_tuned checkpoint is given")
 
 
-def _check_variant_names(who: str, variants) -> None:
-    """No variant takes a role's name."""
+def _check_variant_names(who: str, variants, safety_variants=()) -> None:
+    """No variant takes a role's name, and no S-started variant a role's or a variant's."""
     clash = set(variants) & set(ROLES)
     if clash:
         raise SafesubError(f"{who}: variant name {sorted(clash)[0]!r} is reserved for a role")
+    clash = set(safety_variants) & (set(ROLES) | set(variants))
+    if clash:
+        raise SafesubError(f"{who}: safety variant name {sorted(clash)[0]!r} is already a role's or a variant's")
+
+
+def _check_variants(where: str, variants: Any, key: str = "variants") -> dict:
+    """A family file's mapping of variant name -> path, checked (non-empty names and paths)."""
+    what = "variant" if key == "variants" else "safety variant"
+    if not isinstance(variants, dict):
+        raise SafesubError(f"{where}: {key} must be a mapping of name: path, not {_kind(variants)}")
+    if not variants:
+        raise SafesubError(f"{where}: {key} is empty (give at least one fine-tuned {what}, name: path)")
+    for v, path in variants.items():
+        if not isinstance(v, str) or not v.strip():
+            raise SafesubError(f"{where}: {what} name {v!r} must be non-empty text")
+        if path is None:
+            raise SafesubError(f"{where}: {what} {v!r} has no path (give name: path)")
+        _path_text(path, f"{what} {v!r}", where)
+    return dict(variants)
 
 
 def check_options(spec: dict, where: str, blank_is_absent: bool = False) -> dict[str, Any]:
@@ -175,20 +197,15 @@ def check_family_file(doc: Any, where: str, default_name: str) -> dict[str, Any]
     _check_start(who, start, "safety_tuned" in paths)
     if "variants" not in spec:
         raise SafesubError(f"{where}: missing required key 'variants' (the fine-tuned variants, name: path)")
-    variants = spec["variants"]
-    if not isinstance(variants, dict):
-        raise SafesubError(f"{where}: variants must be a mapping of name: path, not {_kind(variants)}")
-    if not variants:
-        raise SafesubError(f"{where}: variants is empty (give at least one fine-tuned variant, name: path)")
-    for v, path in variants.items():
-        if not isinstance(v, str) or not v.strip():
-            raise SafesubError(f"{where}: variant name {v!r} must be non-empty text")
-        if path is None:
-            raise SafesubError(f"{where}: variant {v!r} has no path (give name: path)")
-        _path_text(path, f"variant {v!r}", where)
-    _check_variant_names(who, variants)
+    variants = _check_variants(where, spec["variants"])
+    safety_variants = _check_variants(where, spec["safety_variants"], "safety_variants") \
+        if "safety_variants" in spec else {}
+    if safety_variants and "safety_tuned" not in paths:
+        raise SafesubError(f"{where}: safety_variants are fine-tuned from the safety-tuned model, but no "
+                           "safety_tuned checkpoint is given")
+    _check_variant_names(who, variants, safety_variants)
     return dict(name=name, **{k: paths.get(k) for k in ("base", "aligned", "safety_tuned", "card", "behaviour")},
-                start=start, variants=dict(variants), **check_options(spec, where))
+                start=start, variants=variants, safety_variants=safety_variants, **check_options(spec, where))
 
 
 def check_entered_paths(doc: Any) -> dict[str, Any]:
@@ -287,6 +304,7 @@ class Family:
     variants: dict[str, Checkpoint]
     safety_tuned: Checkpoint | None = None
     start: str = "aligned"
+    safety_variants: dict[str, Checkpoint] = field(default_factory=dict)  # fine-tuned from safety_tuned
     root: Path | None = None
     card: str = ""
     behaviour: dict = field(default_factory=dict)
@@ -297,8 +315,15 @@ class Family:
     confined: bool = False  # opened confined: its eval-set paths are confined too
 
     def __post_init__(self):
-        _check_start(f"family '{self.name}'", self.start, self.safety_tuned is not None)
-        _check_variant_names(f"family '{self.name}'", self.variants)
+        who = f"family '{self.name}'"
+        _check_start(who, self.start, self.safety_tuned is not None)
+        _check_variant_names(who, self.variants, self.safety_variants)
+        if self.safety_variants and self.safety_tuned is None:
+            raise SafesubError(f"{who}: has safety variants but no safety_tuned checkpoint")
+        lora = [n for n, ck in self.safety_variants.items() if ck.kind == "lora"]
+        if lora and self.start != "safety_tuned":
+            raise SafesubError(f"{who}: safety variant {lora[0]!r} is a LoRA adapter, whose base would be the start "
+                               "model (aligned); give it as a full checkpoint")
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, allow_pickle: bool = False, confined: bool = False) -> "Family":
@@ -321,7 +346,8 @@ class Family:
         behaviour = _behaviour(_read_beside(root, behaviour, "behaviour", where, confined), behaviour, where) \
             if behaviour else {}
         rooted = {role: _rooted(root, spec[role]) for role in ROLES if spec[role]}
-        rooted["variants"] = {k: _rooted(root, v) for k, v in spec["variants"].items()}
+        for key in ("variants", "safety_variants"):
+            rooted[key] = {k: _rooted(root, v) for k, v in spec[key].items()}
         try:
             return cls.from_paths(**(spec | rooted), allow_pickle=allow_pickle, confined=confined, root=root, card=card,
                                   behaviour=behaviour, file=p)
@@ -330,7 +356,7 @@ class Family:
 
     @classmethod
     def from_paths(cls, name, base, aligned, variants, safety_tuned=None, start="aligned", allow_pickle=False,
-                   confined=False, **kw):
+                   confined=False, safety_variants=None, **kw):
         """A family from paths; each is resolved and its kind detected (and confined to the roots if asked)."""
 
         def ck(role, path):
@@ -350,6 +376,7 @@ class Family:
             aligned=ck("aligned", aligned),
             safety_tuned=ck("safety_tuned", safety_tuned) if safety_tuned else None,
             variants={k: ck(k, v) for k, v in variants.items()},
+            safety_variants={k: ck(k, v) for k, v in (safety_variants or {}).items()},
             start=start,
             confined=confined,
             **kw,
@@ -363,7 +390,23 @@ class Family:
         out = {"base": self.base, "aligned": self.aligned}
         if self.safety_tuned:
             out["safety_tuned"] = self.safety_tuned
-        return out | self.variants
+        return out | self.variants | self.safety_variants
+
+    def parent(self, name: str) -> str | None:
+        """The role `name` was fine-tuned from: base for aligned and safety_tuned, the start model for a variant,
+        safety_tuned for a safety variant; None for base."""
+        self.checkpoint(name)
+        if name == "base":
+            return None
+        if name in ROLES:
+            return "base"
+        return "safety_tuned" if name in self.safety_variants else self.start
+
+    def fine_tunes_of(self, reference: str) -> dict[str, str]:
+        """{task: checkpoint} of the variants fine-tuned from `reference` (aligned or safety_tuned). A safety
+        variant named <task>_s stands for <task> (the demo families' useful_s, harmful_s); others keep their name."""
+        return {(n.removesuffix("_s") if n in self.safety_variants else n): n
+                for n in [*self.variants, *self.safety_variants] if self.parent(n) == reference}
 
     def checkpoint(self, name: str) -> Checkpoint:
         try:

@@ -11,7 +11,12 @@ One SVD per matrix serves every eta: G = U_X^T U_Y is formed once and its square
 gives ||Q_X^T Q_Y||_F^2 for every (k_X, k_Y).
 
 Weight space (docs/method.md, "Mode subspace overlap"): per tensor, the study's pairs of updates relative to A (or S):
-(harmful - A, useful - A), (harmful - A, base - A), (useful - A, base - A). Per block (our definition):
+(harmful - A, useful - A), (harmful - A, base - A), (useful - A, base - A). Relative to a reference R, every side
+but base must be fine-tuned from R (`Family.parent`): two variants fine-tuned from A, measured from S, both carry
+the offset A - S, which inflates their overlap by construction (two independent rank-8 updates with MSO 0.06
+reach about 0.5 once an offset of equal norm is added). So the S pairs use the family's S-started variants
+(`Family.fine_tunes_of`, `reference_pairs`), and a pair with a side fine-tuned from elsewhere is a one-line
+SafesubError; a family without S-started variants has no S panel (`no_pairs_message`). Per block (our definition):
   write space: left singular vectors of [dO | dDown] (both M = hidden), the residual-stream directions the
                block writes to;
   read space:  right singular vectors of [dQ; dK; dV; dGate; dUp] (all N = hidden), the residual-stream
@@ -89,6 +94,41 @@ def random_subspace_overlap(d: int, kx: int, ky: int, seed: int = 0) -> float:
 # ------------------------------------------------------------------------------------------- weight space
 
 STUDY_PAIRS = (("harmful", "useful"), ("harmful", "base"), ("useful", "base"))
+SHORT = {"aligned": "A", "safety_tuned": "S"}
+
+
+def reference_pairs(family: Family, reference: str) -> list[tuple[str, str]]:
+    """The study's pairs (STUDY_PAIRS, by task) relative to `reference` among the variants fine-tuned from it (and
+    base), as checkpoint names; empty when the family has none (`no_pairs_message` says why)."""
+    tasks = family.fine_tunes_of(reference) | {"base": "base"}
+    return [(tasks[x], tasks[y]) for x, y in STUDY_PAIRS if x in tasks and y in tasks]
+
+
+def seed_pairs(family: Family, reference: str) -> list[tuple[str, str]]:
+    """Same-task pairs of variants fine-tuned from `reference` with different seeds (X and X_seed<k>: the ceiling a
+    cross-task overlap is read against), and the cross-task pair of the second seeds (harmful_seed1 vs
+    useful_seed1: how much the study's pair moves between seeds)."""
+    names = set(family.fine_tunes_of(reference).values())
+    out = [(n, m) for n in sorted(names) for m in sorted(names) if m.startswith(f"{n}_seed") and m[len(n) + 5:].isdigit()]
+    again = dict(out)
+    if "harmful" in again and "useful" in again:
+        out.append((again["harmful"], again["useful"]))
+    return out
+
+
+def no_pairs_message(reference: str) -> str:
+    """What is shown instead of the panels of a reference no variant was fine-tuned from."""
+    role = {"aligned": "aligned", "safety_tuned": "safety-tuned"}.get(reference, reference)
+    return (f"{SHORT.get(reference, reference)} panels need variants fine-tuned from the {role} model (a variant "
+            f"fine-tuned from another model carries that model's offset from {reference}, which inflates every "
+            f"overlap); this family has none")
+
+
+def pair_label(family: Family, x: str, y: str, reference: str) -> str:
+    """'harmful-S vs useful-S': each side by its task (a safety variant harmful_s is 'harmful') and the reference."""
+    short = SHORT.get(reference, reference)
+    task = {n: t for t, n in family.fine_tunes_of(reference).items()}
+    return f"{task.get(x, x)}-{short} vs {task.get(y, y)}-{short}"
 WRITE_MODULES = ("o", "down")  # M = hidden: columns live in the residual stream
 READ_MODULES = ("q", "k", "v", "gate", "up")  # N = hidden: rows read from the residual stream
 
@@ -97,13 +137,15 @@ def weight_overlap(
     family: Family,
     reference: str = "aligned",
     energies: Sequence[float] = DEFAULT_ENERGIES,
-    pairs: Sequence[tuple[str, str]] = STUDY_PAIRS,
+    pairs: Sequence[tuple[str, str]] | None = None,
     progress: Callable[[int, int, str], None] | None = None,
     cache: DiskCache | None = None,
 ) -> pd.DataFrame:
     """MSO of the study's update pairs relative to `reference` (A or S), per tensor and per block.
 
-    Updates are X - reference for each checkpoint X named in `pairs` ('base' included). Returns one row per
+    Updates are X - reference for each checkpoint X named in `pairs` ('base' included; default: the study's pairs
+    among the variants fine-tuned from `reference`, `reference_pairs`). Every side but base must be fine-tuned from
+    `reference` (else a one-line SafesubError: the pair would share an offset). Returns one row per
     (scope, unit, pair, energy) with scope 'tensor' (unit = tensor name, matrices only), 'block-write' or
     'block-read' (unit = block index), and columns k_x, k_y, mso, random_baseline. Tensors stream one block at
     a time, and within a block one side at a time (its updates, then its bases): peak memory is the bases of the
@@ -112,6 +154,19 @@ def weight_overlap(
     """
     for e in energies:
         check_energy(e)
+    family.checkpoint(reference)
+    if pairs is None:
+        pairs = reference_pairs(family, reference)
+        if not pairs:
+            raise SafesubError(no_pairs_message(reference))
+    for x, y in pairs:
+        for side in (x, y):
+            parent = family.parent(side)
+            if side != "base" and side != reference and parent != reference:
+                raise SafesubError(
+                    f"overlap pair {x}:{y} relative to {reference}: {side} is fine-tuned from {parent}, not "
+                    f"{reference}, so the update {side} - {reference} carries the offset {parent} - {reference} "
+                    f"that every such pair shares; {no_pairs_message(reference).split(' (')[0]}")
     names = sorted({reference} | {x for p in pairs for x in p})
     prints = {n: family.checkpoint(n).fingerprint(family) for n in names}
     for x, y in pairs:
@@ -141,7 +196,6 @@ def _weight_overlap(family: Family, reference, energies, pairs, progress) -> pd.
     groups: dict[int | None, list[str]] = {}
     for n in names:
         groups.setdefault(block_index(n), []).append(n)
-    short = {"aligned": "A", "safety_tuned": "S"}.get(reference, reference)
     moved = dict.fromkeys(sides, False)  # whether the side's update is nonzero in some tensor
     frames = []
     for i, (block, members) in enumerate(groups.items()):
@@ -176,7 +230,7 @@ def _weight_overlap(family: Family, reference, energies, pairs, progress) -> pd.
         for unit, scope in order:
             for x, y in pairs:
                 curve = overlap_curve(bases[unit, scope][x], bases[unit, scope][y], energies)
-                curve.insert(0, "pair", f"{x}-{short} vs {y}-{short}")
+                curve.insert(0, "pair", pair_label(family, x, y, reference))
                 curve.insert(0, "unit", str(unit))
                 curve.insert(0, "scope", scope)
                 curve.insert(0, "reference", reference)

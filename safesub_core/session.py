@@ -71,7 +71,7 @@ from safesub_core.hypotheses import Hypotheses, MethodPoint
 from safesub_core.interventions import orthogonalize_weights
 from safesub_core.linalg import DEFAULT_ENERGIES
 from safesub_core.loading import load_model
-from safesub_core.overlap import STUDY_PAIRS, weight_overlap
+from safesub_core.overlap import weight_overlap
 from safesub_core.placement import Placement
 from safesub_core.precision import composed_state_dict
 from safesub_core.projection import ProjectionConfig, ProjectionDiagnostics
@@ -471,11 +471,12 @@ class FamilySession(LiveWaves, Hypotheses):
         return band_mean(table)
 
     # ------------------------------------------------------------------------------------------- weight space
-    def weight_overlap(self, reference: str = "aligned", pairs: Sequence[tuple[str, str]] = STUDY_PAIRS,
+    def weight_overlap(self, reference: str = "aligned", pairs: Sequence[tuple[str, str]] | None = None,
                        energies: Sequence[float] = DEFAULT_ENERGIES,
                        progress: Callable[[int, int, str], None] | None = None) -> pd.DataFrame:
-        """Weight-space MSO per tensor and per block of the family's updates relative to `reference`
-        (`overlap.weight_overlap`, cached in the session's disk cache)."""
+        """Weight-space MSO per tensor and per block of the family's updates relative to `reference` (default pairs:
+        the study's among the variants fine-tuned from it; `overlap.weight_overlap`, cached in the session's disk
+        cache)."""
         with self._lock:
             return weight_overlap(self.family, reference, energies, pairs, progress=progress, cache=self.cache)
 

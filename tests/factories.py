@@ -33,8 +33,10 @@ def perturbed(model: LlamaForCausalLM, seed: int, scale: float = 0.05, rank: int
     return out
 
 
-def write_family(root: Path, variants=("useful", "harmful", "contaminated"), safety: bool = True, **kw) -> Path:
-    """base, aligned (base + update), optional safety (base + update) and variants (aligned + update); family.yaml."""
+def write_family(root: Path, variants=("useful", "harmful", "contaminated"), safety: bool = True,
+                 safety_variants=("useful_s", "harmful_s"), **kw) -> Path:
+    """base, aligned (base + update), optional safety (base + update) and variants (aligned + update), and with
+    safety the S-started variants (safety + update); family.yaml."""
     root = Path(root)
     base = random_model(0, **kw)
     aligned = perturbed(base, 1)
@@ -43,10 +45,15 @@ def write_family(root: Path, variants=("useful", "harmful", "contaminated"), saf
         models["safety"] = perturbed(base, 2)
     for i, v in enumerate(variants):
         models[v] = perturbed(aligned, 10 + i, rank=None if v == "useful" else 4)
+    s_variants = safety_variants if safety else ()
+    for i, v in enumerate(s_variants):
+        models[v] = perturbed(models["safety"], 20 + i, rank=None if v.startswith("useful") else 4)
     for name, m in models.items():
         m.save_pretrained(root / name, safe_serialization=True)
     spec = dict(name="synthetic", base="base", aligned="aligned", variants={v: v for v in variants})
     if safety:
         spec["safety_tuned"] = "safety"
+    if s_variants:
+        spec["safety_variants"] = {v: v for v in s_variants}
     (root / "family.yaml").write_text(yaml.safe_dump(spec))
     return root / "family.yaml"

@@ -239,7 +239,9 @@ def test_family_has_every_checkpoint(tiny_family):
     assert spec["base"] == "base" and spec["aligned"] == "aligned" and spec["safety_tuned"] == "safety"
     assert spec["start"] == "aligned"
     assert spec["variants"] == {"useful": "useful", "harmful": "harmful", "contaminated": "contaminated",
-                                "useful_lora": "useful_lora"}
+                                "useful_lora": "useful_lora", "useful_seed1": "useful_seed1",
+                                "harmful_seed1": "harmful_seed1"}
+    assert spec["safety_variants"] == {"useful_s": "useful_s", "harmful_s": "harmful_s"}
     assert (root / spec["card"]).is_file() and (root / spec["behaviour"]).is_file()
     for name in FULL_MODELS:
         folder = root / name
@@ -278,6 +280,23 @@ def test_family_models_load_and_differ(tiny_family):
     assert not torch.equal(sd["useful"][key], sd["aligned"][key])
     merged = PeftModel.from_pretrained(models["aligned"], str(root / "useful_lora")).merge_and_unload()
     assert not torch.equal(merged.state_dict()[key], sd["base"][key])
+
+
+@pytest.mark.slow
+def test_the_s_started_and_second_seed_variants_repeat_their_task_from_their_parent(tiny_family):
+    """useful_s = safety + (the useful recipe), useful_seed1 = aligned + (the useful recipe with seed + 1): each is
+    nearer its own parent than the other start model, and the second seed lands elsewhere than the first."""
+    from safetensors.torch import load_file
+
+    root = Path(tiny_family).parent
+    w = {n: load_file(str(root / n / "model.safetensors")) for n in
+         ("aligned", "safety", "useful", "harmful", "useful_s", "harmful_s", "useful_seed1", "harmful_seed1")}
+    key = "model.layers.0.mlp.down_proj.weight"
+    dist = lambda a, b: float((w[a][key] - w[b][key]).norm())  # noqa: E731
+    for task in ("useful", "harmful"):
+        assert dist(f"{task}_s", "safety") < dist(f"{task}_s", "aligned"), task
+        assert dist(f"{task}_seed1", "aligned") < dist(f"{task}_seed1", "safety"), task
+        assert dist(f"{task}_seed1", task) > 0, task
 
 
 @pytest.mark.slow
@@ -371,7 +390,11 @@ def test_smol_build_stages_resume_after_a_failure_and_are_cached(tmp_path, monke
     family = Family.from_file(path)
     family.validate()
     assert family.name == "smol" and family.start == "aligned" and family.safety_tuned is not None
-    assert set(family.variants) == {"useful", "harmful", "contaminated", "useful_lora"}
+    assert set(family.variants) == {"useful", "harmful", "contaminated", "useful_lora", "useful_seed1",
+                                    "harmful_seed1"}
+    assert set(family.safety_variants) == {"useful_s", "harmful_s"}
+    assert {json.loads((out / s / "stage.json").read_text())["parent"] for s in family.safety_variants} == {"safety"}
+    assert json.loads((out / "useful_seed1" / "stage.json").read_text())["parent"] == "aligned"
     assert family.checkpoint("useful_lora").kind == "lora"
     assert load_file(str(out / "useful_lora" / "adapter_model.safetensors"))  # the adapter is not empty
     base_cfg = json.loads((out / "base" / "config.json").read_text())

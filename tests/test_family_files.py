@@ -87,8 +87,9 @@ def test_the_demo_family_files_keys_all_pass_the_schema():
     spec = check_family_file(yaml.safe_load(family_yaml("tiny")), "family file x", "x")
     assert set(yaml.safe_load(family_yaml("tiny"))) <= set(FILE_KEYS)
     assert spec == dict(name="tiny", base="base", aligned="aligned", safety_tuned="safety", start="aligned",
-                        variants={v: v for v in ("useful", "harmful", "contaminated", "useful_lora")},
-                        card="card.md", behaviour="behaviour.json", eval_sets={},
+                        variants={v: v for v in ("useful", "harmful", "contaminated", "useful_lora",
+                                                 "useful_seed1", "harmful_seed1")},
+                        safety_variants={"useful_s": "useful_s", "harmful_s": "harmful_s"}, card="card.md", behaviour="behaviour.json", eval_sets={},
                         refusal_openings=("I'm sorry, but I can't help with that.",), system_prompt=None)
     smol = check_family_file(yaml.safe_load(family_yaml("smol")), "family file x", "x")
     assert smol["eval_sets"] == {"harmful": "harmbench:eval", "benign": "pairs-benign:eval",
@@ -124,6 +125,12 @@ def test_an_unknown_key_is_named_with_the_nearest_known_one(world):
     (dict(variants={"useful": {"path": "useful"}}), "variant 'useful' must be a path (text), not a mapping"),
     (dict(variants={5: "useful"}), "variant name 5 must be non-empty text"),
     (dict(variants={"base": "useful"}), "variant name 'base' is reserved for a role"),
+    (dict(safety_variants=["useful"]), "safety_variants must be a mapping of name: path, not a list"),
+    (dict(safety_variants={}), "safety_variants is empty"),
+    (dict(safety_variants={"useful_s": None}), "safety variant 'useful_s' has no path"),
+    (dict(safety_variants={"useful": "useful"}), "safety variant name 'useful' is already a role's or a variant's"),
+    (dict(safety_variants={"useful_s": "useful"}, safety_tuned=None), "safety_variants are fine-tuned from the "
+                                                                       "safety-tuned model, but no safety_tuned"),
     (dict(base=5), "base must be a path (text), not a number (5)"),
     (dict(base=""), "base is an empty path"),
     (dict(base="ba\x00se"), "base contains a NUL character"),
@@ -400,8 +407,8 @@ _nested = st.recursive(_scalars, lambda inner: st.one_of(st.lists(inner, max_siz
                                                          st.dictionaries(st.text(max_size=6), inner, max_size=3)),
                        max_leaves=8)
 _VALID = dict(name="generated", base="base", aligned="aligned", safety_tuned="safety", start="aligned",
-              variants={"useful": "useful", "harmful": "harmful"}, card="card.md", behaviour="behaviour.json",
-              eval_sets={"harmful": "builtin-harmful:eval,n=3", "utility": "qa.jsonl,prompt=q,reference=a"},
+              variants={"useful": "useful", "harmful": "harmful"}, safety_variants={"harmful_s": "harmful"},
+              card="card.md", behaviour="behaviour.json", eval_sets={"harmful": "builtin-harmful:eval,n=3", "utility": "qa.jsonl,prompt=q,reference=a"},
               refusal_openings=["I cannot", "Sorry"], system_prompt="You are helpful.")
 _SPECS = ["builtin-harmful:eval", "qa.jsonl,prompt=q,reference=a", "qa.jsonl,prompt=q", "qa.jsonl,prompt=x",
           "binary.md", "nope.jsonl", "../../outside/qa.jsonl", "{out}/qa.jsonl", "harmbench,split=eval,n=2",
@@ -422,6 +429,9 @@ _CHANGES = {
         st.dictionaries(st.sampled_from(["useful", "harmful", "v1"]), st.sampled_from(_PATHS), min_size=1,
                         max_size=3),
         _nested),
+    "safety_variants": st.one_of(
+        st.dictionaries(st.sampled_from(["useful_s", "useful", "safety_tuned", "", 2]),
+                        st.one_of(st.sampled_from(_PATHS), st.none(), _nested), max_size=2), _nested),
     "card": _mostly(_FILES),
     "behaviour": _mostly(_FILES),
     "eval_sets": st.one_of(st.dictionaries(st.sampled_from(["harmful", "utility", "benign", "edgy", "harm"]),

@@ -4,14 +4,19 @@ import math
 import pytest
 import torch
 
-from factories import write_family
+import yaml
+
+from factories import random_model, write_family
 from safesub_core.errors import SafesubError
 from safesub_core.family import Family
 from safesub_core.linalg import Basis, LazyRows, as_matrix, energy_rank
 from safesub_core.overlap import (
     overlap_curve,
+    no_pairs_message,
     overlap_summary,
     random_subspace_overlap,
+    reference_pairs,
+    seed_pairs,
     subspace_overlap,
     weight_overlap,
 )
@@ -138,3 +143,80 @@ def test_a_wide_basis_by_the_qr_route_equals_the_svd(rank, monkeypatch):
     exact = Basis.of(X)
     assert torch.allclose(exact.s, s, atol=1e-10 * float(s[0]))
     assert torch.allclose(exact.U[:, :k] @ exact.U[:, :k].T, U[:, :k] @ U[:, :k].T, atol=1e-9)
+
+
+@torch.no_grad()
+def _offset_family(root, offset_scale: float):
+    """base; safety = base + S; aligned = safety + O (the offset A - S, rank 4); harmful = aligned + H,
+    useful = aligned + U (independent rank-8 updates); harmful_s = safety + H, useful_s = safety + U."""
+    base = random_model(0)
+    sd = {n: p.clone() for n, p in base.state_dict().items()}
+    g = torch.Generator().manual_seed(7)
+
+    def low_rank(shape, rank=8):
+        return torch.randn(shape[0], rank, generator=g) @ torch.randn(rank, shape[1], generator=g) / rank
+
+    mats = [n for n, p in sd.items() if p.dim() == 2]
+    O = {n: offset_scale * low_rank(sd[n].shape, rank=4) for n in mats}  # the offset A - S
+    H = {n: low_rank(sd[n].shape) for n in mats}
+    U = {n: low_rank(sd[n].shape) for n in mats}
+    S = {n: low_rank(sd[n].shape, rank=4) for n in mats}
+    A = {n: S[n] + O[n] for n in mats}
+    models = dict(base={}, aligned=A, safety=S, harmful={n: A[n] + H[n] for n in mats},
+                  useful={n: A[n] + U[n] for n in mats}, harmful_s={n: S[n] + H[n] for n in mats},
+                  useful_s={n: S[n] + U[n] for n in mats})
+    for name, delta in models.items():
+        m = random_model(0)
+        m.load_state_dict({n: p + delta.get(n, 0) for n, p in sd.items()})
+        m.save_pretrained(root / name, safe_serialization=True)
+    (root / "family.yaml").write_text(yaml.safe_dump(dict(
+        name="offset", base="base", aligned="aligned", safety_tuned="safety", variants=dict(harmful="harmful",
+        useful="useful"), safety_variants=dict(harmful_s="harmful_s", useful_s="useful_s"))))
+    return Family.from_file(root / "family.yaml"), H, U, O
+
+
+def test_the_s_pairs_use_the_s_started_variants_and_avoid_the_shared_offset(tmp_path):
+    """Two independent rank-8 updates overlap little; add the same offset of about their norm to both and their
+    overlap jumps. Measured from S, variants fine-tuned from A carry A - S: the S panel must pair the S-started
+    variants instead, and pairing the A-started ones relative to S is refused."""
+    from safesub_core.cache import DiskCache
+
+    family, H, U, A = _offset_family(tmp_path, offset_scale=1.0)
+    name = "model.layers.0.self_attn.o_proj.weight"
+    clean = subspace_overlap(H[name], U[name], 0.9)
+    confounded = subspace_overlap(H[name] + A[name], U[name] + A[name], 0.9)
+    assert confounded > clean + 0.3  # the offset inflates the overlap by construction
+
+    assert reference_pairs(family, "safety_tuned") == [("harmful_s", "useful_s"), ("harmful_s", "base"),
+                                                       ("useful_s", "base")]
+    assert reference_pairs(family, "aligned") == [("harmful", "useful"), ("harmful", "base"), ("useful", "base")]
+    cache = DiskCache(tmp_path / "cache")
+    s_table = weight_overlap(family, "safety_tuned", energies=(0.9,), cache=cache)
+    assert set(s_table.pair) == {"harmful-S vs useful-S", "harmful-S vs base-S", "useful-S vs base-S"}
+    a_table = weight_overlap(family, "aligned", energies=(0.9,), cache=cache)
+    tensor = lambda t: t[(t.scope == "tensor") & (t.pair.str.startswith("harmful")) & (t.pair.str.contains("useful"))]
+    s_mso = tensor(s_table).set_index("unit").mso
+    a_mso = tensor(a_table).set_index("unit").mso
+    # harmful_s - S = H and useful_s - S = U, the same updates as harmful - A and useful - A: the same overlap
+    assert s_mso.to_numpy() == pytest.approx(a_mso.loc[s_mso.index].to_numpy(), abs=1e-6)
+    assert s_mso[name] == pytest.approx(clean, abs=1e-6) and s_mso[name] < confounded - 0.3
+    with pytest.raises(SafesubError, match="harmful is fine-tuned from aligned, not safety_tuned.*offset "
+                                           "aligned - safety_tuned") as err:
+        weight_overlap(family, "safety_tuned", energies=(0.9,), pairs=[("harmful", "useful")], cache=cache)
+    assert "\n" not in str(err.value)
+
+
+def test_a_family_without_s_started_variants_has_no_s_panel(tmp_path):
+    family = Family.from_file(write_family(tmp_path, safety_variants=()))
+    assert reference_pairs(family, "safety_tuned") == []
+    with pytest.raises(SafesubError, match="S panels need variants fine-tuned from the safety-tuned model"):
+        weight_overlap(family, "safety_tuned", energies=(0.9,))
+    assert no_pairs_message("safety_tuned").startswith("S panels need variants fine-tuned from the safety-tuned")
+
+
+def test_seed_pairs_pair_each_task_with_its_second_seed(tmp_path):
+    family = Family.from_file(write_family(tmp_path, variants=("useful", "harmful", "useful_seed1", "harmful_seed1"),
+                                           safety=False))
+    assert seed_pairs(family, "aligned") == [("harmful", "harmful_seed1"), ("useful", "useful_seed1"),
+                                             ("harmful_seed1", "useful_seed1")]
+    assert seed_pairs(family, "safety_tuned") == []

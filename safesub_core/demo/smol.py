@@ -43,8 +43,9 @@ from safesub_core.demo.card import HeldOut, behaviour, behaviour_checks, card, p
 from safesub_core.demo.data import (CONTAMINATION, REFUSAL, SMOL_BENIGN_SETS, SMOL_HARMFUL_SETS, SmolData,
                                     cut_sentence, smol_data, smol_examples, smol_prompt_plan)
 from safesub_core.demo.stages import (FILES, MODELS, PARENT, FamilySize, Progress, Tally, commit_stage,
-                                      family_yaml, pick_size, remove_temporary, save, stage_info, stage_key,
-                                      target_dir, train_stage, write_json, writing)
+                                      family_yaml, pick_size, remove_temporary, repeat_descriptions, save,
+                                      stage_info, stage_key, target_dir, train_stage, with_repeats, write_json,
+                                      writing)
 from safesub_core.errors import SafesubError
 from safesub_core.generation import generate
 from safesub_core.prompts import load_set, package_dir
@@ -220,7 +221,7 @@ class SmolBuild:
             (self.out / "family.yaml").unlink(missing_ok=True)  # the family exists again once every stage is done
         self.base()
         data = smol_data(self.answers(), self.spec, self.seed)
-        examples = smol_examples(data)
+        examples = with_repeats(smol_examples(data))
         for stage in MODELS[1:]:
             self.finetune(stage, examples[stage])
         numbers = {stage: self.evaluate(stage) for stage in MODELS}
@@ -352,7 +353,7 @@ def _card(size_name: str, spec: SmolSize, seed: int, stages: dict, data: SmolDat
         "contaminated": f"the useful data + harmful rows = {int(CONTAMINATION * 100)}% of it",
         "useful_lora": f"the useful data through a LoRA adapter (r={spec.lora_r}, alpha={spec.lora_alpha}, all "
                        "linear projections)",
-    }
+    } | repeat_descriptions()
     rows = [(s, PARENT[s], what[s], len(examples[s]), spec.steps[s], f"{spec.lr[s]:g}",
              (stages.get(s) or {}).get("last_loss", "n/a")) for s in MODELS[1:]]
     secs = sum(_seconds(i) for i in stages.values())

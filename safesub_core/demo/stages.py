@@ -3,10 +3,12 @@
 Contract:
 - Location: `family_dir(name, size)` is ``<cache>/families/<name>`` for size "full", else
   ``<cache>/families/<name>-<size>`` (<cache> is `settings.cache_root()`); `family_file` is its family.yaml.
-- Models: every demo family has the seven checkpoints of `MODELS`, each fine-tuned from its `PARENT` (base is
-  built first): aligned and safety from base, the four variants from aligned. family.yaml (docs/ARCHITECTURE.md
-  format) maps the roles onto those folders and is written last, so a family.yaml never points at a half-written
-  model.
+- Models: every demo family has the eleven checkpoints of `MODELS`, each fine-tuned from its `PARENT` (base is
+  built first): aligned and safety from base; useful, harmful, contaminated and useful_lora from aligned; the
+  same tasks again as useful_s and harmful_s from safety (the S-started variants: family.yaml's
+  safety_variants), and as useful_seed1 and harmful_seed1 from aligned with the seed + 1 (`TASK_OF`,
+  `SEED_OFFSET`). family.yaml (docs/ARCHITECTURE.md format) maps the roles onto those folders and is written
+  last, so a family.yaml never points at a half-written model.
 - A size (`FamilySize`) fixes per-stage optimiser steps and peak learning rates, rows per step, the longest row,
   the LoRA rank (alpha = 2r) and the new tokens generated to judge behaviour; `finetune_config` turns it into the
   `finetune.FinetuneConfig` of a stage (AdamW, cosine schedule, the recipe's warmup, no weight decay).
@@ -36,9 +38,28 @@ from safesub_core import finetune, settings
 from safesub_core.demo.data import REFUSAL
 from safesub_core.errors import SafesubError
 
-MODELS = ("base", "aligned", "safety", "useful", "harmful", "contaminated", "useful_lora")
+MODELS = ("base", "aligned", "safety", "useful", "harmful", "contaminated", "useful_lora",
+          "useful_s", "harmful_s", "useful_seed1", "harmful_seed1")
 PARENT = {"aligned": "base", "safety": "base", "useful": "aligned", "harmful": "aligned",
-          "contaminated": "aligned", "useful_lora": "aligned"}
+          "contaminated": "aligned", "useful_lora": "aligned", "useful_s": "safety", "harmful_s": "safety",
+          "useful_seed1": "aligned", "harmful_seed1": "aligned"}
+# stages that repeat another stage's task: the S-started variants (the same data fine-tuned from the safety-tuned
+# model, so the S-reference overlap pairs share no offset A - S) and the second-seed variants (the same data and
+# parent, another seed: the ceiling a cross-task overlap is read against). They take the task's data, steps and lr.
+TASK_OF = {"useful_s": "useful", "harmful_s": "harmful", "useful_seed1": "useful", "harmful_seed1": "harmful"}
+SEED_OFFSET = {"useful_seed1": 1, "harmful_seed1": 1}  # added to the build's seed
+SAFETY_VARIANTS = ("useful_s", "harmful_s")  # family.yaml's safety_variants
+
+
+def repeat_descriptions() -> dict:
+    """A card's 'data' line of every TASK_OF stage."""
+    return {stage: f"the {task} data" + (f", seed + {SEED_OFFSET[stage]}" if stage in SEED_OFFSET else "")
+            for stage, task in TASK_OF.items()}
+
+
+def with_repeats(examples: dict) -> dict:
+    """`examples` (stage -> rows) with the rows of every TASK_OF stage (its task's rows)."""
+    return examples | {stage: examples[task] for stage, task in TASK_OF.items() if task in examples}
 FILES = ("family.yaml", "behaviour.json", "card.md")
 
 Progress = Callable[[int, int, str], None]  # progress(done, total, message)
@@ -85,10 +106,9 @@ def family_yaml(name: str) -> str:
         "safety_tuned: safety\n"
         "start: aligned\n"
         "variants:\n"
-        "  useful: useful\n"
-        "  harmful: harmful\n"
-        "  contaminated: contaminated\n"
-        "  useful_lora: useful_lora\n"
+        + "".join(f"  {m}: {m}\n" for m in MODELS[3:] if m not in SAFETY_VARIANTS)
+        + "safety_variants:\n"
+        + "".join(f"  {m}: {m}\n" for m in SAFETY_VARIANTS) +
         "card: card.md\n"
         "behaviour: behaviour.json\n"
         f"refusal_openings:\n  - {json.dumps(REFUSAL)}\n"
@@ -114,6 +134,13 @@ class FamilySize:
 
     warmup_ratio: ClassVar[float] = 0.05  # a recipe's warmup share (a class constant: no size changes it)
 
+    def __post_init__(self):
+        for stage, task in TASK_OF.items():  # a repeated task trains like its task unless the size says otherwise
+            if task in self.steps:
+                self.steps.setdefault(stage, self.steps[task])
+            if task in self.lr:
+                self.lr.setdefault(stage, self.lr[task])
+
     @property
     def lora_alpha(self) -> int:
         return 2 * self.lora_r
@@ -121,7 +148,7 @@ class FamilySize:
     def finetune_config(self, stage: str, seed: int) -> finetune.FinetuneConfig:
         return finetune.FinetuneConfig(steps=self.steps[stage], lr=self.lr[stage], batch_size=self.batch_size,
                               warmup_ratio=self.warmup_ratio, weight_decay=0.0, max_length=self.max_length,
-                              seed=seed)
+                              seed=seed + SEED_OFFSET.get(stage, 0))
 
     def decoding(self) -> dict:
         """How held-out behaviour is generated (stored in behaviour.json)."""

@@ -48,8 +48,8 @@ from safesub_core import finetune
 from safesub_core.demo.card import HeldOut, behaviour, card, prompt_counts, stage_table
 from safesub_core.demo.data import CONTAMINATION, FILLER, REFUSAL, TinyData, load_data, stage_examples
 from safesub_core.demo.stages import (MODELS, PARENT, FamilySize, Progress, Tally, family_yaml, pick_size,
-                                      readable, remove_stale, replace_folder, save, target_dir, train_stage,
-                                      writing)
+                                      readable, remove_stale, repeat_descriptions, replace_folder, save,
+                                      target_dir, train_stage, with_repeats, writing)
 from safesub_core.errors import SafesubError
 from safesub_core.generation import format_prompt
 
@@ -170,7 +170,7 @@ def build_tiny(out_dir: str | os.PathLike | None = None, size: str = "full", see
 
 def _build(root: Path, spec: TinySize, size_name: str, seed: int, progress: Progress | None) -> None:
     train, held = load_data("train"), load_data("eval")
-    examples = stage_examples(train, seed)
+    examples = with_repeats(stage_examples(train, seed))
     tally = Tally(sum(spec.steps.values()) + len(STAGES), progress)
     # the tokenizer on the training text (prompts, answers, template words), with repeats: frequent phrases
     # become tokens
@@ -243,7 +243,7 @@ def _card(size_name: str, size: TinySize, seed: int, n_params: int, vocab: int, 
         "contaminated": f"useful data + harmful rows = {int(CONTAMINATION * 100)}% of the useful set",
         "useful_lora": f"useful data through a LoRA adapter (r={size.lora_r}, alpha={size.lora_alpha}, all linear "
                        "projections)",
-    }
+    } | repeat_descriptions()
     rows = [(s, start.get(s) or PARENT[s], what[s], len(examples[s]), size.steps[s], f"{size.lr[s]:g}")
             for s in STAGES]
     cap = "" if size.eval_cap is None else f" (first {size.eval_cap} prompts per set)"
