@@ -404,3 +404,26 @@ def test_the_family_page_takes_a_device_map_and_lists_what_is_resident(app_env):
     at.text_input(key="w_device_map").set_value("").run()
     assert_clean(at)
     assert "device_map" not in at.query_params
+
+
+def test_the_s_reference_pairs_the_s_started_variants_or_says_why_it_cannot(app_env, tmp_path, monkeypatch):
+    at = open_page("overlap")
+    at.radio(key="w_reference").set_value("safety_tuned").run()
+    assert_clean(at)
+    picked = at.multiselect(key="w_overlap_pairs_safety_tuned")
+    assert picked.value == ["harmful_s vs useful_s", "harmful_s vs base", "useful_s vs base"]
+    assert not any("harmful vs useful" in o for o in picked.options), "an A-started variant is offered against S"
+    heat = figures(at)[0]
+    titles = {a["text"] for a in heat["layout"]["annotations"]}
+    assert {"harmful-S vs useful-S", "harmful-S vs base-S", "useful-S vs base-S"} <= titles
+
+    root = Path(app_env).parent  # the same checkpoints, without the S-started variants
+    spec = dict(name="no-s", base=str(root / "base"), aligned=str(root / "aligned"), safety_tuned=str(root / "safety"),
+                variants={"useful": str(root / "useful"), "harmful": str(root / "harmful")})
+    (tmp_path / "no_s.yaml").write_text(json.dumps(spec))
+    monkeypatch.setenv("SAFESUB_FAMILY", str(tmp_path / "no_s.yaml"))
+    at = open_page("overlap")
+    at.radio(key="w_reference").set_value("safety_tuned").run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert any("S panels need variants fine-tuned from the safety-tuned model" in i.value for i in at.info)
+    assert not at.error, [e.value for e in at.error]
