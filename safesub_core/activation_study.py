@@ -67,6 +67,7 @@ from safesub_core.prompts import PromptSet, load_set
 
 STUDY_BAND = (0.65, 0.90)  # fractions of L+1 (hidden-state entries, embeddings included), as the study's code
 STUDY_ENERGIES = (0.01, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.99)
+STUDY_VERSION = 1  # bump when the statistics change: cached results of older versions are not read
 ROLES = ("U", "H1", "H2", "H2b")
 CEILING_PAIR = "H1a-H1b"
 PAIRS = (("U-H1", "U", "H1"), ("H1-H2", "H1", "H2"), ("U-H2", "U", "H2"), ("H1-H2b", "H1", "H2b"),
@@ -473,12 +474,24 @@ def run_study(session, models: Sequence[str], cfg: StudyActivationConfig | None 
     sets = sets or study_sets(cfg.n_prompts, cfg.seed)
     results, seconds = [], 0.0
     for m in models:
-        states = {}
-        for role, ps in sets.by_role().items():
-            if progress is not None:
-                progress(m, role)
-            states[role] = session.states(m, ps)
-        res = study_overlap(states, cfg, model=m)
+        def compute(m=m):
+            states = {}
+            for role, ps in sets.by_role().items():
+                if progress is not None:
+                    progress(m, role)
+                states[role] = session.states(m, ps)
+            res = study_overlap(states, cfg, model=m)
+            return dict(layers=res.layers.to_dict(orient="list"), summary=res.summary.to_dict(orient="list"),
+                        null=res.null.to_dict(orient="list"), seconds=res.seconds, meta=res.meta,
+                        band=[res.band.start, res.band.stop])
+
+        # cached like the states it reads: the model's files, the sets' contents, the config and this version
+        parts = session._key(m, None, prompts=[ps.content_hash for ps in sets.by_role().values()]) | dict(
+            study=dict(cfg.__dict__), version=STUDY_VERSION)
+        out = session.cache.get_or_compute("activation_study", parts, compute)
+        res = StudyResult(layers=pd.DataFrame(out["layers"]), summary=pd.DataFrame(out["summary"]),
+                          null=pd.DataFrame(out["null"]), sets=sets.table(), band=range(*out["band"]),
+                          seconds=out["seconds"], meta=out["meta"])
         seconds += res.seconds
         results.append(res)
     return StudyResult(

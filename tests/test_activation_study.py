@@ -8,6 +8,7 @@ import types
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -368,3 +369,7 @@ def test_run_study_on_the_tiny_family(tiny_family, tmp_path):
     a, h = (res.layers[(res.layers.model == m) & (res.layers.pair == "U-H1")].mso.to_numpy() for m in
             ("aligned", "harmful"))
     assert not np.allclose(a, h)  # two models, two sets of states
+    # a second run reads the cached results: no state is asked for, the same numbers come back
+    again = run_study(session, ["aligned", "harmful"], cfg, sets=sets,
+                      progress=lambda m, r: pytest.fail(f"recomputed {m} {r}"))
+    pd.testing.assert_frame_equal(again.summary, res.summary)
