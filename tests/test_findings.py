@@ -4,7 +4,8 @@ import pandas as pd
 import pytest
 
 from safesub_core import findings as F
-from safesub_core.activations import depth_band_mean
+from safesub_core.activation_study import study_band, study_sets
+from safesub_core.activations import activation_overlap
 from safesub_core.cache import DiskCache
 from safesub_core.errors import SafesubError
 from safesub_core.family import Family, resolve_family
@@ -14,7 +15,8 @@ from safesub_core.prompts import EvalSets
 from safesub_core.session import FamilySession
 
 N = 8
-CFG = F.FindingsConfig(n_prompts=N, rhos=(0.01, 0.99), gen_tokens=12, energies=(0.5, 0.9))
+CFG = F.FindingsConfig(n_prompts=N, rhos=(0.01, 0.99), gen_tokens=12, energies=(0.25, 0.5, 0.9), study_prompts=N,
+                       n_boot=5, n_perm=5, n_seeds=2, power_modes=("parallel",))
 
 
 # ------------------------------------------------------------------------------------------ fast: pure helpers
@@ -85,8 +87,9 @@ def test_report_has_every_section_and_finding(result):
         assert head in md, head
     assert list(result.findings["finding"]) == ["F1", "F1 (contaminated)", "F2", "F3"]
     for row in result.findings.itertuples():
-        assert f"**{row.finding}** ({'holds' if row.holds else 'does not hold'})" in md
-    assert "widened" in md  # a 2-layer model: the study's depth band holds no layer
+        assert row.verdict in ("holds", "does not hold", "inconclusive")
+        assert f"**{row.finding}** ({row.verdict})" in md
+    assert "## Deviations from the study" in md and "20k MetaMathQA rows" in md
     assert len(result.points) == 3 * 3 * 2 * 2  # variants x subspaces x modes x rhos
 
 
@@ -131,54 +134,79 @@ def test_study_layout_reads_the_right_variants(result):
 
 
 @pytest.mark.slow
-def test_weight_overlap_matches_direct_calls(result, tiny_family, tmp_path):
+def test_weight_overlap_matches_direct_calls_and_f2_reads_the_per_layer_panels(result, tiny_family, tmp_path):
+    from safesub_core.overlap import reference_pairs, seed_pairs
+
     family = Family.from_file(tiny_family)
-    direct = overlap_summary(weight_overlap(family, "aligned", CFG.energies, cache=DiskCache(tmp_path / "c")))
+    pairs = reference_pairs(family, "aligned") + seed_pairs(family, "aligned")
+    assert ("useful", "useful_seed1") in pairs and ("harmful_seed1", "useful_seed1") in pairs
+    table = weight_overlap(family, "aligned", CFG.energies, pairs, cache=DiskCache(tmp_path / "c"))
     ours = result.weight[result.weight["reference"] == "aligned"].reset_index(drop=True)
-    pd.testing.assert_frame_equal(ours, direct.reset_index(drop=True))
+    pd.testing.assert_frame_equal(ours, overlap_summary(table).reset_index(drop=True))
+    # the S panels pair the S-started variants only
     assert set(result.weight["reference"]) == {"aligned", "safety_tuned"}
-    # F2's verdict is the arg-max pair at the headline energy, in every scope
-    at = result.weight[result.weight["energy"] == CFG.headline_energy]
-    tops = at.loc[at.groupby(["reference", "scope"])["mso"].idxmax(), "pair"]
+    assert set(result.weight[result.weight["reference"] == "safety_tuned"]["pair"]) == {
+        "harmful-S vs useful-S", "harmful-S vs base-S", "useful-S vs base-S"}
+    # F2 per panel, by hand: margin of harmful-useful over the next study pair, against the seeds' spread
+    panels = F.f2_panels(result)
+    assert set(panels["block"]) == set(F.panel_blocks(result.n_layers)) == {0, 1}  # 2 blocks: 70% -> 0, 85% -> 1
+    row = panels[(panels["reference"] == "aligned") & (panels["scope"] == "block-write")].iloc[0]
+    g = table[(table["scope"] == "block-write") & (table["unit"] == str(row.block))
+              & table["energy"].isin([0.25, 0.5])]  # F2_ENERGIES within CFG.energies
+    mean = g.groupby("pair")["mso"].mean()
+    study = mean[["harmful-A vs useful-A", "harmful-A vs base-A", "useful-A vs base-A"]]
+    assert row.margin == pytest.approx(study["harmful-A vs useful-A"] - study.drop("harmful-A vs useful-A").max())
+    per_e = g.pivot_table(index="energy", columns="pair", values="mso")
+    spread = (per_e["harmful-A vs useful-A"] - per_e["harmful_seed1-A vs useful_seed1-A"]).abs().mean()
+    assert row.seed_spread == pytest.approx(spread)
+    expect = "holds" if row.margin > spread else "does not hold" if row.margin < -spread else "inconclusive"
+    assert row.verdict == expect
     f2 = result.findings.set_index("finding").loc["F2"]
-    assert bool(f2["holds"]) == all(t.startswith("harmful-") and "useful-" in t for t in tops)
+    assert f2["verdict"] == F.criteria.combine_verdicts(list(panels["verdict"]))
 
 
 @pytest.mark.slow
-def test_activation_overlap_matches_direct_calls(result, direct):
-    sets = F.activation_sets(direct.sets)
-    assert len(sets["harmful_a"]) == len(sets["harmful_b"]) == len(sets["useful"]) == N // 2
-    assert not set(sets["harmful_a"].prompts) & set(sets["harmful_b"].prompts)
-    table = direct.activation_overlap("aligned", sets["useful"], "aligned", sets["harmful_a"], CFG.energies)
-    lo, hi = result.band_range
-    assert (lo, hi) == (0.5, 1.0)
-    expect = depth_band_mean(table, lo, hi).set_index("energy")
-    b = result.band
-    got = b[(b["model"] == "aligned") & (b["pair"] == "useful vs harmful") & (b["center"] == "uncentred")]
-    for row in got.itertuples():
-        assert row.mso == pytest.approx(expect.loc[row.energy, "mso"], abs=1e-9)
-        assert row.n_layers == 2
-    f3 = result.findings.set_index("finding").loc["F3"]
-    uh = float(got[got["energy"] == CFG.headline_energy]["mso"].iloc[0])
-    assert f"useful-harmful {uh:.3f}" in f3["ours"]
+def test_activation_overlap_is_the_studys_on_raw_text(result, tiny_family, tmp_path):
+    from safesub_core.activation_study import StudyActivationConfig, study_session
+
+    n_hidden = result.n_layers + 1
+    assert result.band_range == (study_band(n_hidden).start, study_band(n_hidden).stop - 1) == (1, 1)
+    scfg = StudyActivationConfig(chat=False, n_prompts=N, n_boot=0, n_perm=0)
+    session = study_session(Family.from_file(tiny_family), scfg, cache=DiskCache(tmp_path / "s"))
+    sets = study_sets(N)
+    expect = activation_overlap(session.states("aligned", sets.U), session.states("aligned", sets.H1), (0.5,),
+                                center=False, layers=[1])
+    got = result.band[(result.band["model"] == "aligned") & (result.band["pair"] == "U-H1")
+                      & ~result.band["center"].astype(bool) & ((result.band["energy"] - 0.5).abs() < 1e-9)]
+    assert float(got["mso"].iloc[0]) == pytest.approx(float(expect["mso"].iloc[0]), abs=1e-6)
+    assert {"U-H1", "H1-H2", "U-H2", "H1-H2b", "H1a-H1b"} <= set(result.band["pair"])
+    assert set(result.activation_sets["role"]) == {"U", "H1", "H2", "H2b"}
+    models = F.f3_models(result).set_index("model")
+    for model, row in models.iterrows():
+        expect = ("holds" if row.u_h1_lo >= F.ACTIVATION_RATIO * row.h1_h2_hi else
+                  "does not hold" if row.u_h1_hi < F.ACTIVATION_RATIO * row.h1_h2_lo else "inconclusive")
+        assert row.verdict == expect, model
+    assert result.findings.set_index("finding").loc["F3", "verdict"] == F.criteria.combine_verdicts(
+        list(models["verdict"]))
 
 
 @pytest.mark.slow
-def test_f1_verdict_follows_its_criterion(result):
-    p = result.points
-
-    def sel(v, m):
-        s = p[(p["variant"] == v) & (p["subspace"] == "topk") & (p["mode"] == "parallel")]
-        return s.sort_values("rank_fraction")[m].tolist()
-
-    u, nll = sel("useful", "gen_exact_match"), sel("useful", "nll_mean")
-    h, neg, mar = sel("harmful", "gen_attack_success_rate"), sel("harmful", "share_margin_negative"), sel(
-        "harmful", "margin_mean")
-    util_up = u[-1] > u[0] or (u[-1] == u[0] and nll[-1] < nll[0])
-    harm_up = h[-1] > h[0] or (h[-1] == h[0] and (neg[-1] > neg[0] or (neg[-1] == neg[0] and mar[-1] < mar[0])))
+def test_f1_verdict_is_the_power_modules_on_the_same_prompts(result):
     f1 = result.findings.set_index("finding").loc["F1"]
-    assert bool(f1["holds"]) == (util_up and harm_up)
-    assert f"{u[0]:.2f} -> {u[-1]:.2f}" in f1["ours"]
+    v = result.power_verdicts.set_index("finding").loc["F1"]
+    assert f1["verdict"] == v["verdict"] and f1["statistic"] == v["statistic"]
+    p = result.power_points
+    top = p[(p["variant"] == "useful") & (p["subspace"] == "topk") & (p["mode"] == "parallel")
+            & (p["score"] == "exact_match")].set_index("rho")
+    assert f"{top.loc[0.01, 'value']:.2f}" in f1["ours"]
+    # Random and Random-K: two draws each; every rate inside its Wilson interval
+    draws = p[(p["subspace"] != "topk")].groupby(["variant", "mode", "subspace", "rho", "score"])["seed"].nunique()
+    assert (draws == CFG.n_seeds).all()
+    assert ((p["lo"] <= p["value"] + 1e-12) & (p["value"] <= p["hi"] + 1e-12)).all()
+    t = result.power_tests
+    assert set(t["match"]) == {"rank", "energy"} and set(t["control"]) == {"randomk", "random"}
+    assert ((t["p"] >= 0) & (t["p"] <= 1)).all()
+    assert not (t["differs"] & (t["net_prompts_min"].abs() <= 2)).any()  # never a difference of one or two prompts
 
 
 @pytest.mark.slow
@@ -187,7 +215,8 @@ def test_run_writes_report_and_figures(tiny_family, tmp_path):
     family = str(tiny_family)
     configs = F.family_configs([family], F.parse_per_family("6"), F.parse_rhos("0.01,0.99"),
                                modes=F.parse_list("parallel,orthogonal"), gen_modes=F.parse_list("parallel"),
-                               variants=F.parse_list("useful,harmful"), gen_tokens=8)
+                               variants=F.parse_list("useful,harmful"), gen_tokens=8, study_prompts=6, n_boot=4,
+                               n_perm=4, n_seeds=2)
     assert F.run([family], configs, out=out, figures=figs, plotlyjs="directory") == out
     md = out.read_text()
     assert "## Family `tiny`" in md and "(figs/tiny.html)" in md
@@ -203,7 +232,7 @@ def test_run_writes_report_and_figures(tiny_family, tmp_path):
     assert rank[rank["mode"] == "parallel"]["gen_exact_match"].notna().all()
     assert "(no generation scores in this mode)" in md
     assert (figs / "plotly.min.js").stat().st_size > 1_000_000, "the HTML works offline: plotly.js beside it"
-    for name, width in (("rank", 1400), ("weight", 1200), ("activations", 1300)):
+    for name, width in (("rank", 1400), ("weight", 1200), ("activations", 1400)):
         png = figs / f"tiny_{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"(figs/tiny_{name}.png)" in md
         # the plotly figure exported by kaleido at the figure's own size (the PNG header's width field)

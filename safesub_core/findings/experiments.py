@@ -9,14 +9,15 @@
    from the 'useful' variant, harm (attack success rate, ASR = 1 - refusal rate; the study used a 1-5 judge score)
    from the 'harmful' variant, rows Base / Aligned / Fine-Tuned (constant in rho) then Top-K / Random-K / Random.
    Table 5 is the same with both read from the 'contaminated' variant.
-2. Weight-space overlap: `overlap.weight_overlap` of the study's pairs (harmful-A vs useful-A, harmful-A vs
-   base-A, useful-A vs base-A, and the same with S when the family has a safety-tuned model), summarised by
-   `overlap.overlap_summary` (mean MSO per scope, pair and energy) beside the random baseline max(k)/d.
-3. Activation overlap: last-token states of the evaluation sets on the start model and the fine-tunes; MSO per
-   layer (`FamilySession.activation_overlap`) of useful (arithmetic) vs harmful and benign vs harmful prompts,
-   against harmful vs harmful (two disjoint halves of the harmful set: even and odd positions), each set of the
-   same size m = n // 2, uncentred and mean-centred; summarised over the study's depth band by
-   `activations.band_mean` (docs/method.md, "Activations"), which says when a shallow model's band is widened.
+   E1 is the parallel mode, E2 the orthogonal one; `power.run_power` scores both by generation with several
+   random draws, Wilson intervals and paired tests (FamilyFindings.power).
+2. Weight-space overlap (`weight_table`): `overlap.weight_overlap` of the study's pairs relative to A, and to S
+   when the family has variants fine-tuned from S (never a pair sharing an offset), plus the second-seed pairs; the
+   per-block rows give the study's per-layer panels (blocks nearest 70% and 85% depth, `panel_blocks`), the mean
+   over tensors (`overlap.overlap_summary`) stays as an extra.
+3. Activation overlap as the study ran it (`activation_tables`, `activation_study`): raw text, float32, the
+   study's band, H1/H2 from different sources, 100 prompts a set, bootstrap intervals, a permutation null and the
+   same-source noise ceiling, on the start model and the fine-tunes.
 
 Also the family's held-out behaviour (family.behaviour, stored by the builder) and the checks the demo families
 promise (`behaviour_checks`). Every score comes from the session's disk cache, so a rerun is cheap. Experiment 4
@@ -31,13 +32,14 @@ from typing import Callable, Mapping, Sequence
 import pandas as pd
 
 from safesub_core import demo
-from safesub_core.activations import DEPTH_BAND, band_mean
+from safesub_core.activation_study import StudyActivationConfig, run_study, study_session
 from safesub_core.errors import SafesubError
 from safesub_core.family import Family, resolve_family
+from safesub_core.findings.power import PowerConfig, run_power
 from safesub_core.linalg import DEFAULT_ENERGIES
-from safesub_core.overlap import overlap_summary, weight_overlap
+from safesub_core.overlap import no_pairs_message, overlap_summary, reference_pairs, seed_pairs, weight_overlap
 from safesub_core.projection import SUBSPACE_LABELS, ProjectionConfig
-from safesub_core.prompts import EvalSets, PromptSet, arithmetic_set, load_set
+from safesub_core.prompts import EvalSets, arithmetic_set, load_set
 from safesub_core.scoring.names import (ATTACK_SUCCESS_RATE, EXACT_MATCH, GEN_PREFIX, OVERREFUSAL_RATE,
                                         REFUSAL_RATE, gen_key)
 from safesub_core.scoring.judges import Judge
@@ -67,7 +69,13 @@ class FindingsConfig:
     gen_tokens: int = 24  # new tokens of greedy completions (refusal markers sit in the first 100 characters)
     energies: Sequence[float] = DEFAULT_ENERGIES
     headline_energy: float = HEADLINE_ENERGY
-    band: tuple[float, float] = DEPTH_BAND
+    study_prompts: int = 100  # E4: prompts a set (all there are where fewer)
+    study_chat: bool = False  # E4: the study put raw text to the models; True: the chat template
+    n_boot: int = 200  # E4: bootstrap replicates
+    n_perm: int = 200  # E4: permutation draws of the null
+    n_seeds: int = 3  # E1/E2: draws of Random and Random-K
+    power_modes: Sequence[str] | None = None  # E1/E2 modes scored with power (None: gen_modes, else every mode)
+    power_matches: Sequence[str] = ("rank", "energy")  # Top-K vs controls at the same rank fraction / energy kept
     sets: str = "auto"  # builtin | packaged | auto (builtin for families named tiny*, else packaged)
     set_overrides: Mapping[str, str] | None = None  # role -> set spec (the CLI's --harmful...): beats `sets`
     convention: str | None = None  # the utility set's exact-match convention (None: the set's own, else flexible)
@@ -89,12 +97,17 @@ class FamilyFindings:
     checks: pd.DataFrame  # the promised held-out behaviour, pass/fail
     references: pd.DataFrame  # scores of every checkpoint
     points: pd.DataFrame  # scores at every projected point
-    weight: pd.DataFrame  # overlap_summary of weight_overlap (A, and S when present)
-    activations: pd.DataFrame  # per layer
-    band: pd.DataFrame  # depth-band means
-    band_range: tuple[float, float]
-    band_note: str
+    weight: pd.DataFrame  # overlap_summary of weight_overlap (A, and S when the family has S-started variants)
+    activations: pd.DataFrame  # per band layer (activation_study's layers table)
+    band: pd.DataFrame  # band means, intervals, null, noise ceiling (activation_study's summary)
+    band_range: tuple[int, int]  # the first and last hidden-state index of the study's band
+    activation_sets: pd.DataFrame = field(default_factory=pd.DataFrame)  # role, name, source, size
     start: str = "aligned"  # the family's start model (aligned or safety_tuned)
+    weight_blocks: pd.DataFrame = field(default_factory=pd.DataFrame)  # per-block weight MSO (WeightTables.blocks)
+    power_points: pd.DataFrame = field(default_factory=pd.DataFrame)  # power.POINT_COLUMNS: every draw, Wilson
+    power_tests: pd.DataFrame = field(default_factory=pd.DataFrame)  # power.TEST_COLUMNS: Top-K vs the controls
+    power_verdicts: pd.DataFrame = field(default_factory=pd.DataFrame)  # F1's verdicts (power.Verdict.row)
+    weight_notes: list = field(default_factory=list)  # references without a panel, and why
     findings: pd.DataFrame = field(default_factory=pd.DataFrame)
     timings: dict = field(default_factory=dict)
 
@@ -192,6 +205,13 @@ def rank_scores(session: FamilySession, cfg: FindingsConfig, progress: Progress 
     return pd.DataFrame(rows)
 
 
+def power_config(cfg: FindingsConfig) -> PowerConfig:
+    """The E1/E2-with-power settings of a findings run."""
+    modes = cfg.power_modes or cfg.gen_modes or cfg.modes
+    return PowerConfig(rhos=tuple(cfg.rhos), n_seeds=cfg.n_seeds, subspaces=tuple(cfg.subspaces), modes=tuple(modes),
+                       gen_tokens=cfg.gen_tokens, judge=cfg.judge, matches=tuple(cfg.power_matches))
+
+
 def study_layout(points: pd.DataFrame, references: pd.DataFrame, mode: str = "parallel",
                  util_variant: str = "useful", harm_variant: str = "harmful",
                  util_metric: str = GEN_EXACT_MATCH, harm_metric: str = GEN_ASR,
@@ -226,61 +246,87 @@ def study_layout(points: pd.DataFrame, references: pd.DataFrame, mode: str = "pa
 # ------------------------------------------------------------------------------------------------ experiment 2
 
 
+PANEL_DEPTHS = (0.7, 0.85)  # the study's per-layer weight-space panels sit at about these depths
+
+
+@dataclass
+class WeightTables:
+    """Experiment 2's tables: `summary` (overlap_summary: mean MSO per reference, scope, pair and energy), `blocks`
+    (the per-block rows, scopes block-write and block-read, unit = block index: the study's per-layer curves) and
+    `notes` (a reference no variant was fine-tuned from: why it has no panel)."""
+
+    summary: pd.DataFrame
+    blocks: pd.DataFrame
+    notes: list[str]
+
+
 def weight_table(family: Family, energies: Sequence[float] = DEFAULT_ENERGIES,
-                 progress: Progress | None = None) -> pd.DataFrame:
-    """overlap_summary of weight_overlap relative to A, and to S when the family has a safety-tuned model."""
+                 progress: Progress | None = None) -> WeightTables:
+    """weight_overlap relative to A, and to S when the family has a safety-tuned model, of the study's pairs among the
+    variants fine-tuned from that reference (`overlap.reference_pairs`: never a pair sharing an offset) and the
+    second-seed pairs (`overlap.seed_pairs`); a reference without variants of its own gets a note instead."""
     refs = ["aligned"] + (["safety_tuned"] if family.safety_tuned is not None else [])
-    frames = [overlap_summary(weight_overlap(family, r, energies, progress=progress)) for r in refs]
-    return pd.concat(frames, ignore_index=True)
+    tables, notes = [], []
+    for r in refs:
+        pairs = reference_pairs(family, r)
+        if not pairs:
+            notes.append(no_pairs_message(r))
+            continue
+        tables.append(weight_overlap(family, r, energies, pairs + seed_pairs(family, r), progress=progress))
+    if not tables:
+        raise SafesubError(f"family '{family.name}': {notes[0]}")
+    table = pd.concat(tables, ignore_index=True)
+    blocks = table[table["scope"].isin(["block-write", "block-read"])].copy()
+    blocks["unit"] = blocks["unit"].astype(int)
+    return WeightTables(overlap_summary(table), blocks.reset_index(drop=True), notes)
+
+
+def panel_blocks(n_layers: int, depths: Sequence[float] = PANEL_DEPTHS) -> list[int]:
+    """The blocks nearest each depth (block i's output sits at depth (i + 1) / n_layers), in order, no repeats."""
+    if n_layers < 1:
+        raise SafesubError(f"model depth {n_layers}: needs at least one block")
+    nearest = [min(range(n_layers), key=lambda i: (abs((i + 1) / n_layers - d), i)) for d in depths]
+    return list(dict.fromkeys(nearest))
 
 
 # ------------------------------------------------------------------------------------------------ experiment 3
 
 
-def activation_sets(sets: EvalSets) -> dict[str, PromptSet]:
-    """The prompt sets compared: harmful halves A (even positions) and B (odd), useful and benign of the same size."""
-    h = sets.harmful
-    m = len(h) // 2
-    if m < 2:
-        raise SafesubError(f"prompt set '{h.name}': needs at least 4 prompts to split into two halves")
+@dataclass
+class ActivationTables:
+    """Experiment 3 as the study ran it (`activation_study`): `layers` and `summary` (the band mean) of every model,
+    `sets` (role, name, source, size), `band` (hidden-state indices) and `null` (the permutation draws)."""
 
-    def half(name: str, prompts: Sequence[str]) -> PromptSet:
-        return PromptSet(f"{h.name} {name}", tuple(prompts), None, "harmful", h.source)
-
-    return dict(harmful_a=half("half A", h.prompts[0:2 * m:2]), harmful_b=half("half B", h.prompts[1:2 * m:2]),
-                useful=sets.utility.head(m), benign=sets.benign.head(m))
+    layers: pd.DataFrame
+    summary: pd.DataFrame
+    sets: pd.DataFrame
+    band: range
 
 
-ACTIVATION_PAIRS = (("useful vs harmful", "useful"), ("benign vs harmful", "benign"),
-                    ("harmful vs harmful", "harmful_b"))
+def study_config(cfg: "FindingsConfig") -> StudyActivationConfig:
+    """The activation study's settings of a findings run."""
+    return StudyActivationConfig(chat=cfg.study_chat, n_prompts=cfg.study_prompts, n_boot=cfg.n_boot,
+                                 n_perm=cfg.n_perm, seed=cfg.seed)
 
 
-def activation_tables(session: FamilySession, energies: Sequence[float] = DEFAULT_ENERGIES,
-                      band: tuple[float, float] = DEPTH_BAND, models: Sequence[str] | None = None,
-                      progress: Progress | None = None):
-    """(per-layer table, depth-band means, (lo, hi), note) of activation MSO on the start model and fine-tunes.
-
-    Each pair compares a set with harmful half A (same size); columns model, pair, center, layer, depth, energy,
-    k_x, k_y, mso, random_baseline. The band and its note are `activations.band_mean`'s.
-    """
+def activation_tables(session: FamilySession, cfg: "FindingsConfig", models: Sequence[str] | None = None,
+                      progress: Progress | None = None) -> ActivationTables:
+    """`activation_study.run_study` on the start model and the fine-tunes, in a session of the study's format (raw
+    text, float32 unless cfg says otherwise) sharing `session`'s disk cache."""
     fam = session.family
     models = list(models) if models is not None else [fam.start] + [v for v in ("useful", "harmful", "contaminated")
                                                                     if v in fam.variants]
-    sets = activation_sets(session.sets)
-    frames = []
-    jobs = [(m, c) for m in models for c in (False, True)]
-    for i, (model, center) in enumerate(jobs):
+    scfg = study_config(cfg)
+    study = study_session(fam, scfg, cache=session.cache, seed=cfg.seed)
+    done = []
+
+    def step(model, role):
+        done.append((model, role))
         if progress:
-            progress(i, len(jobs), f"activations of {model}")
-        for label, key in ACTIVATION_PAIRS:
-            df = session.activation_overlap(model, sets[key], model, sets["harmful_a"], energies, center=center)
-            df.insert(0, "center", "centred" if center else "uncentred")
-            df.insert(0, "pair", label)
-            df.insert(0, "model", model)
-            frames.append(df)
-    table = pd.concat(frames, ignore_index=True)
-    means = band_mean(table, band)
-    return table, means.table, (means.lo, means.hi), means.note
+            progress(len(done) - 1, len(models) * 4, f"activations of {model} ({role})")
+
+    res = run_study(study, models, scfg, progress=step)
+    return ActivationTables(res.layers, res.summary, res.sets, res.band)
 
 
 # ------------------------------------------------------------------------------------------------ a family
@@ -306,15 +352,20 @@ def run_family(spec: str, cfg: FindingsConfig | None = None, progress: Progress 
     points = rank_scores(session, cfg, progress)
     timings["experiment 1 (scores against rank)"] = time.time() - t
     t = time.time()
+    power = run_power(session, power_config(cfg), [v for v in cfg.variants if v in family.variants], progress)
+    timings["experiments 1-2 with power (draws, paired tests)"] = time.time() - t
+    t = time.time()
     weight = weight_table(family, cfg.energies, progress)
     timings["experiment 2 (weight overlap)"] = time.time() - t
     t = time.time()
-    acts, band, band_range, note = activation_tables(session, cfg.energies, cfg.band, progress=progress)
+    acts = activation_tables(session, cfg, progress=progress)
     timings["experiment 3 (activation overlap)"] = time.time() - t
     conf = session.reference.config
     return FamilyFindings(
         name=family.name, path=str(family.root or spec), config=cfg, sets=sets, n_layers=conf.num_hidden_layers,
         hidden=conf.hidden_size, behaviour=behaviour, checks=behaviour_checks(behaviour), references=refs,
-        points=points, weight=weight, activations=acts, band=band, band_range=band_range, band_note=note,
+        points=points, weight=weight.summary, weight_blocks=weight.blocks, weight_notes=weight.notes, activations=acts.layers, band=acts.summary, band_range=(acts.band.start, acts.band.stop - 1),
+        activation_sets=acts.sets, power_points=power.points, power_tests=power.tests,
+        power_verdicts=power.verdict_table(),
         start=family.start, timings=timings,
     )

@@ -2,7 +2,7 @@
 
   rank         utility and harm scores against the rank fraction rho, per mode and subspace (experiment 1)
   weight       weight-space mean MSO against the energy fraction, per reference and scope (experiment 2)
-  activations  activation MSO per layer depth at the headline energy, the depth band shaded (experiment 3)
+  activations  the study's activation curves: band-mean MSO against eta with bootstrap intervals (experiment 3)
 
 `write_figures` writes, for one family: <family>.html with every figure (interactive; plotly.js inlined, from a
 CDN, or read from plotly.min.js beside the pages), <family>_<data>.csv with each figure's data as a long table,
@@ -36,7 +36,7 @@ PLOTLYJS = ("inline", "cdn", "directory")  # how the HTML gets plotly.js (see wr
 FIGURE_COLUMNS = (ENERGY_KEPT, GEN_EXACT_MATCH, GEN_ASR, ARITH_EXACT_MATCH, NLL_MEAN, MARGIN_MEAN,
                   SHARE_MARGIN_NEGATIVE, KL_TO_START)
 SUBSPACE_COLORS = {"topk": "#d62728", "randomk": "#1f77b4", "random": "#7f7f7f"}
-PALETTE = ("#d62728", "#2ca02c", "#1f77b4")
+PALETTE = ("#d62728", "#2ca02c", "#1f77b4", "#9467bd", "#ff7f0e", "#8c564b")
 
 
 def figure_frames(r: FamilyFindings) -> dict[str, pd.DataFrame]:
@@ -44,8 +44,8 @@ def figure_frames(r: FamilyFindings) -> dict[str, pd.DataFrame]:
     keep = ["variant", "subspace", "mode", "rank_fraction", *FIGURE_COLUMNS]
     rank = r.points[[c for c in keep if c in r.points]]
     refs = r.references[[c for c in ["checkpoint", *FIGURE_COLUMNS[1:]] if c in r.references]]
-    acts = r.activations[(r.activations["energy"] - r.config.headline_energy).abs() < 1e-9]
-    return {"rank": rank, "rank_references": refs, "weight": r.weight, "activations": acts}
+    return {"rank": rank, "rank_references": refs, "weight": r.weight, "weight_blocks": r.weight_blocks,
+            "activations": r.activations, "activation_band": r.band}
 
 
 def _mode_metrics(points: pd.DataFrame, mode: str) -> tuple[str, str]:
@@ -89,53 +89,68 @@ def rank_figure(r: FamilyFindings) -> go.Figure:
 
 
 def weight_figure(r: FamilyFindings) -> go.Figure:
-    """Mean MSO of each weight-space pair against the energy fraction, its random baseline dotted: one row per
-    reference model, one column per scope; a pair has the same colour under A and S."""
-    w = r.weight
-    refs = list(w["reference"].unique())
-    scopes = list(w["scope"].unique())
-    fig = make_subplots(rows=len(refs), cols=len(scopes), subplot_titles=[f"{x} / {s}" for x in refs for s in scopes])
+    """The study's per-layer weight-space panels: MSO of each pair against the energy fraction at the blocks nearest
+    70% and 85% depth (columns), one row per reference model and block space, the random baseline dotted; a pair
+    (by task) has the same colour everywhere."""
+    from safesub_core.findings.experiments import panel_blocks
+
+    b = r.weight_blocks
+    blocks = panel_blocks(r.n_layers)
+    b = b[b["unit"].isin(blocks)]
+    rows = list(b.groupby(["reference", "scope"], sort=False).groups)
+    fig = make_subplots(rows=max(len(rows), 1), cols=len(blocks),
+                        subplot_titles=[f"{rf} / {sc} / block {k} (depth {(k + 1) / r.n_layers:.2f})"
+                                        for rf, sc in rows for k in blocks])
     roles: dict[str, str] = {}
-    for i, rf in enumerate(refs, 1):
-        for j, sc in enumerate(scopes, 1):
-            g = w[(w["reference"] == rf) & (w["scope"] == sc)]
+    for i, (rf, sc) in enumerate(rows, 1):
+        for j, k in enumerate(blocks, 1):
+            g = b[(b["reference"] == rf) & (b["scope"] == sc) & (b["unit"] == k)]
             for pair, gp in g.groupby("pair", sort=False):
                 role = pair.replace("-A", "").replace("-S", "")
                 color = roles.setdefault(role, PALETTE[len(roles) % len(PALETTE)])
                 fig.add_trace(go.Scatter(x=gp["energy"], y=gp["mso"], mode="lines+markers", name=role,
                                          legendgroup=role, showlegend=(i == 1 and j == 1),
-                                         line=dict(color=color)), row=i, col=j)
-                fig.add_trace(go.Scatter(x=gp["energy"], y=gp["random_baseline"], mode="lines",
-                                         name="random baseline", legendgroup="random",
-                                         showlegend=(i == 1 and j == 1 and len(roles) == 1),
-                                         line=dict(color=color, dash="dot")), row=i, col=j)
+                                         line=dict(color=color, dash="dash" if "seed" in role else "solid")),
+                              row=i, col=j)
+            rnd = g.groupby("energy")["random_baseline"].mean()
+            fig.add_trace(go.Scatter(x=rnd.index, y=rnd.values, mode="lines", name="random baseline",
+                                     legendgroup="random", showlegend=(i == 1 and j == 1),
+                                     line=dict(color="grey", dash="dot")), row=i, col=j)
     fig.update_xaxes(title_text="energy fraction eta")
-    fig.update_yaxes(title_text="mean MSO", col=1)
-    fig.update_layout(title=f"{r.name}: weight-space overlap of the updates (dotted: random baseline)",
-                      height=330 * len(refs), width=1200)
+    fig.update_yaxes(title_text="MSO", col=1, range=[0, 1.02])
+    fig.update_layout(title=f"{r.name}: weight-space overlap per layer (dashed: second-seed pairs; dotted: random)",
+                      height=300 * max(len(rows), 1), width=1200)
     return fig
 
 
 def activation_figure(r: FamilyFindings) -> go.Figure:
-    """Activation MSO per layer depth at the headline energy: one row per centring, one column per model, one line
-    per pair, the depth band shaded."""
-    a = r.activations[(r.activations["energy"] - r.config.headline_energy).abs() < 1e-9]
-    models = list(a["model"].unique())
-    centers = list(a["center"].unique())
+    """The study's activation curves: band-mean MSO of each pair against eta with its bootstrap interval (error bars),
+    one row per centring, one column per model; the random baseline dotted."""
+    b = r.band
+    models = list(b["model"].unique())
+    centers = list(b["center"].unique())
+    label = {True: "centred", False: "uncentred"}
     fig = make_subplots(rows=len(centers), cols=len(models),
-                        subplot_titles=[f"{m} ({c})" for c in centers for m in models])
-    lo, hi = r.band_range
+                        subplot_titles=[f"{m} ({label[bool(c)]})" for c in centers for m in models])
     for i, c in enumerate(centers, 1):
         for j, m in enumerate(models, 1):
-            g = a[(a["model"] == m) & (a["center"] == c)]
+            g = b[(b["model"] == m) & (b["center"] == c)]
             for k, (pair, gp) in enumerate(g.groupby("pair", sort=False)):
-                fig.add_trace(go.Scatter(x=gp["depth"], y=gp["mso"], mode="lines+markers", name=pair,
-                                         legendgroup=pair, showlegend=(i == 1 and j == 1),
-                                         line=dict(color=PALETTE[k % len(PALETTE)])), row=i, col=j)
-            fig.add_vrect(x0=lo, x1=hi, fillcolor="#bbbbbb", opacity=0.25, line_width=0, row=i, col=j)
-    fig.update_xaxes(title_text="depth (layer / L)")
-    fig.update_layout(title=f"{r.name}: activation MSO per layer at energy {r.config.headline_energy:g} "
-                            f"(shaded: depth band {lo:.3g}-{hi:.3g})", height=330 * len(centers), width=1300)
+                color = PALETTE[k % len(PALETTE)]
+                fig.add_trace(go.Scatter(x=gp["energy"], y=gp["mso"], mode="lines+markers", name=pair,
+                                         legendgroup=pair, showlegend=(i == 1 and j == 1), line=dict(color=color),
+                                         error_y=dict(type="data", symmetric=False, array=gp["hi"] - gp["mso"],
+                                                      arrayminus=gp["mso"] - gp["lo"], thickness=1)),
+                              row=i, col=j)
+            rnd = g.groupby("energy")["random_baseline"].mean()
+            fig.add_trace(go.Scatter(x=rnd.index, y=rnd.values, mode="lines", name="random baseline",
+                                     legendgroup="random", showlegend=(i == 1 and j == 1),
+                                     line=dict(color="grey", dash="dot")), row=i, col=j)
+    lo, hi = r.band_range
+    fig.update_xaxes(title_text="energy fraction eta")
+    fig.update_yaxes(range=[0, 1.02])
+    fig.update_layout(title=f"{r.name}: activation MSO, band mean over hidden states {lo}-{hi} (the study's band; "
+                            "bars: 95% bootstrap intervals)", height=330 * len(centers), width=1400)
     return fig
 
 

@@ -109,5 +109,5 @@ def _summary(r: FamilyFindings) -> str:
              r.behaviour.to_string(index=False) if len(r.behaviour) else "(none stored)"]
     if len(r.checks):
         lines.append(r.checks.to_string(index=False))
-    lines += [f"{row.finding}: {'holds' if row.holds else 'does not hold'}" for row in r.findings.itertuples()]
+    lines += [f"{row.finding}: {row.verdict}" for row in r.findings.itertuples()]
     return "\n".join(lines)
