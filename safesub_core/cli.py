@@ -237,8 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", default="FINDINGS.md", help="markdown report to write (default FINDINGS.md)")
     q.add_argument("--figures", default="docs/figures", help="folder for figures (HTML, CSV, PNG)")
     q.add_argument("--no-figures", action="store_true", help="write no figures")
-    q.add_argument("--n-prompts", default="32",
-                   help="prompts per evaluation set: one number, or per family as name=n,name=n (default 32)")
+    q.add_argument("--n-prompts", default="100",
+                   help="prompts per evaluation set (all there are where fewer): one number, or per family as "
+                        "name=n,name=n (default 100)")
     q.add_argument("--rhos", default=",".join(f"{r:g}" for r in findings.RHOS), help="rank fractions")
     q.add_argument("--rhos-for", action="append", default=[], metavar="FAMILY=R1/R2/...",
                    help="rank fractions of one family, e.g. smol=0.01/0.5/0.99 (repeatable; else --rhos)")
@@ -248,6 +249,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="modes that also get generation scores (default: every mode; e.g. parallel, as in the "
                         "study's tables, to save time on a larger model)")
     q.add_argument("--gen-tokens", type=int, default=24, help="new tokens per greedy completion (default 24)")
+    q.add_argument("--seeds", type=_positive, default=3,
+                   help="draws of Random and Random-K scored by generation with their paired tests (default 3)")
+    q.add_argument("--power-modes", default=None,
+                   help="modes scored with power (default: --gen-modes, else every mode; parallel is E1, "
+                        "orthogonal E2)")
+    q.add_argument("--study-prompts", type=_positive, default=100,
+                   help="the activation experiment's prompts a set (default 100; all there are where fewer)")
+    q.add_argument("--study-chat", action="store_true",
+                   help="put the activation experiment's prompts through the chat template (the study: raw text)")
+    q.add_argument("--n-boot", type=int, default=200, help="bootstrap replicates of the activation experiment")
+    q.add_argument("--n-perm", type=int, default=200, help="permutation draws of its null (U against H1)")
     q.add_argument("--sets", default="auto", choices=["auto", "builtin", "packaged"])
     set_args(q)
     judge_args(q)  # the generation scores' harmful completions

@@ -82,6 +82,12 @@ def test_findings_verb_refuses_bad_values_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: prompt counts 'tiny=lots'") and "Traceback" not in "\n".join(err)
     assert not (tmp_path / "F.md").exists()
+    for flags, words in ((["--n-boot", "-1"], "n_boot -1 must be a whole number >= 0"),
+                         (["--power-modes", "sideways"], "mode 'sideways'")):
+        assert main(["findings", "--families", "tiny", *flags, "--out", str(tmp_path / "F.md")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert words in err[-1] and len(err) == 1, err
+    assert not (tmp_path / "F.md").exists()
 
 
 def test_score_help_points_to_the_prompts_verb_that_exists():

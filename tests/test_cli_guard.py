@@ -252,7 +252,7 @@ def test_empty_list_is_an_error_not_an_empty_sweep(flag, value, world, tmp_path,
 
 
 def test_empty_findings_list_is_an_error(tmp_path, capsys):
-    for flag in ("--families", "--modes", "--variants", "--gen-modes"):
+    for flag in ("--families", "--modes", "--variants", "--gen-modes", "--power-modes"):
         code, _, err = run(["findings", flag, " , ", "--no-figures", "--out", tmp_path / "F.md"], capsys)
         assert_one_line(code, err, (flag, "expected comma-separated"))
     assert not (tmp_path / "F.md").exists()

@@ -170,12 +170,13 @@ def build_tiny(out_dir: str | os.PathLike | None = None, size: str = "full", see
 
 def _build(root: Path, spec: TinySize, size_name: str, seed: int, progress: Progress | None) -> None:
     train, held = load_data("train"), load_data("eval")
-    examples = with_repeats(stage_examples(train, seed))
+    examples = stage_examples(train, seed)
     tally = Tally(sum(spec.steps.values()) + len(STAGES), progress)
     # the tokenizer on the training text (prompts, answers, template words), with repeats: frequent phrases
     # become tokens
     tokenizer = train_tokenizer([p for rows in examples.values() for p, _ in rows]
                                 + [r for rows in examples.values() for _, r in rows], spec.vocab)
+    examples = with_repeats(examples)  # after the tokenizer: a repeated task's rows would reweight its vocabulary
     base = new_model(tokenizer, spec, seed)
     n_params = count_params(base)
     trained = _train(base, tokenizer, examples, spec, seed, tally)

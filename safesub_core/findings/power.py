@@ -111,6 +111,9 @@ class PowerConfig:
             raise SafesubError("rank fractions: give at least one")
         for r in self.rhos:
             ProjectionConfig("topk", "parallel", float(r))  # validates rho in (0, 1]
+        for sub in self.subspaces:
+            for mode in self.modes:
+                ProjectionConfig(sub, mode, 0.5)  # validates each subspace and mode (one line)
         for m in self.matches:
             if m not in ("rank", "energy"):
                 raise SafesubError(f"match {m!r}: must be rank or energy")
