@@ -243,6 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--rhos", default=",".join(f"{r:g}" for r in findings.RHOS), help="rank fractions")
     q.add_argument("--rhos-for", action="append", default=[], metavar="FAMILY=R1/R2/...",
                    help="rank fractions of one family, e.g. smol=0.01/0.5/0.99 (repeatable; else --rhos)")
+    q.add_argument("--for", dest="for_family", action="append", default=[], metavar="FAMILY:OPTION=VALUE",
+                   help="a setting of one family, e.g. smol:gen-modes=parallel or smol:n-boot=100 (repeatable; "
+                        "options: gen-modes, power-modes, power-matches (lists separated by '/'), seeds, n-boot, "
+                        "n-perm, study-prompts)")
     q.add_argument("--modes", default="parallel,orthogonal")
     q.add_argument("--variants", default="useful,harmful,contaminated")
     q.add_argument("--gen-modes", default=None,
@@ -254,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--power-modes", default=None,
                    help="modes scored with power (default: --gen-modes, else every mode; parallel is E1, "
                         "orthogonal E2)")
+    q.add_argument("--power-matches", default="rank,energy",
+                   help="Top-K against the controls at the same rank fraction (rank) and/or energy kept (energy)")
     q.add_argument("--study-prompts", type=_positive, default=100,
                    help="the activation experiment's prompts a set (default 100; all there are where fewer)")
     q.add_argument("--study-chat", action="store_true",

@@ -297,7 +297,7 @@ def cmd_build(args) -> None:
 
 
 def cmd_findings(args) -> None:
-    for flag in ("families", "modes", "variants", "gen_modes", "power_modes"):  # an empty list is an error
+    for flag in ("families", "modes", "variants", "gen_modes", "power_modes", "power_matches"):  # never empty
         text = getattr(args, flag)
         if text is not None and not findings.parse_list(text):
             raise SafesubError(f"findings: argument --{flag.replace('_', '-')}: expected comma-separated names, "
@@ -305,10 +305,12 @@ def cmd_findings(args) -> None:
     families = findings.parse_list(args.families)
     configs = findings.family_configs(
         families, findings.parse_per_family(args.n_prompts), findings.parse_rhos(args.rhos),
-        findings.parse_rhos_for(args.rhos_for), modes=findings.parse_list(args.modes),
+        findings.parse_rhos_for(args.rhos_for), findings.runner.parse_for(args.for_family),
+        modes=findings.parse_list(args.modes),
         variants=findings.parse_list(args.variants), gen_modes=findings.parse_list(args.gen_modes),
         gen_tokens=args.gen_tokens, sets=args.sets, judge=_judge(args), n_seeds=args.seeds,
-        power_modes=findings.parse_list(args.power_modes), study_prompts=args.study_prompts,
+        power_modes=findings.parse_list(args.power_modes), power_matches=findings.parse_list(args.power_matches),
+        study_prompts=args.study_prompts,
         study_chat=args.study_chat, n_boot=args.n_boot, n_perm=args.n_perm)
     for cfg in configs.values():  # the settings checked here, in one line, before any family is opened
         findings.experiments.study_config(cfg), findings.experiments.power_config(cfg)

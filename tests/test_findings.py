@@ -250,9 +250,19 @@ def test_option_parsers_read_the_verbs_values_and_reject_bad_ones():
         8, (0.01, 0.99), 16, (0.5,))
     assert cfgs["smol"].gen_tokens == 4
     for bad in (lambda: F.parse_per_family("tiny=x"), lambda: F.parse_rhos("0.1,a"),
-                lambda: F.parse_rhos_for(["smol=0.1/b"])):
+                lambda: F.parse_rhos_for(["smol=0.1/b"]), lambda: F.runner.parse_for(["smol:colour=red"]),
+                lambda: F.runner.parse_for(["smol:gen-modes="])):
         with pytest.raises(SafesubError, match="expected"):
             bad()
+    own = F.runner.parse_for(["smol:gen-modes=parallel", "smol:n-boot=100", "smol:power-matches=rank/energy"])
+    assert own == {"smol": {"gen_modes": ("parallel",), "n_boot": 100, "power_matches": ("rank", "energy")}}
+    cfgs = F.family_configs(["tiny", "smol"], 8, settings_for=own, n_boot=200)
+    assert (cfgs["smol"].n_boot, cfgs["smol"].gen_modes, cfgs["tiny"].n_boot, cfgs["tiny"].gen_modes) == (
+        100, ("parallel",), 200, None)
+    with pytest.raises(SafesubError, match="not a whole number"):
+        F.runner.parse_for(["smol:seeds=many"])
+    with pytest.raises(SafesubError, match="not one of the families run"):
+        F.family_configs(["tiny"], 8, settings_for={"smol": {"n_boot": 1}})
 
 
 # ------------------------------------------------------------------------------------------ the competing hypotheses

@@ -31,6 +31,7 @@ STUDY = {
     "harm score": "LLM judge, 1-5",
     "utility score": "GSM8K accuracy",
     "prompts a set (E1/E2)": "the benchmarks' test sets (GSM8K test: 1,319)",
+    "rank fractions (E1/E2)": "0.01, 0.25, 0.5, 0.75, 0.99; generation in the parallel mode (Tables 4-5)",
     "random subspaces": "Random and Random-K draws (seeds not stated)",
     "activation experiment (E4)": "5,000 prompts a set; U MATH, H1 BeaverTails, H2 ToxiGen; raw text, half precision",
 }
@@ -72,7 +73,13 @@ def _family_column(r: FamilyFindings) -> dict[str, str]:
                                                        "matching); no judge")
     out["utility score"] = "final-number exact match on held-out arithmetic"
     out["prompts a set (E1/E2)"] = ", ".join(f"{role} {name}" for role, name in r.sets.items())
-    out["random subspaces"] = f"{cfg.n_seeds} draws each of Random and Random-K (seeds 0-{cfg.n_seeds - 1})"
+    modes = ", ".join(cfg.power_modes or cfg.gen_modes or cfg.modes)
+    out["rank fractions (E1/E2)"] = (", ".join(f"{x:g}" for x in cfg.rhos) + "; generation in "
+                                     + ", ".join(cfg.gen_modes or cfg.modes))
+    out["random subspaces"] = (f"{cfg.n_seeds} draws each of Random and Random-K (seeds 0-{cfg.n_seeds - 1}), scored "
+                               f"by generation in {modes}; Top-K tested against them at the same "
+                               + " and at the same ".join({"rank": "rank fraction", "energy": "energy kept"}[m]
+                                                          for m in cfg.power_matches))
     sizes = ", ".join(f"{row.role} {row.size}" for row in r.activation_sets.itertuples()) \
         if len(r.activation_sets) else f"at most {cfg.study_prompts} a set"
     out["activation experiment (E4)"] = (f"{sizes} prompts; U GSM8K (+ word problems), H1 HarmBench + AdvBench, H2 "

@@ -60,15 +60,50 @@ def parse_per_family(text: str) -> dict[str, int]:
     return out
 
 
+# the FindingsConfig fields one family may set apart (`--for FAMILY:OPTION=VALUE`): option -> (field, parse)
+FAMILY_OPTIONS = {
+    "gen-modes": ("gen_modes", lambda v: tuple(x for x in v.split("/") if x)),
+    "power-modes": ("power_modes", lambda v: tuple(x for x in v.split("/") if x)),
+    "power-matches": ("power_matches", lambda v: tuple(x for x in v.split("/") if x)),
+    "seeds": ("n_seeds", int), "n-boot": ("n_boot", int), "n-perm": ("n_perm", int),
+    "study-prompts": ("study_prompts", int),
+}
+
+
+def parse_for(items: Sequence[str]) -> dict[str, dict]:
+    """Settings of single families: ["smol:gen-modes=parallel", "smol:n-boot=100"] -> {"smol": {"gen_modes":
+    ("parallel",), "n_boot": 100}} (lists separated by '/'); a bad item is a one-line SafesubError."""
+    out: dict[str, dict] = {}
+    for item in items:
+        family, _, rest = item.partition(":")
+        option, _, value = rest.partition("=")
+        if not family.strip() or not value.strip() or option.strip() not in FAMILY_OPTIONS:
+            raise SafesubError(f"--for {item!r}: expected FAMILY:OPTION=VALUE with OPTION one of "
+                               f"{', '.join(FAMILY_OPTIONS)}")
+        name, parse = FAMILY_OPTIONS[option.strip()]
+        try:
+            parsed = parse(value.strip())
+        except ValueError:
+            raise SafesubError(f"--for {item!r}: {value.strip()!r} is not a whole number") from None
+        if parsed == ():
+            raise SafesubError(f"--for {item!r}: expected names separated by '/'")
+        out.setdefault(family.strip(), {})[name] = parsed
+    return out
+
+
 def family_configs(families: Sequence[str], n_prompts: Mapping[str, int] | int = 32,
                    rhos: Sequence[float] = RHOS, rhos_for: Mapping[str, Sequence[float]] | None = None,
-                   **common) -> dict[str, FindingsConfig]:
+                   settings_for: Mapping[str, Mapping] | None = None, **common) -> dict[str, FindingsConfig]:
     """family -> FindingsConfig: `n_prompts` per family ("*" for the others, else 32), `rhos_for` a family's
-    rank fractions (else `rhos`), `common` the other FindingsConfig fields for every family."""
+    rank fractions (else `rhos`), `settings_for` a family's own fields (`parse_for`), `common` the other
+    FindingsConfig fields for every family."""
     counts = {"*": n_prompts} if isinstance(n_prompts, int) else dict(n_prompts)
-    rhos_for = rhos_for or {}
+    rhos_for, settings_for = rhos_for or {}, settings_for or {}
+    unknown = set(settings_for) - set(families)
+    if unknown:
+        raise SafesubError(f"--for {sorted(unknown)[0]}: not one of the families run ({', '.join(families)})")
     return {f: FindingsConfig(n_prompts=counts.get(f, counts.get("*", 32)), rhos=tuple(rhos_for.get(f, rhos)),
-                              **common) for f in families}
+                              **(common | dict(settings_for.get(f, {})))) for f in families}
 
 
 def run(families: Sequence[str], configs: Mapping[str, FindingsConfig] | None = None,
