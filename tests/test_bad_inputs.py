@@ -521,7 +521,8 @@ def test_family_build_failure_leaves_nothing_and_rerun_completes(how, tmp_path, 
     assert code == 0, err
     family = Family.from_file(out / "family.yaml")
     family.validate()
-    assert set(family.variants) == {"useful", "harmful", "contaminated", "useful_lora"}
+    assert set(family.variants) == {"useful", "harmful", "contaminated", "useful_lora", "useful_seed1", "harmful_seed1"}
+    assert set(family.safety_variants) == {"useful_s", "harmful_s"}
 
 
 # ------------------------------------------------------------------------------------------------ the app
