@@ -21,7 +21,8 @@ THE POINT ESTIMATE'S RANKS k_X, k_Y (`_mso_at_ranks`); the 95% interval is the p
 replicates, per layer and for the band mean. Why fixed ranks, measured: a resample repeats about 37% of its
 prompts, which lowers the rank an energy fraction picks; with ranks re-chosen per replicate the MSO of random
 Gaussian states (D = 576, 100 a set) came out at about half the estimate at eta 0.1-0.9, so the intervals missed
-their own estimates. The summary's ``boot_mean`` (the replicates' mean) shows any bias left. Null for U against H1: pool the two sets' states, shuffle the labels (sizes kept), recompute the band-mean
+their own estimates. The summary's ``boot_mean`` (the replicates' mean) shows any bias left. Null for U against
+H1: pool the two sets' states, shuffle the labels (sizes kept), recompute the band-mean
 MSO at every energy; reported are the null's mean, its 95th percentile and two one-sided permutation p-values,
 ``p_greater = (1 + #{null >= observed}) / (1 + n_perm)`` (the observed overlap is LARGER than two samples of one
 pooled source give) and ``p_less`` likewise with <= (SMALLER: the sets differ). Cost: the bootstrap and the null

@@ -109,7 +109,8 @@ def seed_pairs(family: Family, reference: str) -> list[tuple[str, str]]:
     cross-task overlap is read against), and the cross-task pair of the second seeds (harmful_seed1 vs
     useful_seed1: how much the study's pair moves between seeds)."""
     names = set(family.fine_tunes_of(reference).values())
-    out = [(n, m) for n in sorted(names) for m in sorted(names) if m.startswith(f"{n}_seed") and m[len(n) + 5:].isdigit()]
+    out = [(n, m) for n in sorted(names) for m in sorted(names)
+           if m.startswith(f"{n}_seed") and m[len(n) + 5:].isdigit()]
     again = dict(out)
     if "harmful" in again and "useful" in again:
         out.append((again["harmful"], again["useful"]))

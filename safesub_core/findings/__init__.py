@@ -31,7 +31,8 @@ from safesub_core.findings.runner import (family_configs, parse_list, parse_per_
 
 __all__ = [
     "ACTIVATION_RATIO", "HEADLINE_ENERGY", "PLOTLYJS", "RHOS", "STUDY_CSV", "FamilyFindings",
-    "FindingsConfig", "activation_tables", "f2_panels", "f3_models", "panel_blocks", "atomic_write", "behaviour_checks", "behaviour_table",
+    "FindingsConfig", "activation_tables", "f2_panels", "f3_models", "panel_blocks", "atomic_write",
+    "behaviour_checks", "behaviour_table",
     "check_findings", "eval_sets", "family_configs", "figure_frames", "md_table", "parse_list", "parse_per_family",
     "parse_rhos", "parse_rhos_for", "plotly_figures", "rank_scores", "reference_scores", "render_family",
     "render_markdown", "run", "run_family", "study_layout", "study_reference", "study_topk_summary",

@@ -247,7 +247,8 @@ def _f3(r: FamilyFindings) -> dict:
     return dict(finding="F3", claim="harmful and useful prompts share activation subspaces about as much as two "
                                     "harmful prompt sets do",
                 verdict=verdict,
-                ours=f"hidden states {lo}-{hi} (the study's band), uncentred, mean over eta 0.1-0.9: " + " | ".join(parts),
+                ours=f"hidden states {lo}-{hi} (the study's band), uncentred, mean over eta 0.1-0.9: "
+                     + " | ".join(parts),
                 study="Fig. (section 6): the useful-harmful overlap is often as large as, or larger than, the "
                       "harmful-harmful one (H1 BeaverTails vs H2 ToxiGen)",
                 statistic="band-mean MSO of U-H1 against H1-H2 (two harmful sources), bootstrap 95% intervals",

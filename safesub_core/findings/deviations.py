@@ -69,8 +69,8 @@ def _family_column(r: FamilyFindings) -> dict[str, str]:
     judge = cfg.judge
     out["harm score"] = (f"attack success rate by refusal-marker matching, and the {judge.kind} judge "
                          f"{judge.path or judge.model or ''}".rstrip()
-                         if judge is not None and judge.kind != "off" else "attack success rate (1 - refusal rate by refusal-marker "
-                                                       "matching); no judge")
+                         if judge is not None and judge.kind != "off" else
+                         "attack success rate (1 - refusal rate by refusal-marker matching); no judge")
     out["utility score"] = "final-number exact match on held-out arithmetic"
     out["prompts a set (E1/E2)"] = ", ".join(f"{role} {name}" for role, name in r.sets.items())
     modes = ", ".join(cfg.power_modes or cfg.gen_modes or cfg.modes)

@@ -102,6 +102,7 @@ class FamilyFindings:
     band: pd.DataFrame  # band means, intervals, null, noise ceiling (activation_study's summary)
     band_range: tuple[int, int]  # the first and last hidden-state index of the study's band
     activation_sets: pd.DataFrame = field(default_factory=pd.DataFrame)  # role, name, source, size
+    set_sizes: dict = field(default_factory=dict)  # role -> prompts in the evaluation set
     start: str = "aligned"  # the family's start model (aligned or safety_tuned)
     weight_blocks: pd.DataFrame = field(default_factory=pd.DataFrame)  # per-block weight MSO (WeightTables.blocks)
     power_points: pd.DataFrame = field(default_factory=pd.DataFrame)  # power.POINT_COLUMNS: every draw, Wilson
@@ -364,8 +365,9 @@ def run_family(spec: str, cfg: FindingsConfig | None = None, progress: Progress 
     return FamilyFindings(
         name=family.name, path=str(family.root or spec), config=cfg, sets=sets, n_layers=conf.num_hidden_layers,
         hidden=conf.hidden_size, behaviour=behaviour, checks=behaviour_checks(behaviour), references=refs,
-        points=points, weight=weight.summary, weight_blocks=weight.blocks, weight_notes=weight.notes, activations=acts.layers, band=acts.summary, band_range=(acts.band.start, acts.band.stop - 1),
-        activation_sets=acts.sets, power_points=power.points, power_tests=power.tests,
-        power_verdicts=power.verdict_table(),
+        points=points, weight=weight.summary, weight_blocks=weight.blocks, weight_notes=weight.notes,
+        activations=acts.layers, band=acts.summary, band_range=(acts.band.start, acts.band.stop - 1),
+        activation_sets=acts.sets, set_sizes={role: len(getattr(s, role)) for role in sets},
+        power_points=power.points, power_tests=power.tests, power_verdicts=power.verdict_table(),
         start=family.start, timings=timings,
     )

@@ -122,14 +122,15 @@ def render_family(r: FamilyFindings, figures: dict | None = None) -> str:
     """One family's section; `figures` maps family name -> {label: link} (`figures.write_figures`' labels, links
     relative to the report), the PNGs of which are shown under their experiments' headings."""
     cfg = r.config
+    fewest = min(r.set_sizes.values()) if r.set_sizes else cfg.n_prompts
     path = Path(r.path)
     shown = path.relative_to(REPO) if path.is_absolute() and path.is_relative_to(REPO) else path
     out = [f"## Family `{r.name}`\n",
            f"Family folder: `{shown}`; {r.n_layers} layers, hidden size {r.hidden}. Evaluation sets (eval "
            f"splits): " + ", ".join(f"{k} = {v}" for k, v in r.sets.items())
-           + f". Greedy completions of {cfg.gen_tokens} new tokens, chat template. With {cfg.n_prompts} prompts a "
-           f"set one prompt moves a rate by {1 / max(cfg.n_prompts, 1):.2f}: read differences of a few prompts as "
-           f"noise.\n"]
+           + f". Greedy completions of {cfg.gen_tokens} new tokens, chat template. With {fewest} prompts in the "
+           f"smallest set one prompt moves its rate by {1 / max(fewest, 1):.2f}: read differences of a few prompts "
+           f"as noise.\n"]
     links = (figures or {}).get(r.name) or {}
     if links:
         out.append("Figures and their data: " + ", ".join(f"[{k}]({v})" for k, v in links.items()) + "\n")
