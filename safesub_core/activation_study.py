@@ -1,6 +1,7 @@
 """The study's activation experiment (E4), as the study ran it: activation MSO of four prompt sets over its layer band,
 with bootstrap intervals, a same-source noise ceiling and a label-permutation null (docs/method.md, "The study's
-activation experiment (E4)"; /work/shared/DESIGN.md section 7).
+activation experiment (E4), which restates the study's set-up: Ponkshe et al., ICLR 2026, its section on
+activation space).
 
 Math. For a model with L transformer layers, `output_hidden_states` has L+1 entries (embeddings included) and the
 study averages over the layers ``study_band(L+1) = range(int(0.65 (L+1)), int(0.90 (L+1)))`` (e.g. L+1 = 31 gives
