@@ -371,6 +371,7 @@ def _guard_folder(args, path: Path, label: str) -> None:
 def cmd_hypotheses(args) -> None:
     """The refusal direction, SafeLoRA, the bridge and the trade-off on one variant (findings/hypotheses.py)."""
     from safesub_core.findings import hypotheses as H
+    from safesub_core.findings import hypotheses_figures as HF
     from safesub_core.hypotheses import MethodPoint, TradeoffGrid
 
     defaults = TradeoffGrid()
@@ -408,13 +409,13 @@ def cmd_hypotheses(args) -> None:
     matched = r.matched.copy()
     if len(matched):
         matched["utility_vs_floor"] = [H.floor_status(x) for _, x in matched.iterrows()]
-    fig = H.tradeoff_figure(r.tradeoff, H.figure_title(r))
+    fig = HF.tradeoff_figure(r.tradeoff, HF.figure_title(r))
     close_bars()
     out.mkdir(parents=True, exist_ok=True)
     tables = [(r.selection, out / "selection.csv"), (r.safelora, out / "safelora.csv"), (r.bridge, out / "bridge.csv"),
               (r.shift, out / "shift.csv"), (r.tradeoff, out / "tradeoff.csv"), (matched, out / "matched.csv")]
     write_all(tables)
-    print(H.write_html(fig, out / "tradeoff.html", f"safesub: {r.name} hypotheses ({r.variant})", "inline"))
+    print(HF.write_html(fig, out / "tradeoff.html", f"safesub: {r.name} hypotheses ({r.variant})", "inline"))
     if export is not None:
         _export_into(Path(args.export_dir), lambda tmp: session.export_method(args.variant, export, tmp))
     print(H.summary_text(r))
