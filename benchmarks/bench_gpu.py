@@ -38,7 +38,7 @@ Stages (--stages):
            --moves rank moves (`apply(..., applied=previous)`, incremental, then the read-outs; the median is the
            figure), the baseline (the same read-outs of the plain start model, no side path), two moves with TF32
            matmuls allowed, peak GPU memory against the model's bytes plus the largest tensor's SVD workspace
-           (four float32 matrices of its size, `subspace._alignment_basis`; `svd_check` measures that factor on
+           (at most four float32 matrices of its size, `SubspaceEngine.build`; `svd_check` measures that factor on
            one MLP matrix), and the update applied at the last point, per tensor, against alpha X (relative
            Frobenius): before = the plain composition W_A + alpha X rounded to the model's dtype, after = the
            exact side path's effective weight W_A.float() + D (`precision.ExactUpdates`), with a float32 model's
@@ -295,11 +295,11 @@ def _model_bytes(model) -> int:
 
 
 def svd_check(shape: str) -> dict:
-    """The real `alignment_basis` (the exact SVD of dA and of the random subspace's Gaussian) of one tensor of the
-    shape's largest block matrix (the MLP's intermediate x hidden), on DEVICE: its time and its peak memory in
-    matrices of its size, to check the "four matrices" workspace `subspace._alignment_basis` states and to estimate
-    a whole engine build (SVD cost ~ M N r per tensor)."""
-    from safesub_core.subspace import _alignment_basis
+    """The real alignment basis (the exact SVD of dA, then one draw's random basis, the QR of a Gaussian) of one
+    tensor of the shape's largest block matrix (the MLP's intermediate x hidden), on DEVICE: its time and its peak
+    memory in matrices of its size, to check the workspace `subspace.SubspaceEngine.build` states (at most four
+    here) and to estimate a whole engine build (SVD cost ~ M N r per tensor)."""
+    from safesub_core.subspace import _svd_basis, random_basis
 
     spec = SHAPES[shape]
     M, N = spec["intermediate_size"], spec["hidden_size"]
@@ -311,7 +311,7 @@ def svd_check(shape: str) -> dict:
 
     reset_peak()
     before = torch.cuda.memory_allocated() if on_cuda() else 0
-    basis, t = timed(lambda: _alignment_basis(make_dA, "mlp.up_proj.weight", 0))
+    basis, t = timed(lambda: _svd_basis(make_dA) | random_basis(M, N, "mlp.up_proj.weight", 0, device=DEVICE))
     matrices = (peak_bytes() - before) / (M * N * 4) if on_cuda() else None
     del basis
     reset_peak()
@@ -435,7 +435,7 @@ def bench_move(shape: str, dtype_name: str, tokenizer: Path, n: int, update: flo
     side_bytes = side.nbytes if side is not None else 0
     peak = peak_bytes()
     largest = max(math.prod(t.shape) for t in tensors)
-    workspace = 4 * largest * 4  # `subspace._alignment_basis`: four float32 matrices of the largest tensor's size
+    workspace = 4 * largest * 4  # `SubspaceEngine.build`: at most four float32 matrices of the largest tensor's size
     out |= dict(peak_gib=peak / 2**30, side_path_gib=side_bytes / 2**30, svd_workspace_gib=workspace / 2**30,
                 peak_ratio=peak / (model_bytes + workspace) if on_cuda() else None,
                 peak_breakdown_gib=dict(reference=model_bytes / 2**30, working=model_bytes / 2**30,

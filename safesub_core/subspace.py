@@ -7,7 +7,8 @@ Per tensor (a matrix M x N as stored; 3+-dim tensors reshaped to (shape[0], -1);
   sum_{i<=k} s_i^2 >= eta * sum s_i^2. Subspaces at the same k:
     topk     U[:, :k]
     randomk  k columns of U chosen uniformly at random (a seeded permutation per tensor)
-    random   the top-k left singular vectors of a seeded Gaussian M x N matrix (a uniformly random subspace)
+    random   the first k columns of a seeded Haar-random orthonormal M x r matrix (QR of a Gaussian; a uniformly
+             random subspace; `random_basis`)
   P_k = U_k U_k^T, and with X the update kept:
     parallel   X =  P_k dT       W = W_start + alpha * X
     opposite   X = -P_k dT       W = W_start + alpha * X
@@ -54,6 +55,7 @@ from safesub_core.projection import SUBSPACES, ProjectionConfig, ProjectionDiagn
 CHUNK_BYTES = 256 << 20  # tensors' bases and coordinates are cached in groups of at most this size
 DEFAULT_RESIDENT_BYTES = 4 << 30  # an engine keeps at most this many bytes of matrices resident by default,
 MIN_RESIDENT_BYTES = 64 << 20  # and a quarter of one float32 checkpoint, but at least this (groups: an eighth)
+RANDOM_BASIS = "qr-gaussian"  # how `random_basis` draws (part of its cache key: a new method, new entries)
 
 
 def _seed_for(name: str, seed: int) -> int:
@@ -63,31 +65,42 @@ def _seed_for(name: str, seed: int) -> int:
 def alignment_basis(dA: torch.Tensor, name: str = "", seed: int = 0) -> dict[str, torch.Tensor]:
     """Per-tensor basis of the alignment update dA (a matrix M x N).
 
-    Returns U (M x r) and s (r,) from torch.linalg.svd (U zero when dA = 0), the random-subspace basis
-    Ur (M x r) from a seeded Gaussian of the same shape, and the Random-K permutation perm (r,).
+    Returns U (M x r) and s (r,) from torch.linalg.svd (U zero when dA = 0), and `random_basis`'s Ur (M x r) and
+    Random-K permutation perm (r,) of draw `seed`.
     """
-    return _alignment_basis(lambda: dA, name, seed)
+    M, N = dA.shape
+    return _svd_basis(lambda: dA) | random_basis(M, N, name, seed, dA.dtype, dA.device)
 
 
-def _alignment_basis(make_dA: Callable[[], torch.Tensor], name: str, seed: int) -> dict[str, torch.Tensor]:
-    """`alignment_basis` of the matrix `make_dA()`, which is dropped before the Gaussian is drawn.
-
-    Peak memory for an M x N matrix (M >= N) is four matrices of its size: U, the Gaussian, LAPACK's copy of it
-    and Ur (dA, its copy and U before that).
-    """
+def _svd_basis(make_dA: Callable[[], torch.Tensor]) -> dict[str, torch.Tensor]:
+    """U (M x r) and s (r,) of the thin SVD of `make_dA()` (zero when dA = 0); it draws nothing, so every draw
+    `seed` shares it (the engine caches it once per family). Peak memory: dA, LAPACK's copy of it and U."""
     dA = make_dA()
     (M, N), like = dA.shape, dict(dtype=dA.dtype, device=dA.device)
     if torch.count_nonzero(dA) == 0:
         r = min(M, N)
-        U, s = torch.zeros(M, r, **like), torch.zeros(r, **like)
-    else:
-        U, s, _ = torch.linalg.svd(dA, full_matrices=False)
-    del dA
-    U = U.contiguous()
+        return dict(U=torch.zeros(M, r, **like), s=torch.zeros(r, **like))
+    U, s, _ = torch.linalg.svd(dA, full_matrices=False)
+    return dict(U=U.contiguous(), s=s.contiguous())
+
+
+def random_basis(M: int, N: int, name: str = "", seed: int = 0, dtype: torch.dtype = torch.float32,
+                 device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The random subspaces of draw `seed` for the tensor `name` (M x N, r = min(M, N)).
+
+    Ur (M x r): Q of the QR decomposition of a seeded standard Gaussian M x r, each column's sign set so that R has
+    a positive diagonal; Q is then uniformly (Haar) distributed over M x r matrices with orthonormal columns
+    (Mezzadri 2007, "How to generate random matrices from the classical compact groups"), so its first k columns
+    span a uniformly random k-dimensional subspace for every k. perm (r,): a seeded permutation (Random-K takes
+    U's columns in this order). Seeded by (seed, name) only: the same draw on any device and for any variant.
+    Peak memory: the Gaussian, Q and LAPACK's workspace, three M x r matrices.
+    """
+    r = min(M, N)
     g = torch.Generator().manual_seed(_seed_for(name, seed))
-    Ur = torch.linalg.svd(torch.randn(M, N, generator=g).to(**like), full_matrices=False)[0].contiguous()
-    perm = torch.randperm(U.shape[1], generator=g)
-    return dict(U=U, s=s.contiguous(), Ur=Ur, perm=perm)
+    Q, R = torch.linalg.qr(torch.randn(M, r, generator=g, dtype=dtype).to(device))
+    d = torch.diagonal(R)
+    perm = torch.randperm(r, generator=g)
+    return dict(Ur=(Q * torch.where(d < 0, -1.0, 1.0).to(Q.dtype)).contiguous(), perm=perm)
 
 
 def _update_sums(ft, start, base, name: str, dT: torch.Tensor | None = None,
@@ -286,8 +299,9 @@ class SubspaceEngine:
         `resident_bytes` bounds what stays in memory (default: `settings.resident_bytes()`, else a quarter of one
         checkpoint in float32, at least 64 MiB and at most 4 GiB). Peak memory is then that, plus one cache group
         (at most CHUNK_BYTES or an eighth of a checkpoint), plus one tensor's working set: for the largest matrix
-        (M x N, M >= N) four of its size, while its random basis is computed (U, the Gaussian, LAPACK's copy of it
-        and Ur; benchmarks/bench_memory.py). The checkpoints are read a block of rows at a time (the sums, dA and
+        (M x N, M >= N) about three of its size (dA, LAPACK's copy of it and U during the exact SVD; the Gaussian, Q
+        and LAPACK's workspace while a draw's random basis is made; benchmarks/bench_memory.py). What no draw changes
+        (U, s and C) is computed and cached once; a new `seed` adds only its random basis and coordinates. The checkpoints are read a block of rows at a time (the sums, dA and
         the coordinates), so no whole W_FT, W_start or W0 is ever held beside them.
         """
         base, start, ft = family.update_readers(variant)
@@ -299,44 +313,51 @@ class SubspaceEngine:
         if budget is None:
             budget = min(DEFAULT_RESIDENT_BYTES, max(MIN_RESIDENT_BYTES, checkpoint_bytes // 4))
         chunks = _chunks(names, start.shape, min(CHUNK_BYTES, max(MIN_RESIDENT_BYTES, checkpoint_bytes // 8)))
-        basis_parts = dict(base=family.base.fingerprint(), start=family.start_checkpoint.fingerprint(), seed=seed)
+        basis_parts = dict(base=family.base.fingerprint(), start=family.start_checkpoint.fingerprint())
         if basis_parts["base"] == basis_parts["start"]:
             raise _zero_alignment(family, f"{family.start} has the same files as base")
+        # cached apart: what no draw changes (U, s; C) once, what a draw changes (Ur, perm; Cr) per seed
+        random_parts = basis_parts | dict(seed=seed, random=RANDOM_BASIS)
         coord_parts = basis_parts | dict(variant=family.checkpoint(variant).fingerprint())
         where = {n: c for c, chunk in enumerate(chunks) for n in chunk}
-        memo: dict[int, tuple[dict, dict]] = {}
+        memo: dict[int, dict] = {}
 
-        def chunk_entries(c: int) -> tuple[dict, dict]:
-            """The cache entries (bases, coordinates) of chunk c; the last one read is kept."""
+        def chunk_entries(c: int) -> dict:
+            """The cache entries of chunk c (U, s, Ur, perm, C and Cr of its tensors); the last one read is kept."""
             if c not in memo:
                 memo.clear()
                 release_freed_memory()
-                chunk = chunks[c]
+                chunk, tag = chunks[c], dict(tensors=chunks[c])
 
-                def bases():
-                    out = {}
-                    for n in chunk:
-                        basis = _alignment_basis(lambda n=n: as_matrix(start.difference(base, n)).to(device), n, seed)
-                        out.update({f"{n}::{key}": value for key, value in basis.items()})
-                    return out
+                def per_tensor(fn: Callable[[str], dict]) -> Callable[[], dict]:
+                    return lambda: {f"{n}::{key}": value for n in chunk for key, value in fn(n).items()}
 
-                b = cache.get_or_compute("alignment_basis", basis_parts | dict(tensors=chunk), bases)
+                def svd(n: str) -> dict:
+                    return _svd_basis(lambda: as_matrix(start.difference(base, n)).to(device))
 
-                def coords():
-                    out = {}
-                    for n in chunk:
-                        U, Ur = b[f"{n}::U"].to(device), b[f"{n}::Ur"].to(device)
+                def draw(n: str) -> dict:
+                    M, N, _ = _dims(start.shape(n))
+                    return random_basis(M, N, n, seed, device=device)
+
+                b = cache.get_or_compute("alignment_basis", basis_parts | tag, per_tensor(svd))
+                b |= cache.get_or_compute("random_basis", random_parts | tag, per_tensor(draw))
+
+                def coordinates(basis: str, out: str) -> Callable[[str], dict]:
+                    def run(n: str) -> dict:
+                        U = b[f"{n}::{basis}"].to(device)
                         M, N = U.shape[0], numel[n] // U.shape[0]
-                        C, Cr = U.new_zeros(U.shape[1], N), Ur.new_zeros(Ur.shape[1], N)
+                        C = U.new_zeros(U.shape[1], N)
                         for rows in row_blocks((M, N)):  # dT a block of rows at a time, read from the checkpoints
                             i, j = rows.start, rows.stop
                             dT = (ft.get_rows(n, i, j) - start.get_rows(n, i, j)).reshape(j - i, N).to(device)
                             C += U[rows].T @ dT
-                            Cr += Ur[rows].T @ dT
-                        out[f"{n}::C"], out[f"{n}::Cr"] = C, Cr
-                    return out
+                        return {out: C}
+                    return run
 
-                memo[c] = (b, cache.get_or_compute("task_coords", coord_parts | dict(tensors=chunk), coords))
+                b |= cache.get_or_compute("task_coords", coord_parts | tag, per_tensor(coordinates("U", "C")))
+                b |= cache.get_or_compute("random_coords", coord_parts | random_parts | tag,
+                                          per_tensor(coordinates("Ur", "Cr")))
+                memo[c] = b
             return memo[c]
 
         def load(i: int, keep: bool = True) -> TensorProjection:
@@ -347,10 +368,10 @@ class SubspaceEngine:
             dT = torch.empty(shape) if keep else None
             task_sq, align_sq, dot_align = _update_sums(ft, start, base, n, dT)
             dT = as_matrix(dT).to(device) if keep else None
-            b, c = chunk_entries(where[n])
+            b = chunk_entries(where[n])
             t = TensorProjection(
                 name=n, shape=shape, U=b[f"{n}::U"].to(device), s=b[f"{n}::s"], Ur=b[f"{n}::Ur"].to(device),
-                perm=b[f"{n}::perm"], C=c[f"{n}::C"].to(device), Cr=c[f"{n}::Cr"].to(device), dT=dT,
+                perm=b[f"{n}::perm"], C=b[f"{n}::C"].to(device), Cr=b[f"{n}::Cr"].to(device), dT=dT,
                 task_sq=task_sq, align_sq=align_sq, dot_align=dot_align,
             )
             return t if keep else t.summary()

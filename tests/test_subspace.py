@@ -317,11 +317,49 @@ def test_engine_reuses_the_cached_alignment_basis(synthetic, tmp_path, monkeypat
 
     cache = DiskCache(tmp_path)
     a = SubspaceEngine.build(synthetic, "useful", cache=cache)
-    monkeypatch.setattr(sub, "alignment_basis", lambda *a, **k: pytest.fail("recomputed an SVD of dA"))
+    monkeypatch.setattr(sub, "_svd_basis", lambda *a, **k: pytest.fail("recomputed an SVD of dA"))
     b = SubspaceEngine.build(synthetic, "harmful", cache=cache)
-    assert torch.equal(a.tensors[3].U, b.tensors[3].U)
+    assert torch.equal(a.tensors[3].U, b.tensors[3].U) and torch.equal(a.tensors[3].Ur, b.tensors[3].Ur)
     entries = cache.info().set_index("namespace")["entries"]
     assert entries["alignment_basis"] == 1 and entries["task_coords"] == 2  # one group per variant: a small model
+    assert entries["random_basis"] == 1 and entries["random_coords"] == 2
+
+
+def test_a_new_draw_reuses_what_no_draw_changes(synthetic, tmp_path, monkeypatch):
+    """A second seed computes its random basis and coordinates only: the SVD of dA and the Top-K coordinates
+    come from the cache, and its Top-K numbers are those of the first draw while its random ones differ."""
+    import safesub_core.subspace as sub
+    from safesub_core.cache import DiskCache
+
+    cache = DiskCache(tmp_path)
+    a = SubspaceEngine.build(synthetic, "useful", cache=cache, seed=0)
+    monkeypatch.setattr(sub, "_svd_basis", lambda *a, **k: pytest.fail("recomputed an SVD of dA"))
+    b = SubspaceEngine.build(synthetic, "useful", cache=cache, seed=1)
+    entries = cache.info().set_index("namespace")["entries"]
+    assert entries["alignment_basis"] == 1 and entries["task_coords"] == 1
+    assert entries["random_basis"] == 2 and entries["random_coords"] == 2
+    for ta, tb in zip(a.tensors, b.tensors):
+        assert torch.equal(ta.U, tb.U) and torch.equal(ta.C, tb.C)
+    top, rnd = ProjectionConfig("topk", "parallel", 0.3), ProjectionConfig("random", "parallel", 0.3)
+    assert a.diagnostics(top).energy_kept == b.diagnostics(top).energy_kept
+    assert a.diagnostics(rnd).energy_kept != b.diagnostics(rnd).energy_kept
+
+
+def test_random_basis_is_orthonormal_and_uniform_in_distribution():
+    """Q of a Gaussian's QR with R's diagonal made positive is Haar: the squared norm of a fixed unit vector's
+    projection on a random k-subspace of R^M has mean k / M (averaged over many draws)."""
+    from safesub_core.subspace import random_basis
+
+    M, N, k = 12, 5, 3
+    draws = [random_basis(M, N, "w", seed, dtype=torch.float64)["Ur"] for seed in range(400)]
+    for Ur in draws[:5]:
+        assert Ur.shape == (M, N) and torch.allclose(Ur.T @ Ur, torch.eye(N, dtype=Ur.dtype), atol=1e-12)
+    e = torch.zeros(M, dtype=torch.float64)
+    e[0] = 1.0
+    kept = torch.tensor([float((Ur[:, :k].T @ e).pow(2).sum()) for Ur in draws])
+    assert abs(float(kept.mean()) - k / M) < 4 * float(kept.std()) / 400 ** 0.5
+    wide = random_basis(4, 9, "w", 0)
+    assert wide["Ur"].shape == (4, 4) and sorted(wide["perm"].tolist()) == [0, 1, 2, 3]
 
 
 def test_groups_of_tensors_respect_the_byte_limit():
