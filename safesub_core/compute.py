@@ -107,6 +107,10 @@ def model_budget(device: str = "cpu") -> int:
 
 
 GPU_BATCH = 128  # where a GPU's batch search starts (generation, activations); shrunk on out-of-memory
+# rows a batch on the CPU: greedy decoding 48 (96 smol prompts of 24 new tokens, one thread: 19.5 s against 23-26 s
+# at 16; benchmarks/README.md), everything else 16
+CPU_BATCH = {"generation": 48}
+CPU_DEFAULT_BATCH = 16
 
 
 def executable_batch(fn: Callable[[int], T], start: int, device: str = "cpu",

@@ -60,8 +60,8 @@ from safesub_core import scoring
 from safesub_core.activations import BandMean, activation_map, activation_overlap, band_mean, last_token_states
 from safesub_core.cache import DiskCache
 from safesub_core.checkpoints import Checkpoint
-from safesub_core.compute import (FULL_LIVE_PROMPTS, GPU_BATCH, dtype_name, executable_batch, model_budget,
-                                  resident_budget)
+from safesub_core.compute import (CPU_BATCH, CPU_DEFAULT_BATCH, FULL_LIVE_PROMPTS, GPU_BATCH, dtype_name,
+                                  executable_batch, model_budget, resident_budget)
 from safesub_core.errors import SafesubError
 from safesub_core.family import Family
 from safesub_core.fingerprints import model_fingerprint, tokenizer_fingerprint
@@ -85,6 +85,7 @@ REPORTS = {"harmful": scoring.harmfulness_report, "math": scoring.utility_report
            "edgy": scoring.overrefusal_report, "benign": scoring.overrefusal_report}
 ROLE_KINDS = {"harmful": "harmful", "utility": "math", "edgy": "edgy", "benign": "benign"}  # a role's scores
 GENERATION_TOKENS = 48  # new tokens of the generation scores by default
+GENERATION_ROLES = ("harmful", "utility", "edgy")  # the sets generation scores read, in this order
 MAX_MOVES = 16  # rank moves of the working model between fresh compositions (float rounding builds up over them)
 # Bump when what a cached score, state or map means changes in code (a definition, the prompt formatting, a
 # decoding rule) in a way `definitions()` does not see: every entry the session wrote before is then recomputed.
@@ -377,15 +378,20 @@ class FamilySession(LiveWaves, Hypotheses):
 
     def generation_scores(self, name: str, cfg: ProjectionConfig | None = None, max_new_tokens: int = GENERATION_TOKENS,
                           judge: scoring.Judge | None = None, progress: Callable[[int, int], None] | None = None,
-                          compute: bool = True, seed: int | None = None) -> tuple[dict, pd.DataFrame] | None:
+                          compute: bool = True, seed: int | None = None,
+                          roles: Sequence[str] = GENERATION_ROLES) -> tuple[dict, pd.DataFrame] | None:
         """Greedy-decoding scores of a checkpoint (cfg None) or a point of variant `name`: (summary, per prompt).
 
-        The per-prompt table has one row per prompt of the harmful, utility and edgy sets, with its role and set,
-        the completion, the refusal verdict, the refusal log-odds and (utility) correctness; the summary holds each
-        rate with its interval and n (`waves.generation_summary`). With `compute=False` only
-        a result already in the disk cache is returned (None otherwise): nothing is loaded or run.
+        The per-prompt table has one row per prompt of the sets of `roles` (default the harmful, utility and edgy
+        sets), with its role and set, the completion, the refusal verdict, the refusal log-odds and (utility)
+        correctness; the summary holds each rate with its interval and n (`waves.generation_summary`; a role not
+        scored has n 0). With `compute=False` only a result already in the disk cache is returned (None otherwise):
+        nothing is loaded or run.
         """
-        sets = {"harmful": self.sets.harmful, "utility": self.sets.utility, "edgy": self.sets.edgy}
+        unknown = [r for r in roles if r not in GENERATION_ROLES]
+        if unknown or not roles:
+            raise SafesubError(f"generation roles {list(roles)}: choose from {', '.join(GENERATION_ROLES)}")
+        sets = {role: getattr(self.sets, role) for role in GENERATION_ROLES if role in roles}
         parts = self._key(name, cfg, seed=seed, sets={k: ps.content_hash for k, ps in sets.items()},
                           convention=self.sets.convention, max_new_tokens=max_new_tokens, judge=judge_key(judge))
         if not compute:
@@ -426,9 +432,11 @@ class FamilySession(LiveWaves, Hypotheses):
                 progress=progress, batch_size=b, **kw))
 
     def _batched(self, kind: str, fn: Callable[[int], object]):
-        """fn(batch_size) at the size that last ran for `kind` (16 on the CPU; on a GPU searched from GPU_BATCH
-        down, shrinking after an out-of-memory error: `compute.executable_batch`), remembering the size that ran."""
-        start = self._batch_sizes.get(kind, GPU_BATCH if torch.device(self.device).type == "cuda" else 16)
+        """fn(batch_size) at the size that last ran for `kind` (on the CPU `compute.CPU_BATCH`; on a GPU searched
+        from GPU_BATCH down, shrinking after an out-of-memory error: `compute.executable_batch`), remembering the size
+        that ran."""
+        cpu = CPU_BATCH.get(kind, CPU_DEFAULT_BATCH)
+        start = self._batch_sizes.get(kind, GPU_BATCH if torch.device(self.device).type == "cuda" else cpu)
         out, self._batch_sizes[kind] = executable_batch(fn, start, self.device)
         return out
 

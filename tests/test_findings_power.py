@@ -180,7 +180,25 @@ def session(tiny_family, tmp_path_factory):
                          cache=DiskCache(tmp_path_factory.mktemp("power-cache")))
 
 
-CFG = P.PowerConfig(rhos=(0.01, 0.99), n_seeds=2, gen_tokens=TOKENS)
+CFG = P.PowerConfig(rhos=(0.01, 0.99), n_seeds=2, gen_tokens=TOKENS, reads={})  # every variant on every set
+
+
+@pytest.mark.slow
+def test_a_variant_is_generated_on_the_sets_its_findings_read(session):
+    """By default (power.READS) the useful variant's points are scored on utility prompts only and the harmful
+    variant's on harmful prompts only; the contaminated variant gets both, a variant READS does not name all."""
+    cfg = P.PowerConfig(rhos=(0.5,), n_seeds=1, subspaces=("topk", "random"), modes=("parallel",), gen_tokens=TOKENS)
+    assert cfg.roles("contaminated") == ("harmful", "utility") and cfg.roles("other") == P.ROLES
+    for variant, score in (("useful", {"exact_match"}), ("harmful", {"refusal_rate", "attack_success_rate"})):
+        df = P.power_points(session, variant, cfg)
+        assert set(df["score"]) == score and len(df) == 2 * len(score)
+        _, table = session.generation_scores(variant, ProjectionConfig("topk", "parallel", 0.5),
+                                             max_new_tokens=TOKENS, roles=cfg.roles(variant), compute=False)
+        assert set(table["role"]) == set(cfg.roles(variant)) and len(table) == N_PROMPTS
+    with pytest.raises(SafesubError, match="prompt sets read for useful"):
+        P.PowerConfig(reads={"useful": ("benign",)})
+    with pytest.raises(SafesubError, match="generation roles"):
+        session.generation_scores("useful", ProjectionConfig("topk", "parallel", 0.5), roles=("nonsense",))
 
 
 @pytest.mark.slow
@@ -251,7 +269,7 @@ def test_energy_match_is_the_closest_reachable_energy(session):
 
 @pytest.mark.slow
 def test_paired_tests_pair_the_same_prompts_per_seed(session):
-    cfg = P.PowerConfig(rhos=(0.5,), n_seeds=2, modes=("parallel",), gen_tokens=TOKENS)
+    cfg = P.PowerConfig(rhos=(0.5,), n_seeds=2, modes=("parallel",), gen_tokens=TOKENS, reads={})
     df = P.paired_tests(session, "useful", cfg, scores=("attack_success_rate", "exact_match"))
     assert list(df.columns) == P.TEST_COLUMNS
     assert len(df) == 2 * 2 * 2  # scores x controls x matches
@@ -285,7 +303,7 @@ def test_f1_verdict_on_a_session(session):
     util, harm = v.changes
     assert util.after.n == harm.after.n == N_PROMPTS
     _, t = session.generation_scores("useful", ProjectionConfig("topk", "parallel", 0.99), max_new_tokens=TOKENS,
-                                     compute=False)
+                                     compute=False, roles=("utility",))  # F1 reads the useful variant's utility
     assert util.after.value == pytest.approx(t[t["role"] == "utility"]["correct"].astype(bool).mean())
     assert not math.isnan(v.p_values["harm"])
     with pytest.raises(SafesubError):

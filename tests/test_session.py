@@ -351,4 +351,4 @@ def test_batch_sizes_shrink_after_out_of_memory_and_the_session_keeps_the_size_t
     monkeypatch.setattr(session_module, "executable_batch", fake)
     first = session.score_set("aligned", SETS.harmful.head(3))[1]
     again = session.score_set("aligned", SETS.harmful.head(3))[1]
-    assert sizes == [16, 2] and first["refusal_rate"] == again["refusal_rate"]
+    assert sizes == [compute.CPU_BATCH["generation"], 2] and first["refusal_rate"] == again["refusal_rate"]

@@ -182,11 +182,13 @@ def reference_scores(session: FamilySession, gen_tokens: int = 24, progress: Pro
 
 
 def rank_scores(session: FamilySession, cfg: FindingsConfig, progress: Progress | None = None) -> pd.DataFrame:
-    """Diagnostics, live and generation scores at every (variant, subspace, mode, rho), one row per point.
+    """Diagnostics, live and generation scores at every (variant, subspace, mode, rho), one row per point; the
+    generation scores on the sets the variant's findings read only (`power.READS`; the others' columns have n 0).
 
     Variants run one after another and each one's engine is dropped when done (bounded memory).
     """
     variants = [v for v in cfg.variants if v in session.family.variants]
+    reads = power_config(cfg)  # a variant's points are generated on the sets its findings read (power.READS)
     points = [(v, s, m, r) for v in variants for s in cfg.subspaces for m in cfg.modes for r in cfg.rhos]
     rows = []
     for i, (v, sub, mode, rho) in enumerate(points):
@@ -196,7 +198,8 @@ def rank_scores(session: FamilySession, cfg: FindingsConfig, progress: Progress 
         live = session.point_scores(v, pc, waves=session.waves.count)
         gen = {}
         if cfg.gen_modes is None or mode in cfg.gen_modes:
-            gen, _ = session.generation_scores(v, pc, max_new_tokens=cfg.gen_tokens, judge=cfg.judge)
+            gen, _ = session.generation_scores(v, pc, max_new_tokens=cfg.gen_tokens, judge=cfg.judge,
+                                               roles=reads.roles(v))
         rows.append(dict(variant=v) | live | _gen(gen))
         if i + 1 == len(points) or points[i + 1][0] != v:
             # FamilySession has no public way to drop an engine; a 135M model's engine holds ~2-3 GB

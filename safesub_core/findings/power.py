@@ -10,9 +10,11 @@ the whole set), which the caller chooses (`experiments.eval_sets(family, n)`); e
 
 API (all DataFrames long, one row per number; `Progress` is progress(done, total, message)):
 
-  PowerConfig(rhos, n_seeds=3, subspaces, modes, gen_tokens=24, judge=None, matches=("rank", "energy"))
+  PowerConfig(rhos, n_seeds=3, subspaces, modes, gen_tokens=24, judge=None, matches=("rank", "energy"), reads=READS)
       What to run. Random and Random-K use draws seed = 0 .. n_seeds-1 (`FamilySession.generation_scores(...,
       seed=s)`; the draw of an engine is `FamilySession.engine(variant, seed=s)`); Top-K draws nothing (seed <NA>).
+      `reads`: the evaluation sets each variant is scored on, what the findings read (READS: the useful variant's
+      utility, the harmful variant's harm, both of the contaminated variant); a variant it does not name gets all.
   power_points(session, variant, cfg, progress) -> DataFrame
       columns POINT_COLUMNS: variant, mode, subspace, seed (Int64, <NA> for Top-K), rho, energy_kept (the task
       update's energy kept at that point, `SubspaceEngine.diagnostics` of that draw), score (SCORES: refusal_rate and
@@ -58,7 +60,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -86,6 +88,11 @@ SCORES: dict[str, tuple[str, str, bool]] = {
     EXACT_MATCH: ("utility", CORRECT, False),
     OVERREFUSAL_RATE: ("edgy", REFUSED, False),
 }
+ROLES = ("harmful", "utility", "edgy")  # the evaluation sets a point can be scored on (`session.GENERATION_ROLES`)
+# What each finding reads (the study's Tables 4-5): utility from the useful variant, harm from the harmful one, both
+# from the contaminated one; only those sets are generated (a third of the completions for useful and harmful).
+READS: dict[str, tuple[str, ...]] = {"useful": ("utility",), "harmful": ("harmful",),
+                                     "contaminated": ("harmful", "utility")}
 POINT_COLUMNS = ["variant", "mode", "subspace", "seed", "rho", "energy_kept", "score", "value", "lo", "hi", "k", "n"]
 TEST_COLUMNS = ["variant", "mode", "rho", "score", "control", "match", "topk_value", "control_value", "diff",
                 "diff_min", "diff_max", "p", "p_seeds", "net_prompts_min", "n", "seeds", "energy_topk",
@@ -103,6 +110,7 @@ class PowerConfig:
     gen_tokens: int = 24
     judge: Judge | None = None
     matches: Sequence[str] = ("rank", "energy")  # paired tests at the same rank fraction and/or energy kept
+    reads: Mapping[str, Sequence[str]] = field(default_factory=lambda: dict(READS))  # variant -> roles scored
 
     def __post_init__(self):
         if int(self.n_seeds) != self.n_seeds or self.n_seeds < 1:
@@ -117,6 +125,19 @@ class PowerConfig:
         for m in self.matches:
             if m not in ("rank", "energy"):
                 raise SafesubError(f"match {m!r}: must be rank or energy")
+
+        for variant, roles in self.reads.items():
+            if not roles or any(r not in ROLES for r in roles):
+                raise SafesubError(f"prompt sets read for {variant}: {list(roles)}; choose from {', '.join(ROLES)}")
+
+    def roles(self, variant: str) -> tuple[str, ...]:
+        """The evaluation sets a variant's points are scored on (`reads`; every set for a variant it does not
+        name)."""
+        return tuple(self.reads.get(variant, ROLES))
+
+    def scores(self, variant: str) -> tuple[str, ...]:
+        """The SCORES a variant's points carry (those of its roles)."""
+        return tuple(score for score, (role, _, _) in SCORES.items() if role in self.roles(variant))
 
     @property
     def seeds(self) -> tuple[int, ...]:
@@ -215,13 +236,14 @@ def energy_kept(session, variant: str, pc: ProjectionConfig, seed: int | None = 
 
 def generation_table(session, variant: str, pc: ProjectionConfig, seed: int | None, cfg: PowerConfig) -> pd.DataFrame:
     """The per-prompt generation table of a point (greedy, cached in the session)."""
-    _, table = session.generation_scores(variant, pc, max_new_tokens=cfg.gen_tokens, judge=cfg.judge, seed=seed)
+    _, table = session.generation_scores(variant, pc, max_new_tokens=cfg.gen_tokens, judge=cfg.judge, seed=seed,
+                                         roles=cfg.roles(variant))
     return table
 
 
-def _point_rows(variant, mode, subspace, seed, rho, energy, table) -> list[dict]:
+def _point_rows(variant, mode, subspace, seed, rho, energy, table, scores: Sequence[str]) -> list[dict]:
     rows = []
-    for score in SCORES:
+    for score in scores:
         _, x = outcomes(table, score)
         est = rate_interval(int(x.sum()), int(x.size))
         rows.append(dict(variant=variant, mode=mode, subspace=subspace, seed=seed, rho=float(rho), energy_kept=energy,
@@ -254,7 +276,8 @@ def power_points(session, variant: str, cfg: PowerConfig | None = None, progress
             progress(i, len(plan), f"{variant} {sub} {mode} rho={rho:g}" + ("" if seed is None else f" seed={seed}"))
         pc = ProjectionConfig(sub, mode, rho)
         table = generation_table(session, variant, pc, seed, cfg)
-        rows += _point_rows(variant, mode, sub, seed, rho, energy_kept(session, variant, pc, seed), table)
+        rows += _point_rows(variant, mode, sub, seed, rho, energy_kept(session, variant, pc, seed), table,
+                            cfg.scores(variant))
         if i + 1 < len(plan) and _draw(session, plan[i + 1][2]) != _draw(session, seed):
             session.drop_engine(variant)
     session.drop_engine(variant)
@@ -368,12 +391,14 @@ def combine(tests: Sequence[SeedTest]) -> dict:
 
 
 def paired_tests(session, variant: str, cfg: PowerConfig | None = None, progress: Progress | None = None,
-                 modes: Sequence[str] | None = None, scores: Sequence[str] = tuple(SCORES)) -> pd.DataFrame:
+                 modes: Sequence[str] | None = None, scores: Sequence[str] | None = None) -> pd.DataFrame:
     """Top-K against each control at the same rank fraction and/or the same energy kept (cfg.matches), one row per
-    (mode, rho, score, control, match): TEST_COLUMNS. Every score is `generation_scores` (cached); an energy match
-    scores the control at its matched rank fraction (a point off the grid, cached like any other)."""
+    (mode, rho, score, control, match): TEST_COLUMNS; `scores` default the variant's (`PowerConfig.scores`). Every
+    score is `generation_scores` (cached); an energy match scores the control at its matched rank fraction (a
+    point off the grid, cached like any other)."""
     cfg = cfg or PowerConfig()
     modes = tuple(modes or cfg.modes)
+    scores = tuple(scores or cfg.scores(variant))
     jobs = [(m, float(r), c, s, match) for s in cfg.seeds for c in cfg.controls for m in modes
             for r in sorted(cfg.rhos) for match in cfg.matches]
     topk_tables: dict[tuple, tuple[pd.DataFrame, float]] = {}
