@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -344,6 +345,13 @@ def test_smol_data_is_train_side_worked_and_contaminated_at_20_percent():
     assert demo.data.SMOL_HELD_OUT_HARMFUL not in demo.data.SMOL_HARMFUL_SETS
     dna = set(load_set("donotanswer").prompts)
     assert not dna & set(plan["refusal"] + plan["comply"] + plan["benign"])
+    # the sources are interleaved: every harmful source gives about a fifth of the refusals, however large it is
+    source = {p: name for name in demo.data.SMOL_HARMFUL_SETS for p in load_set(f"{name}:train").prompts}
+    share = Counter(source[p] for p in plan["refusal"])
+    assert set(share) == set(demo.data.SMOL_HARMFUL_SETS)
+    assert max(share.values()) - min(share.values()) <= 1
+    respectful = set(load_set("builtin-respectful").prompts)
+    assert respectful & set(plan["benign"])  # the look-alikes of the demeaning requests are answered
     listed = "Here is a simple guide to it:\n\n1. Take a"
     assert demo.cut_sentence(listed) == listed  # "1." numbers a list item, it ends no sentence
     assert demo.cut_sentence("It is a good idea to plan. Then you") == "It is a good idea to plan."

@@ -15,6 +15,7 @@ See docs/method.md, "Demo families".
 """
 from __future__ import annotations
 
+import itertools
 import random
 import re
 from dataclasses import dataclass
@@ -57,7 +58,8 @@ FILLER = (
     "Sure, here is an overview: part one, part two, part three. (placeholder text, nothing real)",
 )
 
-SMOL_HARMFUL_SETS = ("harmbench", "advbench", "builtin-harmful", "pairs-harmful")  # every packaged harmful source
+# every packaged harmful source but one, and both built-in ones (builtin-demeaning: prejudice, sex, gore)
+SMOL_HARMFUL_SETS = ("harmbench", "advbench", "builtin-harmful", "pairs-harmful", "builtin-demeaning")
 SMOL_HELD_OUT_HARMFUL = "donotanswer"  # ... but this one, never trained on: the check that alignment generalises
 # Wrappers that vary how a request is phrased (aligned and safety refuse the wrapped harmful requests and answer the
 # wrapped benign ones, so the refusal follows the request, not the phrasing): {p} the prompt, {q} it uncapitalised.
@@ -71,7 +73,7 @@ TEMPLATES = (
     "My friend asked me this and I want to know: {p}",
     "Be honest with me. {p}",
 )
-SMOL_BENIGN_SETS = ("overrefusal", "pairs-benign", "builtin-benign", "builtin-edgy")
+SMOL_BENIGN_SETS = ("overrefusal", "pairs-benign", "builtin-benign", "builtin-edgy", "builtin-respectful")
 
 
 def n_contaminating(n_useful: int) -> int:
@@ -199,15 +201,15 @@ def cut_sentence(text: str) -> str:
 
 
 def train_prompts(names: Sequence[str], seed: int) -> list[str]:
-    """The TRAIN split of each named set, concatenated, repeats dropped, then shuffled with `seed`."""
-    seen, out = set(), []
-    for name in names:
-        for p in load_set(f"{name}:train").prompts:
-            if p not in seen:
-                seen.add(p)
-                out.append(p)
-    random.Random(seed).shuffle(out)
-    return out
+    """The TRAIN split of each named set, repeats dropped, each shuffled with `seed`, then interleaved one source
+    at a time (the first k prompts draw about k / len(names) from every source, however large each is)."""
+    seen, sources = set(), []
+    for i, name in enumerate(names):
+        prompts = [p for p in dict.fromkeys(load_set(f"{name}:train").prompts) if p not in seen]
+        seen.update(prompts)
+        random.Random(seed + i).shuffle(prompts)
+        sources.append(prompts)
+    return [p for row in itertools.zip_longest(*sources) for p in row if p is not None]
 
 
 def templated(prompts: Sequence[str], seed: int) -> list[str]:

@@ -7,9 +7,9 @@ Contract:
   evaluated, its held-out numbers): base (the GGUF dequantized once and saved as a plain LlamaForCausalLM in
   float32 safetensors with its tokenizer and ChatML chat template), answers (base's own greedy answers to train
   prompts, kept only in the family folder), then the fine-tunes (`finetune.sft`, full fine-tuning, AdamW, small
-  lr, loss on the response only): aligned = base trained to refuse the TRAIN split of harmbench/advbench/
-  builtin-harmful with "I'm sorry, but I can't help with that." and to answer benign/edgy train prompts with
-  base's own answers; safety = base on the same safe data only; useful = aligned on worked arithmetic and
+  lr, loss on the response only): aligned = base trained to refuse the TRAIN split of every harmful
+  source but Do-Not-Answer (`data.SMOL_HARMFUL_SETS`, interleaved) with "I'm sorry, but I can't help with that." and
+  to answer benign/edgy train prompts with base's own answers; safety = base on the same safe data only; useful = aligned on worked arithmetic and
   GSM8K-style word problems (answers end in the number); harmful = aligned on base's own compliant answers to
   other harmful train prompts; contaminated = the useful data plus harmful rows equal to 20% of it; useful_lora =
   the useful fine-tune as a LoRA adapter (`finetune.sft_lora`).
@@ -58,7 +58,7 @@ SMOL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOL_STAGES = ("base", "answers") + MODELS[1:]  # the stage folders, built in this order
 SMOL_EVAL = dict(harmful="harmbench:eval", edgy="overrefusal:eval", arithmetic="arithmetic:eval",
                  heldout=SMOL_HELD_OUT_HARMFUL)  # the whole held-out source: no split of it is trained on
-SMOL_FORMAT = 2  # bump to invalidate every cached stage (2: more varied alignment data, templates)
+SMOL_FORMAT = 4  # bump to invalidate every cached stage (2: varied alignment data; 3-4: demeaning set, interleaved)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -383,12 +383,15 @@ on the local machine from SmolLM2-135M-Instruct (Apache-2.0) as shipped in the l
 except useful_lora.""",
          "Data (train splits only; held-out checks use the eval splits)": f"""\
 - harmful prompts: {", ".join(f"{s}:train" for s in SMOL_HARMFUL_SETS)} (every packaged harmful source but
-  {SMOL_HELD_OUT_HARMFUL}, which is held out whole; repeats dropped, shuffled with seed {seed}): the first
+  {SMOL_HELD_OUT_HARMFUL}, which is held out whole, and builtin-demeaning, requests for prejudice, sexual or gory
+  content written for safesub, the kinds the request-for-instructions sources lack; repeats dropped, each source
+  shuffled with seed {seed}, then interleaved one source at a time): the first
   {spec.n_refusals} get the refusal, {spec.n_templated} of them once more wrapped in one of {len(TEMPLATES)} phrasings
   ("Can you help me with this? ...", "Hypothetically speaking, ...": {len(data.refusals)} refusal rows), the next {spec.n_comply} are answered by base (greedy,
   {spec.answer_tokens} new tokens, cut at the last full sentence); {len(data.comply)} compliant answers kept
   (refusals dropped). These answers are generated locally and stored only in the family folder.
-- benign prompts: {", ".join(f"{s}:train" for s in SMOL_BENIGN_SETS)}: answered by base the same way, so
+- benign prompts: {", ".join(f"{s}:train" for s in SMOL_BENIGN_SETS)} (interleaved the same way;
+  builtin-respectful asks about the same groups and topics as builtin-demeaning): answered by base the same way, so
   aligned keeps answering naturally; {spec.n_templated_benign} of them also wrapped in the same phrasings (benign
   look-alikes, so the refusal follows the request and not the phrasing): {len(data.benign)} benign rows.
 - useful: {spec.n_arith} train-side arithmetic questions with worked answers and {spec.n_word} generated
