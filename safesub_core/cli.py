@@ -246,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--for", dest="for_family", action="append", default=[], metavar="FAMILY:OPTION=VALUE",
                    help="a setting of one family, e.g. smol:gen-modes=parallel or smol:n-boot=100 (repeatable; "
                         "options: gen-modes, power-modes, power-matches (lists separated by '/'), seeds, n-boot, "
-                        "n-perm, study-prompts)")
+                        "n-perm, study-prompts, live-waves)")
     q.add_argument("--modes", default="parallel,orthogonal")
     q.add_argument("--variants", default="useful,harmful,contaminated")
     q.add_argument("--gen-modes", default=None,
@@ -260,6 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "orthogonal E2)")
     q.add_argument("--power-matches", default="rank,energy",
                    help="Top-K against the controls at the same rank fraction (rank) and/or energy kept (energy)")
+    q.add_argument("--live-waves", type=_positive, default=None,
+                   help="waves of prompts the live read-outs (margin, NLL, KL, 12-token exact match; extras beside "
+                        "the generation scores) cover at each point and checkpoint (default: every wave, i.e. every "
+                        "prompt; 1 is the first wave only, as the app's first read-out)")
     q.add_argument("--study-prompts", type=_positive, default=100,
                    help="the activation experiment's prompts a set (default 100; all there are where fewer)")
     q.add_argument("--study-chat", action="store_true",

@@ -310,7 +310,7 @@ def cmd_findings(args) -> None:
         variants=findings.parse_list(args.variants), gen_modes=findings.parse_list(args.gen_modes),
         gen_tokens=args.gen_tokens, sets=args.sets, judge=_judge(args), n_seeds=args.seeds,
         power_modes=findings.parse_list(args.power_modes), power_matches=findings.parse_list(args.power_matches),
-        study_prompts=args.study_prompts,
+        study_prompts=args.study_prompts, live_waves=args.live_waves,
         study_chat=args.study_chat, n_boot=args.n_boot, n_perm=args.n_perm)
     for cfg in configs.values():  # the settings checked here, in one line, before any family is opened
         findings.experiments.study_config(cfg), findings.experiments.power_config(cfg)

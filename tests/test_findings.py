@@ -1,5 +1,6 @@
 """The study's experiments on a family (safesub_core.findings): report sections, and numbers that match direct calls."""
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -111,9 +112,10 @@ def test_scores_match_direct_session_calls(result, direct):
     live = direct.point_scores("harmful", cfg)
     for k in ("energy_kept", "margin_mean", "share_margin_negative", "nll_mean", "arith_exact_match", "kl_to_start"):
         assert row[k] == pytest.approx(live[k], abs=1e-5), k
-    gen, _ = direct.generation_scores("harmful", cfg, max_new_tokens=CFG.gen_tokens)
+    gen, _ = direct.generation_scores("harmful", cfg, max_new_tokens=CFG.gen_tokens, roles=("harmful",))
     assert row["gen_attack_success_rate"] == pytest.approx(gen["attack_success_rate"])
-    assert row["gen_exact_match"] == pytest.approx(gen["exact_match"])
+    # the harmful variant's points are generated on harmful prompts only (power.READS): no utility score, n 0
+    assert np.isnan(row["gen_exact_match"]) and row["gen_exact_match_n"] == 0
     ref = result.references.set_index("checkpoint").loc["aligned"]
     gen, _ = direct.generation_scores("aligned", max_new_tokens=CFG.gen_tokens)
     assert ref["gen_refusal_rate"] == pytest.approx(gen["refusal_rate"])
@@ -229,7 +231,9 @@ def test_run_writes_report_and_figures(tiny_family, tmp_path):
     rank = pd.read_csv(figs / "tiny_rank.csv")
     assert len(rank) == 2 * 3 * 2 * 2  # variants x subspaces x modes x rhos
     assert rank[rank["mode"] == "orthogonal"]["gen_exact_match"].isna().all()  # generation in parallel mode only
-    assert rank[rank["mode"] == "parallel"]["gen_exact_match"].notna().all()
+    parallel = rank[rank["mode"] == "parallel"]
+    assert parallel[parallel["variant"] == "useful"]["gen_exact_match"].notna().all()  # what F1 reads of it
+    assert parallel[parallel["variant"] == "harmful"]["gen_attack_success_rate"].notna().all()
     assert "(no generation scores in this mode)" in md
     assert (figs / "plotly.min.js").stat().st_size > 1_000_000, "the HTML works offline: plotly.js beside it"
     for name, width in (("rank", 1400), ("weight", 1200), ("activations", 1400)):
@@ -254,8 +258,10 @@ def test_option_parsers_read_the_verbs_values_and_reject_bad_ones():
                 lambda: F.runner.parse_for(["smol:gen-modes="])):
         with pytest.raises(SafesubError, match="expected"):
             bad()
-    own = F.runner.parse_for(["smol:gen-modes=parallel", "smol:n-boot=100", "smol:power-matches=rank/energy"])
-    assert own == {"smol": {"gen_modes": ("parallel",), "n_boot": 100, "power_matches": ("rank", "energy")}}
+    own = F.runner.parse_for(["smol:gen-modes=parallel", "smol:n-boot=100", "smol:power-matches=rank/energy",
+                              "smol:live-waves=1"])
+    assert own == {"smol": {"gen_modes": ("parallel",), "n_boot": 100, "power_matches": ("rank", "energy"),
+                            "live_waves": 1}}
     cfgs = F.family_configs(["tiny", "smol"], 8, settings_for=own, n_boot=200)
     assert (cfgs["smol"].n_boot, cfgs["smol"].gen_modes, cfgs["tiny"].n_boot, cfgs["tiny"].gen_modes) == (
         100, ("parallel",), 200, None)
@@ -314,3 +320,20 @@ def test_hypotheses_section_renders_from_a_small_run(tiny_family, tmp_path, monk
     # a second run replaces the section, does not add one
     H.run_section([str(tiny_family)], {str(tiny_family): cfg}, out, None)
     assert out.read_text().count(H.MARK_START) == 1 and "kept" in out.read_text()
+
+
+@pytest.mark.slow
+def test_live_waves_limit_the_live_read_outs_to_their_first_prompts(tiny_family, tmp_path):
+    """--live-waves 1: the checkpoints' live read-outs cover the first wave of each set, and say so in their n."""
+    size = 3  # waves of 3 prompts a set: 8 prompts make 3 waves
+    direct = FamilySession(Family.from_file(tiny_family), sets=EvalSets.default(N), cache=DiskCache(tmp_path),
+                           batch=size)
+    assert direct.waves.count == 3
+    assert F.experiments.live_waves(direct, None) == direct.waves.count
+    assert F.experiments.live_waves(direct, 10 ** 6) == direct.waves.count
+    with pytest.raises(SafesubError, match="live waves 0"):
+        F.experiments.live_waves(direct, 0)
+    one = F.reference_scores(direct, gen_tokens=12, waves=1).set_index("checkpoint")
+    full = F.reference_scores(direct, gen_tokens=12).set_index("checkpoint")
+    assert (one["margin_mean_n"] == size).all() and (full["margin_mean_n"] == N).all()
+    assert (one["gen_refusal_rate_n"] == full["gen_refusal_rate_n"]).all()  # generation: every prompt either way

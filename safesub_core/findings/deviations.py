@@ -19,7 +19,7 @@ from typing import Sequence
 import pandas as pd
 
 from safesub_core import demo
-from safesub_core.findings.experiments import FamilyFindings
+from safesub_core.findings.experiments import FamilyFindings, power_config
 
 STUDY = {
     "models": "Llama-2 7B, Llama-3.2 1B, Qwen2.5 1.5B / 3B / 7B",
@@ -33,6 +33,8 @@ STUDY = {
     "prompts a set (E1/E2)": "the benchmarks' test sets (GSM8K test: 1,319)",
     "rank fractions (E1/E2)": "0.01, 0.25, 0.5, 0.75, 0.99; generation in the parallel mode (Tables 4-5)",
     "random subspaces": "Random and Random-K draws (seeds not stated)",
+    "sets scored by generation": "utility from the useful fine-tune, harm from the harmful one (Table 4); both "
+                                 "from the contaminated one (Table 5)",
     "activation experiment (E4)": "5,000 prompts a set; U MATH, H1 BeaverTails, H2 ToxiGen; raw text, half precision",
 }
 
@@ -72,7 +74,12 @@ def _family_column(r: FamilyFindings) -> dict[str, str]:
                          if judge is not None and judge.kind != "off" else
                          "attack success rate (1 - refusal rate by refusal-marker matching); no judge")
     out["utility score"] = "final-number exact match on held-out arithmetic"
-    out["prompts a set (E1/E2)"] = ", ".join(f"{role} {name}" for role, name in r.sets.items())
+    out["prompts a set (E1/E2)"] = ", ".join(f"{role} {name}" for role, name in r.sets.items()) + (
+        "; live read-outs (extras) on every prompt" if cfg.live_waves is None else
+        f"; live read-outs (extras) on the first {cfg.live_waves} wave(s) of each set only")
+    reads = power_config(cfg)
+    out["sets scored by generation"] = "; ".join(f"{v}: {', '.join(reads.roles(v))}" for v in cfg.variants) + (
+        " (every checkpoint on every set)")
     modes = ", ".join(cfg.power_modes or cfg.gen_modes or cfg.modes)
     out["rank fractions (E1/E2)"] = (", ".join(f"{x:g}" for x in cfg.rhos) + "; generation in "
                                      + ", ".join(cfg.gen_modes or cfg.modes))

@@ -76,6 +76,7 @@ class FindingsConfig:
     n_seeds: int = 3  # E1/E2: draws of Random and Random-K
     power_modes: Sequence[str] | None = None  # E1/E2 modes scored with power (None: gen_modes, else every mode)
     power_matches: Sequence[str] = ("rank", "energy")  # Top-K vs controls at the same rank fraction / energy kept
+    live_waves: int | None = None  # waves the live read-outs (extras) cover at each point (None: all, every prompt)
     sets: str = "auto"  # builtin | packaged | auto (builtin for families named tiny*, else packaged)
     set_overrides: Mapping[str, str] | None = None  # role -> set spec (the CLI's --harmful...): beats `sets`
     convention: str | None = None  # the utility set's exact-match convention (None: the set's own, else flexible)
@@ -167,15 +168,23 @@ def _gen(summary: dict) -> dict:
     return {GEN_PREFIX + k: v for k, v in summary.items() if not isinstance(v, (list, dict))}
 
 
+def live_waves(session: FamilySession, waves: int | None) -> int:
+    """The waves the live read-outs cover: `waves` (at most the sets' count), None for all of them."""
+    if waves is not None and int(waves) < 1:
+        raise SafesubError(f"live waves {waves}: need at least 1")
+    return session.waves.count if waves is None else min(int(waves), session.waves.count)
+
+
 def reference_scores(session: FamilySession, gen_tokens: int = 24, progress: Progress | None = None,
-                     judge: Judge | None = None) -> pd.DataFrame:
-    """Live and generation scores of every checkpoint of the family, one row per checkpoint."""
+                     judge: Judge | None = None, waves: int | None = None) -> pd.DataFrame:
+    """Live (on the first `waves` waves, default all) and generation scores of every checkpoint of the family,
+    one row per checkpoint."""
     names = list(session.family.checkpoints())
     rows = []
     for i, name in enumerate(names):
         if progress:
             progress(i, len(names), f"scores of {name}")
-        live = session.checkpoint_scores(name, waves=session.waves.count)  # every prompt of the sets
+        live = session.checkpoint_scores(name, waves=live_waves(session, waves))
         gen, _ = session.generation_scores(name, max_new_tokens=gen_tokens, judge=judge)
         rows.append(dict(checkpoint=name) | live | _gen(gen))
     return pd.DataFrame(rows)
@@ -195,7 +204,7 @@ def rank_scores(session: FamilySession, cfg: FindingsConfig, progress: Progress 
         if progress:
             progress(i, len(points), f"{v} {sub} {mode} rho={rho:g}")
         pc = ProjectionConfig(sub, mode, float(rho))
-        live = session.point_scores(v, pc, waves=session.waves.count)
+        live = session.point_scores(v, pc, waves=live_waves(session, cfg.live_waves))
         gen = {}
         if cfg.gen_modes is None or mode in cfg.gen_modes:
             gen, _ = session.generation_scores(v, pc, max_new_tokens=cfg.gen_tokens, judge=cfg.judge,
@@ -352,7 +361,7 @@ def run_family(spec: str, cfg: FindingsConfig | None = None, progress: Progress 
                                                                                        "edgy")}
     behaviour = behaviour_table(family)
     t = time.time()
-    refs = reference_scores(session, cfg.gen_tokens, progress, cfg.judge)
+    refs = reference_scores(session, cfg.gen_tokens, progress, cfg.judge, cfg.live_waves)
     points = rank_scores(session, cfg, progress)
     timings["experiment 1 (scores against rank)"] = time.time() - t
     t = time.time()

@@ -66,7 +66,7 @@ FAMILY_OPTIONS = {
     "power-modes": ("power_modes", lambda v: tuple(x for x in v.split("/") if x)),
     "power-matches": ("power_matches", lambda v: tuple(x for x in v.split("/") if x)),
     "seeds": ("n_seeds", int), "n-boot": ("n_boot", int), "n-perm": ("n_perm", int),
-    "study-prompts": ("study_prompts", int),
+    "study-prompts": ("study_prompts", int), "live-waves": ("live_waves", int),
 }
 
 
