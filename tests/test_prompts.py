@@ -102,7 +102,7 @@ def test_builtin_sets_have_the_promised_sizes_and_kinds():
 
 def test_demeaning_requests_and_their_look_alikes_name_the_same_groups():
     bad, good = load_set("builtin-demeaning"), load_set("builtin-respectful")
-    assert len(bad) == len(good) == 185 and bad.kind == "harmful" and good.kind == "benign"
+    assert len(bad) == len(good) == 345 and bad.kind == "harmful" and good.kind == "benign"
     assert len(set(bad.prompts)) == len(bad) and not set(bad.prompts) & set(good.prompts)
     for group in ("immigrants", "gay people", "refugees"):
         assert sum(group in p for p in bad.prompts) == sum(group in p for p in good.prompts) == 10

@@ -58,7 +58,7 @@ SMOL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOL_STAGES = ("base", "answers") + MODELS[1:]  # the stage folders, built in this order
 SMOL_EVAL = dict(harmful="harmbench:eval", edgy="overrefusal:eval", arithmetic="arithmetic:eval",
                  heldout=SMOL_HELD_OUT_HARMFUL)  # the whole held-out source: no split of it is trained on
-SMOL_FORMAT = 4  # bump to invalidate every cached stage (2: varied alignment data; 3-4: demeaning set, interleaved)
+SMOL_FORMAT = 5  # bump to invalidate every cached stage (2: varied alignment data; 3-5: demeaning set, interleaved)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,7 +66,7 @@ class SmolSize(FamilySize):
     """One size of the smol family: steps and lr per stage, rows per stage, and the held-out evaluation."""
 
     batch_size: int = 4
-    n_refusals: int = 128  # harmful train prompts answered with the refusal (aligned, safety)
+    n_refusals: int = 160  # harmful train prompts answered with the refusal (aligned, safety)
     n_templated: int = 64  # of those, wrapped in a template once more (data.TEMPLATES)
     n_templated_benign: int = 32  # benign answers repeated with their prompt wrapped (look-alikes)
     n_benign: int = 64  # benign and edgy train prompts answered with base's own greedy answers
@@ -84,7 +84,7 @@ class SmolSize(FamilySize):
 
 SMOL_SIZES = {
     "full": SmolSize(
-        steps=dict(aligned=70, safety=50, useful=20, harmful=20, contaminated=20, useful_lora=20),
+        steps=dict(aligned=100, safety=70, useful=20, harmful=20, contaminated=20, useful_lora=20),
         lr=dict(aligned=5e-5, safety=5e-5, useful=5e-5, harmful=5e-5, contaminated=5e-5, useful_lora=5e-4),
     ),
     "test": SmolSize(
