@@ -29,6 +29,7 @@ from safesub_core.errors import SafesubError
 CONFIDENCE = 0.95
 RESAMPLES = 2000  # bootstrap resamples: the interval's ends move by well under a tenth of its width between seeds
 VERDICTS = ("holds", "does not hold", "inconclusive")
+MIN_PROMPTS = 2  # a difference of at most this many prompts is never claimed (nor decides a verdict or a check)
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,7 @@ from safesub_core.scoring.names import (ATTACK_SUCCESS_RATE, EXACT_MATCH, GEN_PR
                                         REFUSAL_RATE, gen_key)
 from safesub_core.scoring.judges import Judge
 from safesub_core.session import FamilySession
+from safesub_core.stats import MIN_PROMPTS
 
 RHOS = (0.01, 0.25, 0.5, 0.75, 0.99)
 HEADLINE_ENERGY = 0.9
@@ -139,11 +140,14 @@ def eval_sets(family: Family, n: int, kind: str = "auto", overrides: Mapping[str
 
 
 def behaviour_table(family: Family) -> pd.DataFrame:
-    """The held-out numbers the builder stored (family.behaviour['models']), one row per model."""
+    """The held-out numbers the builder stored (family.behaviour['models']), one row per model; the prompts behind
+    each metric (behaviour.json's "prompts", when stored) ride along in the table's attrs["prompts"]."""
     models = (family.behaviour or {}).get("models") or {}
     if not models:
         return pd.DataFrame(columns=["model"])
-    return pd.DataFrame([{"model": m} | dict(v) for m, v in models.items()])
+    table = pd.DataFrame([{"model": m} | dict(v) for m, v in models.items()])
+    table.attrs["prompts"] = dict((family.behaviour or {}).get("prompts") or {})
+    return table
 
 
 def behaviour_checks(behaviour: pd.DataFrame) -> pd.DataFrame:
@@ -152,10 +156,12 @@ def behaviour_checks(behaviour: pd.DataFrame) -> pd.DataFrame:
     another model's), passed."""
     numbers = behaviour.set_index("model").to_dict(orient="index") if "model" in behaviour else {}
     rows = []
-    for c in demo.behaviour_checks(numbers):
+    for c in demo.behaviour_checks(numbers, behaviour.attrs.get("prompts")):
         op, bound = c["op"], c["bound"]
         limit = float(numbers[bound][c["metric"]]) if isinstance(bound, str) else float(bound)
         label = f"{op} {bound} ({limit:.2f})" if isinstance(bound, str) else f"{op} {limit:.2f}"
+        if "prompts_apart" in c:
+            label += f", {c['prompts_apart']:+d} of {c['n']} prompts (at most {MIN_PROMPTS} is no difference)"
         rows.append(dict(model=c["model"], metric=c["metric"], value=float(c["value"]), threshold=label,
                          passed=bool(c["passed"])))
     return pd.DataFrame(rows, columns=["model", "metric", "value", "threshold", "passed"])

@@ -70,14 +70,13 @@ from safesub_core.projection import ProjectionConfig
 from safesub_core.scoring.judges import Judge
 from safesub_core.scoring.names import (ATTACK_SUCCESS_RATE, CORRECT, EXACT_MATCH, OVERREFUSAL_RATE, PROMPT,
                                         REFUSAL_RATE, REFUSED)
-from safesub_core.stats import CONFIDENCE, Estimate, PairedTest, mcnemar, rate_interval, verdict
+from safesub_core.stats import CONFIDENCE, MIN_PROMPTS, Estimate, PairedTest, mcnemar, rate_interval, verdict
 
 Progress = Callable[[int, int, str], None]
 
 RHOS = (0.01, 0.25, 0.5, 0.75, 0.99)
 ALPHA = 0.05
 RECOMMENDED_PROMPTS = 100  # prompts a set the issue asks for (the session's sets decide; rows carry n)
-MIN_PROMPTS = 2  # a difference of at most this many prompts never decides a verdict
 RHO_GRID = 10_000  # matched rank fractions are i / RHO_GRID (ranks move by at most 0.5 for r <= 5000)
 ENERGY_TOL = 0.02  # an energy match within this absolute gap is "reachable"
 
