@@ -116,6 +116,9 @@ def test_scores_match_direct_session_calls(result, direct):
     assert row["gen_attack_success_rate"] == pytest.approx(gen["attack_success_rate"])
     # the harmful variant's points are generated on harmful prompts only (power.READS): no utility score, n 0
     assert np.isnan(row["gen_exact_match"]) and row["gen_exact_match_n"] == 0
+    # the checkpoints the study's tables show: base, the aligned and safety-tuned models and the variants run
+    assert list(result.references["checkpoint"]) == ["base", "aligned", "safety_tuned", "useful", "harmful",
+                                                     "contaminated"]
     ref = result.references.set_index("checkpoint").loc["aligned"]
     gen, _ = direct.generation_scores("aligned", max_new_tokens=CFG.gen_tokens)
     assert ref["gen_refusal_rate"] == pytest.approx(gen["refusal_rate"])
@@ -333,7 +336,8 @@ def test_live_waves_limit_the_live_read_outs_to_their_first_prompts(tiny_family,
     assert F.experiments.live_waves(direct, 10 ** 6) == direct.waves.count
     with pytest.raises(SafesubError, match="live waves 0"):
         F.experiments.live_waves(direct, 0)
-    one = F.reference_scores(direct, gen_tokens=12, waves=1).set_index("checkpoint")
-    full = F.reference_scores(direct, gen_tokens=12).set_index("checkpoint")
+    one = F.reference_scores(direct, gen_tokens=12, waves=1, names=["base", "aligned"]).set_index("checkpoint")
+    full = F.reference_scores(direct, gen_tokens=12, names=["aligned", "base"]).set_index("checkpoint")
+    assert list(one.index) == ["base", "aligned"] and list(full.index) == ["aligned", "base"]
     assert (one["margin_mean_n"] == size).all() and (full["margin_mean_n"] == N).all()
-    assert (one["gen_refusal_rate_n"] == full["gen_refusal_rate_n"]).all()  # generation: every prompt either way
+    assert (one["gen_refusal_rate_n"] == full["gen_refusal_rate_n"].loc[one.index]).all()  # generation: every prompt either way

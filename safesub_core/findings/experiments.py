@@ -182,10 +182,11 @@ def live_waves(session: FamilySession, waves: int | None) -> int:
 
 
 def reference_scores(session: FamilySession, gen_tokens: int = 24, progress: Progress | None = None,
-                     judge: Judge | None = None, waves: int | None = None) -> pd.DataFrame:
-    """Live (on the first `waves` waves, default all) and generation scores of every checkpoint of the family,
-    one row per checkpoint."""
-    names = list(session.family.checkpoints())
+                     judge: Judge | None = None, waves: int | None = None,
+                     names: Sequence[str] | None = None) -> pd.DataFrame:
+    """Live (on the first `waves` waves, default all) and generation scores of the checkpoints `names` (default
+    every checkpoint of the family), one row per checkpoint."""
+    names = list(session.family.checkpoints()) if names is None else list(names)
     rows = []
     for i, name in enumerate(names):
         if progress:
@@ -367,7 +368,9 @@ def run_family(spec: str, cfg: FindingsConfig | None = None, progress: Progress 
                                                                                        "edgy")}
     behaviour = behaviour_table(family)
     t = time.time()
-    refs = reference_scores(session, cfg.gen_tokens, progress, cfg.judge, cfg.live_waves)
+    # the rows the study's tables show: base, the aligned and safety-tuned models, the fine-tunes the run reads
+    shown = [n for n in family.checkpoints() if n in ("base", "aligned", "safety_tuned") or n in cfg.variants]
+    refs = reference_scores(session, cfg.gen_tokens, progress, cfg.judge, cfg.live_waves, names=shown)
     points = rank_scores(session, cfg, progress)
     timings["experiment 1 (scores against rank)"] = time.time() - t
     t = time.time()
