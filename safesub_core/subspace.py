@@ -301,8 +301,9 @@ class SubspaceEngine:
         (at most CHUNK_BYTES or an eighth of a checkpoint), plus one tensor's working set: for the largest matrix
         (M x N, M >= N) about three of its size (dA, LAPACK's copy of it and U during the exact SVD; the Gaussian, Q
         and LAPACK's workspace while a draw's random basis is made; benchmarks/bench_memory.py). What no draw changes
-        (U, s and C) is computed and cached once; a new `seed` adds only its random basis and coordinates. The checkpoints are read a block of rows at a time (the sums, dA and
-        the coordinates), so no whole W_FT, W_start or W0 is ever held beside them.
+        (U, s and C) is computed and cached once; a new `seed` adds only its random basis and coordinates. The
+        checkpoints are read a block of rows at a time (the sums, dA and the coordinates), so no whole W_FT, W_start
+        or W0 is ever held beside them.
         """
         base, start, ft = family.update_readers(variant)
         cache = cache or DiskCache()
@@ -339,7 +340,7 @@ class SubspaceEngine:
                     M, N, _ = _dims(start.shape(n))
                     return random_basis(M, N, n, seed, device=device)
 
-                b = cache.get_or_compute("alignment_basis", basis_parts | tag, per_tensor(svd))
+                b = dict(cache.get_or_compute("alignment_basis", basis_parts | tag, per_tensor(svd)))  # a copy
                 b |= cache.get_or_compute("random_basis", random_parts | tag, per_tensor(draw))
 
                 def coordinates(basis: str, out: str) -> Callable[[str], dict]:
