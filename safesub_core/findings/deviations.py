@@ -79,7 +79,7 @@ def _family_column(r: FamilyFindings) -> dict[str, str]:
         f"; live read-outs (extras) on the first {cfg.live_waves} wave(s) of each set only")
     reads = power_config(cfg)
     out["sets scored by generation"] = "; ".join(f"{v}: {', '.join(reads.roles(v))}" for v in cfg.variants) + (
-        " (every checkpoint on every set)")
+        " (base, aligned, safety-tuned and these variants on every set)")
     modes = ", ".join(cfg.power_modes or cfg.gen_modes or cfg.modes)
     out["rank fractions (E1/E2)"] = (", ".join(f"{x:g}" for x in cfg.rhos) + "; generation in "
                                      + ", ".join(cfg.gen_modes or cfg.modes))
