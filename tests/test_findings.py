@@ -1,5 +1,7 @@
 """The study's experiments on a family (safesub_core.findings): report sections, and numbers that match direct calls."""
 
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -91,6 +93,13 @@ def test_report_has_every_section_and_finding(result):
         assert row.verdict in ("holds", "does not hold", "inconclusive")
         assert f"**{row.finding}** ({row.verdict})" in md
     assert "## Deviations from the study" in md and "20k MetaMathQA rows" in md
+    table = F.deviations.deviations_table([result]).set_index("aspect")["tiny"]
+    assert table["sets scored by generation"].startswith("useful: utility; harmful: harmful; contaminated: harmful, "
+                                                         "utility")
+    assert table["prompts a set (E1/E2)"].endswith("live read-outs (extras) on every prompt")
+    one_wave = F.deviations.deviations_table([replace(result, config=replace(CFG, live_waves=1))])
+    assert one_wave.set_index("aspect")["tiny"]["prompts a set (E1/E2)"].endswith("on the first 1 wave(s) of each "
+                                                                                 "set only")
     assert len(result.points) == 3 * 3 * 2 * 2  # variants x subspaces x modes x rhos
 
 
