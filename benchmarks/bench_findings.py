@@ -31,7 +31,7 @@ from safesub_core.activation_study import StudyActivationConfig, run_study, stud
 from safesub_core.cache import DiskCache
 from safesub_core.family import Family
 from safesub_core.findings import power
-from safesub_core.findings.experiments import eval_sets
+from safesub_core.findings.experiments import eval_sets, table_checkpoints
 from safesub_core.projection import ProjectionConfig
 from safesub_core.session import FamilySession
 
@@ -110,7 +110,7 @@ def main():
     points = len(ISSUE["modes"]) * len(ISSUE["rhos"]) * (1 + 2 * ISSUE["seeds"]) + energy
     variants = [v for v in ("useful", "harmful", "contaminated") if v in family.variants]
     gen = sum(points * sum(per_prompt[r] * sizes[r] for r in power.READS[v]) for v in variants)
-    shown = [n for n in family.checkpoints() if n in ("base", "aligned", "safety_tuned") or n in variants]
+    shown = table_checkpoints(family, variants)
     refs = len(shown) * sum(per_prompt[r] * sizes[r] for r in power.ROLES)
     live = (len(variants) * 3 * len(ISSUE["modes"]) * len(ISSUE["rhos"]) + len(shown)) * t_one
     engines = len(variants) * (cold + ISSUE["seeds"] * draw)

@@ -140,23 +140,21 @@ def eval_sets(family: Family, n: int, kind: str = "auto", overrides: Mapping[str
 
 
 def behaviour_table(family: Family) -> pd.DataFrame:
-    """The held-out numbers the builder stored (family.behaviour['models']), one row per model; the prompts behind
-    each metric (behaviour.json's "prompts", when stored) ride along in the table's attrs["prompts"]."""
+    """The held-out numbers the builder stored (family.behaviour['models']), one row per model."""
     models = (family.behaviour or {}).get("models") or {}
     if not models:
         return pd.DataFrame(columns=["model"])
-    table = pd.DataFrame([{"model": m} | dict(v) for m, v in models.items()])
-    table.attrs["prompts"] = dict((family.behaviour or {}).get("prompts") or {})
-    return table
+    return pd.DataFrame([{"model": m} | dict(v) for m, v in models.items()])
 
 
-def behaviour_checks(behaviour: pd.DataFrame) -> pd.DataFrame:
+def behaviour_checks(behaviour: pd.DataFrame, prompts: Mapping[str, int] | None = None) -> pd.DataFrame:
     """The demo families' promised held-out behaviour (`demo.BEHAVIOUR_CHECKS`, applied by `demo.behaviour_checks`)
     against the stored numbers, as a table: model, metric, value, threshold (the bound, and its value when it is
-    another model's), passed."""
+    another model's), passed; `prompts` (metric -> prompt count, behaviour.json's "prompts") as in
+    `demo.behaviour_checks`."""
     numbers = behaviour.set_index("model").to_dict(orient="index") if "model" in behaviour else {}
     rows = []
-    for c in demo.behaviour_checks(numbers, behaviour.attrs.get("prompts")):
+    for c in demo.behaviour_checks(numbers, prompts):
         op, bound = c["op"], c["bound"]
         limit = float(numbers[bound][c["metric"]]) if isinstance(bound, str) else float(bound)
         label = f"{op} {bound} ({limit:.2f})" if isinstance(bound, str) else f"{op} {limit:.2f}"
@@ -172,6 +170,11 @@ def behaviour_checks(behaviour: pd.DataFrame) -> pd.DataFrame:
 
 def _gen(summary: dict) -> dict:
     return {GEN_PREFIX + k: v for k, v in summary.items() if not isinstance(v, (list, dict))}
+
+
+def table_checkpoints(family: Family, variants: Sequence[str]) -> list[str]:
+    """The checkpoints the study's tables show: base, the aligned and safety-tuned models, and `variants`."""
+    return [n for n in family.checkpoints() if n in ("base", "aligned", "safety_tuned") or n in variants]
 
 
 def live_waves(session: FamilySession, waves: int | None) -> int:
@@ -368,9 +371,8 @@ def run_family(spec: str, cfg: FindingsConfig | None = None, progress: Progress 
                                                                                        "edgy")}
     behaviour = behaviour_table(family)
     t = time.time()
-    # the rows the study's tables show: base, the aligned and safety-tuned models, the fine-tunes the run reads
-    shown = [n for n in family.checkpoints() if n in ("base", "aligned", "safety_tuned") or n in cfg.variants]
-    refs = reference_scores(session, cfg.gen_tokens, progress, cfg.judge, cfg.live_waves, names=shown)
+    refs = reference_scores(session, cfg.gen_tokens, progress, cfg.judge, cfg.live_waves,
+                            names=table_checkpoints(family, cfg.variants))
     points = rank_scores(session, cfg, progress)
     timings["experiment 1 (scores against rank)"] = time.time() - t
     t = time.time()
@@ -385,7 +387,8 @@ def run_family(spec: str, cfg: FindingsConfig | None = None, progress: Progress 
     conf = session.reference.config
     return FamilyFindings(
         name=family.name, path=str(family.root or spec), config=cfg, sets=sets, n_layers=conf.num_hidden_layers,
-        hidden=conf.hidden_size, behaviour=behaviour, checks=behaviour_checks(behaviour), references=refs,
+        hidden=conf.hidden_size, behaviour=behaviour, references=refs,
+        checks=behaviour_checks(behaviour, (family.behaviour or {}).get("prompts")),
         points=points, weight=weight.summary, weight_blocks=weight.blocks, weight_notes=weight.notes,
         activations=acts.layers, band=acts.summary, band_range=(acts.band.start, acts.band.stop - 1),
         activation_sets=acts.sets, set_sizes={role: len(getattr(s, role)) for role in sets},

@@ -68,6 +68,7 @@ import pandas as pd
 from safesub_core.errors import SafesubError
 from safesub_core.projection import ProjectionConfig
 from safesub_core.scoring.judges import Judge
+from safesub_core.session import GENERATION_ROLES
 from safesub_core.scoring.names import (ATTACK_SUCCESS_RATE, CORRECT, EXACT_MATCH, OVERREFUSAL_RATE, PROMPT,
                                         REFUSAL_RATE, REFUSED)
 from safesub_core.stats import CONFIDENCE, MIN_PROMPTS, Estimate, PairedTest, mcnemar, rate_interval, verdict
@@ -87,7 +88,7 @@ SCORES: dict[str, tuple[str, str, bool]] = {
     EXACT_MATCH: ("utility", CORRECT, False),
     OVERREFUSAL_RATE: ("edgy", REFUSED, False),
 }
-ROLES = ("harmful", "utility", "edgy")  # the evaluation sets a point can be scored on (`session.GENERATION_ROLES`)
+ROLES = GENERATION_ROLES  # the evaluation sets a point can be scored on
 # What each finding reads (the study's Tables 4-5): utility from the useful variant, harm from the harmful one, both
 # from the contaminated one; only those sets are generated (a third of the completions for useful and harmful).
 READS: dict[str, tuple[str, ...]] = {"useful": ("utility",), "harmful": ("harmful",),
