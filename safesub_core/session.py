@@ -378,22 +378,25 @@ class FamilySession(LiveWaves, Hypotheses):
 
     def generation_scores(self, name: str, cfg: ProjectionConfig | None = None, max_new_tokens: int = GENERATION_TOKENS,
                           judge: scoring.Judge | None = None, progress: Callable[[int, int], None] | None = None,
-                          compute: bool = True, seed: int | None = None,
-                          roles: Sequence[str] = GENERATION_ROLES) -> tuple[dict, pd.DataFrame] | None:
+                          compute: bool = True, seed: int | None = None, roles: Sequence[str] = GENERATION_ROLES,
+                          forward_scores: bool = True) -> tuple[dict, pd.DataFrame] | None:
         """Greedy-decoding scores of a checkpoint (cfg None) or a point of variant `name`: (summary, per prompt).
 
         The per-prompt table has one row per prompt of the sets of `roles` (default the harmful, utility and edgy
         sets), with its role and set, the completion, the refusal verdict, the refusal log-odds and (utility)
         correctness; the summary holds each rate with its interval and n (`waves.generation_summary`; a role not
         scored has n 0). With `compute=False` only a result already in the disk cache is returned (None otherwise):
-        nothing is loaded or run.
+        nothing is loaded or run. `forward_scores=False` leaves out the per-prompt refusal log-odds and answer NLL
+        (forward passes that cost about as much as the generation on a CPU; the rates do not use them); such a
+        result is cached under its own key.
         """
         unknown = [r for r in roles if r not in GENERATION_ROLES]
         if unknown or not roles:
             raise SafesubError(f"generation roles {list(roles)}: choose from {', '.join(GENERATION_ROLES)}")
         sets = {role: getattr(self.sets, role) for role in GENERATION_ROLES if role in roles}
         parts = self._key(name, cfg, seed=seed, sets={k: ps.content_hash for k, ps in sets.items()},
-                          convention=self.sets.convention, max_new_tokens=max_new_tokens, judge=judge_key(judge))
+                          convention=self.sets.convention, max_new_tokens=max_new_tokens, judge=judge_key(judge),
+                          **({} if forward_scores else {"forward_scores": False}))
         if not compute:
             out = self.cache.get("generation_scores", parts)
             return None if out is None else (out["summary"], pd.DataFrame(out["table"]))
@@ -403,7 +406,8 @@ class FamilySession(LiveWaves, Hypotheses):
             for role, ps in sets.items():
                 done = sum(len(t) for t in tables)
                 df, summary = self.score_set(name, ps, cfg, max_new_tokens, judge, kind=ROLE_KINDS[role], seed=seed,
-                                             progress=progress and (lambda i, n, d=done: progress(d + i, total)))
+                                             progress=progress and (lambda i, n, d=done: progress(d + i, total)),
+                                             forward_scores=forward_scores)
                 tables.append(df.assign(role=role, set=ps.name))
                 extras |= {k: summary[k] for k in ("judge_scored", "judge_message") if k in summary}
             table = pd.concat(tables, ignore_index=True)
@@ -416,7 +420,8 @@ class FamilySession(LiveWaves, Hypotheses):
     def score_set(self, name: str, prompt_set: PromptSet, cfg: ProjectionConfig | None = None,
                   max_new_tokens: int = GENERATION_TOKENS, judge: scoring.Judge | None = None,
                   progress: Callable[[int, int], None] | None = None,
-                  kind: str | None = None, seed: int | None = None) -> tuple[pd.DataFrame, dict]:
+                  kind: str | None = None, seed: int | None = None,
+                  forward_scores: bool = True) -> tuple[pd.DataFrame, dict]:
         """Greedy completions of a checkpoint (cfg None) or a point of variant `name` on one prompt set, scored by
         `kind` (default the set's own): harmfulness (refusal matching, judge) for 'harmful', exact match for 'math',
         refusal rate (over-refusal) for 'benign' and 'edgy'. (per prompt, summary); not cached (see
@@ -425,6 +430,7 @@ class FamilySession(LiveWaves, Hypotheses):
         kw = dict(judge=judge, openings=self.openings) if report is scoring.harmfulness_report else \
             dict(convention=self.sets.convention) if report is scoring.utility_report else \
             dict(openings=self.openings)
+        kw["forward_scores"] = forward_scores
         with self._lock:
             model = self._wave_model(name, cfg, seed)
             return self._batched("generation", lambda b: report(

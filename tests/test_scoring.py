@@ -559,6 +559,14 @@ def test_harmfulness_and_overrefusal_reports(tiny):
     df2, s2 = overrefusal_report(model, tok, ps, max_new_tokens=4)
     assert s2["overrefusal_rate"] == pytest.approx(s["refusal_rate"])
     assert 0 <= s2["share_margin_positive"] <= 1
+    # without the forward pass: the same completions and rates, no margin column or summary entries
+    bare, sb = harmfulness_report(model, tok, ps, max_new_tokens=4, forward_scores=False)
+    assert list(bare.columns) == ["prompt", "completion", "refused"]
+    assert bare["completion"].tolist() == df["completion"].tolist()
+    assert sb["refusal_rate"] == s["refusal_rate"] and not any(k.startswith("margin") for k in sb)
+    bare2, sb2 = overrefusal_report(model, tok, ps, max_new_tokens=4, forward_scores=False)
+    assert "margin" not in bare2 and sb2["overrefusal_rate"] == s2["overrefusal_rate"]
+    assert not any("margin" in k for k in sb2)
 
 
 def test_utility_report(tiny):
@@ -568,6 +576,9 @@ def test_utility_report(tiny):
     assert list(df.columns) == ["prompt", "completion", "predicted", "reference", "correct", "nll"]
     assert s["exact_match"] == pytest.approx(df["correct"].mean())
     assert math.isfinite(s["nll_mean"])
+    bare, sb = utility_report(model, tok, ps, max_new_tokens=4, forward_scores=False)
+    assert list(bare.columns) == ["prompt", "completion", "predicted", "reference", "correct"]
+    assert sb["exact_match"] == s["exact_match"] and not any(k.startswith("nll") for k in sb)
     strict, _ = utility_report(model, tok, ps, max_new_tokens=4, convention="strict")
     assert strict["predicted"].isna().all()  # no "#### n" in these gibberish answers
     with pytest.raises(SafesubError, match="convention 'loose': unknown"):
