@@ -125,7 +125,7 @@ def test_mismatched_prompts_are_a_one_line_error():
         P.f1_from_outcomes([True] * 5, [True] * 4, [True] * 5, [True] * 5)
     assert "\n" not in str(err.value)
     with pytest.raises(SafesubError):
-        P.seed_test(a, table(["p1"], [True]), "attack_success_rate", 0, 0.5, 0.1, 0.1)
+        P.seed_test(a, table(["p1"], [True]), "attack_success_rate", 0, 0.1, 0.1)
     # same prompts: attack success is the negation of refusal, and the pairing follows the prompts
     x, y = P.paired_outcomes(a, table(["p1", "p2", "p3"], [False, False, True]), "attack_success_rate")
     assert x.tolist() == [False, True, False] and y.tolist() == [True, True, False]
@@ -133,7 +133,7 @@ def test_mismatched_prompts_are_a_one_line_error():
 
 def test_seed_tests_combine_by_the_largest_p():
     def st(seed, before, after):
-        return P.SeedTest(seed, mcnemar(before, after), P.net_prompts(before, after), 0.5, 0.3, 0.3)
+        return P.SeedTest(seed, mcnemar(before, after), P.net_prompts(before, after), 0.3, 0.3)
 
     strong = st(0, *_pairs(0, 0, 20, 20))
     weak = st(1, *_pairs(0, 1, 4, 35))
@@ -168,7 +168,21 @@ def test_power_config_validates():
         P.PowerConfig(rhos=(0.0,))
     with pytest.raises(SafesubError):
         P.PowerConfig(matches=("bogus",))
+    with pytest.raises(SafesubError, match="mode"):
+        P.PowerConfig(variant_modes={"useful": ("sideways",)})
     assert P.PowerConfig(n_seeds=3).seeds == (0, 1, 2)
+
+
+def test_each_variant_is_scored_in_the_studys_modes():
+    """E1 (parallel) on every variant, E2 (orthogonal) on the contaminated update only; always within `modes`, and a
+    variant the map does not name gets every mode."""
+    cfg = P.PowerConfig()
+    assert cfg.modes_of("useful") == cfg.modes_of("harmful") == ("parallel",)
+    assert cfg.modes_of("contaminated") == ("parallel", "orthogonal")
+    assert cfg.modes_of("useful_lora") == ("parallel", "orthogonal")
+    assert P.PowerConfig(modes=("parallel",)).modes_of("contaminated") == ("parallel",)
+    assert P.PowerConfig(modes=("orthogonal",)).modes_of("useful") == ()
+    assert P.PowerConfig(variant_modes={}).modes_of("useful") == ("parallel", "orthogonal")
 
 
 # ------------------------------------------------------------------------------------------ the tiny family
@@ -180,7 +194,7 @@ def session(tiny_family, tmp_path_factory):
                          cache=DiskCache(tmp_path_factory.mktemp("power-cache")))
 
 
-CFG = P.PowerConfig(rhos=(0.01, 0.99), n_seeds=2, gen_tokens=TOKENS, reads={})  # every variant on every set
+CFG = P.PowerConfig(rhos=(0.01, 0.99), n_seeds=2, gen_tokens=TOKENS, reads={}, variant_modes={})  # all sets, modes
 
 
 @pytest.mark.slow
@@ -192,9 +206,18 @@ def test_a_variant_is_generated_on_the_sets_its_findings_read(session):
     for variant, score in (("useful", {"exact_match"}), ("harmful", {"refusal_rate", "attack_success_rate"})):
         df = P.power_points(session, variant, cfg)
         assert set(df["score"]) == score and len(df) == 2 * len(score)
-        _, table = session.generation_scores(variant, ProjectionConfig("topk", "parallel", 0.5),
-                                             max_new_tokens=TOKENS, roles=cfg.roles(variant), compute=False)
+        pc = ProjectionConfig("topk", "parallel", 0.5)
+        _, table = session.generation_scores(variant, pc, max_new_tokens=TOKENS, roles=cfg.roles(variant),
+                                             compute=False, forward_scores=False)
         assert set(table["role"]) == set(cfg.roles(variant)) and len(table) == N_PROMPTS
+        # no forward-pass column (no finding reads one), and the result is cached apart from one that has it
+        assert not {"margin", "nll"} & set(table.columns)
+        assert session.generation_scores(variant, pc, max_new_tokens=TOKENS, roles=cfg.roles(variant),
+                                         compute=False) is None
+        summary, full = session.generation_scores(variant, pc, max_new_tokens=TOKENS, roles=cfg.roles(variant))
+        assert {"margin", "nll"} & set(full.columns)
+        assert full["completion"].tolist() == table["completion"].tolist()  # the same greedy completions
+        assert summary == P.generation_point(session, variant, pc, None, cfg)[0]  # and the same rates
     with pytest.raises(SafesubError, match="prompt sets read for useful"):
         P.PowerConfig(reads={"useful": ("benign",)})
     with pytest.raises(SafesubError, match="generation roles"):
@@ -227,7 +250,8 @@ def test_power_points_long_table(session):
     # the numbers are the session's own: a cached generation summary and the draw's diagnostics
     row = df[(df["subspace"] == "random") & (df["seed"] == 1) & (df["rho"] == 0.99) & (df["mode"] == "parallel")]
     pc = ProjectionConfig("random", "parallel", 0.99)
-    summary, _ = session.generation_scores("useful", pc, max_new_tokens=TOKENS, seed=1, compute=False)
+    summary, _ = session.generation_scores("useful", pc, max_new_tokens=TOKENS, seed=1, compute=False,
+                                           forward_scores=False)
     got = row.set_index("score")["value"]
     assert got["attack_success_rate"] == pytest.approx(summary["attack_success_rate"])
     assert got["exact_match"] == pytest.approx(summary["exact_match"])
@@ -240,31 +264,32 @@ def test_power_points_long_table(session):
 def test_energy_match_is_the_closest_reachable_energy(session):
     top = session.engine("useful")
     for sub, mode, rho in (("randomk", "parallel", 0.5), ("random", "orthogonal", 0.01), ("randomk", "orthogonal", 0.99)):
-        m = P.session_match(session, "useful", sub, mode, rho, seed=1)
-        ctl = session.engine("useful", seed=1)
-        assert m.target == pytest.approx(top.diagnostics(ProjectionConfig("topk", mode, rho)).energy_kept)
-        assert m.energy == pytest.approx(ctl.diagnostics(ProjectionConfig(sub, mode, m.rho)).energy_kept)
-        brute = min(abs(ctl.diagnostics(ProjectionConfig(sub, mode, i / 1000)).energy_kept - m.target)
+        m = P.session_match(session, "useful", sub, mode, rho, seeds=(0, 1))
+        draws = [session.engine("useful", seed=s).diagnostics(ProjectionConfig(sub, mode, rho)).energy_kept
+                 for s in (0, 1)]
+        assert draws[0] != pytest.approx(draws[1])  # two draws keep two energies; the target is their mean
+        assert m.target == pytest.approx(np.mean(draws)) and m.rho == rho
+        assert m.energy == pytest.approx(top.diagnostics(ProjectionConfig("topk", mode, m.rho_topk)).energy_kept)
+        brute = min(abs(top.diagnostics(ProjectionConfig("topk", mode, i / 1000)).energy_kept - m.target)
                     for i in range(1, 1001))
         assert abs(m.gap) <= brute + 1e-12
         assert m.reachable == (abs(m.gap) <= P.ENERGY_TOL)
-    # Top-K at rho 0.99 keeps nearly all of what Random-K keeps near full rank: matched within the tolerance
-    m = P.session_match(session, "useful", "randomk", "parallel", 0.99, seed=1)
-    assert m.reachable and abs(m.gap) < 0.01 and m.rho > 0.9
-    # a target the control reaches exactly (its own energy at rho 0.3) is matched exactly
-    ctl = session.engine("useful", seed=1)
-    own = ctl.diagnostics(ProjectionConfig("randomk", "orthogonal", 0.3)).energy_kept
-
-    class Fixed:  # an engine whose Top-K keeps exactly `own`
-        def diagnostics(self, cfg):
-            return type("D", (), dict(energy_kept=own))()
-
-    m = P.match_energy(Fixed(), ctl, "randomk", "orthogonal", 0.5, seed=1)
-    assert m.gap == pytest.approx(0.0, abs=1e-12) and m.reachable
-    assert ctl.diagnostics(ProjectionConfig("randomk", "orthogonal", m.rho)).energy_kept == pytest.approx(own)
-    # Random in parallel mode keeps far less energy than Top-K even at full rank: matched at rho 1, not reachable
-    m = P.session_match(session, "useful", "random", "parallel", 0.5, seed=1)
-    assert m.rho == 1.0 and not m.reachable and m.gap < -0.1
+    # on tiny, Top-K's first direction of each tensor already keeps more of the task update than Random keeps at
+    # half rank: matched at the smallest grid rank and reported as not reachable
+    m = P.session_match(session, "useful", "random", "parallel", 0.5, seeds=(1,))
+    assert m.rho_topk == 1 / P.RHO_GRID and not m.reachable and m.gap > 0.1
+    # a target Top-K reaches exactly (its own energy at rho 0.3) is matched exactly
+    own = top.diagnostics(ProjectionConfig("topk", "orthogonal", 0.3)).energy_kept
+    m = P.match_energy(top, [own - 0.01, own + 0.01], "randomk", "orthogonal", 0.5)
+    assert m.target == pytest.approx(own) and m.gap == pytest.approx(0.0, abs=1e-12) and m.reachable
+    assert top.diagnostics(ProjectionConfig("topk", "orthogonal", m.rho_topk)).energy_kept == pytest.approx(own)
+    # a target beyond Top-K's range is matched at the end of it and reported as not reachable
+    m = P.match_energy(top, [2.0], "random", "parallel", 0.5)
+    assert m.rho_topk == 1.0 and not m.reachable and m.gap < -0.1
+    with pytest.raises(SafesubError, match="topk"):
+        P.match_energy(top, [0.5], "topk", "parallel", 0.5)
+    with pytest.raises(SafesubError, match="no control draws"):
+        P.match_energy(top, [], "random", "parallel", 0.5)
 
 
 @pytest.mark.slow
@@ -280,18 +305,23 @@ def test_paired_tests_pair_the_same_prompts_per_seed(session):
         assert r.differs == rule
     # the rank-matched test of seed 1 is McNemar of the two cached tables
     pc_t, pc_r = ProjectionConfig("topk", "parallel", 0.5), ProjectionConfig("randomk", "parallel", 0.5)
-    _, t_top = session.generation_scores("useful", pc_t, max_new_tokens=TOKENS, compute=False)
-    _, t_ctl = session.generation_scores("useful", pc_r, max_new_tokens=TOKENS, seed=1, compute=False)
+    _, t_top = session.generation_scores("useful", pc_t, max_new_tokens=TOKENS, compute=False, forward_scores=False)
+    _, t_ctl = session.generation_scores("useful", pc_r, max_new_tokens=TOKENS, seed=1, compute=False,
+                                         forward_scores=False)
     ctl, top = P.paired_outcomes(t_ctl, t_top, "exact_match")
     row = df[(df["control"] == "randomk") & (df["match"] == "rank") & (df["score"] == "exact_match")].iloc[0]
     assert row["p_seeds"][1] == pytest.approx(mcnemar(ctl, top).p)
-    assert row["rho_control"] == (0.5, 0.5)
-    # energy-matched rows: the control's rank fraction per seed is the energy match's
+    assert row["rho_topk"] == 0.5
+    # energy-matched rows: Top-K at the match's rank fraction against the controls' grid points
     erow = df[(df["control"] == "randomk") & (df["match"] == "energy") & (df["score"] == "exact_match")].iloc[0]
-    matches = [P.session_match(session, "useful", "randomk", "parallel", 0.5, seed=s) for s in (0, 1)]
-    assert erow["rho_control"] == tuple(m.rho for m in matches)
-    assert erow["energy_topk"] == pytest.approx(matches[0].target)
-    assert erow["energy_gap_max"] == pytest.approx(max(abs(m.gap) for m in matches))
+    m = P.session_match(session, "useful", "randomk", "parallel", 0.5, seeds=(0, 1))
+    assert erow["rho_topk"] == m.rho_topk != 0.5
+    assert erow["energy_topk"] == pytest.approx(m.energy)
+    assert erow["energy_control"] == pytest.approx(m.target) == pytest.approx(row["energy_control"])
+    _, t_match = session.generation_scores("useful", ProjectionConfig("topk", "parallel", m.rho_topk),
+                                           max_new_tokens=TOKENS, compute=False, forward_scores=False)
+    assert erow["topk_value"] == pytest.approx(P.outcomes(t_match, "exact_match")[1].mean())
+    assert erow["p_seeds"][1] == pytest.approx(mcnemar(ctl, P.paired_outcomes(t_ctl, t_match, "exact_match")[1]).p)
     assert erow["energy_gap_max"] < row["energy_gap_max"]  # matching energy closes the gap rank matching leaves
 
 
@@ -303,7 +333,8 @@ def test_f1_verdict_on_a_session(session):
     util, harm = v.changes
     assert util.after.n == harm.after.n == N_PROMPTS
     _, t = session.generation_scores("useful", ProjectionConfig("topk", "parallel", 0.99), max_new_tokens=TOKENS,
-                                     compute=False, roles=("utility",))  # F1 reads the useful variant's utility
+                                     compute=False, roles=("utility",),
+                                     forward_scores=False)  # F1 reads the useful variant's utility
     assert util.after.value == pytest.approx(t[t["role"] == "utility"]["correct"].astype(bool).mean())
     assert not math.isnan(v.p_values["harm"])
     with pytest.raises(SafesubError):

@@ -34,7 +34,7 @@ STUDY = {
     "rank fractions (E1/E2)": "0.01, 0.25, 0.5, 0.75, 0.99; generation in the parallel mode (Tables 4-5)",
     "random subspaces": "Random and Random-K draws (seeds not stated)",
     "sets scored by generation": "utility from the useful fine-tune, harm from the harmful one (Table 4); both "
-                                 "from the contaminated one (Table 5)",
+                                 "from the contaminated one (Table 5); E2 removes the subspace from the contaminated update",
     "activation experiment (E4)": "5,000 prompts a set; U MATH, H1 BeaverTails, H2 ToxiGen; raw text, half precision",
 }
 
@@ -78,15 +78,16 @@ def _family_column(r: FamilyFindings) -> dict[str, str]:
         "; live read-outs (extras) on every prompt" if cfg.live_waves is None else
         f"; live read-outs (extras) on the first {cfg.live_waves} wave(s) of each set only")
     reads = power_config(cfg)
-    out["sets scored by generation"] = "; ".join(f"{v}: {', '.join(reads.roles(v))}" for v in cfg.variants) + (
+    out["sets scored by generation"] = "; ".join(
+        f"{v}: {', '.join(reads.roles(v))}, {' and '.join(reads.modes_of(v)) or 'no'} mode" for v in cfg.variants) + (
         " (base, aligned, safety-tuned and these variants on every set)")
-    modes = ", ".join(cfg.power_modes or cfg.gen_modes or cfg.modes)
-    out["rank fractions (E1/E2)"] = (", ".join(f"{x:g}" for x in cfg.rhos) + "; generation in "
-                                     + ", ".join(cfg.gen_modes or cfg.modes))
+    out["rank fractions (E1/E2)"] = (", ".join(f"{x:g}" for x in cfg.rhos) + "; generation in the modes above, the "
+                                     "others by the live read-outs only")
+    matched = {"rank": "rank fraction", "energy": "energy kept (Top-K at the rank fraction whose energy is closest to "
+                                                  "the control's mean over its draws)"}
     out["random subspaces"] = (f"{cfg.n_seeds} draws each of Random and Random-K (seeds 0-{cfg.n_seeds - 1}), scored "
-                               f"by generation in {modes}; Top-K tested against them at the same "
-                               + " and at the same ".join({"rank": "rank fraction", "energy": "energy kept"}[m]
-                                                          for m in cfg.power_matches))
+                               f"by generation in each variant's modes; Top-K tested against them at the same "
+                               + " and at the same ".join(matched[m] for m in cfg.power_matches))
     sizes = ", ".join(f"{row.role} {row.size}" for row in r.activation_sets.itertuples()) \
         if len(r.activation_sets) else f"at most {cfg.study_prompts} a set"
     out["activation experiment (E4)"] = (f"{sizes} prompts; U GSM8K (+ word problems), H1 HarmBench + AdvBench, H2 "

@@ -35,7 +35,7 @@ from safesub_core import demo
 from safesub_core.activation_study import StudyActivationConfig, run_study, study_session
 from safesub_core.errors import SafesubError
 from safesub_core.family import Family, resolve_family
-from safesub_core.findings.power import PowerConfig, run_power
+from safesub_core.findings.power import PowerConfig, generation_point, run_power
 from safesub_core.linalg import DEFAULT_ENERGIES
 from safesub_core.overlap import no_pairs_message, overlap_summary, reference_pairs, seed_pairs, weight_overlap
 from safesub_core.projection import SUBSPACE_LABELS, ProjectionConfig
@@ -188,26 +188,29 @@ def reference_scores(session: FamilySession, gen_tokens: int = 24, progress: Pro
                      judge: Judge | None = None, waves: int | None = None,
                      names: Sequence[str] | None = None) -> pd.DataFrame:
     """Live (on the first `waves` waves, default all) and generation scores of the checkpoints `names` (default
-    every checkpoint of the family), one row per checkpoint."""
+    every checkpoint of the family), one row per checkpoint; the generation's rates only (the margin and NLL are the
+    live read-outs')."""
     names = list(session.family.checkpoints()) if names is None else list(names)
     rows = []
     for i, name in enumerate(names):
         if progress:
             progress(i, len(names), f"scores of {name}")
         live = session.checkpoint_scores(name, waves=live_waves(session, waves))
-        gen, _ = session.generation_scores(name, max_new_tokens=gen_tokens, judge=judge)
+        gen, _ = session.generation_scores(name, max_new_tokens=gen_tokens, judge=judge, forward_scores=False)
         rows.append(dict(checkpoint=name) | live | _gen(gen))
     return pd.DataFrame(rows)
 
 
 def rank_scores(session: FamilySession, cfg: FindingsConfig, progress: Progress | None = None) -> pd.DataFrame:
     """Diagnostics, live and generation scores at every (variant, subspace, mode, rho), one row per point; the
-    generation scores on the sets the variant's findings read only (`power.READS`; the others' columns have n 0).
+    generation scores (`power.generation_point`) in the modes the variant's findings read (`power.MODES`, within
+    cfg.gen_modes) and on the sets they read (`power.READS`); the others' columns are empty or have n 0.
 
     Variants run one after another and each one's engine is dropped when done (bounded memory).
     """
     variants = [v for v in cfg.variants if v in session.family.variants]
-    reads = power_config(cfg)  # a variant's points are generated on the sets its findings read (power.READS)
+    # the modes (power.MODES within cfg.gen_modes) and sets (power.READS) a variant's points are generated in
+    reads = replace(power_config(cfg), modes=tuple(cfg.gen_modes or cfg.modes))
     points = [(v, s, m, r) for v in variants for s in cfg.subspaces for m in cfg.modes for r in cfg.rhos]
     rows = []
     for i, (v, sub, mode, rho) in enumerate(points):
@@ -216,9 +219,8 @@ def rank_scores(session: FamilySession, cfg: FindingsConfig, progress: Progress 
         pc = ProjectionConfig(sub, mode, float(rho))
         live = session.point_scores(v, pc, waves=live_waves(session, cfg.live_waves))
         gen = {}
-        if cfg.gen_modes is None or mode in cfg.gen_modes:
-            gen, _ = session.generation_scores(v, pc, max_new_tokens=cfg.gen_tokens, judge=cfg.judge,
-                                               roles=reads.roles(v))
+        if mode in reads.modes_of(v):
+            gen, _ = generation_point(session, v, pc, None, reads)
         rows.append(dict(variant=v) | live | _gen(gen))
         if i + 1 == len(points) or points[i + 1][0] != v:
             # FamilySession has no public way to drop an engine; a 135M model's engine holds ~2-3 GB
@@ -355,6 +357,13 @@ def activation_tables(session: FamilySession, cfg: "FindingsConfig", models: Seq
 # ------------------------------------------------------------------------------------------------ a family
 
 
+def family_session(family: Family, cfg: FindingsConfig) -> FamilySession:
+    """The session a findings run scores `family` in: cfg's evaluation sets and seed, the default disk cache."""
+    return FamilySession(family, sets=eval_sets(family, cfg.n_prompts, cfg.sets, cfg.set_overrides, cfg.convention),
+                         seed=cfg.seed)
+
+
+
 def run_family(spec: str, cfg: FindingsConfig | None = None, progress: Progress | None = None,
                session: FamilySession | None = None) -> FamilyFindings:
     """Experiments 1-3 on one family (cached scores), as a FamilyFindings of DataFrames (findings not checked yet:
@@ -362,9 +371,7 @@ def run_family(spec: str, cfg: FindingsConfig | None = None, progress: Progress 
     cfg = cfg or FindingsConfig()
     t0 = time.time()
     family = resolve_family(spec) if session is None else session.family
-    if session is None:
-        session = FamilySession(family, sets=eval_sets(family, cfg.n_prompts, cfg.sets, cfg.set_overrides,
-                                                       cfg.convention), seed=cfg.seed)
+    session = session or family_session(family, cfg)
     timings = {"family and models (built or loaded)": time.time() - t0}
     s = session.sets
     sets = {role: f"{getattr(s, role).name} ({len(getattr(s, role))})" for role in ("harmful", "utility", "benign",

@@ -2,19 +2,23 @@
 draws, paired tests of Top-K against Random-K / Random, and F1's verdict as the study's claim with its test.
 
 E1 is the parallel mode (W = W_start + P_k dT), E2 the orthogonal mode (W = W_start + dT - P_k dT); both are scored
-by generation (greedy completions, `FamilySession.generation_scores`, disk-cached in the session: a rerun generates
-nothing; it only loads each draw's engine again from the disk cache for the energy kept, ~1 minute on smol against
-~18 minutes cold). Nothing here writes to the session's models other than through `generation_scores`. The prompts
+by generation (greedy completions, `FamilySession.generation_scores` without the forward-pass columns, which no
+finding reads; disk-cached in the session: a rerun generates nothing; it only loads each draw's engine again from the
+disk cache for the energy kept, ~1 minute on smol against ~18 minutes cold). The modes a variant is scored in follow
+the study (MODES): E1 on every variant (Tables 4-5), E2, the orthogonal removal, on the contaminated update. Nothing here writes to the session's models other than through `generation_scores`. The prompts
 are the session's evaluation sets (`FamilySession.sets`): the issue asks for at least RECOMMENDED_PROMPTS a set (or
 the whole set), which the caller chooses (`experiments.eval_sets(family, n)`); every row carries its n.
 
 API (all DataFrames long, one row per number; `Progress` is progress(done, total, message)):
 
-  PowerConfig(rhos, n_seeds=3, subspaces, modes, gen_tokens=24, judge=None, matches=("rank", "energy"), reads=READS)
+  PowerConfig(rhos, n_seeds=3, subspaces, modes, gen_tokens=24, judge=None, matches=("rank", "energy"), reads=READS,
+              variant_modes=MODES)
       What to run. Random and Random-K use draws seed = 0 .. n_seeds-1 (`FamilySession.generation_scores(...,
       seed=s)`; the draw of an engine is `FamilySession.engine(variant, seed=s)`); Top-K draws nothing (seed <NA>).
       `reads`: the evaluation sets each variant is scored on, what the findings read (READS: the useful variant's
       utility, the harmful variant's harm, both of the contaminated variant); a variant it does not name gets all.
+      `variant_modes`: the modes each variant is scored in (MODES: parallel for useful and harmful, both for
+      contaminated), always within `modes`; a variant it does not name gets every mode of `modes`.
   power_points(session, variant, cfg, progress) -> DataFrame
       columns POINT_COLUMNS: variant, mode, subspace, seed (Int64, <NA> for Top-K), rho, energy_kept (the task
       update's energy kept at that point, `SubspaceEngine.diagnostics` of that draw), score (SCORES: refusal_rate and
@@ -22,20 +26,24 @@ API (all DataFrames long, one row per number; `Progress` is progress(done, total
       value, lo, hi (Wilson 95%, `stats.rate_interval`), k (prompts counted), n (prompts).
   paired_tests(session, variant, cfg, progress) -> DataFrame
       Top-K against each control subspace (Random-K, Random) on the same prompts, exact McNemar on per-prompt
-      outcomes (`stats.mcnemar`), columns TEST_COLUMNS. match = "rank": the control at the same rank fraction rho;
-      match = "energy": the control at the rank fraction whose energy kept is closest to Top-K's at rho
-      (`match_energy`). One McNemar test per seed of the control; combined by the LARGEST p (an intersection-union
+      outcomes (`stats.mcnemar`), columns TEST_COLUMNS. match = "rank": Top-K at the control's rank fraction rho;
+      match = "energy": Top-K at the rank fraction rho_topk whose energy kept is closest to the control's at rho
+      (the mean over its draws, `match_energy`), so the controls stay on the grid and the matched points are one
+      Top-K point each, not one per draw. One McNemar test per seed of the control; combined by the LARGEST p (an
+      intersection-union
       test: "Top-K differs from the control for every draw" is rejected at level a when every seed's test is, with
       no multiplicity correction needed). `differs` is True only when p < ALPHA, every seed's difference has the
       same sign, and every seed's net difference |only-Top-K - only-control| exceeds MIN_PROMPTS prompts.
-  match_energy(topk_engine, random_engine, subspace, mode, rho) -> EnergyMatch
+  match_energy(topk_engine, control_energies, subspace, mode, rho) -> EnergyMatch
       Energy kept is monotone in rho for every subspace (non-decreasing in parallel mode, non-increasing in
       orthogonal mode: ranks k = max(1, round(rho r)) only grow with rho), and a step function of it. A binary search
-      over the grid rho = i / RHO_GRID (i = 1 .. RHO_GRID) finds the first grid rho on the target's far side; of it
-      and its neighbour the closer energy wins, which is the closest energy any grid rho reaches. The match reports
-      the target (Top-K's energy), the control's energy, the gap and `reachable` (|gap| <= ENERGY_TOL); a target
-      beyond the control's range (Random in parallel mode often keeps far less energy even at rho = 1) is matched at
-      the end of the range and reported as not reachable, never hidden.
+      over Top-K's grid rho = i / RHO_GRID (i = 1 .. RHO_GRID) finds the first grid rho on the target's far side
+      (the target: the mean of the control's draws' energies at rho); of it and its neighbour the closer energy
+      wins, which is the closest energy any grid rho reaches. The match reports the target, Top-K's energy, the gap
+      and `reachable` (|gap| <= ENERGY_TOL); a target beyond Top-K's range is matched at the end of the range and
+      reported as not reachable, never hidden. (Top-K keeps more of the task update than Random at the same rank
+      in parallel mode, so Random's energy is reached by Top-K at a lower rank; the other way round it often is not
+      reached even at rho = 1.)
   f1_verdict(session, cfg, util_variant, harm_variant, mode="parallel", rho_from=0.01, rho_to=0.99) -> Verdict
   f1_from_outcomes(util_from, util_to, harm_from, harm_to, ...) -> Verdict   (pure; the same on given outcomes)
       The claim "Top-K projection raises utility and harmfulness together" (Table 4: utility = exact match of the
@@ -93,10 +101,13 @@ ROLES = GENERATION_ROLES  # the evaluation sets a point can be scored on
 # from the contaminated one; only those sets are generated (a third of the completions for useful and harmful).
 READS: dict[str, tuple[str, ...]] = {"useful": ("utility",), "harmful": ("harmful",),
                                      "contaminated": ("harmful", "utility")}
+# the modes each variant is scored in: E1 (parallel) on all (Tables 4-5), E2 (orthogonal) on the contaminated update
+MODES: dict[str, tuple[str, ...]] = {"useful": ("parallel",), "harmful": ("parallel",),
+                                     "contaminated": ("parallel", "orthogonal")}
 POINT_COLUMNS = ["variant", "mode", "subspace", "seed", "rho", "energy_kept", "score", "value", "lo", "hi", "k", "n"]
 TEST_COLUMNS = ["variant", "mode", "rho", "score", "control", "match", "topk_value", "control_value", "diff",
                 "diff_min", "diff_max", "p", "p_seeds", "net_prompts_min", "n", "seeds", "energy_topk",
-                "energy_control", "energy_gap_max", "rho_control", "reachable", "differs"]
+                "energy_control", "energy_gap_max", "rho_topk", "reachable", "differs"]
 
 
 @dataclass(frozen=True)
@@ -111,6 +122,7 @@ class PowerConfig:
     judge: Judge | None = None
     matches: Sequence[str] = ("rank", "energy")  # paired tests at the same rank fraction and/or energy kept
     reads: Mapping[str, Sequence[str]] = field(default_factory=lambda: dict(READS))  # variant -> roles scored
+    variant_modes: Mapping[str, Sequence[str]] = field(default_factory=lambda: dict(MODES))  # variant -> its modes
 
     def __post_init__(self):
         if int(self.n_seeds) != self.n_seeds or self.n_seeds < 1:
@@ -129,11 +141,20 @@ class PowerConfig:
         for variant, roles in self.reads.items():
             if not roles or any(r not in ROLES for r in roles):
                 raise SafesubError(f"prompt sets read for {variant}: {list(roles)}; choose from {', '.join(ROLES)}")
+        for variant, modes in self.variant_modes.items():
+            for mode in modes:
+                ProjectionConfig("topk", mode, 0.5)  # validates each mode (one line)
 
     def roles(self, variant: str) -> tuple[str, ...]:
         """The evaluation sets a variant's points are scored on (`reads`; every set for a variant it does not
         name)."""
         return tuple(self.reads.get(variant, ROLES))
+
+    def modes_of(self, variant: str) -> tuple[str, ...]:
+        """The modes a variant's points are scored in: those of `modes` that `variant_modes` gives it (all of
+        `modes` for a variant it does not name)."""
+        own = self.variant_modes.get(variant, self.modes)
+        return tuple(m for m in self.modes if m in own)
 
     def scores(self, variant: str) -> tuple[str, ...]:
         """The SCORES a variant's points carry (those of its roles)."""
@@ -234,11 +255,17 @@ def energy_kept(session, variant: str, pc: ProjectionConfig, seed: int | None = 
         return float(_engine(session, variant, seed).diagnostics(pc).energy_kept)
 
 
+def generation_point(session, variant: str, pc: ProjectionConfig, seed: int | None,
+                     cfg: PowerConfig) -> tuple[dict, pd.DataFrame]:
+    """(summary, per-prompt table) of a point's greedy completions on the sets `variant`'s findings read (cached in
+    the session), without the forward-pass columns (margin, NLL) no finding reads; seed None: the session's draw."""
+    return session.generation_scores(variant, pc, max_new_tokens=cfg.gen_tokens, judge=cfg.judge, seed=seed,
+                                     roles=cfg.roles(variant), forward_scores=False)
+
+
 def generation_table(session, variant: str, pc: ProjectionConfig, seed: int | None, cfg: PowerConfig) -> pd.DataFrame:
-    """The per-prompt generation table of a point (greedy, cached in the session)."""
-    _, table = session.generation_scores(variant, pc, max_new_tokens=cfg.gen_tokens, judge=cfg.judge, seed=seed,
-                                         roles=cfg.roles(variant))
-    return table
+    """The per-prompt generation table of a point (`generation_point`)."""
+    return generation_point(session, variant, pc, seed, cfg)[1]
 
 
 def _point_rows(variant, mode, subspace, seed, rho, energy, table, scores: Sequence[str]) -> list[dict]:
@@ -254,7 +281,7 @@ def _point_rows(variant, mode, subspace, seed, rho, energy, table, scores: Seque
 def _plan(cfg: PowerConfig, modes: Sequence[str] | None = None) -> list[tuple[str, str, int | None, float]]:
     """(subspace, mode, seed, rho) of every grid point, grouped by engine (Top-K first, then draw by draw) and, within
     a group, by subspace, mode and rising rho, so the working model moves by small rank steps and each engine is
-    needed in one stretch only."""
+    needed in one stretch only. `modes`: default every mode of cfg."""
     modes = tuple(modes or cfg.modes)
     plan = [("topk", m, None, float(r)) for m in modes for r in sorted(cfg.rhos)] if "topk" in cfg.subspaces else []
     for s in cfg.seeds:
@@ -269,7 +296,7 @@ def power_points(session, variant: str, cfg: PowerConfig | None = None, progress
     cfg = cfg or PowerConfig()
     if variant not in session.family.variants:
         raise SafesubError(f"variant {variant!r}: the family has {', '.join(session.family.variants) or 'none'}")
-    plan = _plan(cfg, modes)
+    plan = _plan(cfg, modes or cfg.modes_of(variant))
     rows: list[dict] = []
     for i, (sub, mode, seed, rho) in enumerate(plan):
         if progress:
@@ -293,15 +320,14 @@ def power_points(session, variant: str, cfg: PowerConfig | None = None, progress
 
 @dataclass(frozen=True)
 class EnergyMatch:
-    """A control's rank fraction whose energy kept is closest (on the grid i / RHO_GRID) to Top-K's at rho."""
+    """Top-K's rank fraction whose energy kept is closest (on the grid i / RHO_GRID) to a control's at rho."""
 
-    subspace: str
+    subspace: str  # the control
     mode: str
-    seed: int
-    rho_topk: float
-    target: float  # Top-K's energy kept at rho_topk
-    rho: float  # the control's matched rank fraction
-    energy: float  # the control's energy kept there
+    rho: float  # the control's rank fraction
+    target: float  # the control's energy kept at rho, the mean over its draws
+    rho_topk: float  # Top-K's matched rank fraction
+    energy: float  # Top-K's energy kept there
 
     @property
     def gap(self) -> float:
@@ -336,21 +362,28 @@ def closest_on_grid(energy_at: Callable[[float], float], target: float, increasi
     return best
 
 
-def match_energy(topk_engine, control_engine, subspace: str, mode: str, rho: float, seed: int = 0) -> EnergyMatch:
-    """The control's (subspace, draw of `control_engine`) rank fraction whose energy kept, in `mode`, is closest to
-    Top-K's at `rho` (see the module docstring)."""
+def match_energy(topk_engine, control_energies: Sequence[float], subspace: str, mode: str,
+                 rho: float) -> EnergyMatch:
+    """Top-K's rank fraction whose energy kept, in `mode`, is closest to the mean of `control_energies` (the
+    control's draws at `rho`; see the module docstring)."""
     if subspace == "topk":
         raise SafesubError("energy match: the control must be randomk or random, not topk")
-    target = float(topk_engine.diagnostics(ProjectionConfig("topk", mode, float(rho))).energy_kept)
-    at = lambda r: float(control_engine.diagnostics(ProjectionConfig(subspace, mode, r)).energy_kept)  # noqa: E731
+    if not len(control_energies):
+        raise SafesubError("energy match: no control draws to match")
+    target = float(np.mean(control_energies))
+    at = lambda r: float(topk_engine.diagnostics(ProjectionConfig("topk", mode, r)).energy_kept)  # noqa: E731
     r, e = closest_on_grid(at, target, increasing=(mode != "orthogonal"))
-    return EnergyMatch(subspace, mode, int(seed), float(rho), target, float(r), float(e))
+    return EnergyMatch(subspace, mode, float(rho), target, float(r), float(e))
 
 
-def session_match(session, variant: str, subspace: str, mode: str, rho: float, seed: int) -> EnergyMatch:
-    """`match_energy` on a session's engines: Top-K's (the session's draw) against the control's draw `seed`."""
+def session_match(session, variant: str, subspace: str, mode: str, rho: float,
+                  seeds: Sequence[int]) -> EnergyMatch:
+    """`match_energy` on a session's engines: the control's draws `seeds` at `rho` against Top-K's (the session's
+    draw)."""
+    pc = ProjectionConfig(subspace, mode, float(rho))
+    energies = [energy_kept(session, variant, pc, s) for s in seeds]
     with session.locked():
-        return match_energy(_engine(session, variant, None), _engine(session, variant, seed), subspace, mode, rho, seed)
+        return match_energy(_engine(session, variant, None), energies, subspace, mode, rho)
 
 
 # ------------------------------------------------------------------------------------------------ paired tests
@@ -363,16 +396,15 @@ class SeedTest:
     seed: int
     test: PairedTest  # diff = rate(Top-K) - rate(control)
     net: int  # prompts yes under Top-K only minus under the control only
-    rho_control: float
     energy_topk: float
     energy_control: float
 
 
-def seed_test(topk_table: pd.DataFrame, control_table: pd.DataFrame, score: str, seed: int, rho_control: float,
-              energy_topk: float, energy_control: float) -> SeedTest:
+def seed_test(topk_table: pd.DataFrame, control_table: pd.DataFrame, score: str, seed: int, energy_topk: float,
+              energy_control: float) -> SeedTest:
     """McNemar of Top-K against one control draw on `score`, after checking both score the same prompts."""
     control, topk = paired_outcomes(control_table, topk_table, score)
-    return SeedTest(seed, mcnemar(control, topk), net_prompts(control, topk), rho_control, energy_topk, energy_control)
+    return SeedTest(seed, mcnemar(control, topk), net_prompts(control, topk), energy_topk, energy_control)
 
 
 def combine(tests: Sequence[SeedTest]) -> dict:
@@ -393,53 +425,61 @@ def combine(tests: Sequence[SeedTest]) -> dict:
 def paired_tests(session, variant: str, cfg: PowerConfig | None = None, progress: Progress | None = None,
                  modes: Sequence[str] | None = None, scores: Sequence[str] | None = None) -> pd.DataFrame:
     """Top-K against each control at the same rank fraction and/or the same energy kept (cfg.matches), one row per
-    (mode, rho, score, control, match): TEST_COLUMNS; `scores` default the variant's (`PowerConfig.scores`). Every
-    score is `generation_scores` (cached); an energy match scores the control at its matched rank fraction (a
-    point off the grid, cached like any other)."""
+    (mode, rho, score, control, match): TEST_COLUMNS; `modes` default the variant's (`PowerConfig.modes_of`),
+    `scores` the variant's (`PowerConfig.scores`). Every score is `generation_scores` (cached). The controls' points
+    are the grid's (scored draw by draw, one engine at a time); an energy match scores Top-K at its matched rank
+    fraction (a point off the grid, cached like any other)."""
     cfg = cfg or PowerConfig()
-    modes = tuple(modes or cfg.modes)
+    modes = tuple(modes or cfg.modes_of(variant))
     scores = tuple(scores or cfg.scores(variant))
-    jobs = [(m, float(r), c, s, match) for s in cfg.seeds for c in cfg.controls for m in modes
-            for r in sorted(cfg.rhos) for match in cfg.matches]
-    topk_tables: dict[tuple, tuple[pd.DataFrame, float]] = {}
-    per_score: dict[tuple, list[tuple[SeedTest, float, float]]] = {}  # -> (test, Top-K rate, control rate)
-    for i, (mode, rho, ctl, seed, match) in enumerate(jobs):
+    grid = [(m, float(r)) for m in modes for r in sorted(cfg.rhos)]
+    own = _draw(session, None)  # the session's draw (Top-K's engine) last, so that Top-K follows without a reload
+    seeds = sorted(cfg.seeds, key=lambda s: _draw(session, s) == own)
+    jobs = [(c, m, r, s) for s in seeds for c in cfg.controls for m, r in grid]
+    total = len(jobs) + len(grid) * (1 + len(cfg.controls) * ("energy" in cfg.matches))
+    controls: dict[tuple, tuple[pd.DataFrame, float]] = {}  # (control, mode, rho, seed) -> (table, energy kept)
+    for i, (ctl, mode, rho, seed) in enumerate(jobs):
         if progress:
-            progress(i, len(jobs), f"{variant} topk vs {ctl} {mode} rho={rho:g} seed={seed} ({match})")
-        key = (mode, rho)
-        if key not in topk_tables:
-            pc = ProjectionConfig("topk", mode, rho)
-            topk_tables[key] = (generation_table(session, variant, pc, None, cfg), energy_kept(session, variant, pc))
-        topk_table, e_topk = topk_tables[key]
-        if match == "rank":
-            rho_c = rho
-            pc = ProjectionConfig(ctl, mode, rho_c)
-            e_c = energy_kept(session, variant, pc, seed)
-        else:
-            m = session_match(session, variant, ctl, mode, rho, seed)
-            rho_c, e_c = m.rho, m.energy
-            pc = ProjectionConfig(ctl, mode, rho_c)
-        ctl_table = generation_table(session, variant, pc, seed, cfg)
-        for score in scores:
-            t = seed_test(topk_table, ctl_table, score, seed, rho_c, e_topk, e_c)
-            per_score.setdefault((mode, rho, score, ctl, match), []).append(
-                (t, float(outcomes(topk_table, score)[1].mean()), float(outcomes(ctl_table, score)[1].mean())))
+            progress(i, total, f"{variant} {ctl} {mode} rho={rho:g} seed={seed}")
+        pc = ProjectionConfig(ctl, mode, rho)
+        controls[(ctl, mode, rho, seed)] = (generation_table(session, variant, pc, seed, cfg),
+                                            energy_kept(session, variant, pc, seed))
         if i + 1 < len(jobs) and jobs[i + 1][3] != seed:
             session.drop_engine(variant)
+    done = len(jobs)
+
+    def topk(rho_topk: float, mode: str) -> tuple[pd.DataFrame, float]:
+        nonlocal done
+        if progress:
+            progress(done, total, f"{variant} topk {mode} rho={rho_topk:g}")
+        done += 1
+        pc = ProjectionConfig("topk", mode, rho_topk)
+        return generation_table(session, variant, pc, None, cfg), energy_kept(session, variant, pc)
+
+    rows = []
+    for mode, rho in grid:
+        at_rank = topk(rho, mode)
+        for ctl in cfg.controls:
+            draws = [controls[(ctl, mode, rho, s)] for s in cfg.seeds]
+            for match in cfg.matches:
+                rho_topk, (top_table, e_topk) = rho, at_rank
+                if match == "energy":
+                    with session.locked():
+                        m = match_energy(_engine(session, variant, None), [e for _, e in draws], ctl, mode, rho)
+                    rho_topk, (top_table, e_topk) = m.rho_topk, topk(m.rho_topk, mode)
+                for score in scores:
+                    tests = [seed_test(top_table, t, score, s, e_topk, e) for s, (t, e) in zip(cfg.seeds, draws)]
+                    gaps = [abs(t.energy_control - t.energy_topk) for t in tests]
+                    rows.append(dict(variant=variant, mode=mode, rho=rho, score=score, control=ctl, match=match,
+                                     topk_value=float(outcomes(top_table, score)[1].mean()),
+                                     control_value=float(np.mean([outcomes(t, score)[1].mean() for t, _ in draws])),
+                                     **combine(tests), energy_topk=e_topk,
+                                     energy_control=float(np.mean([e for _, e in draws])),
+                                     energy_gap_max=float(max(gaps)), rho_topk=float(rho_topk),
+                                     reachable=bool(max(gaps) <= ENERGY_TOL)))
     session.drop_engine(variant)
     if progress:
-        progress(len(jobs), len(jobs), f"{variant} paired tests done")
-    rows = []
-    for (mode, rho, score, ctl, match), items in per_score.items():
-        tests = [t for t, _, _ in items]
-        gaps = [abs(t.energy_control - t.energy_topk) for t in tests]
-        rows.append(dict(variant=variant, mode=mode, rho=rho, score=score, control=ctl, match=match,
-                         topk_value=items[0][1], control_value=float(np.mean([c for _, _, c in items])),
-                         **combine(tests),
-                         energy_topk=tests[0].energy_topk,
-                         energy_control=float(np.mean([t.energy_control for t in tests])),
-                         energy_gap_max=float(max(gaps)), rho_control=tuple(t.rho_control for t in tests),
-                         reachable=bool(max(gaps) <= ENERGY_TOL)))
+        progress(total, total, f"{variant} paired tests done")
     out = pd.DataFrame(rows, columns=TEST_COLUMNS)
     return out.sort_values(["mode", "rho", "score", "control", "match"], ignore_index=True)
 

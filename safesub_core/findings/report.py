@@ -108,13 +108,13 @@ def _power_md(r: FamilyFindings) -> str:
            f"n prompts a rate.\n\n" + md_table(wide) + "\n"]
     tests = r.power_tests
     if tests is not None and len(tests):
-        cols = ["variant", "mode", "rho", "score", "control", "match", "topk_value", "control_value", "diff", "p",
-                "net_prompts_min", "energy_topk", "energy_control", "reachable", "differs"]
+        cols = ["variant", "mode", "rho", "score", "control", "match", "rho_topk", "topk_value", "control_value",
+                "diff", "p", "net_prompts_min", "energy_topk", "energy_control", "reachable", "differs"]
         tt = tests[tests.apply(lambda row: (row["variant"], row["score"]) in keep, axis=1)]
         out.append("Paired tests of Top-K against each control on the same prompts (exact McNemar, the largest p "
                    "over the draws; `differs`: p < 0.05, the same sign in every draw and more than two prompts "
-                   "apart; match energy: the control's rank fraction keeps Top-K's energy, `reachable` when "
-                   "within 0.02):\n\n" + md_table(tt[[c for c in cols if c in tt]], 3) + "\n")
+                   "apart; match energy: Top-K at the rank fraction `rho_topk` whose energy kept is closest to the "
+                   "control's at `rho` (the mean over its draws), `reachable` when every draw is within 0.02):\n\n" + md_table(tt[[c for c in cols if c in tt]], 3) + "\n")
     return "\n".join(out)
 
 
