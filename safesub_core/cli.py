@@ -250,20 +250,25 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--modes", default="parallel,orthogonal")
     q.add_argument("--variants", default="useful,harmful,contaminated")
     q.add_argument("--gen-modes", default=None,
-                   help="modes that also get generation scores (default: every mode; e.g. parallel, as in the "
-                        "study's tables, to save time on a larger model)")
+                   help="modes that may get generation scores (default: every mode; each variant is generated in "
+                        "the study's: E1, parallel, for every variant, E2, orthogonal, for the contaminated one; "
+                        "e.g. parallel to leave E2 to the live read-outs)")
     q.add_argument("--gen-tokens", type=int, default=24, help="new tokens per greedy completion (default 24)")
     q.add_argument("--seeds", type=_positive, default=3,
                    help="draws of Random and Random-K scored by generation with their paired tests (default 3)")
     q.add_argument("--power-modes", default=None,
                    help="modes scored with power (default: --gen-modes, else every mode; parallel is E1, "
-                        "orthogonal E2)")
+                        "orthogonal E2; each variant within its study modes as --gen-modes says)")
     q.add_argument("--power-matches", default="rank,energy",
                    help="Top-K against the controls at the same rank fraction (rank) and/or energy kept (energy)")
     q.add_argument("--live-waves", type=_positive, default=None,
                    help="waves of prompts the live read-outs (margin, NLL, KL, 12-token exact match; extras beside "
                         "the generation scores) cover at each point and checkpoint (default: every wave, i.e. every "
                         "prompt; 1 is the first wave only, as the app's first read-out)")
+    q.add_argument("--jobs", type=_positive, default=1,
+                   help="worker processes that compute the experiments' parts (each variant's points, the "
+                        "checkpoints, the activation and weight experiments) into the cache before the report reads "
+                        "them; the threads (OMP_NUM_THREADS) are shared out among them (default 1: no workers)")
     q.add_argument("--study-prompts", type=_positive, default=100,
                    help="the activation experiment's prompts a set (default 100; all there are where fewer)")
     q.add_argument("--study-chat", action="store_true",

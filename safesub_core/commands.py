@@ -328,7 +328,8 @@ def cmd_findings(args) -> None:
         return
     extra = ({"sets": chosen} if chosen else {}) | ({"convention": args.convention} if args.convention else {})
     out = findings.run(families, configs, args.out, None if args.no_figures else args.figures, args.study,
-                       args.plotlyjs, command="safesub " + " ".join(args.argv), progress=progress, log=print, **extra)
+                       args.plotlyjs, command="safesub " + " ".join(args.argv), progress=progress, log=print,
+                       jobs=args.jobs, **extra)
     close_bars()
     print(f"wrote {out}")
 

@@ -94,8 +94,11 @@ def test_report_has_every_section_and_finding(result):
         assert f"**{row.finding}** ({row.verdict})" in md
     assert "## Deviations from the study" in md and "20k MetaMathQA rows" in md
     table = F.deviations.deviations_table([result]).set_index("aspect")["tiny"]
-    assert table["sets scored by generation"].startswith("useful: utility; harmful: harmful; contaminated: harmful, "
-                                                         "utility")
+    assert table["sets scored by generation"].startswith("useful: utility, parallel mode; harmful: harmful, parallel "
+                                                         "mode; contaminated: harmful, utility, parallel mode")
+    both = F.deviations.deviations_table([replace(result, config=replace(CFG, power_modes=None))])
+    assert "contaminated: harmful, utility, parallel and orthogonal mode" in both.set_index("aspect")["tiny"][
+        "sets scored by generation"]  # E2 on the contaminated update, as the study
     assert table["prompts a set (E1/E2)"].endswith("live read-outs (extras) on every prompt")
     one_wave = F.deviations.deviations_table([replace(result, config=replace(CFG, live_waves=1))])
     assert one_wave.set_index("aspect")["tiny"]["prompts a set (E1/E2)"].endswith("on the first 1 wave(s) of each "
@@ -115,16 +118,22 @@ def test_behaviour_is_the_builders(result, tiny_family):
 
 @pytest.mark.slow
 def test_scores_match_direct_session_calls(result, direct):
-    row = result.points.set_index(["variant", "subspace", "mode", "rank_fraction"]).loc[
-        ("harmful", "randomk", "orthogonal", 0.99)]
+    points = result.points.set_index(["variant", "subspace", "mode", "rank_fraction"])
+    row = points.loc[("contaminated", "randomk", "orthogonal", 0.99)]
     cfg = ProjectionConfig("randomk", "orthogonal", 0.99)
-    live = direct.point_scores("harmful", cfg)
+    live = direct.point_scores("contaminated", cfg)
     for k in ("energy_kept", "margin_mean", "share_margin_negative", "nll_mean", "arith_exact_match", "kl_to_start"):
         assert row[k] == pytest.approx(live[k], abs=1e-5), k
-    gen, _ = direct.generation_scores("harmful", cfg, max_new_tokens=CFG.gen_tokens, roles=("harmful",))
+    gen, _ = direct.generation_scores("contaminated", cfg, max_new_tokens=CFG.gen_tokens,
+                                      roles=("harmful", "utility"))
     assert row["gen_attack_success_rate"] == pytest.approx(gen["attack_success_rate"])
-    # the harmful variant's points are generated on harmful prompts only (power.READS): no utility score, n 0
-    assert np.isnan(row["gen_exact_match"]) and row["gen_exact_match_n"] == 0
+    assert row["gen_exact_match"] == pytest.approx(gen["exact_match"])
+    # the harmful variant's points are generated on harmful prompts only (power.READS): no utility score, n 0;
+    # and in the parallel mode only (power.MODES: E2, the orthogonal mode, is the contaminated update's)
+    par = points.loc[("harmful", "randomk", "parallel", 0.99)]
+    assert not np.isnan(par["gen_attack_success_rate"])
+    assert np.isnan(par["gen_exact_match"]) and par["gen_exact_match_n"] == 0
+    assert np.isnan(points.loc[("harmful", "randomk", "orthogonal", 0.99)]["gen_attack_success_rate"])
     # the checkpoints the study's tables show: base, the aligned and safety-tuned models and the variants run
     assert list(result.references["checkpoint"]) == ["base", "aligned", "safety_tuned", "useful", "harmful",
                                                      "contaminated"]
@@ -350,3 +359,31 @@ def test_live_waves_limit_the_live_read_outs_to_their_first_prompts(tiny_family,
     assert list(one.index) == ["base", "aligned"] and list(full.index) == ["aligned", "base"]
     assert (one["margin_mean_n"] == size).all() and (full["margin_mean_n"] == N).all()
     assert (one["gen_refusal_rate_n"] == full["gen_refusal_rate_n"].loc[one.index]).all()  # generation: every prompt either way
+
+
+@pytest.mark.slow
+def test_parts_on_worker_processes_leave_the_run_nothing_to_compute(tiny_family, tmp_path, monkeypatch):
+    """`findings --jobs 2`: the parts, computed on two spawned workers, are every entry the ordinary run asks the
+    cache for (it adds none), and its tables equal a run on one process from another empty cache."""
+    from safesub_core.findings import parallel as P
+
+    family, cfg = str(tiny_family), replace(CFG, n_seeds=1, variants=("useful", "contaminated"))
+    todo = P.order(P.parts(family, cfg))
+    assert [p.name for p in todo] == ["variant contaminated", "variant useful", "checkpoints", "activations",
+                                      "weights"]
+    monkeypatch.setenv("SAFESUB_CACHE", str(tmp_path / "workers"))
+    heard = []
+    times = P.run_parts(todo, 2, log=heard.append)
+    assert list(times) == [p.label for p in todo] and all(t > 0 for t in times.values()) and len(heard) == 5
+    entries = sorted(p.relative_to(tmp_path) for p in (tmp_path / "workers").rglob("*") if p.is_file())
+    assert entries
+    r = F.run_family(family, cfg)
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "workers").rglob("*") if p.is_file()) == entries
+    monkeypatch.setenv("SAFESUB_CACHE", str(tmp_path / "alone"))
+    alone = F.run_family(family, cfg)
+    for table in ("references", "points", "power_points", "power_tests", "power_verdicts", "weight", "band"):
+        # the workers ran on one thread each and this process on two: sums in another order, same numbers
+        pd.testing.assert_frame_equal(getattr(r, table), getattr(alone, table), obj=table, check_exact=False,
+                                      rtol=1e-4, atol=1e-7)
+    with pytest.raises(SafesubError, match="jobs 0"):
+        P.run_parts(todo, 0)

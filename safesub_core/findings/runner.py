@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 from safesub_core.errors import SafesubError
+from safesub_core.findings import parallel
 from safesub_core.findings.criteria import check_findings, study_reference
 from safesub_core.findings.experiments import RHOS, FamilyFindings, FindingsConfig, run_family
 from safesub_core.findings.figures import write_figures
@@ -110,22 +111,33 @@ def run(families: Sequence[str], configs: Mapping[str, FindingsConfig] | None = 
         out: str | os.PathLike = "FINDINGS.md", figures: str | os.PathLike | None = "docs/figures",
         study: str | os.PathLike | None = None, plotlyjs: str = "directory", command: str = "",
         progress: FamilyProgress | None = None, log: Callable[[str], None] | None = None,
-        sets: Mapping[str, str] | None = None, convention: str | None = None) -> Path:
+        sets: Mapping[str, str] | None = None, convention: str | None = None, jobs: int = 1) -> Path:
     """Run the experiments on each family (`configs[family]`, else the defaults), check the study's findings
     against `study` (default: the repository's copy of its tables), write the figures into `figures` (None: no
     figures; `plotlyjs` as in `figures.write_figures`) and the report to `out` (linking the figures relative to
     it); returns `out`. `command` is how the report says it was made; `log` gets each family's behaviour and
     verdicts as text; the section of the competing hypotheses in an existing `out` is kept
     (`hypotheses.run_section` writes it); `sets` (role -> set spec) and `convention` choose evaluation sets for every family
-    (`experiments.eval_sets`). Nothing is written when a family fails (SafesubError)."""
+    (`experiments.eval_sets`). With `jobs` > 1 the families' parts are computed first on that many worker processes
+    (`parallel.run_parts`), then read. Nothing is written when a family fails (SafesubError)."""
     configs = configs or {}
     study_table = study_reference(study)
+    cfgs = {spec: replace(configs.get(spec) or FindingsConfig(), set_overrides=sets, convention=convention)
+            for spec in families}
+    todo, part_times, wall = [], {}, 0.0
+    if jobs > 1:
+        t0 = time.time()
+        todo = parallel.order([p for spec in families for p in parallel.parts(spec, cfgs[spec])])
+        part_times = parallel.run_parts(todo, jobs, log)
+        wall = time.time() - t0
     results = []
     for spec in families:
         t0 = time.time()
-        cfg = replace(configs.get(spec) or FindingsConfig(), set_overrides=sets, convention=convention)
-        r = run_family(spec, cfg,
+        r = run_family(spec, cfgs[spec],
                        progress and (lambda done, total, what, spec=spec: progress(spec, done, total, what)))
+        if jobs > 1:  # what each part cost in its worker, and the wall time of them all
+            r.timings = {f"{p.name} (worker)": part_times[p.label] for p in todo if p.spec == spec} | {
+                f"parts of every family on {jobs} workers": wall} | r.timings
         r.findings = check_findings(r, study_table)
         r.timings["total"] = time.time() - t0
         results.append(r)
