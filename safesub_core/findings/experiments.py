@@ -113,6 +113,7 @@ class FamilyFindings:
     weight_notes: list = field(default_factory=list)  # references without a panel, and why
     findings: pd.DataFrame = field(default_factory=pd.DataFrame)
     timings: dict = field(default_factory=dict)
+    behaviour_n: dict = field(default_factory=dict)  # metric -> the prompts behind it (behaviour.json's "prompts")
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -149,9 +150,10 @@ def behaviour_table(family: Family) -> pd.DataFrame:
 
 def behaviour_checks(behaviour: pd.DataFrame, prompts: Mapping[str, int] | None = None) -> pd.DataFrame:
     """The demo families' promised held-out behaviour (`demo.BEHAVIOUR_CHECKS`, applied by `demo.behaviour_checks`)
-    against the stored numbers, as a table: model, metric, value, threshold (the bound, and its value when it is
-    another model's), passed; `prompts` (metric -> prompt count, behaviour.json's "prompts") as in
-    `demo.behaviour_checks`."""
+    against the stored numbers, as a table: model, metric, value, lo, hi, n (the Wilson 95% interval and its
+    prompts, empty without `prompts`), threshold (the bound, and its value when it is another model's), verdict
+    (pass / fail / inconclusive when the interval holds the bound); `prompts` (metric -> prompt count,
+    behaviour.json's "prompts") as in `demo.behaviour_checks`."""
     numbers = behaviour.set_index("model").to_dict(orient="index") if "model" in behaviour else {}
     rows = []
     for c in demo.behaviour_checks(numbers, prompts):
@@ -160,9 +162,9 @@ def behaviour_checks(behaviour: pd.DataFrame, prompts: Mapping[str, int] | None 
         label = f"{op} {bound} ({limit:.2f})" if isinstance(bound, str) else f"{op} {limit:.2f}"
         if "prompts_apart" in c:
             label += f", {c['prompts_apart']:+d} of {c['n']} prompts (at most {MIN_PROMPTS} is no difference)"
-        rows.append(dict(model=c["model"], metric=c["metric"], value=float(c["value"]), threshold=label,
-                         passed=bool(c["passed"])))
-    return pd.DataFrame(rows, columns=["model", "metric", "value", "threshold", "passed"])
+        rows.append(dict(model=c["model"], metric=c["metric"], value=float(c["value"]), lo=c.get("lo"),
+                         hi=c.get("hi"), n=c.get("n"), threshold=label, verdict=c["verdict"]))
+    return pd.DataFrame(rows, columns=["model", "metric", "value", "lo", "hi", "n", "threshold", "verdict"])
 
 
 # ------------------------------------------------------------------------------------------------ experiment 1
@@ -396,6 +398,7 @@ def run_family(spec: str, cfg: FindingsConfig | None = None, progress: Progress 
         name=family.name, path=str(family.root or spec), config=cfg, sets=sets, n_layers=conf.num_hidden_layers,
         hidden=conf.hidden_size, behaviour=behaviour, references=refs,
         checks=behaviour_checks(behaviour, (family.behaviour or {}).get("prompts")),
+        behaviour_n=dict((family.behaviour or {}).get("prompts") or {}),
         points=points, weight=weight.summary, weight_blocks=weight.blocks, weight_notes=weight.notes,
         activations=acts.layers, band=acts.summary, band_range=(acts.band.start, acts.band.stop - 1),
         activation_sets=acts.sets, set_sizes={role: len(getattr(s, role)) for role in sets},

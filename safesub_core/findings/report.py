@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import pandas as pd
 
@@ -24,6 +24,7 @@ from safesub_core.scoring.live import LIVE_ARITH_TOKENS
 from safesub_core.scoring.names import (ARITH_EXACT_MATCH, ENERGY_KEPT, KL_TO_START, MARGIN_MEAN, NLL_MEAN,
                                         SHARE_MARGIN_NEGATIVE)
 from safesub_core.settings import REPO
+from safesub_core.stats import MIN_PROMPTS, rate_interval
 
 DEFAULT_COMMAND = "safesub findings"
 # the scores of every checkpoint the report shows: generation first (greedy completions), then the live ones
@@ -118,6 +119,18 @@ def _power_md(r: FamilyFindings) -> str:
     return "\n".join(out)
 
 
+def behaviour_markdown(behaviour: pd.DataFrame, counts: Mapping[str, int]) -> str:
+    """The held-out behaviour table, each rate with its Wilson 95% interval where its prompt count is stored
+    (`counts`: metric -> prompts), and the counts under it."""
+    shown = behaviour.copy()
+    for metric, n in counts.items():
+        if metric in shown:
+            shown[metric] = [f"{e.value:.2f} [{e.lo:.2f}, {e.hi:.2f}]"
+                             for e in (rate_interval(round(float(v) * n), int(n)) for v in behaviour[metric])]
+    known = [f"{m} {n}" for m, n in counts.items() if m in shown]
+    return md_table(shown) + ("\n\nPrompts behind each rate: " + ", ".join(known) + "." if known else "")
+
+
 def render_family(r: FamilyFindings, figures: dict | None = None) -> str:
     """One family's section; `figures` maps family name -> {label: link} (`figures.write_figures`' labels, links
     relative to the report), the PNGs of which are shown under their experiments' headings."""
@@ -140,9 +153,11 @@ def render_family(r: FamilyFindings, figures: dict | None = None) -> str:
             out.append(f"![{r.name}: {name}]({links[f'{name} (PNG)']})\n")
 
     out.append("### Held-out behaviour (stored by the builder)\n")
-    out.append(md_table(r.behaviour) + "\n")
+    out.append(behaviour_markdown(r.behaviour, r.behaviour_n) + "\n")
     if len(r.checks):
-        out.append("Promised held-out behaviour:\n\n" + md_table(r.checks) + "\n")
+        out.append("Promised held-out behaviour (verdict: pass or fail when the Wilson 95% interval lies wholly on "
+                   "one side of the bound, inconclusive when it holds it; against another model, a gap of at most "
+                   f"{MIN_PROMPTS} prompts is no difference):\n\n" + md_table(r.checks) + "\n")
 
     out.append("### 1. Utility and harmfulness against rank\n")
     figure("rank")
