@@ -96,6 +96,13 @@ def test_report_has_every_section_and_finding(result):
                  "Table 4 layout, orthogonal", "Table 5 layout (contaminated)"):
         assert head in md, head
     assert list(result.findings["finding"]) == ["F1", "F1 (contaminated)", "F2", "F3"]
+    # every rate the tables show carries its interval, and the prompts behind it are stated
+    ref = result.references.set_index("checkpoint").loc["aligned"]
+    cell = F.report.interval_text(ref["gen_refusal_rate"], ref["gen_refusal_rate_lo"], ref["gen_refusal_rate_hi"])
+    assert "[" in cell and any(line.startswith("| aligned |") and cell in line for line in md.splitlines())
+    assert f"gen_refusal_rate {int(ref['gen_refusal_rate_n'])}" in md and "Prompts a rate or mean:" in md
+    top = next(line for line in md.split("Table 4 layout, parallel")[1].splitlines() if line.startswith("| Top-K |"))
+    assert top.count("[") == 2 * len(CFG.rhos)  # exact match and ASR at each rank fraction
     for row in result.findings.itertuples():
         assert row.verdict in ("holds", "does not hold", "inconclusive")
         assert f"**{row.finding}** ({row.verdict})" in md

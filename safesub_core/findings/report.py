@@ -56,21 +56,59 @@ def md_table(df: pd.DataFrame, digits: int = 2) -> str:
     return "\n".join([head, sep] + body)
 
 
+def interval_text(value, lo, hi) -> str:
+    """'0.20 [0.12, 0.31]' (n/a for a missing value; the bare value when its interval is missing)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if lo is None or hi is None or any(isinstance(x, float) and math.isnan(x) for x in (lo, hi)):
+        return _fmt(value)
+    return f"{float(value):.2f} [{float(lo):.2f}, {float(hi):.2f}]"
+
+
+def with_intervals(df: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
+    """`columns` of df as interval_text of each value and its `<column>_lo`, `<column>_hi` (the summaries' interval
+    columns), where df has them."""
+    out = df.copy()
+    for c in columns:
+        if c in df and f"{c}_lo" in df and f"{c}_hi" in df:
+            out[c] = [interval_text(v, lo, hi) for v, lo, hi in zip(df[c], df[f"{c}_lo"], df[f"{c}_hi"])]
+    return out
+
+
+def counts_line(df: pd.DataFrame, columns: Sequence[str]) -> str:
+    """'n: gen_exact_match 100, margin_mean 32' from the summaries' `<column>_n` (the largest over the rows)."""
+    known = [f"{c} {int(df[f'{c}_n'].max())}" for c in columns if f"{c}_n" in df and df[f"{c}_n"].notna().any()]
+    return ("Prompts a rate or mean: " + ", ".join(known) + ". Intervals are 95% (Wilson for rates).") if known else ""
+
+
+def layout(r: FamilyFindings, mode: str, util_variant: str, harm_variant: str, util_metric: str = GEN_EXACT_MATCH,
+           harm_metric: str = GEN_ASR) -> pd.DataFrame:
+    """`study_layout` with each cell's 95% interval where the points and checkpoints carry one."""
+    args = (r.points, r.references, mode, util_variant, harm_variant)
+    value = study_layout(*args, util_metric, harm_metric, start=r.start)
+    bounds = [f"{m}_{e}" for m in (util_metric, harm_metric) for e in ("lo", "hi")]
+    if not all(b in r.points and b in r.references for b in bounds):
+        return value
+    lo = study_layout(*args, f"{util_metric}_lo", f"{harm_metric}_lo", start=r.start)
+    hi = study_layout(*args, f"{util_metric}_hi", f"{harm_metric}_hi", start=r.start)
+    out = value.copy()
+    for c in value.columns[1:]:
+        out[c] = [interval_text(v, a, b) for v, a, b in zip(value[c], lo[c], hi[c])]
+    return out
+
+
 def _layout_md(r: FamilyFindings, util_variant: str, harm_variant: str, mode: str) -> str:
-    start = r.start
     sel = r.points[r.points["mode"] == mode]
     has_gen = GEN_EXACT_MATCH in sel and sel[GEN_EXACT_MATCH].notna().any()
-    live = study_layout(r.points, r.references, mode, util_variant, harm_variant, NLL_MEAN, SHARE_MARGIN_NEGATIVE,
-                        start=start)
+    live = layout(r, mode, util_variant, harm_variant, NLL_MEAN, SHARE_MARGIN_NEGATIVE)
     live.columns = [c.replace("util_", "nll_").replace("harm_", "negmargin_") for c in live.columns]
     text = ""
     if has_gen:
-        gen = study_layout(r.points, r.references, mode, util_variant, harm_variant, start=start)
+        gen = layout(r, mode, util_variant, harm_variant)
         text = (f"Generation scores: util = exact match ({util_variant}), harm = ASR ({harm_variant}):\n\n"
                 f"{md_table(gen)}\n\n")
     else:
-        exact = study_layout(r.points, r.references, mode, util_variant, harm_variant, ARITH_EXACT_MATCH,
-                             MARGIN_MEAN, start=start)
+        exact = layout(r, mode, util_variant, harm_variant, ARITH_EXACT_MATCH, MARGIN_MEAN)
         exact.columns = [c.replace("harm_", "margin_") for c in exact.columns]
         text = (f"(no generation scores in this mode) Live scores: util = exact match of {LIVE_ARITH_TOKENS} greedy "
                 f"tokens ({util_variant}), margin = mean log-prob margin ({harm_variant}, lower is more harmful):\n\n"
@@ -163,7 +201,8 @@ def render_family(r: FamilyFindings, figures: dict | None = None) -> str:
     figure("rank")
     cols = ["checkpoint", *REFERENCE_COLUMNS]
     out.append("Every checkpoint (gen_* from greedy completions; the rest live scores):\n\n"
-               + md_table(r.references[[c for c in cols if c in r.references]]) + "\n")
+               + md_table(with_intervals(r.references, REFERENCE_COLUMNS)[[c for c in cols if c in r.references]])
+               + "\n\n" + counts_line(r.references, REFERENCE_COLUMNS) + "\n")
     ref = r.references.set_index("checkpoint")
     if "harmful" in ref.index and {GEN_ASR, SHARE_MARGIN_NEGATIVE} <= set(ref.columns):
         asr, neg = ref.loc["harmful", GEN_ASR], ref.loc["harmful", SHARE_MARGIN_NEGATIVE]
