@@ -12,6 +12,8 @@ Study" (ICLR 2026). Per family ('tiny', 'smol' or a family file; `family.resolve
   report       the markdown report (`render_markdown`)
   figures      the three figures (plotly): interactive HTML, their data as CSV, PNGs for the report
   runner       `run(families, configs, out, figures)`: all of the above, as the CLI's `findings` verb does
+  parallel     a run's parts (each variant's points, the checkpoints, the activation and weight experiments) on
+               worker processes that fill the shared disk cache first (`findings --jobs N`)
   hypotheses   the section "Beyond the study: competing hypotheses" (refusal direction, SafeLoRA, the trade-off
                against the study's projections), written alone by `run_section` (`findings --only hypotheses`)
 
