@@ -1,6 +1,7 @@
 """E1/E2 with power (safesub_core.findings.power): verdicts on synthetic outcomes, paired intervals and tests, energy
 matching and the long table on the test-size tiny family (few prompts, two rank fractions, two seeds)."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -218,6 +219,8 @@ def test_a_variant_is_generated_on_the_sets_its_findings_read(session):
         assert {"margin", "nll"} & set(full.columns)
         assert full["completion"].tolist() == table["completion"].tolist()  # the same greedy completions
         assert summary == P.generation_point(session, variant, pc, None, cfg)[0]  # and the same rates
+    # a variant none of whose study modes is run gets no points (not every mode)
+    assert P.power_points(session, "useful", dataclasses.replace(cfg, modes=("orthogonal",))).empty
     with pytest.raises(SafesubError, match="prompt sets read for useful"):
         P.PowerConfig(reads={"useful": ("benign",)})
     with pytest.raises(SafesubError, match="generation roles"):

@@ -5,8 +5,9 @@ E1 is the parallel mode (W = W_start + P_k dT), E2 the orthogonal mode (W = W_st
 by generation (greedy completions, `FamilySession.generation_scores` without the forward-pass columns, which no
 finding reads; disk-cached in the session: a rerun generates nothing; it only loads each draw's engine again from the
 disk cache for the energy kept, ~1 minute on smol against ~18 minutes cold). The modes a variant is scored in follow
-the study (MODES): E1 on every variant (Tables 4-5), E2, the orthogonal removal, on the contaminated update. Nothing here writes to the session's models other than through `generation_scores`. The prompts
-are the session's evaluation sets (`FamilySession.sets`): the issue asks for at least RECOMMENDED_PROMPTS a set (or
+the study (MODES): E1 on every variant (Tables 4-5), E2, the orthogonal removal, on the contaminated update. Nothing
+here writes to the session's models other than through `generation_scores`. The prompts are the session's
+evaluation sets (`FamilySession.sets`): the issue asks for at least RECOMMENDED_PROMPTS a set (or
 the whole set), which the caller chooses (`experiments.eval_sets(family, n)`); every row carries its n.
 
 API (all DataFrames long, one row per number; `Progress` is progress(done, total, message)):
@@ -30,9 +31,8 @@ API (all DataFrames long, one row per number; `Progress` is progress(done, total
       match = "energy": Top-K at the rank fraction rho_topk whose energy kept is closest to the control's at rho
       (the mean over its draws, `match_energy`), so the controls stay on the grid and the matched points are one
       Top-K point each, not one per draw. One McNemar test per seed of the control; combined by the LARGEST p (an
-      intersection-union
-      test: "Top-K differs from the control for every draw" is rejected at level a when every seed's test is, with
-      no multiplicity correction needed). `differs` is True only when p < ALPHA, every seed's difference has the
+      intersection-union test: "Top-K differs from the control for every draw" is rejected at level a when every
+      seed's test is, with no multiplicity correction needed). `differs` is True only when p < ALPHA, every seed's difference has the
       same sign, and every seed's net difference |only-Top-K - only-control| exceeds MIN_PROMPTS prompts.
   match_energy(topk_engine, control_energies, subspace, mode, rho) -> EnergyMatch
       Energy kept is monotone in rho for every subspace (non-decreasing in parallel mode, non-increasing in
@@ -282,7 +282,7 @@ def _plan(cfg: PowerConfig, modes: Sequence[str] | None = None) -> list[tuple[st
     """(subspace, mode, seed, rho) of every grid point, grouped by engine (Top-K first, then draw by draw) and, within
     a group, by subspace, mode and rising rho, so the working model moves by small rank steps and each engine is
     needed in one stretch only. `modes`: default every mode of cfg."""
-    modes = tuple(modes or cfg.modes)
+    modes = tuple(cfg.modes if modes is None else modes)
     plan = [("topk", m, None, float(r)) for m in modes for r in sorted(cfg.rhos)] if "topk" in cfg.subspaces else []
     for s in cfg.seeds:
         plan += [(sub, m, s, float(r)) for sub in cfg.controls for m in modes for r in sorted(cfg.rhos)]
@@ -296,7 +296,7 @@ def power_points(session, variant: str, cfg: PowerConfig | None = None, progress
     cfg = cfg or PowerConfig()
     if variant not in session.family.variants:
         raise SafesubError(f"variant {variant!r}: the family has {', '.join(session.family.variants) or 'none'}")
-    plan = _plan(cfg, modes or cfg.modes_of(variant))
+    plan = _plan(cfg, cfg.modes_of(variant) if modes is None else modes)
     rows: list[dict] = []
     for i, (sub, mode, seed, rho) in enumerate(plan):
         if progress:
@@ -430,7 +430,7 @@ def paired_tests(session, variant: str, cfg: PowerConfig | None = None, progress
     are the grid's (scored draw by draw, one engine at a time); an energy match scores Top-K at its matched rank
     fraction (a point off the grid, cached like any other)."""
     cfg = cfg or PowerConfig()
-    modes = tuple(modes or cfg.modes_of(variant))
+    modes = tuple(cfg.modes_of(variant) if modes is None else modes)
     scores = tuple(scores or cfg.scores(variant))
     grid = [(m, float(r)) for m in modes for r in sorted(cfg.rhos)]
     own = _draw(session, None)  # the session's draw (Top-K's engine) last, so that Top-K follows without a reload
