@@ -149,11 +149,13 @@ def _power_md(r: FamilyFindings) -> str:
     if tests is not None and len(tests):
         cols = ["variant", "mode", "rho", "score", "control", "match", "rho_topk", "topk_value", "control_value",
                 "diff", "p", "net_prompts_min", "energy_topk", "energy_control", "reachable", "differs"]
-        tt = tests[tests.apply(lambda row: (row["variant"], row["score"]) in keep, axis=1)]
+        tt = tests[tests.apply(lambda row: (row["variant"], row["score"]) in keep, axis=1)].copy()
+        tt["rho_topk"] = [f"{x:g}" for x in tt["rho_topk"]]  # a matched rank fraction can be 1e-4: all its digits
         out.append("Paired tests of Top-K against each control on the same prompts (exact McNemar, the largest p "
                    "over the draws; `differs`: p < 0.05, the same sign in every draw and more than two prompts "
                    "apart; match energy: Top-K at the rank fraction `rho_topk` whose energy kept is closest to the "
-                   "control's at `rho` (the mean over its draws), `reachable` when every draw is within 0.02):\n\n" + md_table(tt[[c for c in cols if c in tt]], 3) + "\n")
+                   "control's at `rho` (the mean over its draws), `reachable` when every draw is within 0.02):\n\n"
+                   + md_table(tt[[c for c in cols if c in tt]], 3) + "\n")
     return "\n".join(out)
 
 
