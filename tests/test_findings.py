@@ -401,3 +401,8 @@ def test_parts_on_worker_processes_leave_the_run_nothing_to_compute(tiny_family,
                                       rtol=1e-4, atol=1e-7)
     with pytest.raises(SafesubError, match="jobs 0"):
         P.run_parts(todo, 0)
+    with pytest.raises(SafesubError, match="jobs 1.5"):
+        F.run([family], {family: cfg}, out=tmp_path / "F.md", jobs=1.5)
+    assert not (tmp_path / "F.md").exists()
+    with pytest.raises(SafesubError, match="findings part 'nothing'"):
+        P.run_part(P.Part(family, cfg, "nothing"))

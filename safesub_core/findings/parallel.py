@@ -88,16 +88,21 @@ def run_part(part: Part, threads: int | None = None) -> tuple[str, float]:
     elif part.kind == "weights":
         weight_table(family, cfg.energies)
     else:
-        raise ValueError(f"part kind {part.kind!r}: one of {', '.join(KINDS)}")
+        raise SafesubError(f"findings part {part.kind!r}: must be one of {', '.join(KINDS)}")
     return part.label, time.time() - t0
+
+
+def check_jobs(jobs) -> None:
+    """A one-line SafesubError unless `jobs` is a whole number of at least 1."""
+    if isinstance(jobs, bool) or not isinstance(jobs, (int, float)) or int(jobs) != jobs or jobs < 1:
+        raise SafesubError(f"findings jobs {jobs!r}: need a whole number of at least 1")
 
 
 def run_parts(todo: Sequence[Part], jobs: int, log: Callable[[str], None] | None = None) -> dict[str, float]:
     """Every part on `jobs` spawned worker processes, each with torch's threads of this process shared out (at
     least one); {label: wall seconds} in the order the parts were given (`log` hears of each as it ends). On an
     error the parts not started are cancelled and the error is raised (what the running ones compute stays cached)."""
-    if int(jobs) != jobs or jobs < 1:
-        raise SafesubError(f"findings jobs {jobs!r}: need a whole number of at least 1")
+    check_jobs(jobs)
     threads = max(1, torch.get_num_threads() // jobs)
     done: dict[str, float] = {}
     with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:

@@ -120,6 +120,7 @@ def run(families: Sequence[str], configs: Mapping[str, FindingsConfig] | None = 
     (`hypotheses.run_section` writes it); `sets` (role -> set spec) and `convention` choose evaluation sets for every family
     (`experiments.eval_sets`). With `jobs` > 1 the families' parts are computed first on that many worker processes
     (`parallel.run_parts`), then read. Nothing is written when a family fails (SafesubError)."""
+    parallel.check_jobs(jobs)
     configs = configs or {}
     study_table = study_reference(study)
     cfgs = {spec: replace(configs.get(spec) or FindingsConfig(), set_overrides=sets, convention=convention)
