@@ -365,7 +365,6 @@ def family_session(family: Family, cfg: FindingsConfig) -> FamilySession:
                          seed=cfg.seed)
 
 
-
 def run_family(spec: str, cfg: FindingsConfig | None = None, progress: Progress | None = None,
                session: FamilySession | None = None) -> FamilyFindings:
     """Experiments 1-3 on one family (cached scores), as a FamilyFindings of DataFrames (findings not checked yet:
