@@ -35,7 +35,7 @@ from safesub_core import compute
 from safesub_core.activation_study import StudyActivationConfig, run_study, study_session
 from safesub_core.cache import DiskCache
 from safesub_core.family import Family
-from safesub_core.findings import power
+from safesub_core.findings import energy, power
 from safesub_core.findings.experiments import eval_sets, table_checkpoints
 from safesub_core.projection import ProjectionConfig
 from safesub_core.session import FamilySession
@@ -59,7 +59,7 @@ def session(family: Family, prompts: int, batch: int | None = None) -> FamilySes
 
 def energy_matched_points(s: FamilySession, variant: str) -> dict[str, tuple[int, int]]:
     """mode -> (now, before): distinct points the energy-matched tests add beyond the rank grid at the issue's
-    settings. Now Top-K moves to the controls' mean energy (`power.match_energy`: at most one Top-K point per rank
+    settings. Now Top-K moves to the controls' mean energy (`energy.match_energy`: at most one Top-K point per rank
     fraction and control); before, each control draw moved to Top-K's energy (one point per draw)."""
     grid, controls, seeds = set(ISSUE["rhos"]), ("randomk", "random"), range(ISSUE["seeds"])
     now, before, energies = {m: set() for m in ISSUE["modes"]}, {m: set() for m in ISSUE["modes"]}, {}
@@ -70,7 +70,7 @@ def energy_matched_points(s: FamilySession, variant: str) -> dict[str, tuple[int
             for mode in ISSUE["modes"]:
                 for rho in ISSUE["rhos"]:
                     energies[(sub, mode, rho, seed)] = at(sub, mode, rho)
-                    r, _ = power.closest_on_grid(lambda x: at(sub, mode, x), at("topk", mode, rho),
+                    r, _ = energy.closest_on_grid(lambda x: at(sub, mode, x), at("topk", mode, rho),
                                                  increasing=mode != "orthogonal")
                     if r not in grid:
                         before[mode].add((seed, sub, r))
@@ -79,7 +79,7 @@ def energy_matched_points(s: FamilySession, variant: str) -> dict[str, tuple[int
     for sub in controls:
         for mode in ISSUE["modes"]:
             for rho in ISSUE["rhos"]:
-                m = power.match_energy(top, [energies[(sub, mode, rho, seed)] for seed in seeds], sub, mode, rho)
+                m = energy.match_energy(top, [energies[(sub, mode, rho, seed)] for seed in seeds], sub, mode, rho)
                 if m.rho_topk not in grid:
                     now[mode].add(m.rho_topk)
     s.drop_engine(variant)

@@ -11,6 +11,7 @@ import pytest
 from safesub_core.cache import DiskCache
 from safesub_core.errors import SafesubError
 from safesub_core.family import Family
+from safesub_core.findings import energy as E
 from safesub_core.findings import power as P
 from safesub_core.projection import ProjectionConfig
 from safesub_core.prompts import EvalSets
@@ -155,10 +156,10 @@ def test_closest_on_grid_finds_the_nearest_step():
 
     grid = 200
     for target in (0.0, 0.04, 0.2, 0.305, 0.5, 0.69, 0.95, 2.0):
-        rho, e = P.closest_on_grid(up, target, increasing=True, grid=grid)
+        rho, e = E.closest_on_grid(up, target, increasing=True, grid=grid)
         best = min(abs(up(i / grid) - target) for i in range(1, grid + 1))
         assert abs(e - target) == pytest.approx(best) and e == up(rho)
-        rho, e = P.closest_on_grid(lambda r: 1 - up(r), 1 - target, increasing=False, grid=grid)
+        rho, e = E.closest_on_grid(lambda r: 1 - up(r), 1 - target, increasing=False, grid=grid)
         assert abs(e - (1 - target)) == pytest.approx(best)
 
 
@@ -267,7 +268,7 @@ def test_power_points_long_table(session):
 def test_energy_match_is_the_closest_reachable_energy(session):
     top = session.engine("useful")
     for sub, mode, rho in (("randomk", "parallel", 0.5), ("random", "orthogonal", 0.01), ("randomk", "orthogonal", 0.99)):
-        m = P.session_match(session, "useful", sub, mode, rho, seeds=(0, 1))
+        m = E.session_match(session, "useful", sub, mode, rho, seeds=(0, 1))
         draws = [session.engine("useful", seed=s).diagnostics(ProjectionConfig(sub, mode, rho)).energy_kept
                  for s in (0, 1)]
         assert draws[0] != pytest.approx(draws[1])  # two draws keep two energies; the target is their mean
@@ -276,23 +277,23 @@ def test_energy_match_is_the_closest_reachable_energy(session):
         brute = min(abs(top.diagnostics(ProjectionConfig("topk", mode, i / 1000)).energy_kept - m.target)
                     for i in range(1, 1001))
         assert abs(m.gap) <= brute + 1e-12
-        assert m.reachable == (abs(m.gap) <= P.ENERGY_TOL)
+        assert m.reachable == (abs(m.gap) <= E.ENERGY_TOL)
     # on tiny, Top-K's first direction of each tensor already keeps more of the task update than Random keeps at
     # half rank: matched at the smallest grid rank and reported as not reachable
-    m = P.session_match(session, "useful", "random", "parallel", 0.5, seeds=(1,))
-    assert m.rho_topk == 1 / P.RHO_GRID and not m.reachable and m.gap > 0.1
+    m = E.session_match(session, "useful", "random", "parallel", 0.5, seeds=(1,))
+    assert m.rho_topk == 1 / E.RHO_GRID and not m.reachable and m.gap > 0.1
     # a target Top-K reaches exactly (its own energy at rho 0.3) is matched exactly
     own = top.diagnostics(ProjectionConfig("topk", "orthogonal", 0.3)).energy_kept
-    m = P.match_energy(top, [own - 0.01, own + 0.01], "randomk", "orthogonal", 0.5)
+    m = E.match_energy(top, [own - 0.01, own + 0.01], "randomk", "orthogonal", 0.5)
     assert m.target == pytest.approx(own) and m.gap == pytest.approx(0.0, abs=1e-12) and m.reachable
     assert top.diagnostics(ProjectionConfig("topk", "orthogonal", m.rho_topk)).energy_kept == pytest.approx(own)
     # a target beyond Top-K's range is matched at the end of it and reported as not reachable
-    m = P.match_energy(top, [2.0], "random", "parallel", 0.5)
+    m = E.match_energy(top, [2.0], "random", "parallel", 0.5)
     assert m.rho_topk == 1.0 and not m.reachable and m.gap < -0.1
     with pytest.raises(SafesubError, match="topk"):
-        P.match_energy(top, [0.5], "topk", "parallel", 0.5)
+        E.match_energy(top, [0.5], "topk", "parallel", 0.5)
     with pytest.raises(SafesubError, match="no control draws"):
-        P.match_energy(top, [], "random", "parallel", 0.5)
+        E.match_energy(top, [], "random", "parallel", 0.5)
 
 
 @pytest.mark.slow
@@ -317,7 +318,7 @@ def test_paired_tests_pair_the_same_prompts_per_seed(session):
     assert row["rho_topk"] == 0.5
     # energy-matched rows: Top-K at the match's rank fraction against the controls' grid points
     erow = df[(df["control"] == "randomk") & (df["match"] == "energy") & (df["score"] == "exact_match")].iloc[0]
-    m = P.session_match(session, "useful", "randomk", "parallel", 0.5, seeds=(0, 1))
+    m = E.session_match(session, "useful", "randomk", "parallel", 0.5, seeds=(0, 1))
     assert erow["rho_topk"] == m.rho_topk != 0.5
     assert erow["energy_topk"] == pytest.approx(m.energy)
     assert erow["energy_control"] == pytest.approx(m.target) == pytest.approx(row["energy_control"])

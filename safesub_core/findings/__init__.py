@@ -7,6 +7,7 @@ Study" (ICLR 2026). Per family ('tiny', 'smol' or a family file; `family.resolve
                updates (per-layer panels, S pairs only from S-started variants, second-seed pairs), 3. activation
                overlap as the study ran it (activation_study); `run_family` runs them all
   power        E1/E2 by generation with several random draws, Wilson intervals, paired tests, F1's verdict
+  energy       energy kept at a point, and Top-K at the energy a control keeps (the energy-matched tests)
   criteria     4. the study's findings F1-F3 checked on the family (holds / does not hold / inconclusive)
   deviations   every deviation from the study's set-up, one table
   report       the markdown report (`render_markdown`)

@@ -34,7 +34,8 @@ STUDY = {
     "rank fractions (E1/E2)": "0.01, 0.25, 0.5, 0.75, 0.99; generation in the parallel mode (Tables 4-5)",
     "random subspaces": "Random and Random-K draws (seeds not stated)",
     "sets scored by generation": "utility from the useful fine-tune, harm from the harmful one (Table 4); both "
-                                 "from the contaminated one (Table 5); E2 removes the subspace from the contaminated update",
+                                 "from the contaminated one (Table 5); E2 removes the subspace from the contaminated "
+                                 "update",
     "activation experiment (E4)": "5,000 prompts a set; U MATH, H1 BeaverTails, H2 ToxiGen; raw text, half precision",
 }
 

@@ -32,18 +32,9 @@ API (all DataFrames long, one row per number; `Progress` is progress(done, total
       (the mean over its draws, `match_energy`), so the controls stay on the grid and the matched points are one
       Top-K point each, not one per draw. One McNemar test per seed of the control; combined by the LARGEST p (an
       intersection-union test: "Top-K differs from the control for every draw" is rejected at level a when every
-      seed's test is, with no multiplicity correction needed). `differs` is True only when p < ALPHA, every seed's difference has the
-      same sign, and every seed's net difference |only-Top-K - only-control| exceeds MIN_PROMPTS prompts.
-  match_energy(topk_engine, control_energies, subspace, mode, rho) -> EnergyMatch
-      Energy kept is monotone in rho for every subspace (non-decreasing in parallel mode, non-increasing in
-      orthogonal mode: ranks k = max(1, round(rho r)) only grow with rho), and a step function of it. A binary search
-      over Top-K's grid rho = i / RHO_GRID (i = 1 .. RHO_GRID) finds the first grid rho on the target's far side
-      (the target: the mean of the control's draws' energies at rho); of it and its neighbour the closer energy
-      wins, which is the closest energy any grid rho reaches. The match reports the target, Top-K's energy, the gap
-      and `reachable` (|gap| <= ENERGY_TOL); a target beyond Top-K's range is matched at the end of the range and
-      reported as not reachable, never hidden. (Top-K keeps more of the task update than Random at the same rank
-      in parallel mode, so Random's energy is reached by Top-K at a lower rank; the other way round it often is not
-      reached even at rho = 1.)
+      seed's test is, with no multiplicity correction needed). `differs` is True only when p < ALPHA, every seed's
+      difference has the same sign, and every seed's net difference |only-Top-K - only-control| exceeds MIN_PROMPTS
+      prompts. The energy match is `energy.match_energy`.
   f1_verdict(session, cfg, util_variant, harm_variant, mode="parallel", rho_from=0.01, rho_to=0.99) -> Verdict
   f1_from_outcomes(util_from, util_to, harm_from, harm_to, ...) -> Verdict   (pure; the same on given outcomes)
       The claim "Top-K projection raises utility and harmfulness together" (Table 4: utility = exact match of the
@@ -74,6 +65,7 @@ import numpy as np
 import pandas as pd
 
 from safesub_core.errors import SafesubError
+from safesub_core.findings.energy import ENERGY_TOL, draw, energy_kept, engine_of, match_energy
 from safesub_core.projection import ProjectionConfig
 from safesub_core.scoring.judges import Judge
 from safesub_core.session import GENERATION_ROLES
@@ -86,8 +78,6 @@ Progress = Callable[[int, int, str], None]
 RHOS = (0.01, 0.25, 0.5, 0.75, 0.99)
 ALPHA = 0.05
 RECOMMENDED_PROMPTS = 100  # prompts a set the issue asks for (the session's sets decide; rows carry n)
-RHO_GRID = 10_000  # matched rank fractions are i / RHO_GRID (ranks move by at most 0.5 for r <= 5000)
-ENERGY_TOL = 0.02  # an energy match within this absolute gap is "reachable"
 
 # score -> (role of the prompts, per-prompt column, negate): a rate is the share of True after the negation
 SCORES: dict[str, tuple[str, str, bool]] = {
@@ -239,22 +229,6 @@ def paired_difference(a: Sequence[bool], b: Sequence[bool], confidence: float = 
 # ------------------------------------------------------------------------------------------------ scores against rank
 
 
-def _draw(session, seed: int | None) -> int:
-    """The engine key's draw of a point: the session's for Top-K (seed None), else `seed`."""
-    return int(session.seed) if seed is None else int(seed)
-
-
-def _engine(session, variant: str, seed: int | None):
-    """The engine of a draw: the session's own for Top-K (it draws nothing), else draw `seed`."""
-    return session.engine(variant) if seed is None else session.engine(variant, seed=seed)
-
-
-def energy_kept(session, variant: str, pc: ProjectionConfig, seed: int | None = None) -> float:
-    """The task update's energy kept at a point of draw `seed` (None: Top-K / the session's draw)."""
-    with session.locked():
-        return float(_engine(session, variant, seed).diagnostics(pc).energy_kept)
-
-
 def generation_point(session, variant: str, pc: ProjectionConfig, seed: int | None,
                      cfg: PowerConfig) -> tuple[dict, pd.DataFrame]:
     """(summary, per-prompt table) of a point's greedy completions on the sets `variant`'s findings read (cached in
@@ -305,7 +279,7 @@ def power_points(session, variant: str, cfg: PowerConfig | None = None, progress
         table = generation_table(session, variant, pc, seed, cfg)
         rows += _point_rows(variant, mode, sub, seed, rho, energy_kept(session, variant, pc, seed), table,
                             cfg.scores(variant))
-        if i + 1 < len(plan) and _draw(session, plan[i + 1][2]) != _draw(session, seed):
+        if i + 1 < len(plan) and draw(session, plan[i + 1][2]) != draw(session, seed):
             session.drop_engine(variant)
     session.drop_engine(variant)
     if progress:
@@ -313,77 +287,6 @@ def power_points(session, variant: str, cfg: PowerConfig | None = None, progress
     out = pd.DataFrame(rows, columns=POINT_COLUMNS)
     out["seed"] = out["seed"].astype("Int64")
     return out
-
-
-# ------------------------------------------------------------------------------------------------ energy matching
-
-
-@dataclass(frozen=True)
-class EnergyMatch:
-    """Top-K's rank fraction whose energy kept is closest (on the grid i / RHO_GRID) to a control's at rho."""
-
-    subspace: str  # the control
-    mode: str
-    rho: float  # the control's rank fraction
-    target: float  # the control's energy kept at rho, the mean over its draws
-    rho_topk: float  # Top-K's matched rank fraction
-    energy: float  # Top-K's energy kept there
-
-    @property
-    def gap(self) -> float:
-        return self.energy - self.target
-
-    @property
-    def reachable(self) -> bool:
-        return abs(self.gap) <= ENERGY_TOL
-
-
-def closest_on_grid(energy_at: Callable[[float], float], target: float, increasing: bool,
-                    grid: int = RHO_GRID) -> tuple[float, float]:
-    """(rho, energy) of the grid rho = i / grid whose energy is closest to `target`, for a monotone step function
-    `energy_at` (non-decreasing when `increasing`, else non-increasing): binary search for the first i past the
-    target, then the closer of i and i - 1. Ties go to the smaller rho."""
-    sign = 1.0 if increasing else -1.0
-    f = lambda i: energy_at(i / grid)  # noqa: E731
-    lo, hi = 1, grid
-    if sign * f(hi) < sign * target:
-        return hi / grid, f(hi)
-    while lo < hi:  # first i with sign * f(i) >= sign * target
-        mid = (lo + hi) // 2
-        if sign * f(mid) >= sign * target:
-            hi = mid
-        else:
-            lo = mid + 1
-    best = (lo / grid, f(lo))
-    if lo > 1:
-        prev = ((lo - 1) / grid, f(lo - 1))
-        if abs(prev[1] - target) <= abs(best[1] - target):
-            best = prev
-    return best
-
-
-def match_energy(topk_engine, control_energies: Sequence[float], subspace: str, mode: str,
-                 rho: float) -> EnergyMatch:
-    """Top-K's rank fraction whose energy kept, in `mode`, is closest to the mean of `control_energies` (the
-    control's draws at `rho`; see the module docstring)."""
-    if subspace == "topk":
-        raise SafesubError("energy match: the control must be randomk or random, not topk")
-    if not len(control_energies):
-        raise SafesubError("energy match: no control draws to match")
-    target = float(np.mean(control_energies))
-    at = lambda r: float(topk_engine.diagnostics(ProjectionConfig("topk", mode, r)).energy_kept)  # noqa: E731
-    r, e = closest_on_grid(at, target, increasing=(mode != "orthogonal"))
-    return EnergyMatch(subspace, mode, float(rho), target, float(r), float(e))
-
-
-def session_match(session, variant: str, subspace: str, mode: str, rho: float,
-                  seeds: Sequence[int]) -> EnergyMatch:
-    """`match_energy` on a session's engines: the control's draws `seeds` at `rho` against Top-K's (the session's
-    draw)."""
-    pc = ProjectionConfig(subspace, mode, float(rho))
-    energies = [energy_kept(session, variant, pc, s) for s in seeds]
-    with session.locked():
-        return match_energy(_engine(session, variant, None), energies, subspace, mode, rho)
 
 
 # ------------------------------------------------------------------------------------------------ paired tests
@@ -433,8 +336,8 @@ def paired_tests(session, variant: str, cfg: PowerConfig | None = None, progress
     modes = tuple(cfg.modes_of(variant) if modes is None else modes)
     scores = tuple(scores or cfg.scores(variant))
     grid = [(m, float(r)) for m in modes for r in sorted(cfg.rhos)]
-    own = _draw(session, None)  # the session's draw (Top-K's engine) last, so that Top-K follows without a reload
-    seeds = sorted(cfg.seeds, key=lambda s: _draw(session, s) == own)
+    own = draw(session, None)  # the session's draw (Top-K's engine) last, so that Top-K follows without a reload
+    seeds = sorted(cfg.seeds, key=lambda s: draw(session, s) == own)
     jobs = [(c, m, r, s) for s in seeds for c in cfg.controls for m, r in grid]
     total = len(jobs) + len(grid) * (1 + len(cfg.controls) * ("energy" in cfg.matches))
     controls: dict[tuple, tuple[pd.DataFrame, float]] = {}  # (control, mode, rho, seed) -> (table, energy kept)
@@ -465,7 +368,7 @@ def paired_tests(session, variant: str, cfg: PowerConfig | None = None, progress
                 rho_topk, (top_table, e_topk) = rho, at_rank
                 if match == "energy":
                     with session.locked():
-                        m = match_energy(_engine(session, variant, None), [e for _, e in draws], ctl, mode, rho)
+                        m = match_energy(engine_of(session, variant, None), [e for _, e in draws], ctl, mode, rho)
                     rho_topk, (top_table, e_topk) = m.rho_topk, topk(m.rho_topk, mode)
                 for score in scores:
                     tests = [seed_test(top_table, t, score, s, e_topk, e) for s, (t, e) in zip(cfg.seeds, draws)]

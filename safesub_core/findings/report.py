@@ -15,6 +15,7 @@ from typing import Callable, Mapping, Sequence
 
 import pandas as pd
 
+from safesub_core.demo import behaviour_estimates
 from safesub_core.findings.deviations import deviations_table
 from safesub_core.findings.criteria import (ACTIVATION_RATIO, F2_ENERGIES, F3_ENERGIES, f2_panels, f3_models,
                                             study_topk_summary)
@@ -24,7 +25,7 @@ from safesub_core.scoring.live import LIVE_ARITH_TOKENS
 from safesub_core.scoring.names import (ARITH_EXACT_MATCH, ENERGY_KEPT, KL_TO_START, MARGIN_MEAN, NLL_MEAN,
                                         SHARE_MARGIN_NEGATIVE)
 from safesub_core.settings import REPO
-from safesub_core.stats import MIN_PROMPTS, rate_interval
+from safesub_core.stats import MIN_PROMPTS
 
 DEFAULT_COMMAND = "safesub findings"
 # the scores of every checkpoint the report shows: generation first (greedy completions), then the live ones
@@ -162,11 +163,13 @@ def _power_md(r: FamilyFindings) -> str:
 def behaviour_markdown(behaviour: pd.DataFrame, counts: Mapping[str, int]) -> str:
     """The held-out behaviour table, each rate with its Wilson 95% interval where its prompt count is stored
     (`counts`: metric -> prompts), and the counts under it."""
+    if "model" not in behaviour:
+        return md_table(behaviour)
+    numbers = behaviour.set_index("model").to_dict(orient="index")
+    estimates = behaviour_estimates({"models": numbers, "prompts": dict(counts)})  # the card's own intervals
     shown = behaviour.copy()
-    for metric, n in counts.items():
-        if metric in shown:
-            shown[metric] = [f"{e.value:.2f} [{e.lo:.2f}, {e.hi:.2f}]"
-                             for e in (rate_interval(round(float(v) * n), int(n)) for v in behaviour[metric])]
+    for metric in (m for m in counts if m in shown):
+        shown[metric] = [interval_text(e.value, e.lo, e.hi) for e in (estimates[m][metric] for m in behaviour["model"])]
     known = [f"{m} {n}" for m, n in counts.items() if m in shown]
     return md_table(shown) + ("\n\nPrompts behind each rate: " + ", ".join(known) + "." if known else "")
 
