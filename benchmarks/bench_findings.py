@@ -50,11 +50,8 @@ def timed(fn):
     return out, time.perf_counter() - t
 
 
-def session(family: Family, prompts: int, batch: int | None = None) -> FamilySession:
-    s = FamilySession(family, sets=eval_sets(family, prompts), cache=DiskCache(tempfile.mkdtemp(prefix="bench-")))
-    if batch is not None:  # the session's remembered batch size: what the first call starts from
-        s._batch_sizes["generation"] = batch
-    return s
+def session(family: Family, prompts: int) -> FamilySession:
+    return FamilySession(family, sets=eval_sets(family, prompts), cache=DiskCache(tempfile.mkdtemp(prefix="bench-")))
 
 
 def energy_matched_points(s: FamilySession, variant: str) -> dict[str, tuple[int, int]]:
