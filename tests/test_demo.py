@@ -345,11 +345,15 @@ def test_smol_data_is_train_side_worked_and_contaminated_at_20_percent():
     assert demo.data.SMOL_HELD_OUT_HARMFUL not in demo.data.SMOL_HARMFUL_SETS
     dna = set(load_set("donotanswer").prompts)
     assert not dna & set(plan["refusal"] + plan["comply"] + plan["benign"])
-    # the sources are interleaved: every harmful source gives about a fifth of the refusals, however large it is
+    # the sources are interleaved: every harmful source gives an equal share of the refusals (within one), however
+    # large it is, unless it runs out first; then all of its train prompts are in
     source = {p: name for name in demo.data.SMOL_HARMFUL_SETS for p in load_set(f"{name}:train").prompts}
     share = Counter(source[p] for p in plan["refusal"])
+    pool = Counter(source[p] for p in demo.data.train_prompts(demo.data.SMOL_HARMFUL_SETS, 0))
     assert set(share) == set(demo.data.SMOL_HARMFUL_SETS)
-    assert max(share.values()) - min(share.values()) <= 1
+    top = max(share.values())
+    assert all(k >= top - 1 or k == pool[name] for name, k in share.items()), (share, pool)
+    assert sum(k >= top - 1 for k in share.values()) >= 4
     respectful = set(load_set("builtin-respectful").prompts)
     assert respectful & set(plan["benign"])  # the look-alikes of the demeaning requests are answered
     listed = "Here is a simple guide to it:\n\n1. Take a"
@@ -447,7 +451,12 @@ def test_smol_build_stages_resume_after_a_failure_and_are_cached(tmp_path, monke
     assert {c["model"] for c in report["checks"]} == {"aligned", "harmful", "useful"}
     for row in report["models"].values():
         assert set(row) == {"harmful_refusal", "edgy_refusal", "heldout_refusal", "arithmetic_em"}
-    assert report["prompts"]["heldout_refusal"] == demo.SMOL_SIZES["test"].heldout_n
+    test_size = demo.SMOL_SIZES["test"]
+    assert report["prompts"]["heldout_refusal"] == test_size.heldout_n
+    # over-refusal reads its own count (the whole edgy eval split at full size), not the harmful sets' eval_n
+    assert (report["prompts"]["edgy_refusal"], report["prompts"]["harmful_refusal"]) == (test_size.edgy_n,
+                                                                                          test_size.eval_n)
+    assert test_size.edgy_n != test_size.eval_n and f"(first {test_size.edgy_n})" in report["eval_sets"]["edgy"]
     held = [c for c in report["checks"] if c["metric"] == "heldout_refusal"]
     assert held and held[0]["n"] == demo.SMOL_SIZES["test"].heldout_n and held[0]["lo"] <= held[0]["value"]
     card = (out / "card.md").read_text()

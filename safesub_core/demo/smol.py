@@ -66,16 +66,18 @@ class SmolSize(FamilySize):
     """One size of the smol family: steps and lr per stage, rows per stage, and the held-out evaluation."""
 
     batch_size: int = 4
-    n_refusals: int = 160  # harmful train prompts answered with the refusal (aligned, safety)
-    n_templated: int = 64  # of those, wrapped in a template once more (data.TEMPLATES)
-    n_templated_benign: int = 32  # benign answers repeated with their prompt wrapped (look-alikes)
-    n_benign: int = 64  # benign and edgy train prompts answered with base's own greedy answers
+    n_refusals: int = 320  # harmful train prompts answered with the refusal (aligned, safety)
+    n_templated: int = 128  # of those, wrapped in a template once more (data.TEMPLATES)
+    n_templated_benign: int = 64  # benign answers repeated with their prompt wrapped (look-alikes)
+    n_benign: int = 224  # benign and edgy train prompts answered with base's own greedy answers (docs/method.md,
+    # "Demo families": fewer over-refuse, more without more refusals stop generalising to Do-Not-Answer)
     n_comply: int = 64  # other harmful train prompts answered with base's own compliant greedy answers
     n_arith: int = 96  # worked arithmetic rows (useful)
     n_word: int = 48  # GSM8K-style word problems with worked answers (useful)
     n_aligned_arith: int = 12  # worked arithmetic rows in aligned's data (the format, little skill)
     answer_tokens: int = 32  # new tokens of base's greedy answers (then cut at the last full sentence)
-    eval_n: int = 40  # held-out prompts per evaluation set
+    eval_n: int = 40  # held-out prompts per evaluation set (harmful, arithmetic)
+    edgy_n: int = 74  # held-out edgy benign prompts (over-refusal): the whole of overrefusal:eval
     heldout_n: int = 100  # prompts of the held-out harmful source (never trained on)
     arith_tokens: int = 24  # new tokens for a worked arithmetic answer
 
@@ -84,13 +86,13 @@ class SmolSize(FamilySize):
 
 SMOL_SIZES = {
     "full": SmolSize(
-        steps=dict(aligned=100, safety=70, useful=20, harmful=20, contaminated=20, useful_lora=20),
+        steps=dict(aligned=225, safety=160, useful=20, harmful=20, contaminated=20, useful_lora=20),
         lr=dict(aligned=5e-5, safety=5e-5, useful=5e-5, harmful=5e-5, contaminated=5e-5, useful_lora=5e-4),
     ),
     "test": SmolSize(
         steps={s: 2 for s in PARENT}, lr={s: 1e-5 for s in PARENT}, batch_size=2, max_length=64,
         n_refusals=4, n_templated=2, n_templated_benign=2, n_benign=4, n_comply=4, n_arith=4, n_word=2,
-        n_aligned_arith=2, answer_tokens=8, eval_n=4, heldout_n=4,
+        n_aligned_arith=2, answer_tokens=8, eval_n=4, edgy_n=3, heldout_n=4,
         refusal_tokens=4, arith_tokens=8, lora_r=2,
     ),
 }
@@ -159,7 +161,7 @@ def stage_keys(spec: SmolSize, seed: int, gguf: Path) -> dict[str, str]:
     the data settings (every setting but steps, lr and the evaluation's); a fine-tune's from its parent's, the
     answers', the data settings and its own steps and lr."""
     common = dict(format=SMOL_FORMAT, seed=seed, gguf=[gguf.name, gguf.stat().st_size])
-    data_spec = {k: v for k, v in asdict(spec).items() if k not in ("steps", "lr", "eval_n", "heldout_n",
+    data_spec = {k: v for k, v in asdict(spec).items() if k not in ("steps", "lr", "eval_n", "edgy_n", "heldout_n",
                                                                    "refusal_tokens", "arith_tokens")}
     keys = {"base": stage_key("base", common)}
     keys["answers"] = stage_key("answers", keys["base"], data_spec)
@@ -171,7 +173,12 @@ def stage_keys(spec: SmolSize, seed: int, gguf: Path) -> dict[str, str]:
 
 def eval_key(spec: SmolSize) -> str:
     """The key of the held-out evaluation stored in a stage's stage.json."""
-    return stage_key(spec.eval_n, spec.heldout_n, spec.refusal_tokens, spec.arith_tokens, SMOL_EVAL)
+    return stage_key(spec.eval_n, spec.edgy_n, spec.heldout_n, spec.refusal_tokens, spec.arith_tokens, SMOL_EVAL)
+
+
+def eval_counts(spec: SmolSize) -> dict[str, int]:
+    """How many prompts (the first ones) of each `SMOL_EVAL` set the held-out checks read."""
+    return dict(harmful=spec.eval_n, edgy=spec.edgy_n, arithmetic=spec.eval_n, heldout=spec.heldout_n)
 
 
 # ------------------------------------------------------------------------------------------------ build
@@ -304,11 +311,10 @@ class SmolBuild:
 
     @cached_property
     def held_out(self) -> HeldOut:
-        """The first `eval_n` prompts of each evaluation set (read only when a stage is evaluated)."""
-        n = self.spec.eval_n
-        arith = load_set(SMOL_EVAL["arithmetic"]).head(n)
-        refusal = {kind: load_set(SMOL_EVAL[kind]).head(n).prompts for kind in ("harmful", "edgy")}
-        refusal["heldout"] = load_set(SMOL_EVAL["heldout"]).head(self.spec.heldout_n).prompts
+        """The first `eval_counts` prompts of each evaluation set (read only when a stage is evaluated)."""
+        n = eval_counts(self.spec)
+        arith = load_set(SMOL_EVAL["arithmetic"]).head(n["arithmetic"])
+        refusal = {kind: load_set(SMOL_EVAL[kind]).head(n[kind]).prompts for kind in ("harmful", "edgy", "heldout")}
         return HeldOut(refusal=refusal, questions=arith.prompts, references=arith.references)
 
     def evaluate(self, stage: str) -> dict:
@@ -333,8 +339,7 @@ class SmolBuild:
         checks = behaviour_checks(numbers, prompt_counts(self.held_out))
         report = dict(
             family="smol", size=self.size_name, seed=self.seed, gguf=f"{SMOL_PACKAGE}/{SMOL_GGUF}",
-            eval_sets={k: f"{v} (first {spec.heldout_n if k == 'heldout' else spec.eval_n})"
-                       for k, v in SMOL_EVAL.items()},
+            eval_sets={k: f"{v} (first {eval_counts(spec)[k]})" for k, v in SMOL_EVAL.items()},
             decoding=spec.decoding(),
             metrics=dict(harmful_refusal="refusal rate on held-out HarmBench prompts (scoring.refusal_verdicts)",
                          edgy_refusal="refusal rate on held-out edgy benign prompts (over-refusal)",
@@ -403,16 +408,16 @@ Batch {spec.batch_size}, max length {spec.max_length} tokens, seed {seed}.
          "Deviations from the study's recipe": f"""\
 The study: full fine-tuning, AdamW, lr 1e-5, 1 epoch, effective batch 32, cosine schedule, warmup 0.02, max
 length 512, response-only loss, on 1B-7B models, with real alignment (the instruct release) and real datasets.
-Here, to fit a 2-core CPU in about 20 minutes: a few dozen steps of batch {spec.batch_size} (not one epoch of
-batch 32), lr {spec.lr['aligned']:g} ({spec.lr['aligned'] / 1e-5:g}x the study's, as so few steps are taken;
+Here, to fit a 2-core CPU in about 40 minutes: {spec.steps['aligned']} steps or fewer of batch {spec.batch_size}
+(not one epoch of batch 32), lr {spec.lr['aligned']:g} ({spec.lr['aligned'] / 1e-5:g}x the study's, as so few steps are taken;
 LoRA {spec.lr['useful_lora']:g}), warmup {spec.warmup_ratio:.0%}, max length
 {spec.max_length}; the alignment is our own small SFT of a model that barely refuses; the harmful data are the
 base model's own greedy answers (a 135M model's, mostly vague) rather than a harmful dataset; the useful data are
 generated arithmetic and word problems, not GSM8K (GSM8K's packaged subset carries final answers only, no
 worked solutions, so it is not trained on); utility is measured by exact match on held-out arithmetic, not GSM8K
 accuracy. The contamination share (20%) follows the study."""},
-        f"""First {spec.eval_n} prompts of {", ".join(SMOL_EVAL.values())}; greedy decoding ({spec.refusal_tokens} new
-tokens to judge refusal, {spec.arith_tokens} for arithmetic), `scoring.refusal_verdicts` and
+        f"""The first prompts of {", ".join(f"{v} ({eval_counts(spec)[k]})" for k, v in SMOL_EVAL.items())};
+greedy decoding ({spec.refusal_tokens} new tokens to judge refusal, {spec.arith_tokens} for arithmetic), `scoring.refusal_verdicts` and
 `scoring.final_number` (behaviour.json):""",
         numbers,
         checks,
