@@ -50,6 +50,14 @@ def test_md_table_formats_floats_and_escapes_pipes():
     assert "x\\|y" in text and "0.12" in text and "| 3 |" in text
 
 
+def test_family_folder_is_named_without_a_machines_path(tmp_path, monkeypatch):
+    monkeypatch.setenv("SAFESUB_CACHE", str(tmp_path / "scratch"))
+    assert F.report.shown_folder(F.report.REPO / "cache" / "families" / "tiny") == "cache/families/tiny"
+    assert F.report.shown_folder(tmp_path / "scratch" / "families" / "smol") == "$SAFESUB_CACHE/families/smol"
+    assert F.report.shown_folder(tmp_path / "elsewhere" / "smol") == str(tmp_path / "elsewhere" / "smol")
+    assert F.report.shown_folder("relative/family") == "relative/family"
+
+
 def test_study_summary_reads_the_reference_table():
     study = F.study_reference()  # the repository's copy (docs/reference/paper_tables_4_5.csv)
     assert study is not None

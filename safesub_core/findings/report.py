@@ -24,7 +24,7 @@ from safesub_core.findings.experiments import (GEN_ASR, GEN_EXACT_MATCH, GEN_OVE
 from safesub_core.scoring.live import LIVE_ARITH_TOKENS
 from safesub_core.scoring.names import (ARITH_EXACT_MATCH, ENERGY_KEPT, KL_TO_START, MARGIN_MEAN, NLL_MEAN,
                                         SHARE_MARGIN_NEGATIVE)
-from safesub_core.settings import REPO
+from safesub_core.settings import REPO, cache_root
 from safesub_core.stats import MIN_PROMPTS
 
 DEFAULT_COMMAND = "safesub findings"
@@ -174,16 +174,27 @@ def behaviour_markdown(behaviour: pd.DataFrame, counts: Mapping[str, int]) -> st
     return md_table(shown) + ("\n\nPrompts behind each rate: " + ", ".join(known) + "." if known else "")
 
 
+def shown_folder(path: str | os.PathLike) -> str:
+    """A family folder as the report names it: relative to the checkout when inside it, `$SAFESUB_CACHE/...` when
+    inside a cache folder set elsewhere (so a report made with a scratch cache names no machine's path), else as
+    given."""
+    path = Path(path)
+    if path.is_absolute() and path.is_relative_to(REPO):
+        return str(path.relative_to(REPO))
+    root = cache_root()
+    if path.is_absolute() and path.is_relative_to(root):
+        return str(Path("$SAFESUB_CACHE") / path.relative_to(root))
+    return str(path)
+
+
 def render_family(r: FamilyFindings, figures: dict | None = None) -> str:
     """One family's section; `figures` maps family name -> {label: link} (`figures.write_figures`' labels, links
     relative to the report), the PNGs of which are shown under their experiments' headings."""
     cfg = r.config
     fewest = min(r.set_sizes.values()) if r.set_sizes else cfg.n_prompts
-    path = Path(r.path)
-    shown = path.relative_to(REPO) if path.is_absolute() and path.is_relative_to(REPO) else path
     out = [f"## Family `{r.name}`\n",
-           f"Family folder: `{shown}`; {r.n_layers} layers, hidden size {r.hidden}. Evaluation sets (eval "
-           f"splits): " + ", ".join(f"{k} = {v}" for k, v in r.sets.items())
+           f"Family folder: `{shown_folder(r.path)}`; {r.n_layers} layers, hidden size {r.hidden}. Evaluation "
+           f"sets (eval splits): " + ", ".join(f"{k} = {v}" for k, v in r.sets.items())
            + f". Greedy completions of {cfg.gen_tokens} new tokens, chat template. With {fewest} prompts in the "
            f"smallest set one prompt moves its rate by {1 / max(fewest, 1):.2f}: read differences of a few prompts "
            f"as noise.\n"]
