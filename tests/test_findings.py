@@ -58,6 +58,22 @@ def test_family_folder_is_named_without_a_machines_path(tmp_path, monkeypatch):
     assert F.report.shown_folder("relative/family") == "relative/family"
 
 
+def test_png_export_that_fails_removes_the_older_pngs(tmp_path, monkeypatch):
+    import plotly.graph_objects as go
+    import plotly.io as pio
+
+    def no_browser(*args, **kwargs):
+        raise RuntimeError("Kaleido requires Google Chrome to be installed.\nmore")
+
+    monkeypatch.setattr(pio, "write_images", no_browser)
+    old, absent = tmp_path / "tiny_rank.png", tmp_path / "tiny_weight.png"
+    old.write_bytes(b"\x89PNG from an earlier run")
+    fig = go.Figure()
+    with pytest.warns(UserWarning, match="removed the older tiny_rank.png: Kaleido requires Google Chrome"):
+        assert not F.write_png({"rank": fig, "weight": fig}, {"rank": old, "weight": absent})
+    assert not old.exists() and not absent.exists()
+
+
 def test_study_summary_reads_the_reference_table():
     study = F.study_reference()  # the repository's copy (docs/reference/paper_tables_4_5.csv)
     assert study is not None

@@ -9,7 +9,8 @@ CDN, or read from plotly.min.js beside the pages), <family>_<data>.csv with each
 and <family>_<figure>.png for readers of FINDINGS.md without a browser. The PNGs are the same plotly figures
 exported by plotly's `write_images` through kaleido, which drives a headless Chrome or Chromium: $BROWSER_PATH
 when set, else the first one on the PATH (Debian's `chromium` package, /usr/bin/chromium, works). Without kaleido
-or a browser the PNGs are left out with a warning, and the report links the HTML alone.
+or a browser the PNGs are left out with a warning (older ones at their paths removed), and the report links the
+HTML alone.
 """
 from __future__ import annotations
 
@@ -161,13 +162,19 @@ def plotly_figures(r: FamilyFindings) -> dict[str, go.Figure]:
 
 def write_png(figs: dict[str, go.Figure], paths: dict[str, Path]) -> bool:
     """Export each figure to its PNG path at the figure's own width and height (plotly's `write_images`: one
-    kaleido browser session for all of them). False, with a warning, when kaleido or a browser is missing."""
+    kaleido browser session for all of them). False, with a warning, when kaleido or a browser is missing; a PNG
+    an earlier run left at one of the paths is then removed, so no figure outlives the data it was drawn from."""
     names = list(figs)
     try:
         pio.write_images([figs[n] for n in names], [paths[n] for n in names],
                          width=[figs[n].layout.width for n in names], height=[figs[n].layout.height for n in names])
     except RuntimeError as err:  # plotly's message when kaleido is not installed or finds no Chrome / Chromium
-        warnings.warn(f"PNG figures left out (the HTML has them): {str(err).strip().splitlines()[0]}", stacklevel=2)
+        stale = [p for p in (Path(paths[n]) for n in names) if p.exists()]
+        for path in stale:
+            path.unlink()
+        removed = f"; removed the older {', '.join(p.name for p in stale)}" if stale else ""
+        warnings.warn(f"PNG figures left out (the HTML has them){removed}: {str(err).strip().splitlines()[0]}",
+                      stacklevel=2)
         return False
     return True
 
