@@ -74,6 +74,39 @@ def test_png_export_that_fails_removes_the_older_pngs(tmp_path, monkeypatch):
     assert not old.exists() and not absent.exists()
 
 
+def test_rank_figure_falls_back_to_live_scores_per_variant_not_per_mode():
+    """E2 is generated on the contaminated variant only: the orthogonal row's useful and harmful panels must plot
+    their live scores (not the generation columns, which the contaminated variant alone fills: empty panels)."""
+    from types import SimpleNamespace
+
+    from safesub_core.findings.figures import rank_figure
+
+    rows = []
+    for variant in ("useful", "harmful", "contaminated"):
+        for sub in ("topk", "randomk", "random"):
+            for mode in ("parallel", "orthogonal"):
+                for rho in (0.01, 0.99):
+                    generated = mode == "parallel" or variant == "contaminated"
+                    rows.append(dict(variant=variant, subspace=sub, mode=mode, rank_fraction=rho,
+                                     gen_exact_match=rho if generated else np.nan,
+                                     gen_attack_success_rate=rho if generated else np.nan, arith_exact_match=rho,
+                                     nll_mean=1 - rho, margin_mean=-rho, share_margin_negative=rho))
+    refs = pd.DataFrame([dict(checkpoint=c, gen_exact_match=0.5, gen_attack_success_rate=0.5, arith_exact_match=0.5,
+                              nll_mean=0.5, margin_mean=0.0, share_margin_negative=0.5)
+                         for c in ("aligned", "useful", "harmful")])
+    r = SimpleNamespace(points=pd.DataFrame(rows), references=refs, start="aligned", name="fake",
+                        config=SimpleNamespace(modes=("parallel", "orthogonal")))
+    fig = rank_figure(r)
+    titles = [a.text for a in fig.layout.annotations if ": " in a.text and "(" in a.text]
+    assert titles[:4] == ["parallel: gen_exact_match (useful)", "parallel: answer NLL (useful)",
+                          "parallel: gen_attack_success_rate (harmful)", "parallel: margin (harmful)"]
+    assert titles[4:] == ["orthogonal: arith_exact_match (useful)", "orthogonal: answer NLL (useful)",
+                          "orthogonal: share_margin_negative (harmful)", "orthogonal: margin (harmful)"]
+    lines = [t for t in fig.data if t.mode == "lines+markers"]
+    assert len(lines) == 2 * 4 * 3
+    assert all(len(t.y) == 2 and not np.isnan(np.asarray(t.y, dtype=float)).any() for t in lines)
+
+
 def test_study_summary_reads_the_reference_table():
     study = F.study_reference()  # the repository's copy (docs/reference/paper_tables_4_5.csv)
     assert study is not None

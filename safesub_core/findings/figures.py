@@ -49,23 +49,24 @@ def figure_frames(r: FamilyFindings) -> dict[str, pd.DataFrame]:
             "activations": r.activations, "activation_band": r.band}
 
 
-def _mode_metrics(points: pd.DataFrame, mode: str) -> tuple[str, str]:
-    """(utility, harm) columns of a mode: generation exact match and ASR, or the live ones when the mode has no
-    generation scores (exact match of a few greedy tokens, the mean log-prob margin: lower is more harmful)."""
-    sel = points[points["mode"] == mode]
-    if GEN_EXACT_MATCH in sel and sel[GEN_EXACT_MATCH].notna().any():
-        return GEN_EXACT_MATCH, GEN_ASR
-    return ARITH_EXACT_MATCH, MARGIN_MEAN
+def _scored_as(points: pd.DataFrame, mode: str, variant: str, generated: str, live: str) -> str:
+    """`generated` when the variant's points in this mode have generation scores, else the `live` column (E2's
+    orthogonal mode is generated on the contaminated variant only, so useful's and harmful's read the live scores)."""
+    sel = points[(points["mode"] == mode) & (points["variant"] == variant)]
+    return generated if generated in sel and sel[generated].notna().any() else live
 
 
 def rank_figure(r: FamilyFindings) -> go.Figure:
     """Utility (useful variant) and harm (harmful variant) against rho: one row per mode, one line per subspace,
-    the start model (dashed) and the fine-tune (dotted) as horizontal lines."""
+    the start model (dashed) and the fine-tune (dotted) as horizontal lines. Utility and harm are the generation
+    scores (exact match, ASR) where the variant was generated in that mode, else the live ones (exact match of a
+    few greedy tokens, the share of prompts predicted to comply)."""
     p, ref = r.points, r.references.set_index("checkpoint")
     modes = list(r.config.modes)
 
     def metrics(mode):
-        util, harm = _mode_metrics(p, mode)
+        util = _scored_as(p, mode, "useful", GEN_EXACT_MATCH, ARITH_EXACT_MATCH)
+        harm = _scored_as(p, mode, "harmful", GEN_ASR, SHARE_MARGIN_NEGATIVE)
         return [(util, "useful", f"{util} (useful)"), (NLL_MEAN, "useful", "answer NLL (useful)"),
                 (harm, "harmful", f"{harm} (harmful)"), (MARGIN_MEAN, "harmful", "margin (harmful)")]
 
