@@ -332,6 +332,7 @@ class SmolBuild:
         return replace(self.held_out, refusal=self.held_out.refusal | {"heldout": prompts})
 
     def held_out_for(self, stage: str) -> HeldOut:
+        """The held-out prompts `stage` is evaluated on."""
         return self.held_out_aligned if stage in ALIGNED_MODELS else self.held_out
 
     def evaluate(self, stage: str) -> dict:
