@@ -374,8 +374,8 @@ def test_train_prompts_drop_any_prompt_of_the_held_out_source(monkeypatch):
 
     def planted(name):  # a train split that happens to hold a held-out prompt, in other capitals
         ps = real(name)
-        planted = (held_out.upper(), "A request nobody else wrote?")
-        return replace(ps, prompts=ps.prompts + planted) if name == "builtin-harmful:train" else ps
+        extra = (held_out.upper(), "A request nobody else wrote?")
+        return replace(ps, prompts=ps.prompts + extra) if name == "builtin-harmful:train" else ps
 
     monkeypatch.setattr(demo.data, "load_set", planted)
     prompts = demo.data.train_prompts(("builtin-harmful", "builtin-private"), 0)

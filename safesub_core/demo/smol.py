@@ -354,13 +354,14 @@ class SmolBuild:
         """behaviour.json, card.md, then family.yaml."""
         spec = self.spec
         stages = {s: stage_info(self.out / s) for s in SMOL_STAGES}
-        by_model = {m: prompt_counts(self.held_out_aligned) for m in ALIGNED_MODELS}
+        n_aligned = len(self.held_out_aligned.refusal["heldout"])
+        by_model = {m: {"heldout_refusal": n_aligned} for m in ALIGNED_MODELS}  # over "prompts" for these models
         checks = behaviour_checks(numbers, prompt_counts(self.held_out), by_model)
         report = dict(
             family="smol", size=self.size_name, seed=self.seed, gguf=f"{SMOL_PACKAGE}/{SMOL_GGUF}",
             eval_sets={k: f"{v} (first {eval_counts(spec)[k]})" for k, v in SMOL_EVAL.items()} | dict(
                 heldout=f"{SMOL_EVAL['heldout']} (first {spec.heldout_n}; {' and '.join(ALIGNED_MODELS)}: "
-                        f"{len(self.held_out_aligned.refusal['heldout'])})"),
+                        f"{n_aligned})"),
             decoding=spec.decoding(),
             metrics=dict(harmful_refusal="refusal rate on held-out HarmBench prompts (scoring.refusal_verdicts)",
                          edgy_refusal="refusal rate on held-out edgy benign prompts (over-refusal)",
@@ -374,7 +375,7 @@ class SmolBuild:
         )
         write_json(self.out / "behaviour.json", report)
         (self.out / "card.md").write_text(_card(self.size_name, spec, self.seed, stages, data, examples, numbers,
-                                                checks, len(self.held_out_aligned.refusal["heldout"])))
+                                                checks, n_aligned))
         (self.out / "family.yaml").write_text(family_yaml("smol"))
 
 
