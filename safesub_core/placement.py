@@ -72,7 +72,8 @@ def _size(value, where: str) -> int:
 
 
 def parse_max_memory(text: str | Mapping | None) -> dict | None:
-    """{device: bytes} from "0=70GiB,cpu=200GiB" or a mapping (keys: GPU index, cuda:i or cpu); None for none."""
+    """{device: bytes} from "0=70GiB,cpu=200GiB" or a mapping (keys: GPU index, cuda:i or cpu); None for none
+    (None, an empty mapping, or text with no pairs such as " ")."""
     if text is None or text == "" or text == {}:
         return None
     items = text.items() if isinstance(text, Mapping) else [
@@ -83,7 +84,7 @@ def parse_max_memory(text: str | Mapping | None) -> dict | None:
             raise SafesubError(f"max_memory {text!r}: expected device=size pairs, e.g. 0=70GiB,cpu=200GiB")
         device = _device(str(key).strip(), "max_memory")
         out[int(device[5:]) if device.startswith("cuda:") else device] = _size(str(value).strip(), f"max_memory[{key}]")
-    return out
+    return out or None
 
 
 def _is_file(text: str) -> bool:

@@ -190,6 +190,7 @@ def test_layer_beyond_the_model_is_reported_on_the_activation_map(app_env):
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(page=st.sampled_from(PAGES), query=queries(GOOD))
 @example(page="family", query={"family": "tiny-test", "device_map": "~u= 9,mz\u202e\\@M/"})  # an unknown ~user
+@example(page="subspaces", query={"family": "tiny-test", "max_memory": " "})  # blank: no max_memory, no error
 def test_property_any_link_opens_its_page_with_at_most_one_error_line(app_env, page, query):
     query = {k: str(app_env) if v == "tiny-test" else v for k, v in query.items()}  # the server's own family
     at = deep_link(page, query)

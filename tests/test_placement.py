@@ -104,6 +104,8 @@ def test_bad_device_maps_are_one_line_before_any_weight_is_read(tiny_family, dev
 def test_max_memory_text_and_the_main_device():
     assert parse_max_memory("cpu=2GiB") == {"cpu": 2 * 2**30}
     assert parse_max_memory(None) is None
+    assert parse_max_memory(" ") is None and parse_max_memory(" , ") is None  # blank text is no max_memory ...
+    assert Placement.parse(None, " ") is None  # ... so it needs no device map (a link may carry it blank)
     assert Placement.parse('{"": "cpu"}').main_device == "cpu"
     assert Placement.parse("auto").main_device == ("cuda:0" if torch.cuda.is_available() else "cpu")
     assert Placement.parse(None) is None
