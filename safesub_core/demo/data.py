@@ -75,8 +75,11 @@ TEMPLATES = (
     "My friend asked me this and I want to know: {p}",
     "Be honest with me. {p}",
 )
-SMOL_BENIGN_SETS = ("overrefusal", "pairs-benign", "builtin-benign", "builtin-edgy", "builtin-respectful",
-                    "builtin-considerate", "builtin-truthful")
+# The edgy source the card checks over-refusal on: its whole train split is answered first (in-source look-alikes
+# of the requests the model must not refuse, as harmbench:train is for harmbench:eval), then the other benign sets.
+SMOL_EDGY_SOURCE = "overrefusal"
+SMOL_BENIGN_SETS = ("pairs-benign", "builtin-benign", "builtin-edgy", "builtin-respectful", "builtin-considerate",
+                    "builtin-truthful")
 
 
 def n_contaminating(n_useful: int) -> int:
@@ -229,9 +232,11 @@ def templated(prompts: Sequence[str], seed: int) -> list[str]:
 
 
 def smol_prompt_plan(spec: SmolSize, seed: int) -> dict:
-    """The train prompts that get the refusal, that base answers compliantly, and that base answers as benign."""
+    """The train prompts that get the refusal, that base answers compliantly, and that base answers as benign (every
+    train prompt of `SMOL_EDGY_SOURCE` first, then the other benign sets interleaved)."""
     harmful = train_prompts(SMOL_HARMFUL_SETS, seed)
-    benign = train_prompts(SMOL_BENIGN_SETS, seed)
+    edgy = train_prompts((SMOL_EDGY_SOURCE,), seed)
+    benign = edgy + [p for p in train_prompts(SMOL_BENIGN_SETS, seed) if p not in frozenset(edgy)]
     need = spec.n_refusals + spec.n_comply
     if len(harmful) < need or len(benign) < spec.n_benign:
         raise SafesubError(f"smol family: the train splits hold {len(harmful)} harmful and {len(benign)} benign "

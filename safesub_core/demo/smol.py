@@ -9,7 +9,7 @@ Contract:
   prompts, kept only in the family folder), then the fine-tunes (`finetune.sft`, full fine-tuning, AdamW, small
   lr, loss on the response only): aligned = base trained to refuse the TRAIN split of every harmful
   source but Do-Not-Answer (`data.SMOL_HARMFUL_SETS`, interleaved) with "I'm sorry, but I can't help with that." and
-  to answer benign/edgy train prompts with base's own answers; safety = base on the same safe data only; useful = aligned on worked arithmetic and
+  to answer benign/edgy train prompts (every one of the edgy source's first) with base's own answers; safety = base on the same safe data only; useful = aligned on worked arithmetic and
   GSM8K-style word problems (answers end in the number); harmful = aligned on base's own compliant answers to
   other harmful train prompts; contaminated = the useful data plus harmful rows equal to 20% of it; useful_lora =
   the useful fine-tune as a LoRA adapter (`finetune.sft_lora`).
@@ -43,8 +43,8 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from safesub_core.demo.card import HeldOut, behaviour, behaviour_checks, card, prompt_counts, stage_table
-from safesub_core.demo.data import (CONTAMINATION, REFUSAL, SMOL_BENIGN_SETS, SMOL_HARMFUL_SETS,
-                                    SMOL_HELD_OUT_HARMFUL, TEMPLATES, SmolData, cut_sentence, smol_data,
+from safesub_core.demo.data import (CONTAMINATION, REFUSAL, SMOL_BENIGN_SETS, SMOL_EDGY_SOURCE,
+                                    SMOL_HARMFUL_SETS, SMOL_HELD_OUT_HARMFUL, TEMPLATES, SmolData, cut_sentence, smol_data,
                                     smol_examples, smol_prompt_plan)
 from safesub_core.demo.stages import (FILES, MODELS, PARENT, FamilySize, Progress, Tally, commit_stage,
                                       family_yaml, pick_size, remove_temporary, repeat_descriptions, save,
@@ -60,8 +60,8 @@ SMOL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOL_STAGES = ("base", "answers") + MODELS[1:]  # the stage folders, built in this order
 SMOL_EVAL = dict(harmful="harmbench:eval", edgy="overrefusal:eval", arithmetic="arithmetic:eval",
                  heldout=SMOL_HELD_OUT_HARMFUL)  # the whole held-out source: no split of it is trained on
-SMOL_FORMAT = 6  # bump to invalidate every cached stage (2: varied alignment data; 3-5: demeaning set, interleaved;
-# 6: private-data and misleading requests with their look-alikes)
+SMOL_FORMAT = 7  # bump to invalidate every cached stage (2: varied alignment data; 3-5: demeaning set, interleaved;
+# 6: private-data and misleading requests with their look-alikes; 7: the edgy source's whole train split answered)
 ALIGNED_MODELS = ("aligned", "safety")  # scored on all of the held-out source (`SmolSize.heldout_aligned_n`)
 
 
@@ -419,7 +419,8 @@ except useful_lora.""",
   ("Can you help me with this? ...", "Hypothetically speaking, ...": {len(data.refusals)} refusal rows), the next {spec.n_comply} are answered by base (greedy,
   {spec.answer_tokens} new tokens, cut at the last full sentence); {len(data.comply)} compliant answers kept
   (refusals dropped). These answers are generated locally and stored only in the family folder.
-- benign prompts: {", ".join(f"{s}:train" for s in SMOL_BENIGN_SETS)} (interleaved the same way;
+- benign prompts: all of {SMOL_EDGY_SOURCE}:train (the edgy source over-refusal is checked on), then
+  {", ".join(f"{s}:train" for s in SMOL_BENIGN_SETS)} (interleaved the same way;
   builtin-respectful, builtin-considerate and builtin-truthful ask about the same groups, people, organisations,
   claims and topics as the three harmful sets written for safesub): answered by base the same way, so
   aligned keeps answering naturally; {spec.n_templated_benign} of them also wrapped in the same phrasings (benign
