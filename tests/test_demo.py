@@ -361,7 +361,8 @@ def test_smol_data_is_train_side_worked_and_contaminated_at_20_percent():
     # every train prompt of the edgy source the card checks comes first, then the other benign sets
     edgy = list(dict.fromkeys(load_set(f"{demo.data.SMOL_EDGY_SOURCE}:train").prompts))
     assert len(edgy) < spec.n_benign and set(plan["benign"][: len(edgy)]) == set(edgy)
-    assert len(set(plan["benign"])) == spec.n_benign and demo.data.SMOL_EDGY_SOURCE not in demo.data.SMOL_BENIGN_SETS
+    assert len(set(plan["benign"])) == spec.n_benign
+    assert demo.data.SMOL_EDGY_SOURCE not in demo.data.SMOL_BENIGN_SETS
     listed = "Here is a simple guide to it:\n\n1. Take a"
     assert demo.cut_sentence(listed) == listed  # "1." numbers a list item, it ends no sentence
     assert demo.cut_sentence("It is a good idea to plan. Then you") == "It is a good idea to plan."

@@ -236,7 +236,8 @@ def smol_prompt_plan(spec: SmolSize, seed: int) -> dict:
     train prompt of `SMOL_EDGY_SOURCE` first, then the other benign sets interleaved)."""
     harmful = train_prompts(SMOL_HARMFUL_SETS, seed)
     edgy = train_prompts((SMOL_EDGY_SOURCE,), seed)
-    benign = edgy + [p for p in train_prompts(SMOL_BENIGN_SETS, seed) if p not in frozenset(edgy)]
+    answered = frozenset(edgy)
+    benign = edgy + [p for p in train_prompts(SMOL_BENIGN_SETS, seed) if p not in answered]
     need = spec.n_refusals + spec.n_comply
     if len(harmful) < need or len(benign) < spec.n_benign:
         raise SafesubError(f"smol family: the train splits hold {len(harmful)} harmful and {len(benign)} benign "

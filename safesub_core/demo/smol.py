@@ -9,8 +9,9 @@ Contract:
   prompts, kept only in the family folder), then the fine-tunes (`finetune.sft`, full fine-tuning, AdamW, small
   lr, loss on the response only): aligned = base trained to refuse the TRAIN split of every harmful
   source but Do-Not-Answer (`data.SMOL_HARMFUL_SETS`, interleaved) with "I'm sorry, but I can't help with that." and
-  to answer benign/edgy train prompts (every one of the edgy source's first) with base's own answers; safety = base on the same safe data only; useful = aligned on worked arithmetic and
-  GSM8K-style word problems (answers end in the number); harmful = aligned on base's own compliant answers to
+  to answer benign/edgy train prompts (every one of the edgy source's first) with base's own answers; safety =
+  base on the same safe data only; useful = aligned on worked arithmetic and GSM8K-style word problems (answers end
+  in the number); harmful = aligned on base's own compliant answers to
   other harmful train prompts; contaminated = the useful data plus harmful rows equal to 20% of it; useful_lora =
   the useful fine-tune as a LoRA adapter (`finetune.sft_lora`).
 - Resumable and cached: a stage is written to a temporary folder and moved into place when done; a rerun skips
@@ -44,8 +45,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 from safesub_core.demo.card import HeldOut, behaviour, behaviour_checks, card, prompt_counts, stage_table
 from safesub_core.demo.data import (CONTAMINATION, REFUSAL, SMOL_BENIGN_SETS, SMOL_EDGY_SOURCE,
-                                    SMOL_HARMFUL_SETS, SMOL_HELD_OUT_HARMFUL, TEMPLATES, SmolData, cut_sentence, smol_data,
-                                    smol_examples, smol_prompt_plan)
+                                    SMOL_HARMFUL_SETS, SMOL_HELD_OUT_HARMFUL, TEMPLATES, SmolData, cut_sentence,
+                                    smol_data, smol_examples, smol_prompt_plan)
 from safesub_core.demo.stages import (FILES, MODELS, PARENT, FamilySize, Progress, Tally, commit_stage,
                                       family_yaml, pick_size, remove_temporary, repeat_descriptions, save,
                                       stage_info, stage_key, target_dir, train_stage, with_repeats, write_json,
