@@ -74,7 +74,7 @@ def _size(value, where: str) -> int:
 def parse_max_memory(text: str | Mapping | None) -> dict | None:
     """{device: bytes} from "0=70GiB,cpu=200GiB" or a mapping (keys: GPU index, cuda:i or cpu); None for none
     (None, an empty mapping, or text with no pairs such as " ")."""
-    if text is None or text == "" or text == {}:
+    if text is None:
         return None
     items = text.items() if isinstance(text, Mapping) else [
         part.split("=", 1) if "=" in part else (part, None) for part in str(text).split(",") if part.strip()]
