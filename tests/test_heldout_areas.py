@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from bench_scripts import benchmark_module
 
 from safesub_core.prompts import load_set
 
@@ -16,12 +17,7 @@ AREAS = {"discrimination", "human", "information", "malicious", "misinformation"
 
 @pytest.fixture(scope="module")
 def areas():
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        import heldout_areas
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
-    return heldout_areas
+    return benchmark_module("heldout_areas")
 
 
 def test_every_donotanswer_question_has_one_of_the_five_areas(areas):
