@@ -114,16 +114,17 @@ def train(out: Path, name: str, limit: int | None) -> None:
     model, tokenizer = build.load("aligned"), build.tokenizer
     scored = []
     for key, set_name in SETS.items():
-        n = min(x for x in (HEAD.get(key), limit, 10**6) if x is not None)
-        prompts = list(load_set(set_name).prompts)[:n]
+        prompts = list(load_set(set_name).prompts)[: HEAD.get(key)][:limit]
         done = generate(model, tokenizer, prompts, max_new_tokens=spec.refusal_tokens, batch_size=64).completions
         scored.append(pd.DataFrame(dict(set=key, prompt=prompts, completion=done, refused=refusal_verdicts(done))))
         print(f"{name} {key}: refused {int(scored[-1]['refused'].sum())}/{len(prompts)}", flush=True)
-    pd.concat(scored).to_csv(out / f"{name}.csv", index=False)
+    partial = out / f".{name}.csv.partial"  # renamed once whole: an interrupted run leaves no half-written rows
+    pd.concat(scored).to_csv(partial, index=False)
+    partial.replace(out / f"{name}.csv")
 
 
 def report(out: Path, baseline: str) -> None:
-    rows = {p.stem: pd.read_csv(p) for p in sorted(out.glob("*.csv"))}
+    rows = {p.stem: pd.read_csv(p) for p in sorted(out.glob("*.csv"), key=lambda p: (p.stem != baseline, p.stem))}
     if baseline not in rows:
         raise SafesubError(f"trial folder {out}: no {baseline}.csv to compare against (trained: {sorted(rows)})")
     print(f"aligned-only trials in {out}; baseline {baseline}; Wilson 95% intervals, exact McNemar p\n")
