@@ -93,16 +93,17 @@ def trial_data(name: str, answers: dict, seed: int = 0):
 
 
 def prep(out: Path) -> None:
-    build = SmolBuild(out / "prep", smol_gguf(), SMOL_SIZES["full"], "full", 0, None, print)
     (out / "prep").mkdir(parents=True, exist_ok=True)
+    build = SmolBuild(out / "prep", smol_gguf(), SMOL_SIZES["full"], "full", 0, None, print)
     build.base()
     build.answers()
 
 
 def train(out: Path, name: str, limit: int | None) -> None:
-    if not (out / "prep" / "answers" / "answers.json").is_file():
+    answers = out / "prep" / "answers" / "answers.json"
+    if not answers.is_file():
         raise SafesubError(f"trial folder {out}: no prep/answers; run `aligned_trials.py prep` first")
-    spec, rows = trial_data(name, json.loads((out / "prep" / "answers" / "answers.json").read_text()))
+    spec, rows = trial_data(name, json.loads(answers.read_text()))
     folder = out / name
     shutil.rmtree(folder, ignore_errors=True)
     shutil.copytree(out / "prep" / "base", folder / "base")  # the same base and base answers for every variant
